@@ -1,0 +1,520 @@
+//! Named consumers of the global log, each with its own checkpoint.
+//!
+//! A [`LogHandler`] applies events to its read models inside a transaction that also
+//! moves its checkpoint, so a crash anywhere leaves effect and checkpoint together. The
+//! checkpoint moves only from the value this instance last saw (optimistic), so even if
+//! two instances ran at once no event would be applied twice. On PostgreSQL one
+//! instance per name is active, holding a session advisory lock; the others wait on
+//! standby. A [`ConsumerActor`] runs a [`Runner`], woken on commits, never polling in a
+//! loop: a safety tick every few seconds covers writers that did not notify.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::{Any, Connection, PgConnection, Transaction};
+use tokio::sync::{watch, Mutex};
+
+use crate::log::{LogCursor, StoredEvent};
+use crate::store::{Backend, Store, StoreConfig, Typed};
+
+/// The transaction a handler writes its read models in.
+pub type ReadModelTx = Transaction<'static, Any>;
+
+/// What a consumer does with events. Implementations write only through `tx`.
+#[async_trait]
+pub trait LogHandler: Send + Sync + 'static {
+    /// Unique, stable name: the checkpoint and the lock are keyed by it.
+    fn name(&self) -> &str;
+    /// Statements creating the read-model tables if they do not exist.
+    fn schema(&self, backend: Backend) -> Vec<String>;
+    /// Tables emptied by a rebuild.
+    fn tables(&self) -> Vec<String>;
+    /// Applies one event. Events arrive in log order, each exactly once.
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()>;
+}
+
+/// Result of one catch-up run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    pub applied: u64,
+    /// Committed events exist behind a transaction still running: look again soon.
+    pub held_back: bool,
+}
+
+enum LockGuard {
+    Postgres(PgConnection),
+    File(std::fs::File),
+}
+
+/// Drives one handler over the log. Usable directly (CLI, tests) or inside a
+/// [`ConsumerActor`].
+pub struct Runner {
+    store: Store,
+    handler: Arc<dyn LogHandler>,
+    batch_size: i64,
+    cursor: LogCursor,
+    lock: Option<LockGuard>,
+    progress: watch::Sender<LogCursor>,
+}
+
+impl Runner {
+    /// Creates the handler's tables and its checkpoint row, and loads the checkpoint.
+    pub async fn new(store: Store, handler: Arc<dyn LogHandler>) -> anyhow::Result<Runner> {
+        for statement in handler.schema(store.backend()) {
+            sqlx::query(&statement)
+                .execute(store.any_pool())
+                .await
+                .with_context(|| format!("creating the tables of consumer {}", handler.name()))?;
+        }
+        sqlx::query(
+            "INSERT INTO consumer_checkpoints (name, tx, position, updated_at) \
+             VALUES ($1, 0, 0, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(handler.name().to_owned())
+        .bind(now_text())
+        .execute(store.any_pool())
+        .await
+        .context("creating a consumer checkpoint")?;
+        let mut runner = Runner {
+            store,
+            handler,
+            batch_size: 1000,
+            cursor: LogCursor::START,
+            lock: None,
+            progress: watch::channel(LogCursor::START).0,
+        };
+        runner.reload_checkpoint().await?;
+        Ok(runner)
+    }
+
+    pub fn with_batch_size(mut self, batch_size: i64) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        self.handler.name()
+    }
+
+    pub fn cursor(&self) -> LogCursor {
+        self.cursor
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// Follows the cursor as batches commit.
+    pub fn progress(&self) -> watch::Receiver<LogCursor> {
+        self.progress.subscribe()
+    }
+
+    async fn reload_checkpoint(&mut self) -> anyhow::Result<()> {
+        let (tx, position): (i64, i64) =
+            sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = $1")
+                .bind(self.handler.name().to_owned())
+                .fetch_one(self.store.any_pool())
+                .await
+                .context("reading a consumer checkpoint")?;
+        self.cursor = LogCursor { tx, position };
+        self.progress.send_replace(self.cursor);
+        Ok(())
+    }
+
+    /// Takes the consumer's lock if no other instance holds it.
+    pub async fn try_lock(&mut self) -> anyhow::Result<bool> {
+        if self.lock.is_some() {
+            return Ok(true);
+        }
+        let guard = match (&self.store.typed, self.store.config()) {
+            (Typed::Postgres(_), StoreConfig::Postgres { url }) => {
+                let mut conn = PgConnection::connect(url)
+                    .await
+                    .context("connecting for a consumer lock")?;
+                let locked: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 4471))")
+                        .bind(format!("afyachain consumer {}", self.handler.name()))
+                        .fetch_one(&mut conn)
+                        .await
+                        .context("taking a consumer lock")?;
+                if !locked {
+                    let _ = conn.close().await;
+                    return Ok(false);
+                }
+                LockGuard::Postgres(conn)
+            }
+            (_, StoreConfig::Sqlite { path }) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path(path, self.handler.name()))
+                    .context("opening a consumer lock file")?;
+                match file.try_lock() {
+                    Ok(()) => LockGuard::File(file),
+                    Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(e).context("locking a consumer lock file")
+                    }
+                }
+            }
+            _ => anyhow::bail!("store configuration does not match its pool"),
+        };
+        self.lock = Some(guard);
+        // Another instance may have moved the checkpoint while we were on standby.
+        self.reload_checkpoint().await?;
+        Ok(true)
+    }
+
+    /// Releases the lock (standby instances may take over).
+    pub async fn unlock(&mut self) {
+        match self.lock.take() {
+            Some(LockGuard::Postgres(conn)) => {
+                let _ = conn.close().await;
+            }
+            Some(LockGuard::File(file)) => {
+                let _ = file.unlock();
+            }
+            None => {}
+        }
+    }
+
+    /// Applies one batch; returns how many events it applied.
+    pub async fn step(&mut self) -> anyhow::Result<usize> {
+        let events = self.store.read_log(self.cursor, self.batch_size).await?;
+        let Some(last) = events.last().map(StoredEvent::cursor) else {
+            return Ok(0);
+        };
+        let mut tx = self
+            .store
+            .any_pool()
+            .begin()
+            .await
+            .context("starting a consumer transaction")?;
+        let moved = sqlx::query(
+            "UPDATE consumer_checkpoints SET tx = $1, position = $2, updated_at = $3 \
+             WHERE name = $4 AND tx = $5 AND position = $6",
+        )
+        .bind(last.tx)
+        .bind(last.position)
+        .bind(now_text())
+        .bind(self.handler.name().to_owned())
+        .bind(self.cursor.tx)
+        .bind(self.cursor.position)
+        .execute(&mut *tx)
+        .await
+        .context("moving a consumer checkpoint")?
+        .rows_affected();
+        if moved != 1 {
+            tx.rollback().await.ok();
+            tracing::warn!(
+                consumer = self.handler.name(),
+                "checkpoint moved by another instance; continuing from it"
+            );
+            self.reload_checkpoint().await?;
+            return Ok(0);
+        }
+        for event in &events {
+            self.handler.apply(&mut tx, event).await.with_context(|| {
+                format!(
+                    "consumer {} applying event at position {}",
+                    self.handler.name(),
+                    event.position
+                )
+            })?;
+        }
+        tx.commit().await.context("committing a consumer batch")?;
+        self.cursor = last;
+        self.progress.send_replace(last);
+        Ok(events.len())
+    }
+
+    /// Applies batches until the readable end of the log.
+    pub async fn catch_up(&mut self) -> anyhow::Result<CatchUp> {
+        let mut applied = 0u64;
+        loop {
+            let n = self.step().await?;
+            applied += n as u64;
+            if n == 0 {
+                break;
+            }
+        }
+        let held_back = self.store.log_held_back(self.cursor).await?;
+        Ok(CatchUp { applied, held_back })
+    }
+
+    /// Like [`Runner::catch_up`], but also waits out transactions that hold events back,
+    /// so that on return everything committed before the call has been applied.
+    pub async fn drain(&mut self) -> anyhow::Result<u64> {
+        let mut applied = 0;
+        loop {
+            let done = self.catch_up().await?;
+            applied += done.applied;
+            if !done.held_back {
+                return Ok(applied);
+            }
+            tokio::time::sleep(HELD_BACK_RETRY).await;
+        }
+    }
+
+    /// Empties the read models, resets the checkpoint to 0 (one transaction), then
+    /// replays the whole log. Needs the lock: a running instance must be stopped first.
+    pub async fn rebuild(&mut self) -> anyhow::Result<u64> {
+        if !self.try_lock().await? {
+            anyhow::bail!(
+                "consumer {} is running in another process; stop it before rebuilding",
+                self.handler.name()
+            );
+        }
+        let mut tx = self.store.any_pool().begin().await?;
+        for table in self.handler.tables() {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("emptying {table}"))?;
+        }
+        sqlx::query(
+            "UPDATE consumer_checkpoints SET tx = 0, position = 0, updated_at = $1 WHERE name = $2",
+        )
+        .bind(now_text())
+        .bind(self.handler.name().to_owned())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await.context("resetting a consumer")?;
+        self.reload_checkpoint().await?;
+        self.drain().await
+    }
+}
+
+fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    let mut file = db_path.as_os_str().to_owned();
+    file.push(format!(".consumer-{safe}.lock"));
+    PathBuf::from(file)
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// State of a consumer, for operators and read-your-writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub active: bool,
+    pub cursor: LogCursor,
+}
+
+/// An actix actor running one [`Runner`].
+pub struct ConsumerActor {
+    runner: Arc<Mutex<Runner>>,
+    name: String,
+    scheduled: bool,
+    failures: u32,
+    stopping: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CatchUpNow;
+
+/// Finish the batch in flight, release the lock and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// Ask for the consumer's status.
+#[derive(Message)]
+#[rtype(result = "ConsumerStatus")]
+pub struct Status;
+
+const SAFETY_TICK: Duration = Duration::from_secs(3);
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
+
+impl ConsumerActor {
+    /// Prepares `handler` (tables, checkpoint) and starts its actor on the current
+    /// arbiter.
+    pub async fn spawn(store: Store, handler: Arc<dyn LogHandler>) -> anyhow::Result<ConsumerHandle> {
+        let runner = Runner::new(store.clone(), handler).await?;
+        Ok(Self::start_runner(store, runner))
+    }
+
+    /// Starts an actor over a prepared runner.
+    pub fn start_runner(store: Store, runner: Runner) -> ConsumerHandle {
+        let name = runner.name().to_owned();
+        let progress = runner.progress();
+        let wake = store.notifier().subscribe();
+        let addr = ConsumerActor::create(move |ctx| {
+            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            }));
+            ConsumerActor {
+                runner: Arc::new(Mutex::new(runner)),
+                name,
+                scheduled: false,
+                failures: 0,
+                stopping: false,
+            }
+        });
+        ConsumerHandle { addr, progress }
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>, after: Option<Duration>) {
+        if self.stopping {
+            return;
+        }
+        match after {
+            None if !self.scheduled => {
+                self.scheduled = true;
+                ctx.notify(CatchUpNow);
+            }
+            None => {}
+            Some(delay) => {
+                ctx.notify_later(CatchUpNow, delay);
+            }
+        }
+    }
+}
+
+impl Actor for ConsumerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(SAFETY_TICK, |actor, ctx| actor.schedule(ctx, None));
+        self.schedule(ctx, None);
+    }
+}
+
+impl StreamHandler<()> for ConsumerActor {
+    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
+        self.schedule(ctx, None);
+    }
+
+    // The commit signal ends only when the store closes; keep running until told.
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+enum RunResult {
+    Standby,
+    Ran(anyhow::Result<CatchUp>),
+}
+
+impl Handler<CatchUpNow> for ConsumerActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: CatchUpNow, _: &mut Self::Context) -> Self::Result {
+        self.scheduled = false;
+        let runner = self.runner.clone();
+        let stopping = self.stopping;
+        Box::pin(
+            async move {
+                if stopping {
+                    return RunResult::Ran(Ok(CatchUp::default()));
+                }
+                let mut runner = runner.lock().await;
+                match runner.try_lock().await {
+                    Ok(true) => RunResult::Ran(runner.catch_up().await),
+                    Ok(false) => RunResult::Standby,
+                    Err(e) => RunResult::Ran(Err(e)),
+                }
+            }
+            .into_actor(self)
+            .map(|result, actor, ctx| match result {
+                RunResult::Standby => actor.schedule(ctx, Some(STANDBY_RETRY)),
+                RunResult::Ran(Ok(done)) => {
+                    actor.failures = 0;
+                    if done.applied > 0 {
+                        tracing::debug!(consumer = %actor.name, applied = done.applied, "consumer caught up");
+                    }
+                    if done.held_back {
+                        actor.schedule(ctx, Some(HELD_BACK_RETRY));
+                    }
+                }
+                RunResult::Ran(Err(error)) => {
+                    actor.failures = actor.failures.saturating_add(1);
+                    let backoff = Duration::from_millis(
+                        (100u64 << actor.failures.min(8)).min(30_000),
+                    );
+                    tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
+                    actor.schedule(ctx, Some(backoff));
+                }
+            }),
+        )
+    }
+}
+
+impl Handler<Stop> for ConsumerActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        let runner = self.runner.clone();
+        Box::pin(
+            async move {
+                // Waits for the batch in flight, whose checkpoint is then committed.
+                runner.lock().await.unlock().await;
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        )
+    }
+}
+
+impl Handler<Status> for ConsumerActor {
+    type Result = ResponseFuture<ConsumerStatus>;
+
+    fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
+        let runner = self.runner.clone();
+        let name = self.name.clone();
+        Box::pin(async move {
+            let runner = runner.lock().await;
+            ConsumerStatus {
+                name,
+                active: runner.is_active(),
+                cursor: runner.cursor(),
+            }
+        })
+    }
+}
+
+/// A running consumer.
+#[derive(Clone)]
+pub struct ConsumerHandle {
+    addr: Addr<ConsumerActor>,
+    progress: watch::Receiver<LogCursor>,
+}
+
+impl ConsumerHandle {
+    pub async fn status(&self) -> anyhow::Result<ConsumerStatus> {
+        Ok(self.addr.send(Status).await?)
+    }
+
+    /// The cursor of the last committed batch.
+    pub fn cursor(&self) -> LogCursor {
+        *self.progress.borrow()
+    }
+
+    /// Waits until the consumer has processed the event at `target`, or `timeout`.
+    /// Returns whether it did.
+    pub async fn wait_for(&self, target: LogCursor, timeout: Duration) -> bool {
+        let mut rx = self.progress.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c >= target))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
+    }
+
+    /// Finishes the batch in flight, releases the lock and stops the actor.
+    pub async fn stop(&self) {
+        let _ = self.addr.send(Stop).await;
+    }
+}

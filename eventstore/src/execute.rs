@@ -1,0 +1,222 @@
+//! Executing a command: load the aggregate, handle, append atomically.
+//!
+//! Conflicts (another command appended to the same aggregate first) are retried a few
+//! times against the fresh state and then reported, never lost. A command with an
+//! idempotency key appends at most once: the key is taken by a trigger inside the
+//! appending transaction, and a repeat answers with the first command's outcome.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::store::{AggregateStore, Store, Typed};
+
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Who asked for a command and why; stored as each event's metadata.
+#[derive(Clone, Debug)]
+pub struct CommandMeta {
+    /// Opaque actor reference, e.g. `patient:<uuid>`; never a name or phone number.
+    pub actor: String,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub command_id: Uuid,
+    /// Same key twice appends once; the caller should scope keys per client.
+    pub idempotency_key: Option<String>,
+}
+
+impl CommandMeta {
+    /// Metadata for a fresh command by `actor`, correlated with itself.
+    pub fn new(actor: impl Into<String>) -> Self {
+        let command_id = Uuid::new_v4();
+        CommandMeta {
+            actor: actor.into(),
+            correlation_id: command_id,
+            causation_id: None,
+            command_id,
+            idempotency_key: None,
+        }
+    }
+
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    pub fn with_correlation(mut self, correlation_id: Uuid, causation_id: Option<Uuid>) -> Self {
+        self.correlation_id = correlation_id;
+        self.causation_id = causation_id;
+        self
+    }
+
+    fn to_metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::with_capacity(5);
+        m.insert("actor".to_owned(), self.actor.clone());
+        m.insert("correlation_id".to_owned(), self.correlation_id.to_string());
+        if let Some(causation) = self.causation_id {
+            m.insert("causation_id".to_owned(), causation.to_string());
+        }
+        m.insert("command_id".to_owned(), self.command_id.to_string());
+        if let Some(key) = &self.idempotency_key {
+            m.insert("idempotency_key".to_owned(), key.clone());
+        }
+        m
+    }
+}
+
+/// What a command appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// Sequences of the appended events, `first..=last`; `None` when the command
+    /// appended nothing.
+    pub sequences: Option<(i64, i64)>,
+    /// True when this is the answer of an earlier command with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// Why a command did not append.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E: std::error::Error> {
+    /// A business rule refused the command.
+    #[error(transparent)]
+    Rejected(E),
+    /// Other commands kept changing the aggregate; try again.
+    #[error("the aggregate was changed concurrently; try again")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+impl Store {
+    /// Runs `command` against aggregate `aggregate_id` and appends its events with
+    /// `meta`. `commands` must be cloneable so a conflict can be retried on fresh state.
+    #[tracing::instrument(skip_all, fields(aggregate = A::TYPE, aggregate_id = %aggregate_id, command_id = %meta.command_id))]
+    pub async fn execute<A>(
+        &self,
+        events: &AggregateStore<A>,
+        aggregate_id: &str,
+        command: A::Command,
+        services: &A::Services,
+        meta: &CommandMeta,
+    ) -> Result<CommandOutcome, ExecuteError<A::Error>>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        if let Some(key) = &meta.idempotency_key {
+            if let Some(outcome) = self.idempotent_outcome(key).await? {
+                return Ok(outcome);
+            }
+        }
+        let metadata = meta.to_metadata();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut context = events.load_aggregate(aggregate_id).await.map_err(store_error)?;
+            let sink: EventSink<A> = EventSink::default();
+            context
+                .aggregate()
+                .handle(command.clone(), services, &sink)
+                .await
+                .map_err(ExecuteError::Rejected)?;
+            let new_events = sink.collect().await;
+            if new_events.is_empty() {
+                return Ok(CommandOutcome {
+                    aggregate_type: A::TYPE.to_owned(),
+                    aggregate_id: aggregate_id.to_owned(),
+                    sequences: None,
+                    replayed: false,
+                });
+            }
+            match events.commit(new_events, context, metadata.clone()).await {
+                Ok(committed) => {
+                    self.notifier().committed();
+                    let first = committed.first().map(|e| e.sequence as i64).unwrap_or(0);
+                    let last = committed.last().map(|e| e.sequence as i64).unwrap_or(0);
+                    return Ok(CommandOutcome {
+                        aggregate_type: A::TYPE.to_owned(),
+                        aggregate_id: aggregate_id.to_owned(),
+                        sequences: Some((first, last)),
+                        replayed: false,
+                    });
+                }
+                Err(error) => {
+                    // A repeat of an idempotent command fails inside the append (the
+                    // key is taken); answer with the first command's outcome.
+                    if let Some(key) = &meta.idempotency_key {
+                        if let Some(outcome) = self.idempotent_outcome(key).await? {
+                            return Ok(outcome);
+                        }
+                    }
+                    match error {
+                        AggregateError::AggregateConflict if attempt < MAX_ATTEMPTS => {
+                            tracing::debug!(attempt, "append conflict, retrying");
+                            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3))
+                                .await;
+                        }
+                        AggregateError::AggregateConflict => return Err(ExecuteError::Conflict),
+                        other => return Err(store_error(other)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The outcome of the command that took `key`, if one did.
+    pub async fn idempotent_outcome(&self, key: &str) -> anyhow::Result<Option<CommandOutcome>> {
+        let sql = "SELECT aggregate_type, aggregate_id, first_sequence, last_sequence \
+                   FROM command_keys WHERE idempotency_key = $1";
+        let row = match &self.typed {
+            Typed::Postgres(pool) => sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(pool)
+                .await
+                .map(|r| r.map(|r| outcome_from(&r))),
+            Typed::Sqlite(pool) => sqlx::query(sql)
+                .bind(key)
+                .fetch_optional(pool)
+                .await
+                .map(|r| r.map(|r| outcome_from(&r))),
+        }
+        .context("looking up an idempotency key")?;
+        row.transpose()
+    }
+}
+
+fn outcome_from<R: Row>(row: &R) -> anyhow::Result<CommandOutcome>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(CommandOutcome {
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequences: Some((row.try_get("first_sequence")?, row.try_get("last_sequence")?)),
+        replayed: true,
+    })
+}
+
+fn store_error<E: std::error::Error>(error: AggregateError<E>) -> ExecuteError<E> {
+    match error {
+        AggregateError::UserError(e) => ExecuteError::Rejected(e),
+        AggregateError::AggregateConflict => ExecuteError::Conflict,
+        AggregateError::DatabaseConnectionError(e) => {
+            ExecuteError::Store(anyhow::anyhow!(e).context("event store unreachable"))
+        }
+        AggregateError::DeserializationError(e) => {
+            ExecuteError::Store(anyhow::anyhow!(e).context("stored events could not be read"))
+        }
+        AggregateError::UnexpectedError(e) => {
+            ExecuteError::Store(anyhow::anyhow!(e).context("appending events failed"))
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Connecting to a backend, creating its schema, and cqrs-es event stores over it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use cqrs_es::persist::{EventStoreAggregateContext, EventUpcaster, PersistedEventStore};
+use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
+use postgres_es::PostgresEventRepository;
+use sqlite_es::SqliteEventRepository;
+use sqlx::any::AnyPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AnyPool, ConnectOptions, PgPool, SqlitePool};
+
+use crate::notify::Notifier;
+
+/// Where the events live.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// Embedded default: one SQLite file.
+    Sqlite { path: PathBuf },
+    /// Production: a PostgreSQL database URL (never logged: it may hold a password).
+    Postgres { url: String },
+}
+
+impl StoreConfig {
+    /// `DATABASE_URL` when set, otherwise `<data_dir>/afyachain.db`.
+    pub fn from_env(data_dir: &std::path::Path) -> Self {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => StoreConfig::Postgres { url },
+            _ => StoreConfig::Sqlite {
+                path: data_dir.join("afyachain.db"),
+            },
+        }
+    }
+}
+
+/// Which kind of database a [`Store`] is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) enum Typed {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A connected event store: the typed pool that cqrs-es appends through, an `Any` pool
+/// that read models and checkpoints are written through (one SQL text for both
+/// backends), and the notifier that wakes consumers.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) typed: Typed,
+    any: AnyPool,
+    notifier: Notifier,
+    config: StoreConfig,
+}
+
+static MIGRATE_PG: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static MIGRATE_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl Store {
+    /// Connects, creates or upgrades the schema, and starts the notifier.
+    pub async fn open(config: StoreConfig) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        match &config {
+            StoreConfig::Sqlite { path } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating data directory {}", dir.display()))?;
+                }
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true)
+                    .disable_statement_logging();
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options)
+                    .await
+                    .context("opening the SQLite event store")?;
+                MIGRATE_SQLITE
+                    .run(&pool)
+                    .await
+                    .context("creating the SQLite schema")?;
+                let any_url = format!("sqlite://{}", path.display());
+                let any = AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("PRAGMA busy_timeout = 10000")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&any_url)
+                    .await
+                    .context("opening the SQLite read-model pool")?;
+                let notifier = Notifier::local();
+                Ok(Store {
+                    typed: Typed::Sqlite(pool),
+                    any,
+                    notifier,
+                    config,
+                })
+            }
+            StoreConfig::Postgres { url } => {
+                let options = PgConnectOptions::from_str(url)
+                    .context("DATABASE_URL is not a valid PostgreSQL URL")?
+                    .disable_statement_logging();
+                let pool = PgPoolOptions::new()
+                    .max_connections(pg_pool_size())
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await
+                    .context("connecting to PostgreSQL (DATABASE_URL)")?;
+                // Two processes starting together must not both create the schema.
+                MIGRATE_PG
+                    .run(&pool)
+                    .await
+                    .context("creating the PostgreSQL schema")?;
+                let any = AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await
+                    .context("connecting the read-model pool to PostgreSQL")?;
+                let notifier = Notifier::postgres(pool.clone()).await?;
+                Ok(Store {
+                    typed: Typed::Postgres(pool),
+                    any,
+                    notifier,
+                    config,
+                })
+            }
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.typed {
+            Typed::Sqlite(_) => Backend::Sqlite,
+            Typed::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The pool read models and checkpoints are written through.
+    pub fn any_pool(&self) -> &AnyPool {
+        &self.any
+    }
+
+    /// The PostgreSQL pool, when on PostgreSQL (benchmarks and tests use it).
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.typed {
+            Typed::Postgres(pool) => Some(pool),
+            Typed::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, when on SQLite.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.typed {
+            Typed::Sqlite(pool) => Some(pool),
+            Typed::Postgres(_) => None,
+        }
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// A cqrs-es event store for aggregate `A`, with the given upcasters applied on load.
+    pub fn aggregate_store<A: Aggregate>(
+        &self,
+        upcasters: Vec<Box<dyn EventUpcaster>>,
+    ) -> AggregateStore<A> {
+        match &self.typed {
+            Typed::Sqlite(pool) => AggregateStore::Sqlite(
+                PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
+                    .with_upcasters(upcasters),
+            ),
+            Typed::Postgres(pool) => AggregateStore::Postgres(
+                PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                    .with_upcasters(upcasters),
+            ),
+        }
+    }
+
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.any)
+            .await
+            .context("event store did not answer")?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.notifier.shutdown();
+        match &self.typed {
+            Typed::Sqlite(pool) => pool.close().await,
+            Typed::Postgres(pool) => pool.close().await,
+        }
+        self.any.close().await;
+    }
+}
+
+fn pg_pool_size() -> u32 {
+    std::env::var("AFYA_PG_POOL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(16)
+}
+
+/// A cqrs-es event store over either backend; both use cqrs-es's persisted store and
+/// so share its aggregate context type.
+pub enum AggregateStore<A: Aggregate> {
+    Sqlite(PersistedEventStore<SqliteEventRepository, A>),
+    Postgres(PersistedEventStore<PostgresEventRepository, A>),
+}
+
+impl<A: Aggregate> EventStore<A> for AggregateStore<A> {
+    type AC = EventStoreAggregateContext<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        match self {
+            AggregateStore::Sqlite(s) => s.load_events(aggregate_id).await,
+            AggregateStore::Postgres(s) => s.load_events(aggregate_id).await,
+        }
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Self::AC, AggregateError<A::Error>> {
+        match self {
+            AggregateStore::Sqlite(s) => s.load_aggregate(aggregate_id).await,
+            AggregateStore::Postgres(s) => s.load_aggregate(aggregate_id).await,
+        }
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        context: Self::AC,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        match self {
+            AggregateStore::Sqlite(s) => s.commit(events, context, metadata).await,
+            AggregateStore::Postgres(s) => s.commit(events, context, metadata).await,
+        }
+    }
+}

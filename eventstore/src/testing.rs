@@ -1,0 +1,132 @@
+//! Test support: a fresh database per test on either backend.
+#![allow(clippy::panic)] // test support: a failed setup must fail the test loudly
+//!
+//! PostgreSQL tests use `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
+//! to create a database of their own. When PostgreSQL is unreachable they are skipped
+//! with a message, except under `CI=true`, where they fail.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use sqlx::{Connection, PgConnection};
+
+use crate::store::{Backend, Store, StoreConfig};
+
+const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh, empty store that removes itself on [`TestStore::cleanup`].
+pub struct TestStore {
+    pub store: Store,
+    pub config: StoreConfig,
+    admin_url: Option<String>,
+    db_name: Option<String>,
+    dir: Option<PathBuf>,
+}
+
+/// The base PostgreSQL URL tests connect to.
+pub fn postgres_admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_TEST_URL.to_owned())
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
+
+/// A new empty database's config for `backend`, or `None` when PostgreSQL is not
+/// reachable outside CI (the caller skips). Panics in CI when it is unreachable.
+pub async fn fresh_config(backend: Backend) -> Option<(StoreConfig, Option<String>, Option<String>, Option<PathBuf>)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = std::env::temp_dir().join(format!("afya-test-{}", uuid::Uuid::new_v4()));
+            Some((
+                StoreConfig::Sqlite {
+                    path: dir.join("afyachain.db"),
+                },
+                None,
+                None,
+                Some(dir),
+            ))
+        }
+        Backend::Postgres => {
+            let admin = postgres_admin_url();
+            let mut conn = match PgConnection::connect(&admin).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    if in_ci() {
+                        panic!("CI=true and PostgreSQL is unreachable at DATABASE_URL: {error}");
+                    }
+                    eprintln!("SKIPPED: PostgreSQL unreachable ({error}); set DATABASE_URL");
+                    return None;
+                }
+            };
+            let name = format!("afya_test_{}", uuid::Uuid::new_v4().simple());
+            if let Err(error) = sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+            {
+                panic!("could not create test database: {error}");
+            }
+            let _ = conn.close().await;
+            let url = replace_db(&admin, &name);
+            Some((StoreConfig::Postgres { url }, Some(admin), Some(name), None))
+        }
+    }
+}
+
+/// Replaces the database name of a PostgreSQL URL.
+pub fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    // postgres://user@host:port/dbname: the path is after the third slash.
+    let prefix = match base.match_indices('/').nth(2) {
+        Some((i, _)) => &base[..i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{db}?{q}"),
+        None => format!("{prefix}/{db}"),
+    }
+}
+
+impl TestStore {
+    /// Opens a fresh store on `backend`; `None` means skip (PostgreSQL unreachable,
+    /// outside CI).
+    pub async fn new(backend: Backend) -> Option<TestStore> {
+        let (config, admin_url, db_name, dir) = fresh_config(backend).await?;
+        let store = match Store::open(config.clone()).await {
+            Ok(store) => store,
+            Err(error) => panic!("opening test store: {error:#}"),
+        };
+        Some(TestStore {
+            store,
+            config,
+            admin_url,
+            db_name,
+            dir,
+        })
+    }
+
+    /// Closes the store and drops its database or directory.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        self.store.close().await;
+        if let (Some(admin), Some(name)) = (self.admin_url, self.db_name) {
+            let mut conn = PgConnection::connect(&admin).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .context("dropping test database")?;
+        }
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+}
+
+/// Both backends, for running one test suite on each.
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
