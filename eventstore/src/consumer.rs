@@ -293,7 +293,13 @@ impl Runner {
 fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut file = db_path.as_os_str().to_owned();
     file.push(format!(".consumer-{safe}.lock"));
@@ -342,7 +348,10 @@ const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 impl ConsumerActor {
     /// Prepares `handler` (tables, checkpoint) and starts its actor on the current
     /// arbiter.
-    pub async fn spawn(store: Store, handler: Arc<dyn LogHandler>) -> anyhow::Result<ConsumerHandle> {
+    pub async fn spawn(
+        store: Store,
+        handler: Arc<dyn LogHandler>,
+    ) -> anyhow::Result<ConsumerHandle> {
         let runner = Runner::new(store.clone(), handler).await?;
         Ok(Self::start_runner(store, runner))
     }

@@ -120,7 +120,10 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut context = events.load_aggregate(aggregate_id).await.map_err(store_error)?;
+            let mut context = events
+                .load_aggregate(aggregate_id)
+                .await
+                .map_err(store_error)?;
             let sink: EventSink<A> = EventSink::default();
             context
                 .aggregate()
@@ -159,8 +162,7 @@ impl Store {
                     match error {
                         AggregateError::AggregateConflict if attempt < MAX_ATTEMPTS => {
                             tracing::debug!(attempt, "append conflict, retrying");
-                            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3))
-                                .await;
+                            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
                         }
                         AggregateError::AggregateConflict => return Err(ExecuteError::Conflict),
                         other => return Err(store_error(other)),
@@ -200,7 +202,10 @@ where
     Ok(CommandOutcome {
         aggregate_type: row.try_get("aggregate_type")?,
         aggregate_id: row.try_get("aggregate_id")?,
-        sequences: Some((row.try_get("first_sequence")?, row.try_get("last_sequence")?)),
+        sequences: Some((
+            row.try_get("first_sequence")?,
+            row.try_get("last_sequence")?,
+        )),
         replayed: true,
     })
 }

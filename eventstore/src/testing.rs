@@ -32,12 +32,16 @@ pub fn postgres_admin_url() -> String {
 }
 
 fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// A new empty database's config for `backend`, or `None` when PostgreSQL is not
 /// reachable outside CI (the caller skips). Panics in CI when it is unreachable.
-pub async fn fresh_config(backend: Backend) -> Option<(StoreConfig, Option<String>, Option<String>, Option<PathBuf>)> {
+pub async fn fresh_config(
+    backend: Backend,
+) -> Option<(StoreConfig, Option<String>, Option<String>, Option<PathBuf>)> {
     match backend {
         Backend::Sqlite => {
             let dir = std::env::temp_dir().join(format!("afya-test-{}", uuid::Uuid::new_v4()));

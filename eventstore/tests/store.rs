@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 //! The store suite, run on both backends: appends, idempotency, conflicts, the global
 //! log, checkpointed consumers and their locks.
 
@@ -22,13 +23,21 @@ async fn add(store: &Store, id: &str, n: u64, meta: CommandMeta) -> eventstore::
 #[actix_rt::test]
 async fn appended_events_get_position_id_time_and_metadata_in_the_log() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         let meta = CommandMeta::new("patient:abc");
         let outcome = add(&t.store, "c1", 2, meta.clone()).await;
         assert_eq!(outcome.sequences, Some((1, 1)));
         let events = t.store.aggregate_store::<Counter>(vec![]);
         t.store
-            .execute::<Counter>(&events, "c1", CounterCommand::AddTwice { n: 3 }, &(), &CommandMeta::new("patient:abc"))
+            .execute::<Counter>(
+                &events,
+                "c1",
+                CounterCommand::AddTwice { n: 3 },
+                &(),
+                &CommandMeta::new("patient:abc"),
+            )
             .await
             .unwrap();
         let log = t.store.read_log(LogCursor::START, 100).await.unwrap();
@@ -36,19 +45,32 @@ async fn appended_events_get_position_id_time_and_metadata_in_the_log() {
         assert!(log.windows(2).all(|w| w[0].cursor() < w[1].cursor()));
         assert_eq!(log[0].aggregate_id, "c1");
         assert_eq!(log[0].meta("actor"), Some("patient:abc"));
-        assert_eq!(log[0].meta("command_id"), Some(meta.command_id.to_string().as_str()));
-        assert_eq!(log[0].meta("correlation_id"), Some(meta.correlation_id.to_string().as_str()));
+        assert_eq!(
+            log[0].meta("command_id"),
+            Some(meta.command_id.to_string().as_str())
+        );
+        assert_eq!(
+            log[0].meta("correlation_id"),
+            Some(meta.correlation_id.to_string().as_str())
+        );
         assert_ne!(log[0].event_id, log[1].event_id);
         assert_eq!(log[0].event_id.get_version_num(), 4);
         let age = chrono::Utc::now() - log[2].recorded_at;
-        assert!(age.num_seconds().abs() < 60, "{backend:?} recorded_at {}", log[2].recorded_at);
+        assert!(
+            age.num_seconds().abs() < 60,
+            "{backend:?} recorded_at {}",
+            log[2].recorded_at
+        );
         assert_eq!(log[2].payload["Added"]["total"], 8);
         // Reading from a cursor yields exactly what follows it.
         let rest = t.store.read_log(log[0].cursor(), 100).await.unwrap();
         assert_eq!(rest, log[1..].to_vec());
         // cursor_at_position(p) starts at the event with position p.
         let from = t.store.cursor_at_position(log[1].position).await.unwrap();
-        assert_eq!(t.store.read_log(from, 100).await.unwrap(), log[1..].to_vec());
+        assert_eq!(
+            t.store.read_log(from, 100).await.unwrap(),
+            log[1..].to_vec()
+        );
         let decoded: support::CounterEvent = log[1].decode(&[]).unwrap();
         assert_eq!(decoded, support::CounterEvent::Added { n: 3, total: 5 });
         t.cleanup().await.unwrap();
@@ -58,11 +80,25 @@ async fn appended_events_get_position_id_time_and_metadata_in_the_log() {
 #[actix_rt::test]
 async fn a_repeated_idempotency_key_appends_once_and_returns_the_first_outcome() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
-        let first = add(&t.store, "c1", 1, CommandMeta::new("a").with_idempotency_key("k-1")).await;
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let first = add(
+            &t.store,
+            "c1",
+            1,
+            CommandMeta::new("a").with_idempotency_key("k-1"),
+        )
+        .await;
         assert!(!first.replayed);
         // A retry (new command id, same key) and even a different aggregate: no append.
-        let again = add(&t.store, "c1", 1, CommandMeta::new("a").with_idempotency_key("k-1")).await;
+        let again = add(
+            &t.store,
+            "c1",
+            1,
+            CommandMeta::new("a").with_idempotency_key("k-1"),
+        )
+        .await;
         assert!(again.replayed);
         assert_eq!(again.sequences, first.sequences);
         assert_eq!(again.aggregate_id, "c1");
@@ -74,17 +110,31 @@ async fn a_repeated_idempotency_key_appends_once_and_returns_the_first_outcome()
         for _ in 0..8 {
             let store = t.store.clone();
             tasks.push(tokio::spawn(async move {
-                add(&store, "c2", 5, CommandMeta::new("a").with_idempotency_key("k-2")).await
+                add(
+                    &store,
+                    "c2",
+                    5,
+                    CommandMeta::new("a").with_idempotency_key("k-2"),
+                )
+                .await
             }));
         }
         let mut outcomes = Vec::new();
         for task in tasks {
             outcomes.push(task.await.unwrap());
         }
-        assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1, "{backend:?}");
+        assert_eq!(
+            outcomes.iter().filter(|o| !o.replayed).count(),
+            1,
+            "{backend:?}"
+        );
         assert!(outcomes.iter().all(|o| o.sequences == Some((1, 1))));
         let log = t.store.read_log(LogCursor::START, 100).await.unwrap();
-        assert_eq!(log.iter().filter(|e| e.aggregate_id == "c2").count(), 1, "{backend:?}");
+        assert_eq!(
+            log.iter().filter(|e| e.aggregate_id == "c2").count(),
+            1,
+            "{backend:?}"
+        );
         t.cleanup().await.unwrap();
     }
 }
@@ -92,7 +142,9 @@ async fn a_repeated_idempotency_key_appends_once_and_returns_the_first_outcome()
 #[actix_rt::test]
 async fn concurrent_commands_on_one_aggregate_are_all_appended_in_sequence() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let store = t.store.clone();
@@ -101,7 +153,13 @@ async fn concurrent_commands_on_one_aggregate_are_all_appended_in_sequence() {
                 let mut done = 0;
                 for _ in 0..5 {
                     match store
-                        .execute::<Counter>(&events, "shared", CounterCommand::Add { n: 1 }, &(), &CommandMeta::new("a"))
+                        .execute::<Counter>(
+                            &events,
+                            "shared",
+                            CounterCommand::Add { n: 1 },
+                            &(),
+                            &CommandMeta::new("a"),
+                        )
                         .await
                     {
                         Ok(_) => done += 1,
@@ -117,14 +175,22 @@ async fn concurrent_commands_on_one_aggregate_are_all_appended_in_sequence() {
             appended += task.await.unwrap();
         }
         let log = t.store.read_log(LogCursor::START, 1000).await.unwrap();
-        assert_eq!(log.len(), appended, "{backend:?}: every success appended, nothing lost");
+        assert_eq!(
+            log.len(),
+            appended,
+            "{backend:?}: every success appended, nothing lost"
+        );
         let seqs: Vec<i64> = log.iter().map(|e| e.sequence).collect();
         assert_eq!(seqs, (1..=appended as i64).collect::<Vec<_>>());
         let totals: Vec<u64> = log
             .iter()
             .map(|e| e.payload["Added"]["total"].as_u64().unwrap())
             .collect();
-        assert_eq!(totals, (1..=appended as u64).collect::<Vec<_>>(), "no lost update");
+        assert_eq!(
+            totals,
+            (1..=appended as u64).collect::<Vec<_>>(),
+            "no lost update"
+        );
         t.cleanup().await.unwrap();
     }
 }
@@ -132,14 +198,30 @@ async fn concurrent_commands_on_one_aggregate_are_all_appended_in_sequence() {
 #[actix_rt::test]
 async fn a_refused_command_appends_nothing() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         let events = t.store.aggregate_store::<Counter>(vec![]);
         let result = t
             .store
-            .execute::<Counter>(&events, "c", CounterCommand::Refuse, &(), &CommandMeta::new("a").with_idempotency_key("k"))
+            .execute::<Counter>(
+                &events,
+                "c",
+                CounterCommand::Refuse,
+                &(),
+                &CommandMeta::new("a").with_idempotency_key("k"),
+            )
             .await;
-        assert!(matches!(result, Err(ExecuteError::Rejected(support::Refused))));
-        assert!(t.store.read_log(LogCursor::START, 10).await.unwrap().is_empty());
+        assert!(matches!(
+            result,
+            Err(ExecuteError::Rejected(support::Refused))
+        ));
+        assert!(t
+            .store
+            .read_log(LogCursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty());
         assert!(t.store.idempotent_outcome("k").await.unwrap().is_none());
         t.cleanup().await.unwrap();
     }
@@ -151,11 +233,20 @@ async fn a_refused_command_appends_nothing() {
 #[actix_rt::test]
 async fn a_tailing_consumer_sees_every_event_once_under_concurrent_writers() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         const WRITERS: usize = 8;
-        let per_writer: usize = if backend == Backend::Postgres { 400 } else { 150 };
+        let per_writer: usize = if backend == Backend::Postgres {
+            400
+        } else {
+            150
+        };
         let recorder = Recorder::new("tail");
-        let mut runner = Runner::new(t.store.clone(), recorder.clone()).await.unwrap().with_batch_size(50);
+        let mut runner = Runner::new(t.store.clone(), recorder.clone())
+            .await
+            .unwrap()
+            .with_batch_size(50);
         assert!(runner.try_lock().await.unwrap());
 
         let mut writers = Vec::new();
@@ -170,7 +261,13 @@ async fn a_tailing_consumer_sees_every_event_once_under_concurrent_writers() {
                         slow_append(&store, &id).await;
                     } else {
                         store
-                            .execute::<Counter>(&events, &id, CounterCommand::Add { n: 1 }, &(), &CommandMeta::new("w"))
+                            .execute::<Counter>(
+                                &events,
+                                &id,
+                                CounterCommand::Add { n: 1 },
+                                &(),
+                                &CommandMeta::new("w"),
+                            )
                             .await
                             .unwrap();
                     }
@@ -187,7 +284,11 @@ async fn a_tailing_consumer_sees_every_event_once_under_concurrent_writers() {
                 }
                 if n == 0 {
                     idle += 1;
-                    assert!(idle < 20_000, "consumer stalled at {}", recorder.seen().len());
+                    assert!(
+                        idle < 20_000,
+                        "consumer stalled at {}",
+                        recorder.seen().len()
+                    );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
@@ -205,14 +306,27 @@ async fn a_tailing_consumer_sees_every_event_once_under_concurrent_writers() {
         assert_eq!(positions.len(), total, "no duplicates");
         let mut last_seq: HashMap<String, i64> = HashMap::new();
         for e in &seen {
-            let prev = last_seq.insert(e.aggregate_id.clone(), e.sequence).unwrap_or(0);
-            assert_eq!(e.sequence, prev + 1, "{backend:?}: per-aggregate order for {}", e.aggregate_id);
+            let prev = last_seq
+                .insert(e.aggregate_id.clone(), e.sequence)
+                .unwrap_or(0);
+            assert_eq!(
+                e.sequence,
+                prev + 1,
+                "{backend:?}: per-aggregate order for {}",
+                e.aggregate_id
+            );
         }
         if backend == Backend::Postgres {
             // The race was real: some events committed after a higher position was
             // already in the log, and the consumer still did not skip them.
-            let inversions = seen.windows(2).filter(|w| w[1].position < w[0].position).count();
-            assert!(inversions > 0, "the test did not produce out-of-order commits");
+            let inversions = seen
+                .windows(2)
+                .filter(|w| w[1].position < w[0].position)
+                .count();
+            assert!(
+                inversions > 0,
+                "the test did not produce out-of-order commits"
+            );
             eprintln!("{inversions} out-of-position-order commits delivered without loss");
         }
         // The checkpoint table agrees with the runner.
@@ -250,7 +364,10 @@ async fn slow_append(store: &Store, id: &str) {
             tx.rollback().await.ok();
             continue;
         }
-        sqlx::query("SELECT pg_sleep(0.03)").execute(&mut *tx).await.unwrap();
+        sqlx::query("SELECT pg_sleep(0.03)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         store.notifier().committed();
         return;
@@ -260,16 +377,25 @@ async fn slow_append(store: &Store, id: &str) {
 #[actix_rt::test]
 async fn a_consumer_resumes_from_its_checkpoint_and_holds_its_lock() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         for i in 0..5 {
             add(&t.store, &format!("c{i}"), 1, CommandMeta::new("a")).await;
         }
         let recorder = Recorder::new("resume");
-        let mut first = Runner::new(t.store.clone(), recorder.clone()).await.unwrap();
+        let mut first = Runner::new(t.store.clone(), recorder.clone())
+            .await
+            .unwrap();
         assert!(first.try_lock().await.unwrap());
         // A second instance of the same consumer stays on standby.
-        let mut second = Runner::new(t.store.clone(), recorder.clone()).await.unwrap();
-        assert!(!second.try_lock().await.unwrap(), "{backend:?}: lock is exclusive");
+        let mut second = Runner::new(t.store.clone(), recorder.clone())
+            .await
+            .unwrap();
+        assert!(
+            !second.try_lock().await.unwrap(),
+            "{backend:?}: lock is exclusive"
+        );
         assert_eq!(first.drain().await.unwrap(), 5);
         first.unlock().await;
         drop(first);
@@ -299,9 +425,13 @@ async fn a_consumer_resumes_from_its_checkpoint_and_holds_its_lock() {
 #[actix_rt::test]
 async fn a_consumer_actor_is_woken_by_a_commit_and_checkpoints_on_stop() {
     for backend in BACKENDS {
-        let Some(t) = TestStore::new(backend).await else { continue };
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
         let recorder = Recorder::new("actor");
-        let handle = ConsumerActor::spawn(t.store.clone(), recorder.clone()).await.unwrap();
+        let handle = ConsumerActor::spawn(t.store.clone(), recorder.clone())
+            .await
+            .unwrap();
         let outcome = add(&t.store, "c1", 1, CommandMeta::new("a")).await;
         let target = t
             .store
@@ -310,16 +440,20 @@ async fn a_consumer_actor_is_woken_by_a_commit_and_checkpoints_on_stop() {
             .unwrap()
             .unwrap();
         // Well under the 3 s safety tick: the commit signal woke it.
-        assert!(handle.wait_for(target, Duration::from_millis(1500)).await, "{backend:?}");
+        assert!(
+            handle.wait_for(target, Duration::from_millis(1500)).await,
+            "{backend:?}"
+        );
         assert_eq!(recorder.seen().len(), 1);
         let status = handle.status().await.unwrap();
         assert!(status.active);
         assert_eq!(status.cursor, target);
         handle.stop().await;
-        let stored: (i64, i64) = sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = 'actor'")
-            .fetch_one(t.store.any_pool())
-            .await
-            .unwrap();
+        let stored: (i64, i64) =
+            sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = 'actor'")
+                .fetch_one(t.store.any_pool())
+                .await
+                .unwrap();
         assert_eq!(stored, (target.tx, target.position));
         t.cleanup().await.unwrap();
     }
