@@ -1,1 +1,9 @@
-//! placeholder
+//! The write side of AfyaChain: command services over the event store, the key store,
+//! the blob store and the encryption of personal fields and uploads.
+
+pub mod blobs;
+pub mod clock;
+pub mod keys;
+pub mod service;
+
+pub use service::{CommandError, Commands, Done};

@@ -1,1 +1,25 @@
-//! placeholder
+//! Read models of AfyaChain, each maintained by a projection: a [`LogHandler`] run by
+//! a consumer actor over the global log, writing its rows and its checkpoint in one
+//! transaction. Read models are written only here (DESIGN rule 1); [`queries`] reads
+//! them for the API.
+
+use std::sync::Arc;
+
+use eventstore::LogHandler;
+
+mod codec;
+pub mod projection;
+pub mod queries;
+
+pub use projection::{AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords};
+
+/// Every projection the server runs, in a stable order.
+pub fn all() -> Vec<Arc<dyn LogHandler>> {
+    vec![
+        Arc::new(Directory::default()),
+        Arc::new(PatientRecords::default()),
+        Arc::new(AccessRequests::default()),
+        Arc::new(DoctorGrants::default()),
+        Arc::new(AccessLog::default()),
+    ]
+}

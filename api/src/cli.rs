@@ -1,0 +1,175 @@
+//! The `afyachain` command line.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use eventstore::{LogCursor, Runner};
+
+use crate::app::{open, App};
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "afyachain",
+    version,
+    about = "Patient-controlled medical records"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server and the projections (no configuration needed).
+    Serve,
+    /// Manage projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Read the global event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// List projections with their checkpoints.
+    List,
+    /// Empty a projection's read models and replay the log from position 0.
+    /// The projection must not be running in a server at the same time.
+    Rebuild {
+        /// A projection name, or `all`.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print events as JSON lines, in log order, from a position.
+    Tail {
+        /// First position to print (0: the whole log).
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+        /// Keep printing new events as they are committed.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    let result = actix_rt::System::new().block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("afyachain: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    match cli.command {
+        Command::Serve => {
+            let listener = std::net::TcpListener::bind(config.listen)
+                .with_context(|| format!("binding {}", config.listen))?;
+            let app = App::start(config).await?;
+            crate::server::run(app, listener).await
+        }
+        Command::Projections { command } => {
+            let (store, _commands) = open(&config).await?;
+            let result = projections_command(&store, command).await;
+            store.close().await;
+            result
+        }
+        Command::Events {
+            command: EventsCommand::Tail { from, follow },
+        } => {
+            let (store, _commands) = open(&config).await?;
+            let result = tail(&store, from, follow).await;
+            store.close().await;
+            result
+        }
+    }
+}
+
+async fn projections_command(
+    store: &eventstore::Store,
+    command: ProjectionsCommand,
+) -> anyhow::Result<()> {
+    let all = projections::all();
+    match command {
+        ProjectionsCommand::List => {
+            for projection in all {
+                let runner = Runner::new(store.clone(), projection).await?;
+                let c = runner.cursor();
+                println!("{}\tposition {}\ttx {}", runner.name(), c.position, c.tx);
+            }
+            Ok(())
+        }
+        ProjectionsCommand::Rebuild { name } => {
+            let chosen: Vec<_> = all
+                .into_iter()
+                .filter(|p| name == "all" || p.name() == name)
+                .collect();
+            if chosen.is_empty() {
+                let names: Vec<String> = projections::all()
+                    .iter()
+                    .map(|p| p.name().to_owned())
+                    .collect();
+                anyhow::bail!("no projection named {name}; known: {}", names.join(", "));
+            }
+            for projection in chosen {
+                let mut runner = Runner::new(store.clone(), projection).await?;
+                let applied = runner.rebuild().await?;
+                runner.unlock().await;
+                println!("{}: rebuilt from {} events", runner.name(), applied);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn tail(store: &eventstore::Store, from: i64, follow: bool) -> anyhow::Result<()> {
+    let mut cursor: LogCursor = store.cursor_at_position(from).await?;
+    let mut wake = store.notifier().subscribe();
+    let stdout = std::io::stdout();
+    loop {
+        let events = store.read_log(cursor, 1000).await?;
+        if events.is_empty() {
+            if !follow {
+                if store.log_held_back(cursor).await? {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                return Ok(());
+            }
+            // Woken by commits (LISTEN on PostgreSQL); a slow tick covers the rest.
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            continue;
+        }
+        let mut out = stdout.lock();
+        for event in &events {
+            serde_json::to_writer(&mut out, event)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        if let Some(last) = events.last() {
+            cursor = last.cursor();
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! The projections. Each keeps its tables, named `rm_*`, and handles only the events
+//! that concern it; every statement is idempotent per event or guarded by the
+//! checkpoint transaction, so a rebuild from position 0 yields the live tables.
+
+use async_trait::async_trait;
+use cqrs_es::persist::EventUpcaster;
+use cqrs_es::Aggregate;
+use domain::access::AccessRequest;
+use domain::doctor::Doctor;
+use domain::patient::Patient;
+use domain::record::MedicalRecord;
+use eventstore::consumer::ReadModelTx;
+use eventstore::{Backend, LogHandler, StoredEvent};
+
+use crate::codec::{int, json, text, time};
+
+type PatientEvent = <Patient as Aggregate>::Event;
+type DoctorEvent = <Doctor as Aggregate>::Event;
+type AccessEvent = <AccessRequest as Aggregate>::Event;
+type RecordEvent = <MedicalRecord as Aggregate>::Event;
+
+fn upcasters() -> Vec<Box<dyn EventUpcaster>> {
+    domain::upcast::upcasters()
+}
+
+async fn exec(tx: &mut ReadModelTx, sql: &str, binds: Vec<Bind>) -> anyhow::Result<()> {
+    let mut query = sqlx::query(sql);
+    for bind in binds {
+        query = match bind {
+            Bind::Text(s) => query.bind(s),
+            Bind::OptText(s) => query.bind(s),
+            Bind::Int(i) => query.bind(i),
+        };
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// A bound parameter; read models hold only text and integers so one SQL text serves
+/// SQLite and PostgreSQL.
+enum Bind {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+}
+
+use Bind::{Int, OptText, Text};
+
+/// Patients and doctors: ids, the phone blind index (sign-in), licence and verification
+/// state. No names or numbers: those stay sealed in the events.
+pub struct Directory {
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory {
+            upcasters: upcasters(),
+        }
+    }
+}
+
+#[async_trait]
+impl LogHandler for Directory {
+    fn name(&self) -> &str {
+        "directory"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_patients (
+                patient_id TEXT PRIMARY KEY,
+                phone_index TEXT NOT NULL,
+                registered_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_patients_phone ON rm_patients (phone_index)".into(),
+            "CREATE TABLE IF NOT EXISTS rm_doctors (
+                doctor_id TEXT PRIMARY KEY,
+                phone_index TEXT NOT NULL,
+                licence TEXT NOT NULL,
+                status TEXT NOT NULL,
+                registered_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_doctors_phone ON rm_doctors (phone_index)".into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_patients".into(), "rm_doctors".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        let at = time(&event.recorded_at);
+        if event.aggregate_type == Patient::TYPE {
+            match event.decode::<PatientEvent>(&self.upcasters)? {
+                PatientEvent::PatientRegistered {
+                    patient_id,
+                    phone_index,
+                    ..
+                } => {
+                    exec(
+                        tx,
+                        "INSERT INTO rm_patients (patient_id, phone_index, registered_at, updated_at) \
+                         VALUES ($1, $2, $3, $4)",
+                        vec![Text(patient_id.to_string()), Text(phone_index), Text(at.clone()), Text(at)],
+                    )
+                    .await?;
+                }
+                PatientEvent::PatientProfileUpdated { patient_id, .. } => {
+                    exec(
+                        tx,
+                        "UPDATE rm_patients SET updated_at = $1 WHERE patient_id = $2",
+                        vec![Text(at), Text(patient_id.to_string())],
+                    )
+                    .await?;
+                }
+            }
+        } else if event.aggregate_type == Doctor::TYPE {
+            match event.decode::<DoctorEvent>(&self.upcasters)? {
+                DoctorEvent::DoctorRegistered {
+                    doctor_id,
+                    phone_index,
+                    licence,
+                    ..
+                } => {
+                    exec(
+                        tx,
+                        "INSERT INTO rm_doctors (doctor_id, phone_index, licence, status, registered_at, updated_at) \
+                         VALUES ($1, $2, $3, 'unverified', $4, $5)",
+                        vec![
+                            Text(doctor_id.to_string()),
+                            Text(phone_index),
+                            Text(text(&licence)?),
+                            Text(at.clone()),
+                            Text(at),
+                        ],
+                    )
+                    .await?;
+                }
+                DoctorEvent::DoctorVerified { doctor_id, .. } => {
+                    exec(
+                        tx,
+                        "UPDATE rm_doctors SET status = 'verified', updated_at = $1 WHERE doctor_id = $2",
+                        vec![Text(at), Text(doctor_id.to_string())],
+                    )
+                    .await?;
+                }
+                DoctorEvent::DoctorSuspended { doctor_id, .. } => {
+                    exec(
+                        tx,
+                        "UPDATE rm_doctors SET status = 'suspended', updated_at = $1 WHERE doctor_id = $2",
+                        vec![Text(at), Text(doctor_id.to_string())],
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A patient's records.
+pub struct PatientRecords {
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+}
+
+impl Default for PatientRecords {
+    fn default() -> Self {
+        PatientRecords {
+            upcasters: upcasters(),
+        }
+    }
+}
+
+#[async_trait]
+impl LogHandler for PatientRecords {
+    fn name(&self) -> &str {
+        "patient_records"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_patient_records (
+                record_id TEXT PRIMARY KEY,
+                patient_id TEXT NOT NULL,
+                category TEXT NOT NULL,
+                media_type TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                sha256 TEXT NOT NULL,
+                wrapped_key TEXT NOT NULL,
+                filename_sealed TEXT,
+                uploaded_at TEXT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_patient_records_patient \
+             ON rm_patient_records (patient_id, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_patient_records".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != MedicalRecord::TYPE {
+            return Ok(());
+        }
+        if let RecordEvent::RecordUploaded {
+            record_id,
+            patient_id,
+            category,
+            media_type,
+            size,
+            sha256,
+            wrapped_key,
+            filename,
+            uploaded_at,
+        } = event.decode::<RecordEvent>(&self.upcasters)?
+        {
+            exec(
+                tx,
+                "INSERT INTO rm_patient_records (record_id, patient_id, category, media_type, size, \
+                 sha256, wrapped_key, filename_sealed, uploaded_at, position) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                vec![
+                    Text(record_id.to_string()),
+                    Text(patient_id.to_string()),
+                    Text(text(&category)?),
+                    Text(text(&media_type)?),
+                    Int(int(&size)?),
+                    Text(text(&sha256)?),
+                    Text(text(&wrapped_key)?),
+                    OptText(filename.as_ref().map(text).transpose()?),
+                    Text(time(&uploaded_at)),
+                    Int(event.position),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Every access request with its current status, for the patient's inbox and history.
+pub struct AccessRequests {
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+}
+
+impl Default for AccessRequests {
+    fn default() -> Self {
+        AccessRequests {
+            upcasters: upcasters(),
+        }
+    }
+}
+
+#[async_trait]
+impl LogHandler for AccessRequests {
+    fn name(&self) -> &str {
+        "access_requests"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_access_requests (
+                request_id TEXT PRIMARY KEY,
+                patient_id TEXT NOT NULL,
+                doctor_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                purpose_sealed TEXT NOT NULL,
+                duration_days BIGINT NOT NULL,
+                requested_at TEXT NOT NULL,
+                decided_at TEXT,
+                expires_at TEXT,
+                closed_at TEXT,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_access_requests_patient \
+             ON rm_access_requests (patient_id, status, position)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_access_requests_doctor \
+             ON rm_access_requests (doctor_id, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_access_requests".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != AccessRequest::TYPE {
+            return Ok(());
+        }
+        match event.decode::<AccessEvent>(&self.upcasters)? {
+            AccessEvent::AccessRequested {
+                request_id,
+                doctor_id,
+                patient_id,
+                scope,
+                purpose,
+                duration,
+                requested_at,
+                ..
+            } => {
+                exec(
+                    tx,
+                    "INSERT INTO rm_access_requests (request_id, patient_id, doctor_id, status, scope, \
+                     purpose_sealed, duration_days, requested_at, position) \
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8)",
+                    vec![
+                        Text(request_id.to_string()),
+                        Text(patient_id.to_string()),
+                        Text(doctor_id.to_string()),
+                        Text(json(&scope)?),
+                        Text(text(&purpose)?),
+                        Int(int(&duration)?),
+                        Text(time(&requested_at)),
+                        Int(event.position),
+                    ],
+                )
+                .await?;
+            }
+            AccessEvent::AccessApproved {
+                request_id,
+                scope,
+                expires_at,
+                approved_at,
+                ..
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_access_requests SET status = 'approved', scope = $1, decided_at = $2, \
+                     expires_at = $3, position = $4 WHERE request_id = $5",
+                    vec![
+                        Text(json(&scope)?),
+                        Text(time(&approved_at)),
+                        Text(time(&expires_at)),
+                        Int(event.position),
+                        Text(request_id.to_string()),
+                    ],
+                )
+                .await?;
+            }
+            AccessEvent::AccessRejected {
+                request_id,
+                rejected_at,
+                ..
+            } => {
+                self.close(
+                    tx,
+                    "rejected",
+                    "decided_at",
+                    request_id.to_string(),
+                    time(&rejected_at),
+                    event.position,
+                )
+                .await?;
+            }
+            AccessEvent::AccessRevoked {
+                request_id,
+                revoked_at,
+                ..
+            } => {
+                self.close(
+                    tx,
+                    "revoked",
+                    "closed_at",
+                    request_id.to_string(),
+                    time(&revoked_at),
+                    event.position,
+                )
+                .await?;
+            }
+            AccessEvent::AccessExpired {
+                request_id,
+                expired_at,
+                ..
+            } => {
+                self.close(
+                    tx,
+                    "expired",
+                    "closed_at",
+                    request_id.to_string(),
+                    time(&expired_at),
+                    event.position,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AccessRequests {
+    async fn close(
+        &self,
+        tx: &mut ReadModelTx,
+        status: &str,
+        column: &str,
+        request_id: String,
+        at: String,
+        position: i64,
+    ) -> anyhow::Result<()> {
+        exec(
+            tx,
+            &format!(
+                "UPDATE rm_access_requests SET status = $1, {column} = $2, position = $3 \
+                 WHERE request_id = $4"
+            ),
+            vec![
+                Text(status.to_owned()),
+                Text(at),
+                Int(position),
+                Text(request_id),
+            ],
+        )
+        .await
+    }
+}
+
+/// A doctor's active grants: added on approval, removed on revocation or expiry. A
+/// grant past its expiry but not yet marked expired is filtered out when read.
+pub struct DoctorGrants {
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+}
+
+impl Default for DoctorGrants {
+    fn default() -> Self {
+        DoctorGrants {
+            upcasters: upcasters(),
+        }
+    }
+}
+
+#[async_trait]
+impl LogHandler for DoctorGrants {
+    fn name(&self) -> &str {
+        "doctor_grants"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_doctor_grants (
+                request_id TEXT PRIMARY KEY,
+                doctor_id TEXT NOT NULL,
+                patient_id TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                approved_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_doctor_grants_doctor \
+             ON rm_doctor_grants (doctor_id, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_doctor_grants".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != AccessRequest::TYPE {
+            return Ok(());
+        }
+        match event.decode::<AccessEvent>(&self.upcasters)? {
+            AccessEvent::AccessApproved {
+                request_id,
+                patient_id,
+                doctor_id,
+                scope,
+                expires_at,
+                approved_at,
+            } => {
+                exec(
+                    tx,
+                    "INSERT INTO rm_doctor_grants (request_id, doctor_id, patient_id, scope, \
+                     approved_at, expires_at, position) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    vec![
+                        Text(request_id.to_string()),
+                        Text(doctor_id.to_string()),
+                        Text(patient_id.to_string()),
+                        Text(json(&scope)?),
+                        Text(time(&approved_at)),
+                        Text(time(&expires_at)),
+                        Int(event.position),
+                    ],
+                )
+                .await?;
+            }
+            AccessEvent::AccessRevoked { request_id, .. }
+            | AccessEvent::AccessExpired { request_id, .. } => {
+                exec(
+                    tx,
+                    "DELETE FROM rm_doctor_grants WHERE request_id = $1",
+                    vec![Text(request_id.to_string())],
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Who read which of a patient's records, when, under which request.
+pub struct AccessLog {
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            upcasters: upcasters(),
+        }
+    }
+}
+
+#[async_trait]
+impl LogHandler for AccessLog {
+    fn name(&self) -> &str {
+        "access_log"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_access_log (
+                position BIGINT PRIMARY KEY,
+                event_id TEXT NOT NULL,
+                patient_id TEXT NOT NULL,
+                record_id TEXT NOT NULL,
+                accessor TEXT NOT NULL,
+                request_id TEXT,
+                category TEXT NOT NULL,
+                accessed_at TEXT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_access_log_patient ON rm_access_log (patient_id, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_access_log".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != MedicalRecord::TYPE {
+            return Ok(());
+        }
+        if let RecordEvent::RecordAccessed {
+            record_id,
+            patient_id,
+            accessor,
+            request_id,
+            category,
+            accessed_at,
+        } = event.decode::<RecordEvent>(&self.upcasters)?
+        {
+            exec(
+                tx,
+                "INSERT INTO rm_access_log (position, event_id, patient_id, record_id, accessor, \
+                 request_id, category, accessed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                vec![
+                    Int(event.position),
+                    Text(event.event_id.to_string()),
+                    Text(patient_id.to_string()),
+                    Text(record_id.to_string()),
+                    Text(format!("{}:{}", accessor.kind(), accessor.id_string())),
+                    OptText(request_id.map(|r| r.to_string())),
+                    Text(text(&category)?),
+                    Text(time(&accessed_at)),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

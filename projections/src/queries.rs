@@ -1,0 +1,254 @@
+//! Reads of the read models, for the API. Lists are paginated by a cursor: the
+//! position of the last item returned.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{AnyPool, Row};
+
+use crate::codec::time;
+
+/// One page of a list; `next_cursor` is `None` on the last page.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<i64>,
+}
+
+fn page<T>(mut items: Vec<T>, limit: i64, position: impl Fn(&T) -> i64) -> Page<T> {
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(position)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+/// A record in a patient's list (its filename stays sealed here).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RecordRow {
+    pub record_id: String,
+    pub patient_id: String,
+    pub category: String,
+    pub media_type: String,
+    pub size: i64,
+    pub sha256: String,
+    pub wrapped_key: String,
+    pub filename_sealed: Option<String>,
+    pub uploaded_at: String,
+    pub position: i64,
+}
+
+pub async fn records_of_patient(
+    pool: &AnyPool,
+    patient_id: &str,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<RecordRow>> {
+    let rows: Vec<RecordRow> = sqlx::query_as(
+        "SELECT record_id, patient_id, category, media_type, size, sha256, wrapped_key, \
+         filename_sealed, uploaded_at, position FROM rm_patient_records \
+         WHERE patient_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+    )
+    .bind(patient_id.to_owned())
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading a patient's records")?;
+    Ok(page(rows, limit, |r| r.position))
+}
+
+pub async fn record(pool: &AnyPool, record_id: &str) -> anyhow::Result<Option<RecordRow>> {
+    sqlx::query_as(
+        "SELECT record_id, patient_id, category, media_type, size, sha256, wrapped_key, \
+         filename_sealed, uploaded_at, position FROM rm_patient_records WHERE record_id = $1",
+    )
+    .bind(record_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("reading a record")
+}
+
+/// An access request as the patient sees it (purpose still sealed).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct AccessRequestRow {
+    pub request_id: String,
+    pub patient_id: String,
+    pub doctor_id: String,
+    pub status: String,
+    /// JSON of the domain `Scope`.
+    pub scope: String,
+    pub purpose_sealed: String,
+    pub duration_days: i64,
+    pub requested_at: String,
+    pub decided_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub closed_at: Option<String>,
+    pub position: i64,
+}
+
+const ACCESS_COLUMNS: &str = "request_id, patient_id, doctor_id, status, scope, purpose_sealed, \
+     duration_days, requested_at, decided_at, expires_at, closed_at, position";
+
+pub async fn access_requests_of_patient(
+    pool: &AnyPool,
+    patient_id: &str,
+    status: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AccessRequestRow>> {
+    let rows: Vec<AccessRequestRow> = sqlx::query_as(&format!(
+        "SELECT {ACCESS_COLUMNS} FROM rm_access_requests \
+         WHERE patient_id = $1 AND ($2 = '' OR status = $3) AND position > $4 \
+         ORDER BY position LIMIT $5"
+    ))
+    .bind(patient_id.to_owned())
+    .bind(status.unwrap_or("").to_owned())
+    .bind(status.unwrap_or("").to_owned())
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading a patient's access requests")?;
+    Ok(page(rows, limit, |r| r.position))
+}
+
+pub async fn access_request(
+    pool: &AnyPool,
+    request_id: &str,
+) -> anyhow::Result<Option<AccessRequestRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {ACCESS_COLUMNS} FROM rm_access_requests WHERE request_id = $1"
+    ))
+    .bind(request_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("reading an access request")
+}
+
+/// A grant a doctor holds now.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct GrantRow {
+    pub request_id: String,
+    pub doctor_id: String,
+    pub patient_id: String,
+    pub scope: String,
+    pub approved_at: String,
+    pub expires_at: String,
+    pub position: i64,
+}
+
+pub async fn active_grants_of_doctor(
+    pool: &AnyPool,
+    doctor_id: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<GrantRow>> {
+    sqlx::query_as(
+        "SELECT request_id, doctor_id, patient_id, scope, approved_at, expires_at, position \
+         FROM rm_doctor_grants WHERE doctor_id = $1 AND expires_at > $2 ORDER BY position",
+    )
+    .bind(doctor_id.to_owned())
+    .bind(time(&now))
+    .fetch_all(pool)
+    .await
+    .context("reading a doctor's grants")
+}
+
+/// Grants whose expiry has passed but that are not yet marked expired.
+pub async fn grants_due_to_expire(
+    pool: &AnyPool,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT request_id FROM rm_doctor_grants WHERE expires_at <= $1 ORDER BY expires_at LIMIT 500")
+        .bind(time(&now))
+        .fetch_all(pool)
+        .await
+        .context("finding grants due to expire")
+}
+
+/// One read of a patient's record.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct AccessLogRow {
+    pub position: i64,
+    pub event_id: String,
+    pub patient_id: String,
+    pub record_id: String,
+    /// `kind:id`, e.g. `doctor:<uuid>`.
+    pub accessor: String,
+    pub request_id: Option<String>,
+    pub category: String,
+    pub accessed_at: String,
+}
+
+pub async fn access_log_of_patient(
+    pool: &AnyPool,
+    patient_id: &str,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AccessLogRow>> {
+    let rows: Vec<AccessLogRow> = sqlx::query_as(
+        "SELECT position, event_id, patient_id, record_id, accessor, request_id, category, \
+         accessed_at FROM rm_access_log WHERE patient_id = $1 AND position > $2 \
+         ORDER BY position LIMIT $3",
+    )
+    .bind(patient_id.to_owned())
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading a patient's access log")?;
+    Ok(page(rows, limit, |r| r.position))
+}
+
+/// A registered doctor.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DoctorRow {
+    pub doctor_id: String,
+    pub phone_index: String,
+    pub licence: String,
+    pub status: String,
+    pub registered_at: String,
+}
+
+pub async fn doctor(pool: &AnyPool, doctor_id: &str) -> anyhow::Result<Option<DoctorRow>> {
+    sqlx::query_as(
+        "SELECT doctor_id, phone_index, licence, status, registered_at FROM rm_doctors \
+         WHERE doctor_id = $1",
+    )
+    .bind(doctor_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("reading a doctor")
+}
+
+/// The patient registered with this phone blind index, if any.
+pub async fn patient_by_phone_index(pool: &AnyPool, index: &str) -> anyhow::Result<Option<String>> {
+    sqlx::query_scalar("SELECT patient_id FROM rm_patients WHERE phone_index = $1")
+        .bind(index.to_owned())
+        .fetch_optional(pool)
+        .await
+        .context("finding a patient by phone")
+}
+
+/// Every row of a read-model table, as text, in a stable order (rebuild checks).
+pub async fn dump_table(pool: &AnyPool, table: &str) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+    let rows = sqlx::query(&format!("SELECT * FROM {table} ORDER BY 1"))
+        .fetch_all(pool)
+        .await
+        .with_context(|| format!("dumping {table}"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut cells = Vec::new();
+        for (i, _) in row.columns().iter().enumerate() {
+            let cell = match row.try_get::<Option<String>, _>(i) {
+                Ok(v) => v,
+                Err(_) => row.try_get::<Option<i64>, _>(i)?.map(|n| n.to_string()),
+            };
+            cells.push(cell);
+        }
+        out.push(cells);
+    }
+    Ok(out)
+}

@@ -1,0 +1,149 @@
+//! Starting the real `afyachain` binary against a fresh store.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use eventstore::testing::fresh_config;
+use eventstore::{Backend, StoreConfig};
+
+/// The `afyachain` binary (the tests crate builds it with the same entry point).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_afyachain-under-test"))
+}
+
+/// An environment for the binary: a data directory, and a database on PostgreSQL.
+pub struct Env {
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+}
+
+impl Env {
+    /// `None`: PostgreSQL unreachable outside CI (skip).
+    pub async fn new(backend: Backend) -> Option<Env> {
+        let (config, _, _, dir) = fresh_config(backend).await?;
+        let data_dir = dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("afya-e2e-{}", uuid::Uuid::new_v4()))
+        });
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let database_url = match config {
+            StoreConfig::Postgres { url } => Some(url),
+            StoreConfig::Sqlite { .. } => None,
+        };
+        Some(Env {
+            backend,
+            data_dir,
+            database_url,
+        })
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AFYA_DATA_DIR", &self.data_dir)
+            .env("RUST_LOG", "info");
+        if let Some(url) = &self.database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        cmd
+    }
+
+    /// Runs a one-shot subcommand; returns (success, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.command().args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `afyachain serve` on a random loopback port.
+    pub fn serve(&self) -> Server {
+        let mut child = self
+            .command()
+            .arg("serve")
+            .env("AFYA_LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("addr=") {
+                    let addr: String = line[i + 5..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    let _ = tx.send(addr);
+                }
+                log2.lock().unwrap().push_str(&line);
+                log2.lock().unwrap().push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        }
+    }
+}
+
+/// A running server process.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited with success.
+    pub fn terminate(mut self) -> bool {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        panic!("server did not stop within 30 s of SIGTERM");
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
