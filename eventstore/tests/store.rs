@@ -475,3 +475,42 @@ fn replace_db_swaps_only_the_database_name() {
 fn _assert_send(h: Arc<Recorder>) -> Arc<dyn eventstore::LogHandler> {
     h
 }
+
+/// Two processes on one PostgreSQL: a commit in one wakes the other's consumer through
+/// LISTEN/NOTIFY, well before the safety tick.
+#[actix_rt::test]
+async fn a_commit_in_another_process_wakes_a_consumer_through_notify() {
+    let Some(t) = TestStore::new(Backend::Postgres).await else {
+        return;
+    };
+    // A second, independent store on the same database stands for another process.
+    let other = Store::open(t.config.clone()).await.unwrap();
+    let recorder = Recorder::new("remote");
+    let handle = ConsumerActor::spawn(t.store.clone(), recorder.clone())
+        .await
+        .unwrap();
+    // Let the first catch-up and its follow-ups settle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 0..3 {
+        let outcome = add(&other, &format!("r{round}"), 1, CommandMeta::new("a")).await;
+        let target = other
+            .cursor_of(
+                "counter",
+                &format!("r{round}"),
+                outcome.sequences.unwrap().1,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(handle.wait_for(target, Duration::from_millis(1500)).await);
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "woken by NOTIFY, not the 3 s tick"
+        );
+    }
+    assert_eq!(recorder.seen().len(), 3);
+    handle.stop().await;
+    other.close().await;
+    t.cleanup().await.unwrap();
+}
