@@ -322,6 +322,7 @@ pub struct ConsumerStatus {
 pub struct ConsumerActor {
     runner: Arc<Mutex<Runner>>,
     name: String,
+    safety_tick: Duration,
     scheduled: bool,
     failures: u32,
     stopping: bool,
@@ -353,11 +354,12 @@ impl ConsumerActor {
         handler: Arc<dyn LogHandler>,
     ) -> anyhow::Result<ConsumerHandle> {
         let runner = Runner::new(store.clone(), handler).await?;
-        Ok(Self::start_runner(store, runner))
+        Ok(Self::start_runner(store, runner, SAFETY_TICK))
     }
 
-    /// Starts an actor over a prepared runner.
-    pub fn start_runner(store: Store, runner: Runner) -> ConsumerHandle {
+    /// Starts an actor over a prepared runner. `safety_tick` is how often it looks at
+    /// the log without being woken (a commit signal normally wakes it first).
+    pub fn start_runner(store: Store, runner: Runner, safety_tick: Duration) -> ConsumerHandle {
         let name = runner.name().to_owned();
         let progress = runner.progress();
         let wake = store.notifier().subscribe();
@@ -369,6 +371,7 @@ impl ConsumerActor {
             ConsumerActor {
                 runner: Arc::new(Mutex::new(runner)),
                 name,
+                safety_tick,
                 scheduled: false,
                 failures: 0,
                 stopping: false,
@@ -398,7 +401,7 @@ impl Actor for ConsumerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(SAFETY_TICK, |actor, ctx| actor.schedule(ctx, None));
+        ctx.run_interval(self.safety_tick, |actor, ctx| actor.schedule(ctx, None));
         self.schedule(ctx, None);
     }
 }

@@ -134,16 +134,19 @@ impl Store {
         }
     }
 
-    /// Whether committed events exist that [`Store::read_log`] is holding back because
-    /// an older transaction is still running (PostgreSQL only): the consumer should look
-    /// again shortly rather than wait for the next notification.
+    /// Whether committed events exist after `after` (PostgreSQL only; on SQLite the log
+    /// holds nothing back). Called when [`Store::read_log`] returned nothing more: a
+    /// `true` means events are held back behind a running transaction, so the consumer
+    /// should look again shortly rather than wait for the next notification.
     pub async fn log_held_back(&self, after: LogCursor) -> anyhow::Result<bool> {
         match &self.typed {
             Typed::Postgres(pool) => {
+                // Any committed event beyond the cursor counts, whatever the horizon
+                // is now: comparing with a horizon taken later than the read's would
+                // miss an event that became readable in between.
                 let row = sqlx::query(
                     "SELECT EXISTS (SELECT 1 FROM events \
-                     WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot()) \
-                       AND (tx_id, position) > ($1::text::xid8, $2))",
+                     WHERE (tx_id, position) > ($1::text::xid8, $2))",
                 )
                 .bind(after.tx.to_string())
                 .bind(after.position)

@@ -12,15 +12,20 @@ use domain::record::MedicalRecord;
 use eventstore::consumer::ReadModelTx;
 use eventstore::{Backend, LogHandler, StoredEvent};
 
-use crate::codec::{int, json, text, time};
+use crate::codec::{json, time};
 
 type PatientEvent = <Patient as Aggregate>::Event;
 type DoctorEvent = <Doctor as Aggregate>::Event;
 type AccessEvent = <AccessRequest as Aggregate>::Event;
 type RecordEvent = <MedicalRecord as Aggregate>::Event;
 
-fn upcasters() -> Vec<Box<dyn EventUpcaster>> {
-    domain::upcast::upcasters()
+/// The domain's upcasters, applied to every event a projection decodes.
+struct Upcasters(Vec<Box<dyn EventUpcaster>>);
+
+impl Default for Upcasters {
+    fn default() -> Self {
+        Upcasters(domain::upcast::upcasters())
+    }
 }
 
 async fn exec(tx: &mut ReadModelTx, sql: &str, binds: Vec<Bind>) -> anyhow::Result<()> {
@@ -48,16 +53,9 @@ use Bind::{Int, OptText, Text};
 
 /// Patients and doctors: ids, the phone blind index (sign-in), licence and verification
 /// state. No names or numbers: those stay sealed in the events.
+#[derive(Default)]
 pub struct Directory {
-    upcasters: Vec<Box<dyn EventUpcaster>>,
-}
-
-impl Default for Directory {
-    fn default() -> Self {
-        Directory {
-            upcasters: upcasters(),
-        }
-    }
+    upcasters: Upcasters,
 }
 
 #[async_trait]
@@ -96,7 +94,7 @@ impl LogHandler for Directory {
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
         let at = time(&event.recorded_at);
         if event.aggregate_type == Patient::TYPE {
-            match event.decode::<PatientEvent>(&self.upcasters)? {
+            match event.decode::<PatientEvent>(&self.upcasters.0)? {
                 PatientEvent::PatientRegistered {
                     patient_id,
                     phone_index,
@@ -120,7 +118,7 @@ impl LogHandler for Directory {
                 }
             }
         } else if event.aggregate_type == Doctor::TYPE {
-            match event.decode::<DoctorEvent>(&self.upcasters)? {
+            match event.decode::<DoctorEvent>(&self.upcasters.0)? {
                 DoctorEvent::DoctorRegistered {
                     doctor_id,
                     phone_index,
@@ -134,7 +132,7 @@ impl LogHandler for Directory {
                         vec![
                             Text(doctor_id.to_string()),
                             Text(phone_index),
-                            Text(text(&licence)?),
+                            Text(licence.as_str().to_owned()),
                             Text(at.clone()),
                             Text(at),
                         ],
@@ -164,16 +162,9 @@ impl LogHandler for Directory {
 }
 
 /// A patient's records.
+#[derive(Default)]
 pub struct PatientRecords {
-    upcasters: Vec<Box<dyn EventUpcaster>>,
-}
-
-impl Default for PatientRecords {
-    fn default() -> Self {
-        PatientRecords {
-            upcasters: upcasters(),
-        }
-    }
+    upcasters: Upcasters,
 }
 
 #[async_trait]
@@ -221,7 +212,7 @@ impl LogHandler for PatientRecords {
             wrapped_key,
             filename,
             uploaded_at,
-        } = event.decode::<RecordEvent>(&self.upcasters)?
+        } = event.decode::<RecordEvent>(&self.upcasters.0)?
         {
             exec(
                 tx,
@@ -231,12 +222,12 @@ impl LogHandler for PatientRecords {
                 vec![
                     Text(record_id.to_string()),
                     Text(patient_id.to_string()),
-                    Text(text(&category)?),
-                    Text(text(&media_type)?),
-                    Int(int(&size)?),
-                    Text(text(&sha256)?),
-                    Text(text(&wrapped_key)?),
-                    OptText(filename.as_ref().map(text).transpose()?),
+                    Text(category.as_str().to_owned()),
+                    Text(media_type.as_str().to_owned()),
+                    Int(i64::try_from(size.get())?),
+                    Text(sha256.as_str().to_owned()),
+                    Text(wrapped_key.as_str().to_owned()),
+                    OptText(filename.map(|f| f.as_str().to_owned())),
                     Text(time(&uploaded_at)),
                     Int(event.position),
                 ],
@@ -248,16 +239,9 @@ impl LogHandler for PatientRecords {
 }
 
 /// Every access request with its current status, for the patient's inbox and history.
+#[derive(Default)]
 pub struct AccessRequests {
-    upcasters: Vec<Box<dyn EventUpcaster>>,
-}
-
-impl Default for AccessRequests {
-    fn default() -> Self {
-        AccessRequests {
-            upcasters: upcasters(),
-        }
-    }
+    upcasters: Upcasters,
 }
 
 #[async_trait]
@@ -300,7 +284,7 @@ impl LogHandler for AccessRequests {
         if event.aggregate_type != AccessRequest::TYPE {
             return Ok(());
         }
-        match event.decode::<AccessEvent>(&self.upcasters)? {
+        match event.decode::<AccessEvent>(&self.upcasters.0)? {
             AccessEvent::AccessRequested {
                 request_id,
                 doctor_id,
@@ -321,8 +305,8 @@ impl LogHandler for AccessRequests {
                         Text(patient_id.to_string()),
                         Text(doctor_id.to_string()),
                         Text(json(&scope)?),
-                        Text(text(&purpose)?),
-                        Int(int(&duration)?),
+                        Text(purpose.as_str().to_owned()),
+                        Int(i64::from(duration.days())),
                         Text(time(&requested_at)),
                         Int(event.position),
                     ],
@@ -429,16 +413,9 @@ impl AccessRequests {
 
 /// A doctor's active grants: added on approval, removed on revocation or expiry. A
 /// grant past its expiry but not yet marked expired is filtered out when read.
+#[derive(Default)]
 pub struct DoctorGrants {
-    upcasters: Vec<Box<dyn EventUpcaster>>,
-}
-
-impl Default for DoctorGrants {
-    fn default() -> Self {
-        DoctorGrants {
-            upcasters: upcasters(),
-        }
-    }
+    upcasters: Upcasters,
 }
 
 #[async_trait]
@@ -473,7 +450,7 @@ impl LogHandler for DoctorGrants {
         if event.aggregate_type != AccessRequest::TYPE {
             return Ok(());
         }
-        match event.decode::<AccessEvent>(&self.upcasters)? {
+        match event.decode::<AccessEvent>(&self.upcasters.0)? {
             AccessEvent::AccessApproved {
                 request_id,
                 patient_id,
@@ -514,16 +491,9 @@ impl LogHandler for DoctorGrants {
 }
 
 /// Who read which of a patient's records, when, under which request.
+#[derive(Default)]
 pub struct AccessLog {
-    upcasters: Vec<Box<dyn EventUpcaster>>,
-}
-
-impl Default for AccessLog {
-    fn default() -> Self {
-        AccessLog {
-            upcasters: upcasters(),
-        }
-    }
+    upcasters: Upcasters,
 }
 
 #[async_trait]
@@ -565,7 +535,7 @@ impl LogHandler for AccessLog {
             request_id,
             category,
             accessed_at,
-        } = event.decode::<RecordEvent>(&self.upcasters)?
+        } = event.decode::<RecordEvent>(&self.upcasters.0)?
         {
             exec(
                 tx,
@@ -576,9 +546,9 @@ impl LogHandler for AccessLog {
                     Text(event.event_id.to_string()),
                     Text(patient_id.to_string()),
                     Text(record_id.to_string()),
-                    Text(format!("{}:{}", accessor.kind(), accessor.id_string())),
+                    Text(accessor.reference()),
                     OptText(request_id.map(|r| r.to_string())),
-                    Text(text(&category)?),
+                    Text(category.as_str().to_owned()),
                     Text(time(&accessed_at)),
                 ],
             )
