@@ -10,7 +10,9 @@
 //!   schema (`CqrsFramework::execute_with_metadata`, same metadata content);
 //! - (c) the raw ceiling: one single-row autocommit INSERT of an event-sized row into the
 //!   stock events table;
-//! - (a+key), for information: (a) with an idempotency key (lookup + trigger).
+//! - for information: (a+key) (a) with an idempotency key (lookup + trigger);
+//!   (c-ours) the raw INSERT into our events table; (c-load) raw SQL doing what any
+//!   load-then-append path does (SELECT the aggregate, BEGIN, INSERT, COMMIT).
 //!
 //! (a) and (b) run `domain::patient::Patient` with `UpdateProfile` commands whose sealed
 //! personal field makes an event payload of about 300 bytes. Each writer owns
@@ -70,6 +72,11 @@ const STOCK_SCHEMA: [&str; 2] = [
 
 const RAW_INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
      event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// postgres-es's load query.
+const RAW_LOAD: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     payload, metadata FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+     ORDER BY sequence";
 
 /// Length of the sealed personal field: the whole event payload is then ~300 bytes.
 const SEALED_LEN: usize = 232;
@@ -146,8 +153,19 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let mut results = Vec::new();
     results.push(case_ours(&s, false).await.context("case (a)")?);
     results.push(case_bare(&s).await.context("case (b)")?);
-    results.push(case_raw(&s).await.context("case (c)")?);
+    results.push(case_raw(&s, Raw::Insert).await.context("case (c)")?);
+    // For information: where the time of (a) goes.
     results.push(case_ours(&s, true).await.context("case (a+key)")?);
+    results.push(
+        case_raw(&s, Raw::InsertOurSchema)
+            .await
+            .context("case (c-ours)")?,
+    );
+    results.push(
+        case_raw(&s, Raw::LoadAndTransaction)
+            .await
+            .context("case (c-load)")?,
+    );
 
     println!();
     println!(
@@ -505,11 +523,37 @@ async fn case_bare(s: &Settings) -> anyhow::Result<CaseResult> {
     result
 }
 
-/// (c) raw ceiling: one autocommit single-row INSERT of an event-sized row.
-async fn case_raw(s: &Settings) -> anyhow::Result<CaseResult> {
-    let name = "(c) raw single-row INSERT + COMMIT";
+/// Which raw-SQL case to run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// (c): one autocommit single-row INSERT into the stock table.
+    Insert,
+    /// The same INSERT into our events table (global-log columns, indexes, trigger).
+    InsertOurSchema,
+    /// What any load-then-append path must do, without a framework: SELECT the
+    /// aggregate's events, then BEGIN, INSERT, COMMIT (stock table).
+    LoadAndTransaction,
+}
+
+/// (c) and its informational variants.
+async fn case_raw(s: &Settings, kind: Raw) -> anyhow::Result<CaseResult> {
+    let name = match kind {
+        Raw::Insert => "(c) raw single-row INSERT + COMMIT",
+        Raw::InsertOurSchema => "(c-ours) raw INSERT into our events table (info)",
+        Raw::LoadAndTransaction => "(c-load) raw SELECT + BEGIN/INSERT/COMMIT (info)",
+    };
     println!("{name}");
-    let (pool, admin, db) = stock_database(s).await?;
+    // Our schema comes from Store::open (its pool is AFYA_PG_POOL_SIZE too).
+    let (pool, cleanup) = if kind == Raw::InsertOurSchema {
+        let Some(test) = TestStore::new(Backend::Postgres).await else {
+            bail!("PostgreSQL is unreachable; set DATABASE_URL");
+        };
+        let pool = test.store.pg_pool().context("not on PostgreSQL")?.clone();
+        (pool, Cleanup::Store(test))
+    } else {
+        let (pool, admin, db) = stock_database(s).await?;
+        (pool.clone(), Cleanup::Database(pool, admin, db))
+    };
     let result = async {
         let ws = writers(s);
         let p = pool.clone();
@@ -520,18 +564,32 @@ async fn case_raw(s: &Settings) -> anyhow::Result<CaseResult> {
             let sequence = next_sequence.fetch_add(1, Ordering::Relaxed);
             async move {
                 let id = w.patients[n % w.patients.len()];
+                let aggregate_id = id.to_string();
                 let payload = serde_json::to_value(profile_event(id))?;
                 let metadata = serde_json::to_value(metadata_map(&format!("patient:{id}")))?;
-                sqlx::query(RAW_INSERT)
+                let query = sqlx::query(RAW_INSERT)
                     .bind("patient")
-                    .bind(id.to_string())
+                    .bind(aggregate_id.clone())
                     .bind(sequence)
                     .bind("PatientProfileUpdated")
                     .bind("1.0")
                     .bind(payload)
-                    .bind(metadata)
-                    .execute(&pool)
-                    .await?;
+                    .bind(metadata);
+                if kind == Raw::LoadAndTransaction {
+                    let loaded = sqlx::query(RAW_LOAD)
+                        .bind("patient")
+                        .bind(aggregate_id)
+                        .fetch_all(&pool)
+                        .await?;
+                    for row in &loaded {
+                        let _: serde_json::Value = sqlx::Row::try_get(row, "payload")?;
+                    }
+                    let mut tx = pool.begin().await?;
+                    query.execute(&mut *tx).await?;
+                    tx.commit().await?;
+                } else {
+                    query.execute(&pool).await?;
+                }
                 anyhow::Ok(())
             }
         };
@@ -539,8 +597,16 @@ async fn case_raw(s: &Settings) -> anyhow::Result<CaseResult> {
         seed_and_measure(s, name, &ws, insert.clone(), insert).await
     }
     .await;
-    drop_database(pool, &admin, &db).await?;
+    match cleanup {
+        Cleanup::Store(test) => test.cleanup().await?,
+        Cleanup::Database(pool, admin, db) => drop_database(pool, &admin, &db).await?,
+    }
     result
+}
+
+enum Cleanup {
+    Store(TestStore),
+    Database(PgPool, String, String),
 }
 
 /// Counts events and writes nothing but the runner's checkpoint.
