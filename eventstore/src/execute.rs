@@ -125,11 +125,21 @@ impl Store {
                 .await
                 .map_err(store_error)?;
             let sink: EventSink<A> = EventSink::default();
-            context
+            if let Err(rejection) = context
                 .aggregate()
                 .handle(command.clone(), services, &sink)
                 .await
-                .map_err(ExecuteError::Rejected)?;
+            {
+                // A concurrent twin with the same key may have committed after our
+                // first look: its state change is what refused us. Answer with its
+                // outcome, as for any repeat.
+                if let Some(key) = &meta.idempotency_key {
+                    if let Some(outcome) = self.idempotent_outcome(key).await? {
+                        return Ok(outcome);
+                    }
+                }
+                return Err(ExecuteError::Rejected(rejection));
+            }
             let new_events = sink.collect().await;
             if new_events.is_empty() {
                 return Ok(CommandOutcome {

@@ -66,7 +66,12 @@ pub async fn fresh_config(
                     return None;
                 }
             };
-            let name = format!("afya_test_{}", uuid::Uuid::new_v4().simple());
+            drop_stale_databases(&mut conn).await;
+            let name = format!(
+                "afya_test_{}_{}",
+                chrono::Utc::now().timestamp(),
+                uuid::Uuid::new_v4().simple()
+            );
             if let Err(error) = sqlx::query(&format!("CREATE DATABASE {name}"))
                 .execute(&mut conn)
                 .await
@@ -76,6 +81,32 @@ pub async fn fresh_config(
             let _ = conn.close().await;
             let url = replace_db(&admin, &name);
             Some((StoreConfig::Postgres { url }, Some(admin), Some(name), None))
+        }
+    }
+}
+
+/// Test databases are dropped by their test; one whose test panicked is left behind.
+/// Those older than two hours (the creation time is in the name) are dropped here.
+async fn drop_stale_databases(conn: &mut PgConnection) {
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'afya\\_test\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    else {
+        return;
+    };
+    let cutoff = chrono::Utc::now().timestamp() - 2 * 3600;
+    for name in names {
+        let created = name
+            .strip_prefix("afya_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<i64>().ok());
+        // Names without a time (older test runs) count as stale too.
+        if created.is_none_or(|secs| secs < cutoff) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut *conn)
+                .await;
         }
     }
 }
