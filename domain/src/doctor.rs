@@ -80,7 +80,7 @@ pub enum DoctorStatus {
     Suspended,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Doctor {
     id: Option<DoctorId>,
     status: DoctorStatus,

@@ -54,7 +54,7 @@ pub enum PatientError {
     NotRegistered,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Patient {
     id: Option<PatientId>,
 }

@@ -116,7 +116,7 @@ pub trait RecordServices: Send + Sync {
     fn clock(&self) -> &dyn Clock;
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MedicalRecord {
     id: Option<RecordId>,
     patient_id: Option<PatientId>,

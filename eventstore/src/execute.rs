@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventStore};
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use uuid::Uuid;
@@ -108,7 +109,7 @@ impl Store {
         meta: &CommandMeta,
     ) -> Result<CommandOutcome, ExecuteError<A::Error>>
     where
-        A: Aggregate,
+        A: Aggregate + Clone,
         A::Command: Clone,
     {
         if let Some(key) = &meta.idempotency_key {
@@ -120,16 +121,29 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut context = events
-                .load_aggregate(aggregate_id)
-                .await
-                .map_err(store_error)?;
+            // First from the cache of our own last write, then fresh after a conflict.
+            let (mut context, from_cache) = match events.cached(aggregate_id) {
+                Some(context) if attempt == 1 => (context, true),
+                _ => (
+                    events
+                        .load_aggregate(aggregate_id)
+                        .await
+                        .map_err(store_error)?,
+                    false,
+                ),
+            };
             let sink: EventSink<A> = EventSink::default();
             if let Err(rejection) = context
                 .aggregate()
                 .handle(command.clone(), services, &sink)
                 .await
             {
+                events.forget(aggregate_id);
+                // Cached state may be stale (another instance wrote since): a refusal
+                // counts only when made on fresh state.
+                if from_cache {
+                    continue;
+                }
                 // A concurrent twin with the same key may have committed after our
                 // first look: its state change is what refused us. Answer with its
                 // outcome, as for any repeat.
@@ -142,6 +156,11 @@ impl Store {
             }
             let new_events = sink.collect().await;
             if new_events.is_empty() {
+                if from_cache {
+                    // A no-op decided on cached state is confirmed on fresh state.
+                    events.forget(aggregate_id);
+                    continue;
+                }
                 return Ok(CommandOutcome {
                     aggregate_type: A::TYPE.to_owned(),
                     aggregate_id: aggregate_id.to_owned(),
@@ -149,8 +168,11 @@ impl Store {
                     replayed: false,
                 });
             }
+            let after = context.aggregate.clone();
+            let last = context.current_sequence + new_events.len();
             match events.commit(new_events, context, metadata.clone()).await {
                 Ok(committed) => {
+                    events.remember(aggregate_id, after, last);
                     self.notifier().committed();
                     let first = committed.first().map(|e| e.sequence as i64).unwrap_or(0);
                     let last = committed.last().map(|e| e.sequence as i64).unwrap_or(0);
@@ -162,6 +184,7 @@ impl Store {
                     });
                 }
                 Err(error) => {
+                    events.forget(aggregate_id);
                     // A repeat of an idempotent command fails inside the append (the
                     // key is taken); answer with the first command's outcome.
                     if let Some(key) = &meta.idempotency_key {
@@ -172,7 +195,10 @@ impl Store {
                     match error {
                         AggregateError::AggregateConflict if attempt < MAX_ATTEMPTS => {
                             tracing::debug!(attempt, "append conflict, retrying");
-                            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
+                            if !from_cache {
+                                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3))
+                                    .await;
+                            }
                         }
                         AggregateError::AggregateConflict => return Err(ExecuteError::Conflict),
                         other => return Err(store_error(other)),

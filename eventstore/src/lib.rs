@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod execute;
 pub mod log;
 pub mod notify;
+pub mod pg_append;
 pub mod store;
 pub mod testing;
 

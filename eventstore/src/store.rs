@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use cqrs_es::persist::{EventStoreAggregateContext, EventUpcaster, PersistedEventStore};
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
-use postgres_es::PostgresEventRepository;
 use sqlite_es::SqliteEventRepository;
 use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -16,6 +16,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AnyPool, ConnectOptions, PgPool, SqlitePool};
 
 use crate::notify::Notifier;
+use crate::pg_append::PgEventRepository;
 
 /// Where the events live.
 #[derive(Clone, Debug)]
@@ -200,14 +201,14 @@ impl Store {
         upcasters: Vec<Box<dyn EventUpcaster>>,
     ) -> AggregateStore<A> {
         match &self.typed {
-            Typed::Sqlite(pool) => AggregateStore::Sqlite(
+            Typed::Sqlite(pool) => AggregateStore::new(Backing::Sqlite(
                 PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters),
-            ),
-            Typed::Postgres(pool) => AggregateStore::Postgres(
-                PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+            )),
+            Typed::Postgres(pool) => AggregateStore::new(Backing::Postgres(
+                PersistedEventStore::new_event_store(PgEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters),
-            ),
+            )),
         }
     }
 
@@ -238,11 +239,63 @@ fn pg_pool_size() -> u32 {
         .unwrap_or(16)
 }
 
-/// A cqrs-es event store over either backend; both use cqrs-es's persisted store and
-/// so share its aggregate context type.
-pub enum AggregateStore<A: Aggregate> {
+/// A cqrs-es event store over either backend (both use cqrs-es's persisted store and so
+/// share its aggregate context), with a cache of the aggregates this process last wrote.
+///
+/// The cache saves the load before a command: the state after our own last append is
+/// known. It is safe with other writers because the append is still guarded by the
+/// aggregate's sequence: a stale entry makes the append conflict, and the command is
+/// then retried on freshly loaded state (see [`Store::execute`]).
+pub struct AggregateStore<A: Aggregate> {
+    backing: Backing<A>,
+    cache: Mutex<HashMap<String, (A, usize)>>,
+}
+
+enum Backing<A: Aggregate> {
     Sqlite(PersistedEventStore<SqliteEventRepository, A>),
-    Postgres(PersistedEventStore<PostgresEventRepository, A>),
+    Postgres(PersistedEventStore<PgEventRepository, A>),
+}
+
+/// Entries kept per aggregate type before the cache starts over.
+const CACHE_LIMIT: usize = 10_000;
+
+impl<A: Aggregate> AggregateStore<A> {
+    fn new(backing: Backing<A>) -> Self {
+        AggregateStore {
+            backing,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The aggregate as this process last wrote it, with its sequence.
+    pub(crate) fn cached(&self, aggregate_id: &str) -> Option<EventStoreAggregateContext<A>>
+    where
+        A: Clone,
+    {
+        let cache = self.cache.lock().ok()?;
+        let (aggregate, sequence) = cache.get(aggregate_id)?;
+        Some(EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate: aggregate.clone(),
+            current_sequence: *sequence,
+            current_snapshot: None,
+        })
+    }
+
+    pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, sequence: usize) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_LIMIT && !cache.contains_key(aggregate_id) {
+                cache.clear();
+            }
+            cache.insert(aggregate_id.to_owned(), (aggregate, sequence));
+        }
+    }
+
+    pub(crate) fn forget(&self, aggregate_id: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(aggregate_id);
+        }
+    }
 }
 
 impl<A: Aggregate> EventStore<A> for AggregateStore<A> {
@@ -252,9 +305,9 @@ impl<A: Aggregate> EventStore<A> for AggregateStore<A> {
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        match self {
-            AggregateStore::Sqlite(s) => s.load_events(aggregate_id).await,
-            AggregateStore::Postgres(s) => s.load_events(aggregate_id).await,
+        match &self.backing {
+            Backing::Sqlite(s) => s.load_events(aggregate_id).await,
+            Backing::Postgres(s) => s.load_events(aggregate_id).await,
         }
     }
 
@@ -262,9 +315,9 @@ impl<A: Aggregate> EventStore<A> for AggregateStore<A> {
         &self,
         aggregate_id: &str,
     ) -> Result<Self::AC, AggregateError<A::Error>> {
-        match self {
-            AggregateStore::Sqlite(s) => s.load_aggregate(aggregate_id).await,
-            AggregateStore::Postgres(s) => s.load_aggregate(aggregate_id).await,
+        match &self.backing {
+            Backing::Sqlite(s) => s.load_aggregate(aggregate_id).await,
+            Backing::Postgres(s) => s.load_aggregate(aggregate_id).await,
         }
     }
 
@@ -274,9 +327,9 @@ impl<A: Aggregate> EventStore<A> for AggregateStore<A> {
         context: Self::AC,
         metadata: HashMap<String, String>,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
-        match self {
-            AggregateStore::Sqlite(s) => s.commit(events, context, metadata).await,
-            AggregateStore::Postgres(s) => s.commit(events, context, metadata).await,
+        match &self.backing {
+            Backing::Sqlite(s) => s.commit(events, context, metadata).await,
+            Backing::Postgres(s) => s.commit(events, context, metadata).await,
         }
     }
 }

@@ -459,6 +459,81 @@ async fn a_consumer_actor_is_woken_by_a_commit_and_checkpoints_on_stop() {
     }
 }
 
+/// Each process caches the aggregates it last wrote. Another process writing in between
+/// makes that cache stale: the append conflicts and is retried on fresh state, and a
+/// refusal made on stale state is re-checked on fresh state before it is reported.
+#[actix_rt::test]
+async fn a_stale_aggregate_cache_never_loses_an_update_or_refuses_wrongly() {
+    let Some(t) = TestStore::new(Backend::Postgres).await else {
+        return;
+    };
+    let other = Store::open(t.config.clone()).await.unwrap();
+    let ours = t.store.aggregate_store::<Counter>(vec![]);
+    let theirs = other.aggregate_store::<Counter>(vec![]);
+    let run = |store: &Store, events, command| {
+        let store = store.clone();
+        async move {
+            store
+                .execute::<Counter>(events, "c", command, &(), &CommandMeta::new("a"))
+                .await
+        }
+    };
+    run(&t.store, &ours, CounterCommand::Add { n: 5 })
+        .await
+        .unwrap(); // ours caches 5
+    run(&other, &theirs, CounterCommand::Add { n: 1 })
+        .await
+        .unwrap(); // now 6
+    let o = run(&t.store, &ours, CounterCommand::Add { n: 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        o.sequences,
+        Some((3, 3)),
+        "conflict on the stale cache, retried fresh"
+    );
+    let totals: Vec<u64> = read_settled(&t.store, LogCursor::START, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.payload["Added"]["total"].as_u64().unwrap())
+        .collect();
+    assert_eq!(totals, vec![5, 6, 7], "no lost update");
+    // Theirs (cached at 6, stale) sets 0: conflict, retried fresh.
+    run(&other, &theirs, CounterCommand::Set { total: 0 })
+        .await
+        .unwrap();
+    // Ours, cached at 7, would refuse "below 5"; fresh state (0) allows it.
+    let allowed = run(
+        &t.store,
+        &ours,
+        CounterCommand::AddIfBelow { n: 1, limit: 5 },
+    )
+    .await;
+    assert_eq!(
+        allowed.unwrap().sequences,
+        Some((5, 5)),
+        "a stale refusal is re-checked"
+    );
+    // Theirs, cached at 0, would allow "below 1"; fresh state (1) refuses it.
+    let refused = run(
+        &other,
+        &theirs,
+        CounterCommand::AddIfBelow { n: 1, limit: 1 },
+    )
+    .await;
+    assert!(matches!(refused, Err(ExecuteError::Rejected(_))));
+    let totals: Vec<u64> = read_settled(&t.store, LogCursor::START, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.payload["Added"]["total"].as_u64().unwrap())
+        .collect();
+    assert_eq!(totals, vec![5, 6, 7, 0, 1]);
+    other.close().await;
+    t.cleanup().await.unwrap();
+}
+
 /// A consumer actor whose safety tick is an hour: within a test, only a commit signal
 /// can wake it.
 async fn spawn_without_tick(store: &Store, handler: Arc<Recorder>) -> eventstore::ConsumerHandle {

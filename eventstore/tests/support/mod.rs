@@ -9,15 +9,27 @@ use eventstore::consumer::ReadModelTx;
 use eventstore::{Backend, LogHandler, StoredEvent};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Counter {
     pub value: u64,
 }
 
 #[derive(Clone, Debug)]
 pub enum CounterCommand {
-    Add { n: u64 },
-    AddTwice { n: u64 },
+    Add {
+        n: u64,
+    },
+    AddTwice {
+        n: u64,
+    },
+    /// Refused unless the value is below `limit`.
+    AddIfBelow {
+        n: u64,
+        limit: u64,
+    },
+    Set {
+        total: u64,
+    },
     Refuse,
 }
 
@@ -62,6 +74,16 @@ impl Aggregate for Counter {
                     let total = self.value + n;
                     sink.write(CounterEvent::Added { n, total }, self).await;
                 }
+            }
+            CounterCommand::AddIfBelow { n, limit } => {
+                if self.value >= limit {
+                    return Err(Refused);
+                }
+                let total = self.value + n;
+                sink.write(CounterEvent::Added { n, total }, self).await;
+            }
+            CounterCommand::Set { total } => {
+                sink.write(CounterEvent::Added { n: 0, total }, self).await;
             }
             CounterCommand::Refuse => return Err(Refused),
         }
