@@ -249,6 +249,7 @@ fn pg_pool_size() -> u32 {
 pub struct AggregateStore<A: Aggregate> {
     backing: Backing<A>,
     cache: Mutex<HashMap<String, (A, usize)>>,
+    cache_limit: usize,
 }
 
 enum Backing<A: Aggregate> {
@@ -257,14 +258,21 @@ enum Backing<A: Aggregate> {
 }
 
 /// Entries kept per aggregate type before the cache starts over.
-const CACHE_LIMIT: usize = 10_000;
+const DEFAULT_CACHE_LIMIT: usize = 10_000;
 
 impl<A: Aggregate> AggregateStore<A> {
     fn new(backing: Backing<A>) -> Self {
         AggregateStore {
             backing,
             cache: Mutex::new(HashMap::new()),
+            cache_limit: DEFAULT_CACHE_LIMIT,
         }
+    }
+
+    /// How many aggregates to keep cached (0: none, every command loads).
+    pub fn with_cache_limit(mut self, limit: usize) -> Self {
+        self.cache_limit = limit;
+        self
     }
 
     /// The aggregate as this process last wrote it, with its sequence.
@@ -283,8 +291,11 @@ impl<A: Aggregate> AggregateStore<A> {
     }
 
     pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, sequence: usize) {
+        if self.cache_limit == 0 {
+            return;
+        }
         if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_LIMIT && !cache.contains_key(aggregate_id) {
+            if cache.len() >= self.cache_limit && !cache.contains_key(aggregate_id) {
                 cache.clear();
             }
             cache.insert(aggregate_id.to_owned(), (aggregate, sequence));

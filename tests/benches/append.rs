@@ -151,11 +151,12 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         serde_json::to_string(&profile_event(PatientId::new()))?.len(),
     );
     let mut results = Vec::new();
-    results.push(case_ours(&s, false).await.context("case (a)")?);
+    results.push(case_ours(&s, Ours::Warm).await.context("case (a)")?);
     results.push(case_bare(&s).await.context("case (b)")?);
     results.push(case_raw(&s, Raw::Insert).await.context("case (c)")?);
     // For information: where the time of (a) goes.
-    results.push(case_ours(&s, true).await.context("case (a+key)")?);
+    results.push(case_ours(&s, Ours::Cold).await.context("case (a-cold)")?);
+    results.push(case_ours(&s, Ours::WithKey).await.context("case (a+key)")?);
     results.push(
         case_raw(&s, Raw::InsertOurSchema)
             .await
@@ -395,12 +396,25 @@ async fn checkpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (a), or (a+key) with an idempotency key on every command.
-async fn case_ours(s: &Settings, with_key: bool) -> anyhow::Result<CaseResult> {
-    let name = if with_key {
-        "(a+key) ours + idempotency key (info)"
-    } else {
-        "(a) ours: Store::execute, global-log columns, metadata"
+/// Variants of our path.
+#[derive(Clone, Copy, PartialEq)]
+enum Ours {
+    /// As the server runs it: the aggregate comes from the process's cache of what it
+    /// last wrote (the append still checks the sequence).
+    Warm,
+    /// Every command loads its aggregate from the database (cache disabled).
+    Cold,
+    /// Warm, with an idempotency key on every command.
+    WithKey,
+}
+
+/// (a) and its variants.
+async fn case_ours(s: &Settings, variant: Ours) -> anyhow::Result<CaseResult> {
+    let with_key = variant == Ours::WithKey;
+    let name = match variant {
+        Ours::Warm => "(a) ours: Store::execute, global-log columns, metadata",
+        Ours::Cold => "(a-cold) ours, aggregate loaded every time (info)",
+        Ours::WithKey => "(a+key) ours + idempotency key (info)",
     };
     println!("{name}");
     let Some(test) = TestStore::new(Backend::Postgres).await else {
@@ -408,7 +422,11 @@ async fn case_ours(s: &Settings, with_key: bool) -> anyhow::Result<CaseResult> {
     };
     let store = test.store.clone();
     let result = async {
-        let events: Arc<AggregateStore<Patient>> = Arc::new(store.aggregate_store(vec![]));
+        let mut events: AggregateStore<Patient> = store.aggregate_store(vec![]);
+        if variant == Ours::Cold {
+            events = events.with_cache_limit(0);
+        }
+        let events = Arc::new(events);
         let ws = writers(s);
         let exec = |store: Store, events: Arc<AggregateStore<Patient>>, with_key: bool| {
             move |id: PatientId, command: PatientCommand| {
