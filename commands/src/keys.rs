@@ -160,10 +160,10 @@ impl KeyStore {
         }
     }
 
-    /// The subject's key, created on first use.
-    async fn subject_key(&self, subject: &str) -> anyhow::Result<SecretKey> {
+    /// The subject's key if it exists (cached after first use).
+    async fn stored_key(&self, subject: &str) -> anyhow::Result<Option<SecretKey>> {
         if let Some(key) = self.cache.lock().ok().and_then(|c| c.get(subject).cloned()) {
-            return Ok(key);
+            return Ok(Some(key));
         }
         let wrapped: Option<String> =
             sqlx::query_scalar("SELECT wrapped_key FROM subject_keys WHERE subject_id = $1")
@@ -171,49 +171,43 @@ impl KeyStore {
                 .fetch_optional(&self.pool)
                 .await
                 .context("reading a subject key")?;
-        let wrapped = match wrapped {
-            Some(w) => w,
-            None => {
-                let fresh = SecretKey::generate();
-                let sealed = self.wrap(subject, &fresh)?;
-                sqlx::query(
-                    "INSERT INTO subject_keys (subject_id, wrapped_key, created_at) \
-                     VALUES ($1, $2, $3) ON CONFLICT (subject_id) DO NOTHING",
-                )
-                .bind(subject.to_owned())
-                .bind(sealed)
-                .bind(chrono::Utc::now().to_rfc3339())
-                .execute(&self.pool)
-                .await
-                .context("storing a subject key")?;
-                // Another request may have created it first: use whichever won.
-                sqlx::query_scalar("SELECT wrapped_key FROM subject_keys WHERE subject_id = $1")
-                    .bind(subject.to_owned())
-                    .fetch_one(&self.pool)
-                    .await
-                    .context("reading a subject key")?
-            }
+        let Some(wrapped) = wrapped else {
+            return Ok(None);
         };
         let key = self.unwrap_key(subject, &wrapped)?;
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(subject.to_owned(), key.clone());
         }
-        Ok(key)
+        Ok(Some(key))
+    }
+
+    /// The subject's key, created on first use.
+    async fn subject_key(&self, subject: &str) -> anyhow::Result<SecretKey> {
+        if let Some(key) = self.stored_key(subject).await? {
+            return Ok(key);
+        }
+        let sealed = self.wrap(subject, &SecretKey::generate())?;
+        sqlx::query(
+            "INSERT INTO subject_keys (subject_id, wrapped_key, created_at) \
+             VALUES ($1, $2, $3) ON CONFLICT (subject_id) DO NOTHING",
+        )
+        .bind(subject.to_owned())
+        .bind(sealed)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .execute(&self.pool)
+        .await
+        .context("storing a subject key")?;
+        // Another request may have created it first: use whichever won.
+        self.stored_key(subject)
+            .await?
+            .ok_or_else(|| anyhow!("a subject key vanished while being created"))
     }
 
     /// An existing subject key; an error once shredded.
     async fn existing_subject_key(&self, subject: &str) -> anyhow::Result<SecretKey> {
-        if let Some(key) = self.cache.lock().ok().and_then(|c| c.get(subject).cloned()) {
-            return Ok(key);
-        }
-        let wrapped: Option<String> =
-            sqlx::query_scalar("SELECT wrapped_key FROM subject_keys WHERE subject_id = $1")
-                .bind(subject.to_owned())
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading a subject key")?;
-        let wrapped = wrapped.ok_or_else(|| anyhow!("no key for this subject (erased?)"))?;
-        self.unwrap_key(subject, &wrapped)
+        self.stored_key(subject)
+            .await?
+            .ok_or_else(|| anyhow!("no key for this subject (erased?)"))
     }
 
     fn wrap(&self, subject: &str, key: &SecretKey) -> anyhow::Result<String> {
