@@ -56,16 +56,7 @@ pub async fn fresh_config(
         }
         Backend::Postgres => {
             let admin = postgres_admin_url();
-            let mut conn = match PgConnection::connect(&admin).await {
-                Ok(conn) => conn,
-                Err(error) => {
-                    if in_ci() {
-                        panic!("CI=true and PostgreSQL is unreachable at DATABASE_URL: {error}");
-                    }
-                    eprintln!("SKIPPED: PostgreSQL unreachable ({error}); set DATABASE_URL");
-                    return None;
-                }
-            };
+            let mut conn = connect_admin(&admin, in_ci()).await?;
             drop_stale_databases(&mut conn).await;
             let name = format!(
                 "afya_test_{}_{}",
@@ -81,6 +72,21 @@ pub async fn fresh_config(
             let _ = conn.close().await;
             let url = replace_db(&admin, &name);
             Some((StoreConfig::Postgres { url }, Some(admin), Some(name), None))
+        }
+    }
+}
+
+/// Connects to the PostgreSQL that tests use. Unreachable: `None` (skip, with a
+/// message) outside CI; a panic under CI, where skipping would hide the tests.
+pub async fn connect_admin(url: &str, ci: bool) -> Option<PgConnection> {
+    match PgConnection::connect(url).await {
+        Ok(conn) => Some(conn),
+        Err(error) => {
+            if ci {
+                panic!("CI=true and PostgreSQL is unreachable at DATABASE_URL: {error}");
+            }
+            eprintln!("SKIPPED: PostgreSQL unreachable ({error}); set DATABASE_URL");
+            None
         }
     }
 }

@@ -560,6 +560,22 @@ async fn read_settled(
     }
 }
 
+/// Port 9 (discard) is closed on loopback: nothing answers there.
+const UNREACHABLE: &str = "postgres://postgres@127.0.0.1:9/test";
+
+#[actix_rt::test]
+#[should_panic(expected = "CI=true and PostgreSQL is unreachable")]
+async fn postgres_tests_fail_rather_than_skip_in_ci_when_postgres_is_down() {
+    eventstore::testing::connect_admin(UNREACHABLE, true).await;
+}
+
+#[actix_rt::test]
+async fn postgres_tests_skip_outside_ci_when_postgres_is_down() {
+    assert!(eventstore::testing::connect_admin(UNREACHABLE, false)
+        .await
+        .is_none());
+}
+
 #[test]
 fn replace_db_swaps_only_the_database_name() {
     assert_eq!(

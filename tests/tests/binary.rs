@@ -39,6 +39,7 @@ async fn serve_needs_no_configuration_answers_health_and_stops_on_sigterm() {
             assert!(env.data_dir.join("afyachain.db").exists());
             assert!(env.data_dir.join("keys/master.key").exists());
         }
+        env.cleanup().await;
     }
 }
 
@@ -127,5 +128,6 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
         );
         let (ok, out, _) = env.run(&["projections", "list"]);
         assert!(ok && out.contains("access_log"), "{out}");
+        env.cleanup().await;
     }
 }

@@ -21,12 +21,14 @@ pub struct Env {
     pub backend: Backend,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    admin_url: Option<String>,
+    db_name: Option<String>,
 }
 
 impl Env {
     /// `None`: PostgreSQL unreachable outside CI (skip).
     pub async fn new(backend: Backend) -> Option<Env> {
-        let (config, _, _, dir) = fresh_config(backend).await?;
+        let (config, admin_url, db_name, dir) = fresh_config(backend).await?;
         let data_dir = dir.unwrap_or_else(|| {
             std::env::temp_dir().join(format!("afya-e2e-{}", uuid::Uuid::new_v4()))
         });
@@ -39,7 +41,22 @@ impl Env {
             backend,
             data_dir,
             database_url,
+            admin_url,
+            db_name,
         })
+    }
+
+    /// Drops the test database and the data directory.
+    pub async fn cleanup(self) {
+        if let (Some(admin), Some(name)) = (&self.admin_url, &self.db_name) {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 
     pub fn command(&self) -> Command {
