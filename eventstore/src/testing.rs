@@ -156,17 +156,23 @@ impl TestStore {
     pub async fn cleanup(self) -> anyhow::Result<()> {
         self.store.close().await;
         if let (Some(admin), Some(name)) = (self.admin_url, self.db_name) {
-            let mut conn = PgConnection::connect(&admin).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await
-                .context("dropping test database")?;
+            drop_database(&admin, &name).await?;
         }
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(())
     }
+}
+
+/// Drops a test database created by [`fresh_config`].
+pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect(admin_url).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .context("dropping test database")?;
+    Ok(())
 }
 
 /// Both backends, for running one test suite on each.

@@ -49,10 +49,7 @@ impl Env {
     /// Drops the test database and the data directory.
     pub async fn cleanup(self) {
         if let (Some(admin), Some(name)) = (&self.admin_url, &self.db_name) {
-            use sqlx::Connection;
-            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
+            eventstore::testing::drop_database(admin, name)
                 .await
                 .unwrap();
         }
