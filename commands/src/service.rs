@@ -140,20 +140,19 @@ impl Commands {
         blobs: Arc<dyn BlobStore>,
         clock: Arc<dyn Clock>,
     ) -> Commands {
-        let ports = || {
-            Arc::new(DomainPorts {
-                doctors: store.aggregate_store(domain::upcast::upcasters()),
-                access: store.aggregate_store(domain::upcast::upcasters()),
-                clock: clock.clone(),
-            })
-        };
+        // One set of ports serves both aggregates that ask for them.
+        let ports = Arc::new(DomainPorts {
+            doctors: store.aggregate_store(domain::upcast::upcasters()),
+            access: store.aggregate_store(domain::upcast::upcasters()),
+            clock: clock.clone(),
+        });
         Commands {
             patients: store.aggregate_store(domain::upcast::upcasters()),
             doctors: store.aggregate_store(domain::upcast::upcasters()),
             records: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
-            access_services: ports(),
-            record_services: ports(),
+            access_services: ports.clone(),
+            record_services: ports,
             store,
             keys,
             blobs,
