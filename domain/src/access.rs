@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actor::Actor;
 use crate::clock::Clock;
-use crate::error::ServiceError;
+use crate::error::{Rule, RuleKind, ServiceError};
 use crate::ids::{AccessRequestId, DoctorId, PatientId, RecordId};
 use crate::sealed::Sealed;
 use crate::value::{Category, DurationDays, Scope};
@@ -146,6 +146,8 @@ pub enum AccessError {
     AlreadyRequested,
     #[error("only a verified doctor may request access")]
     DoctorNotVerified,
+    #[error("no such patient")]
+    PatientNotFound,
     #[error("only the patient may decide on this request")]
     NotThePatient,
     #[error("the request is no longer pending")]
@@ -176,6 +178,52 @@ pub enum AccessError {
     Service(String),
 }
 
+impl Rule for AccessError {
+    fn kind(&self) -> RuleKind {
+        match self {
+            AccessError::NotFound | AccessError::PatientNotFound => RuleKind::NotFound,
+            AccessError::DoctorNotVerified
+            | AccessError::NotThePatient
+            | AccessError::NotTheGrantee => RuleKind::Forbidden,
+            AccessError::AlreadyRequested
+            | AccessError::NotPending
+            | AccessError::NotApproved
+            | AccessError::AlreadyExpired
+            | AccessError::NotYetExpired
+            | AccessError::GrantNotActive
+            | AccessError::GrantExpired => RuleKind::Conflict,
+            AccessError::EmptyScope
+            | AccessError::ScopeNotNarrower
+            | AccessError::ExpiryInPast
+            | AccessError::ExpiryBeyondRequested
+            | AccessError::NotCovered => RuleKind::Unprocessable,
+            AccessError::Service(_) => RuleKind::ServiceFailure,
+        }
+    }
+    fn code(&self) -> &'static str {
+        match self {
+            AccessError::NotFound => "access_request_not_found",
+            AccessError::AlreadyRequested => "access_already_requested",
+            AccessError::DoctorNotVerified => "doctor_not_verified",
+            AccessError::PatientNotFound => "patient_not_found",
+            AccessError::NotThePatient => "not_the_patient",
+            AccessError::NotPending => "request_not_pending",
+            AccessError::NotApproved => "access_not_approved",
+            AccessError::EmptyScope => "empty_scope",
+            AccessError::ScopeNotNarrower => "scope_not_narrower",
+            AccessError::ExpiryInPast => "expiry_in_past",
+            AccessError::ExpiryBeyondRequested => "expiry_beyond_requested",
+            AccessError::AlreadyExpired => "access_expired",
+            AccessError::NotYetExpired => "access_not_yet_expired",
+            AccessError::NotTheGrantee => "not_the_grantee",
+            AccessError::GrantNotActive => "grant_not_active",
+            AccessError::GrantExpired => "grant_expired",
+            AccessError::NotCovered => "not_covered",
+            AccessError::Service(_) => "service_failure",
+        }
+    }
+}
+
 impl From<ServiceError> for AccessError {
     fn from(e: ServiceError) -> Self {
         AccessError::Service(e.0)
@@ -187,6 +235,8 @@ impl From<ServiceError> for AccessError {
 pub trait AccessServices: Send + Sync {
     /// Whether the doctor is registered, verified and not suspended, now.
     async fn doctor_is_verified(&self, doctor: DoctorId) -> Result<bool, ServiceError>;
+    /// Whether the patient is registered.
+    async fn patient_is_registered(&self, patient: PatientId) -> Result<bool, ServiceError>;
     fn clock(&self) -> &dyn Clock;
 }
 
@@ -296,6 +346,9 @@ impl Aggregate for AccessRequest {
                 }
                 if !services.doctor_is_verified(doctor_id).await? {
                     return Err(AccessError::DoctorNotVerified);
+                }
+                if !services.patient_is_registered(patient_id).await? {
+                    return Err(AccessError::PatientNotFound);
                 }
                 let event = AccessEvent::AccessRequested {
                     request_id,
@@ -445,6 +498,7 @@ pub(crate) mod tests {
 
     pub(crate) struct Fake {
         pub verified: bool,
+        pub patient_exists: bool,
         pub clock: FixedClock,
     }
 
@@ -452,6 +506,9 @@ pub(crate) mod tests {
     impl AccessServices for Fake {
         async fn doctor_is_verified(&self, _: DoctorId) -> Result<bool, ServiceError> {
             Ok(self.verified)
+        }
+        async fn patient_is_registered(&self, _: PatientId) -> Result<bool, ServiceError> {
+            Ok(self.patient_exists)
         }
         fn clock(&self) -> &dyn Clock {
             &self.clock
@@ -465,6 +522,7 @@ pub(crate) mod tests {
     fn services(verified: bool, now: DateTime<Utc>) -> Arc<dyn AccessServices> {
         Arc::new(Fake {
             verified,
+            patient_exists: true,
             clock: FixedClock(now),
         })
     }
@@ -548,6 +606,19 @@ pub(crate) mod tests {
             .given_no_previous_events()
             .when(s.request_command(Story::lab()))
             .then_expect_error(AccessError::DoctorNotVerified);
+    }
+
+    #[test]
+    fn access_to_an_unknown_patient_cannot_be_requested() {
+        let s = Story::new();
+        TestFramework::<AccessRequest>::with(Arc::new(Fake {
+            verified: true,
+            patient_exists: false,
+            clock: FixedClock(t0()),
+        }) as Arc<dyn AccessServices>)
+        .given_no_previous_events()
+        .when(s.request_command(Story::lab()))
+        .then_expect_error(AccessError::PatientNotFound);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Rule, RuleKind};
 use crate::ids::{DoctorId, StaffId};
 use crate::sealed::Sealed;
 use crate::value::LicenceNumber;
@@ -70,6 +71,25 @@ pub enum DoctorError {
     /// Suspension is final here; reinstatement would be its own command.
     #[error("the doctor is suspended")]
     Suspended,
+}
+
+impl Rule for DoctorError {
+    fn kind(&self) -> RuleKind {
+        match self {
+            DoctorError::AlreadyRegistered
+            | DoctorError::AlreadyVerified
+            | DoctorError::Suspended => RuleKind::Conflict,
+            DoctorError::NotRegistered => RuleKind::NotFound,
+        }
+    }
+    fn code(&self) -> &'static str {
+        match self {
+            DoctorError::AlreadyRegistered => "doctor_already_registered",
+            DoctorError::NotRegistered => "doctor_not_found",
+            DoctorError::AlreadyVerified => "doctor_already_verified",
+            DoctorError::Suspended => "doctor_suspended",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! filenames, purposes and reasons arrive already sealed ([`sealed::Sealed`]).
 
 pub mod access;
+pub mod account;
 pub mod actor;
 pub mod clock;
 pub mod doctor;
@@ -15,5 +16,7 @@ pub mod ids;
 pub mod patient;
 pub mod record;
 pub mod sealed;
+pub mod session;
+pub mod staff;
 pub mod upcast;
 pub mod value;

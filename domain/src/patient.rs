@@ -4,6 +4,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Rule, RuleKind};
 use crate::ids::PatientId;
 use crate::sealed::Sealed;
 
@@ -52,6 +53,21 @@ pub enum PatientError {
     AlreadyRegistered,
     #[error("no such patient")]
     NotRegistered,
+}
+
+impl Rule for PatientError {
+    fn kind(&self) -> RuleKind {
+        match self {
+            PatientError::AlreadyRegistered => RuleKind::Conflict,
+            PatientError::NotRegistered => RuleKind::NotFound,
+        }
+    }
+    fn code(&self) -> &'static str {
+        match self {
+            PatientError::AlreadyRegistered => "patient_already_registered",
+            PatientError::NotRegistered => "patient_not_found",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::access::{AccessError, AccessRequest};
 use crate::actor::Actor;
 use crate::clock::Clock;
-use crate::error::ServiceError;
+use crate::error::{Rule, RuleKind, ServiceError};
 use crate::ids::{AccessRequestId, PatientId, RecordId};
 use crate::sealed::{Sealed, WrappedKey};
 use crate::value::{ByteSize, Category, MediaType, Sha256Hex};
@@ -99,6 +99,35 @@ pub enum RecordError {
     Service(String),
 }
 
+impl Rule for RecordError {
+    fn kind(&self) -> RuleKind {
+        match self {
+            RecordError::NotFound => RuleKind::NotFound,
+            RecordError::NotThePatient
+            | RecordError::NoGrant
+            | RecordError::GrantNotActive
+            | RecordError::GrantExpired
+            | RecordError::NotCovered
+            | RecordError::NotAllowed => RuleKind::Forbidden,
+            RecordError::AlreadyUploaded => RuleKind::Conflict,
+            RecordError::Service(_) => RuleKind::ServiceFailure,
+        }
+    }
+    fn code(&self) -> &'static str {
+        match self {
+            RecordError::NotFound => "record_not_found",
+            RecordError::AlreadyUploaded => "record_already_uploaded",
+            RecordError::NotThePatient => "not_the_patient",
+            RecordError::NoGrant => "no_grant",
+            RecordError::GrantNotActive => "grant_not_active",
+            RecordError::GrantExpired => "grant_expired",
+            RecordError::NotCovered => "not_covered",
+            RecordError::NotAllowed => "not_allowed",
+            RecordError::Service(_) => "service_failure",
+        }
+    }
+}
+
 impl From<ServiceError> for RecordError {
     fn from(e: ServiceError) -> Self {
         RecordError::Service(e.0)
@@ -122,6 +151,7 @@ pub struct MedicalRecord {
     patient_id: Option<PatientId>,
     category: Option<Category>,
     media_type: Option<MediaType>,
+    size: Option<ByteSize>,
     sha256: Option<Sha256Hex>,
     wrapped_key: Option<WrappedKey>,
     filename: Option<Sealed>,
@@ -139,6 +169,9 @@ impl MedicalRecord {
     }
     pub fn media_type(&self) -> Option<&MediaType> {
         self.media_type.as_ref()
+    }
+    pub fn size(&self) -> Option<ByteSize> {
+        self.size
     }
     pub fn sha256(&self) -> Option<&Sha256Hex> {
         self.sha256.as_ref()
@@ -243,6 +276,7 @@ impl Aggregate for MedicalRecord {
             patient_id,
             category,
             media_type,
+            size,
             sha256,
             wrapped_key,
             filename,
@@ -253,6 +287,7 @@ impl Aggregate for MedicalRecord {
             self.patient_id = Some(patient_id);
             self.category = Some(category);
             self.media_type = Some(media_type);
+            self.size = Some(size);
             self.sha256 = Some(sha256);
             self.wrapped_key = Some(wrapped_key);
             self.filename = filename;

@@ -339,6 +339,127 @@ impl std::fmt::Debug for Purpose {
     }
 }
 
+/// A password as typed at sign-up or sign-in: 10 to 128 characters. It is only ever
+/// hashed (Argon2id); it has no serialized form and never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn parse(raw: &str) -> Result<Password, ValueError> {
+        let len = raw.chars().count();
+        if len < 10 {
+            return Err(err("password", "must be at least 10 characters"));
+        }
+        if len > 128 {
+            return Err(err("password", "must be at most 128 characters"));
+        }
+        Ok(Password(raw.to_owned()))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// A record's original file name: 1 to 255 characters, no path separators or control
+/// characters. Sealed before it enters an event.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Filename(String);
+
+impl Filename {
+    pub fn parse(raw: &str) -> Result<Filename, ValueError> {
+        let name = raw.trim();
+        let len = name.chars().count();
+        if len == 0 {
+            return Err(err("filename", "must not be empty"));
+        }
+        if len > 255 {
+            return Err(err("filename", "must be at most 255 characters"));
+        }
+        if name
+            .chars()
+            .any(|c| c.is_control() || c == '/' || c == '\\')
+        {
+            return Err(err(
+                "filename",
+                "must not contain path separators or control characters",
+            ));
+        }
+        Ok(Filename(name.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Filename {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Filename(<redacted>)")
+    }
+}
+
+/// Free text a person adds (a note to a request, a reason for a rejection): 1 to 1000
+/// characters. Sealed before it enters an event.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Note(String);
+
+impl Note {
+    /// `field` names the request field the text came from, for the error.
+    pub fn parse(field: &'static str, raw: &str) -> Result<Note, ValueError> {
+        let text = raw.trim();
+        let len = text.chars().count();
+        if len == 0 {
+            return Err(err(field, "must not be empty when given"));
+        }
+        if len > 1000 {
+            return Err(err(field, "must be at most 1000 characters"));
+        }
+        if text.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(err(field, "must not contain control characters"));
+        }
+        Ok(Note(text.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Note(<redacted>)")
+    }
+}
+
+/// What an operator-created staff member does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StaffRole {
+    Registrar,
+    Auditor,
+}
+
+impl StaffRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaffRole::Registrar => "registrar",
+            StaffRole::Auditor => "auditor",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Result<StaffRole, ValueError> {
+        match raw.trim() {
+            "registrar" => Ok(StaffRole::Registrar),
+            "auditor" => Ok(StaffRole::Auditor),
+            _ => Err(err("role", "must be registrar or auditor")),
+        }
+    }
+}
+
 /// How long access is requested for: 1 to 365 days.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "u16", into = "u16")]
@@ -511,6 +632,27 @@ mod tests {
         // Stored values are validated on load too.
         assert!(serde_json::from_str::<Msisdn>("\"12\"").is_err());
         assert!(serde_json::from_str::<DurationDays>("0").is_err());
+    }
+
+    #[test]
+    fn passwords_filenames_and_notes_parse_and_never_print() {
+        assert!(Password::parse("short").is_err());
+        assert!(Password::parse(&"x".repeat(129)).is_err());
+        let p = Password::parse("correct horse battery").unwrap();
+        assert_eq!(p.expose(), "correct horse battery");
+        assert!(!format!("{p:?}").contains("horse"));
+        assert_eq!(
+            Filename::parse(" lab-result.pdf ").unwrap().as_str(),
+            "lab-result.pdf"
+        );
+        for bad in ["", "../etc/passwd", "a\\b", "a\u{0}b"] {
+            assert_eq!(Filename::parse(bad).unwrap_err().field, "filename", "{bad}");
+        }
+        assert!(!format!("{:?}", Filename::parse("hiv.pdf").unwrap()).contains("hiv"));
+        assert_eq!(Note::parse("reason", "").unwrap_err().field, "reason");
+        assert!(Note::parse("note", &"n".repeat(1001)).is_err());
+        assert_eq!(StaffRole::parse("auditor"), Ok(StaffRole::Auditor));
+        assert_eq!(StaffRole::parse("admin").unwrap_err().field, "role");
     }
 
     #[test]
