@@ -30,6 +30,9 @@ pub struct CommandMeta {
     pub command_id: Uuid,
     /// Same key twice appends once; the caller should scope keys per client.
     pub idempotency_key: Option<String>,
+    /// What request took the key (opaque, e.g. an HMAC of it): a later command with the
+    /// same key and another fingerprint is refused ([`ExecuteError::KeyReused`]).
+    pub request_fingerprint: Option<String>,
 }
 
 impl CommandMeta {
@@ -42,12 +45,29 @@ impl CommandMeta {
             causation_id: None,
             command_id,
             idempotency_key: None,
+            request_fingerprint: None,
         }
     }
 
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
+    }
+
+    /// Ties the idempotency key to one request: see [`CommandMeta::request_fingerprint`].
+    pub fn with_fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.request_fingerprint = Some(fingerprint.into());
+        self
+    }
+
+    /// The same request under a derived key, for a second command that belongs to it
+    /// (`key` + `suffix`); `None` keeps the metadata without a key.
+    pub fn derived(&self, suffix: &str) -> CommandMeta {
+        let mut meta = self.clone();
+        meta.command_id = Uuid::new_v4();
+        meta.causation_id = Some(self.command_id);
+        meta.idempotency_key = self.idempotency_key.as_ref().map(|k| format!("{k}{suffix}"));
+        meta
     }
 
     pub fn with_correlation(mut self, correlation_id: Uuid, causation_id: Option<Uuid>) -> Self {
@@ -66,6 +86,9 @@ impl CommandMeta {
         m.insert("command_id".to_owned(), self.command_id.to_string());
         if let Some(key) = &self.idempotency_key {
             m.insert("idempotency_key".to_owned(), key.clone());
+            if let Some(fingerprint) = &self.request_fingerprint {
+                m.insert("request_fingerprint".to_owned(), fingerprint.clone());
+            }
         }
         m
     }
@@ -92,6 +115,9 @@ pub enum ExecuteError<E: std::error::Error> {
     /// Other commands kept changing the aggregate; try again.
     #[error("the aggregate was changed concurrently; try again")]
     Conflict,
+    /// The idempotency key was taken by a different request.
+    #[error("this idempotency key was already used for a different request")]
+    KeyReused,
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -112,10 +138,8 @@ impl Store {
         A: Aggregate + Clone,
         A::Command: Clone,
     {
-        if let Some(key) = &meta.idempotency_key {
-            if let Some(outcome) = self.idempotent_outcome(key).await? {
-                return Ok(outcome);
-            }
+        if let Some(outcome) = self.earlier_outcome(meta).await? {
+            return Ok(outcome);
         }
         let metadata = meta.to_metadata();
         let mut attempt = 0;
@@ -147,10 +171,8 @@ impl Store {
                 // A concurrent twin with the same key may have committed after our
                 // first look: its state change is what refused us. Answer with its
                 // outcome, as for any repeat.
-                if let Some(key) = &meta.idempotency_key {
-                    if let Some(outcome) = self.idempotent_outcome(key).await? {
-                        return Ok(outcome);
-                    }
+                if let Some(outcome) = self.earlier_outcome(meta).await? {
+                    return Ok(outcome);
                 }
                 return Err(ExecuteError::Rejected(rejection));
             }
@@ -187,10 +209,8 @@ impl Store {
                     events.forget(aggregate_id);
                     // A repeat of an idempotent command fails inside the append (the
                     // key is taken); answer with the first command's outcome.
-                    if let Some(key) = &meta.idempotency_key {
-                        if let Some(outcome) = self.idempotent_outcome(key).await? {
-                            return Ok(outcome);
-                        }
+                    if let Some(outcome) = self.earlier_outcome(meta).await? {
+                        return Ok(outcome);
                     }
                     match error {
                         AggregateError::AggregateConflict if attempt < MAX_ATTEMPTS => {
@@ -208,10 +228,35 @@ impl Store {
         }
     }
 
-    /// The outcome of the command that took `key`, if one did.
-    pub async fn idempotent_outcome(&self, key: &str) -> anyhow::Result<Option<CommandOutcome>> {
-        let sql = "SELECT aggregate_type, aggregate_id, first_sequence, last_sequence \
-                   FROM command_keys WHERE idempotency_key = $1";
+    /// The outcome of the command that took `meta`'s idempotency key, if one did (and
+    /// `meta` has a key). Refused with [`ExecuteError::KeyReused`] when that command was
+    /// made for a request with another fingerprint.
+    pub async fn earlier_outcome<E: std::error::Error>(
+        &self,
+        meta: &CommandMeta,
+    ) -> Result<Option<CommandOutcome>, ExecuteError<E>> {
+        let Some(key) = &meta.idempotency_key else {
+            return Ok(None);
+        };
+        match self.idempotent_outcome(key).await? {
+            Some((outcome, fingerprint)) => {
+                if fingerprint.is_some() && fingerprint != meta.request_fingerprint {
+                    return Err(ExecuteError::KeyReused);
+                }
+                Ok(Some(outcome))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The outcome of the command that took `key`, if one did, and the fingerprint of
+    /// the request it was made for.
+    pub async fn idempotent_outcome(
+        &self,
+        key: &str,
+    ) -> anyhow::Result<Option<(CommandOutcome, Option<String>)>> {
+        let sql = "SELECT aggregate_type, aggregate_id, first_sequence, last_sequence, \
+                   fingerprint FROM command_keys WHERE idempotency_key = $1";
         let row = match &self.typed {
             Typed::Postgres(pool) => sqlx::query(sql)
                 .bind(key)
@@ -229,13 +274,14 @@ impl Store {
     }
 }
 
-fn outcome_from<R: Row>(row: &R) -> anyhow::Result<CommandOutcome>
+fn outcome_from<R: Row>(row: &R) -> anyhow::Result<(CommandOutcome, Option<String>)>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    Ok(CommandOutcome {
+    let outcome = CommandOutcome {
         aggregate_type: row.try_get("aggregate_type")?,
         aggregate_id: row.try_get("aggregate_id")?,
         sequences: Some((
@@ -243,7 +289,8 @@ where
             row.try_get("last_sequence")?,
         )),
         replayed: true,
-    })
+    };
+    Ok((outcome, row.try_get("fingerprint")?))
 }
 
 fn store_error<E: std::error::Error>(error: AggregateError<E>) -> ExecuteError<E> {

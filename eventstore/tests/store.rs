@@ -140,6 +140,45 @@ async fn a_repeated_idempotency_key_appends_once_and_returns_the_first_outcome()
 }
 
 #[actix_rt::test]
+async fn a_key_reused_for_a_different_request_is_refused_and_appends_nothing() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let meta = |fingerprint: &str| {
+            CommandMeta::new("a")
+                .with_idempotency_key("k-f")
+                .with_fingerprint(fingerprint)
+        };
+        let first = add(&t.store, "c1", 1, meta("request-1")).await;
+        assert!(!first.replayed);
+        // The same request again: the first outcome.
+        assert!(add(&t.store, "c1", 1, meta("request-1")).await.replayed);
+        // Another request under the same key: refused, nothing appended.
+        let events = t.store.aggregate_store::<Counter>(vec![]);
+        let refused = t
+            .store
+            .execute::<Counter>(
+                &events,
+                "c1",
+                CounterCommand::Add { n: 7 },
+                &(),
+                &meta("request-2"),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(ExecuteError::KeyReused)),
+            "{backend:?}: {refused:?}"
+        );
+        let stored = t.store.idempotent_outcome("k-f").await.unwrap().unwrap();
+        assert_eq!(stored.1.as_deref(), Some("request-1"));
+        let log = read_settled(&t.store, LogCursor::START, 100).await.unwrap();
+        assert_eq!(log.len(), 1, "{backend:?}");
+        t.cleanup().await.unwrap();
+    }
+}
+
+#[actix_rt::test]
 async fn concurrent_commands_on_one_aggregate_are_all_appended_in_sequence() {
     for backend in BACKENDS {
         let Some(t) = TestStore::new(backend).await else {

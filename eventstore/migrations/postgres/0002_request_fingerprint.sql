@@ -1,0 +1,22 @@
+-- An idempotency key remembers which request took it (an HMAC of the request, computed
+-- by the API), so a key reused for a different request is refused rather than answered
+-- with the first request's outcome.
+ALTER TABLE command_keys ADD COLUMN fingerprint text;
+
+CREATE OR REPLACE FUNCTION events_take_command_key() RETURNS trigger
+    LANGUAGE plpgsql AS
+$$
+BEGIN
+    INSERT INTO command_keys AS c (idempotency_key, command_id, aggregate_type, aggregate_id,
+                                   first_sequence, last_sequence, fingerprint)
+    VALUES (NEW.metadata ->> 'idempotency_key', NEW.metadata ->> 'command_id',
+            NEW.aggregate_type, NEW.aggregate_id, NEW.sequence, NEW.sequence,
+            NEW.metadata ->> 'request_fingerprint')
+    ON CONFLICT (idempotency_key) DO UPDATE SET last_sequence = EXCLUDED.last_sequence
+    WHERE c.command_id = EXCLUDED.command_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'idempotency key already used' USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
