@@ -88,7 +88,7 @@ async fn sweep(commands: &Commands) -> anyhow::Result<()> {
         match commands.expire_access(id, meta).await {
             Ok(_) => tracing::info!(request_id = %id, "access expired"),
             // Revoked or already expired meanwhile: nothing to do.
-            Err(CommandError::Rejected(_)) => {}
+            Err(CommandError::Rejected { .. }) => {}
             Err(error) => return Err(anyhow::anyhow!(error)),
         }
     }

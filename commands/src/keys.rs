@@ -136,6 +136,7 @@ pub fn load_master_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
 pub struct KeyStore {
     master: SecretKey,
     index_key: SecretKey,
+    tag_key: SecretKey,
     pool: AnyPool,
     cache: Mutex<HashMap<String, SecretKey>>,
 }
@@ -152,9 +153,11 @@ pub struct EncryptedBlob {
 impl KeyStore {
     pub fn new(master: SecretKey, pool: AnyPool) -> KeyStore {
         let index_key = derive(&master, b"afyachain phone index v1");
+        let tag_key = derive(&master, b"afyachain tags v1");
         KeyStore {
             master,
             index_key,
+            tag_key,
             pool,
             cache: Mutex::new(HashMap::new()),
         }
@@ -253,6 +256,29 @@ impl KeyStore {
             .unwrap_or_else(|_| unreachable_hmac());
         mac.update(msisdn.as_bytes());
         hex(&mac.finalize().into_bytes())
+    }
+
+    /// An HMAC-SHA256 tag over `data` for one purpose (`domain`), under a key derived
+    /// from the master key: session tokens and request fingerprints. Tags made for one
+    /// domain never verify for another.
+    pub fn tag(&self, domain: &str, data: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&self.tag_mac(domain, data).finalize().into_bytes());
+        out
+    }
+
+    /// Whether `tag` is [`KeyStore::tag`] of `data` in `domain`, in constant time.
+    pub fn verify_tag(&self, domain: &str, data: &[u8], tag: &[u8]) -> bool {
+        self.tag_mac(domain, data).verify_slice(tag).is_ok()
+    }
+
+    fn tag_mac(&self, domain: &str, data: &[u8]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.tag_key.0)
+            .unwrap_or_else(|_| unreachable_hmac());
+        mac.update(domain.as_bytes());
+        mac.update(&[0]);
+        mac.update(data);
+        mac
     }
 
     /// Encrypts a record body under a fresh data key, sealed under the patient's key.

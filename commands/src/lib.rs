@@ -3,7 +3,10 @@
 
 pub mod blobs;
 pub mod clock;
+pub mod credentials;
 pub mod keys;
 pub mod service;
 
-pub use service::{CommandError, Commands, Done};
+pub use service::{
+    AuthError, Authenticated, CommandError, Commands, Decided, Done, SignedIn, Uploaded,
+};

@@ -6,45 +6,91 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
 use chrono::{DateTime, Utc};
 use cqrs_es::{Aggregate, EventStore};
-use domain::access::{AccessCommand, AccessRequest, AccessServices};
+use domain::access::{AccessCommand, AccessError, AccessRequest, AccessServices};
+use domain::account::{Account, AccountCommand, AccountError};
 use domain::actor::Actor;
 use domain::clock::Clock;
 use domain::doctor::{Doctor, DoctorCommand};
-use domain::error::ServiceError;
+use domain::error::{Rule, RuleKind, ServiceError};
 use domain::ids::{AccessRequestId, DoctorId, PatientId, RecordId, StaffId};
 use domain::patient::{Patient, PatientCommand};
 use domain::record::{MedicalRecord, RecordCommand, RecordServices};
+use domain::session::{Session, SessionCommand, SessionError};
+use domain::staff::{Staff, StaffCommand};
 use domain::value::{
-    BirthDate, ByteSize, Category, DurationDays, LicenceNumber, MediaType, Msisdn, PersonName,
-    Purpose, Scope, Sealed, Sha256Hex, WrappedKey,
+    BirthDate, ByteSize, Category, DurationDays, Filename, LicenceNumber, MediaType, Msisdn,
+    Note, Password, PersonName, Purpose, Scope, Sealed, Sha256Hex, StaffRole, WrappedKey,
 };
 use eventstore::{AggregateStore, CommandMeta, CommandOutcome, ExecuteError, Store};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::blobs::BlobStore;
+use crate::credentials::{hash_password, verify_nothing, verify_password};
 use crate::keys::KeyStore;
 
 /// Why a command service call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     /// A business rule refused it; the message is safe to show.
-    #[error("{0}")]
-    Rejected(String),
+    #[error("{message}")]
+    Rejected {
+        kind: RuleKind,
+        /// The rule's stable machine-readable code.
+        code: &'static str,
+        message: String,
+    },
     /// The aggregate kept changing under us; the client may retry.
     #[error("conflicting concurrent change; try again")]
     Conflict,
+    /// The idempotency key was already used for a different request.
+    #[error("this Idempotency-Key was already used for a different request")]
+    KeyReused,
+    /// Sign-in refused: unknown phone or wrong password (deliberately not said which).
+    #[error("wrong phone number or password")]
+    BadCredentials,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
 
-fn map<E: std::error::Error>(error: ExecuteError<E>) -> CommandError {
+impl CommandError {
+    /// The refusal of a business rule.
+    pub fn rule<E: Rule>(error: E) -> CommandError {
+        CommandError::Rejected {
+            kind: error.kind(),
+            code: error.code(),
+            message: error.to_string(),
+        }
+    }
+}
+
+fn map<E: Rule>(error: ExecuteError<E>) -> CommandError {
     match error {
-        ExecuteError::Rejected(e) => CommandError::Rejected(e.to_string()),
+        ExecuteError::Rejected(e) => CommandError::rule(e),
         ExecuteError::Conflict => CommandError::Conflict,
+        ExecuteError::KeyReused => CommandError::KeyReused,
         ExecuteError::Store(e) => CommandError::Unexpected(e),
     }
+}
+
+/// Why a bearer token was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the token is not an AfyaChain session token")]
+    Malformed,
+    /// Well-formed but not made by this deployment (forged, or another deployment's).
+    #[error("the token was not issued here")]
+    Forged,
+    #[error("the session has expired; sign in again")]
+    Expired,
+    #[error("the session has ended; sign in again")]
+    Ended,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
 }
 
 /// Personal fields of a patient, sealed together.
@@ -55,12 +101,57 @@ pub struct PatientPersonal {
     pub birth_date: String,
 }
 
-/// Personal fields of a doctor, sealed together.
+/// Personal fields of a doctor or a staff member, sealed together.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DoctorPersonal {
     pub name: String,
     pub phone: String,
 }
+
+/// A started session and the bearer token that stands for it.
+#[derive(Clone)]
+pub struct SignedIn {
+    pub session_id: Uuid,
+    /// Secret: never logged.
+    pub token: String,
+    pub holder: Actor,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for SignedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedIn")
+            .field("session_id", &self.session_id)
+            .field("holder", &self.holder)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who a valid bearer token speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    pub session_id: Uuid,
+    pub actor: Actor,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A stored upload: what the API answers with, also on an idempotent repeat.
+#[derive(Clone, Debug)]
+pub struct Uploaded {
+    pub record_id: RecordId,
+    /// SHA-256 of the encrypted blob (its content address).
+    pub sha256: String,
+    /// Size of the original bytes.
+    pub size: u64,
+    pub outcome: CommandOutcome,
+}
+
+/// Session tokens: `afy1.<session id>.<tag>`, the tag an HMAC of the session id under a
+/// key derived from the master key. A token is checked without the database first (a
+/// forged or foreign token is refused at once), then against its session.
+const TOKEN_PREFIX: &str = "afy1.";
+const TOKEN_TAG: &str = "session token";
 
 /// The result of a command: the id it acted on and where its events are.
 #[derive(Clone, Debug)]
@@ -72,6 +163,7 @@ pub struct Done<Id> {
 /// The ports the aggregates ask during command handling: the event store itself
 /// (strongly consistent, never a read model) and the clock.
 pub struct DomainPorts {
+    patients: AggregateStore<Patient>,
     doctors: AggregateStore<Doctor>,
     access: AggregateStore<AccessRequest>,
     clock: Arc<dyn Clock>,
@@ -86,6 +178,15 @@ impl AccessServices for DomainPorts {
             .await
             .map_err(|e| ServiceError::new(format!("loading doctor: {e}")))?;
         Ok(context.aggregate.is_verified())
+    }
+
+    async fn patient_is_registered(&self, patient: PatientId) -> Result<bool, ServiceError> {
+        let context = self
+            .patients
+            .load_aggregate(&patient.to_string())
+            .await
+            .map_err(|e| ServiceError::new(format!("loading patient: {e}")))?;
+        Ok(context.aggregate.id().is_some())
     }
 
     fn clock(&self) -> &dyn Clock {
@@ -127,6 +228,9 @@ pub struct Commands {
     clock: Arc<dyn Clock>,
     patients: AggregateStore<Patient>,
     doctors: AggregateStore<Doctor>,
+    staff: AggregateStore<Staff>,
+    accounts: AggregateStore<Account>,
+    sessions: AggregateStore<Session>,
     records: AggregateStore<MedicalRecord>,
     access: AggregateStore<AccessRequest>,
     access_services: <AccessRequest as Aggregate>::Services,
@@ -142,6 +246,7 @@ impl Commands {
     ) -> Commands {
         // One set of ports serves both aggregates that ask for them.
         let ports = Arc::new(DomainPorts {
+            patients: store.aggregate_store(domain::upcast::upcasters()),
             doctors: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
             clock: clock.clone(),
@@ -149,6 +254,12 @@ impl Commands {
         Commands {
             patients: store.aggregate_store(domain::upcast::upcasters()),
             doctors: store.aggregate_store(domain::upcast::upcasters()),
+            staff: store.aggregate_store(domain::upcast::upcasters()),
+            accounts: store.aggregate_store(domain::upcast::upcasters()),
+            // A sign-out in another instance must hold here at once: never cached.
+            sessions: store
+                .aggregate_store(domain::upcast::upcasters())
+                .with_cache_limit(0),
             records: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
             access_services: ports.clone(),
@@ -185,66 +296,380 @@ impl Commands {
         ))
     }
 
-    /// Registers a patient; their personal fields are sealed under their new key.
+    async fn seal_optional(
+        &self,
+        subject: &str,
+        text: Option<&str>,
+    ) -> anyhow::Result<Option<Sealed>> {
+        match text {
+            Some(t) => Ok(Some(self.seal_text(subject, t).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The events a command appended (for a repeat: those of the first command), so an
+    /// answer is built the same way whether the command ran now or earlier.
+    async fn appended<A: Aggregate>(
+        &self,
+        events: &AggregateStore<A>,
+        outcome: &CommandOutcome,
+    ) -> Result<Vec<A::Event>, CommandError> {
+        let Some((first, last)) = outcome.sequences else {
+            return Ok(Vec::new());
+        };
+        let all = events
+            .load_events(&outcome.aggregate_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading appended events: {e}"))?;
+        Ok(all
+            .into_iter()
+            .filter(|e| (first..=last).contains(&(e.sequence as i64)))
+            .map(|e| e.payload)
+            .collect())
+    }
+
+    /// Refuses a registration whose phone already has an account, before anything is
+    /// written. (The account itself is the guard: see [`Commands::open_account`].)
+    async fn ensure_phone_free(&self, phone_index: &str) -> Result<(), CommandError> {
+        let account = self
+            .accounts
+            .load_aggregate(phone_index)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
+            .aggregate;
+        match account.holder() {
+            Some(_) => Err(CommandError::rule(AccountError::PhoneTaken)),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the account that lets `holder` sign in with this phone and password. Under
+    /// an idempotency key it runs at most once per request, and a retry after a crash
+    /// between registration and account completes the account. A registration that
+    /// loses a race for the phone to another one is erased (its key is shredded).
+    async fn open_account(
+        &self,
+        phone_index: String,
+        holder: Actor,
+        password: &Password,
+        meta: &CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        let mut meta = meta.derived(":account");
+        meta.actor = holder.reference();
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<AccountError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return Ok(outcome);
+        }
+        let subject = holder.id_string();
+        let phc = hash_password(password).await?;
+        let command = AccountCommand::Open {
+            phone_index: phone_index.clone(),
+            holder,
+            credential: self.seal_text(&subject, &phc).await?,
+        };
+        match self
+            .store
+            .execute::<Account>(&self.accounts, &phone_index, command, &(), &meta)
+            .await
+        {
+            Ok(outcome) => Ok(outcome),
+            Err(ExecuteError::Rejected(AccountError::PhoneTaken)) => {
+                self.keys.shred(&subject).await?;
+                tracing::warn!(subject = %holder.reference(), "registration lost a race for its phone; its personal data was erased");
+                Err(CommandError::rule(AccountError::PhoneTaken))
+            }
+            Err(other) => Err(map(other)),
+        }
+    }
+
+    /// The id of the subject an earlier registration under `meta`'s key created, if any.
+    async fn earlier_registration<Id: std::str::FromStr + Copy, E: Rule>(
+        &self,
+        meta: &CommandMeta,
+    ) -> Result<Option<Id>, CommandError> {
+        match self.store.earlier_outcome::<E>(meta).await.map_err(map)? {
+            Some(outcome) => Ok(Some(id_of(&outcome, None)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Registers a patient and opens their account; personal fields are sealed under
+    /// their new key. A phone that already has an account is refused (409).
     pub async fn register_patient(
         &self,
         name: &PersonName,
         phone: &Msisdn,
         birth_date: &BirthDate,
+        password: &Password,
         meta: CommandMeta,
     ) -> Result<Done<PatientId>, CommandError> {
-        let patient_id = PatientId::new();
-        let subject = patient_id.to_string();
-        let personal = PatientPersonal {
-            name: name.as_str().to_owned(),
-            phone: phone.as_str().to_owned(),
-            birth_date: birth_date.to_string(),
-        };
-        let command = PatientCommand::Register {
-            patient_id,
-            personal: self.seal_json(&subject, &personal).await?,
-            phone_index: self.keys.phone_index(phone.as_str()),
+        let phone_index = self.keys.phone_index(phone.as_str());
+        let patient_id = match self
+            .earlier_registration::<PatientId, domain::patient::PatientError>(&meta)
+            .await?
+        {
+            Some(id) => id,
+            None => {
+                self.ensure_phone_free(&phone_index).await?;
+                let patient_id = PatientId::new();
+                let subject = patient_id.to_string();
+                let personal = PatientPersonal {
+                    name: name.as_str().to_owned(),
+                    phone: phone.as_str().to_owned(),
+                    birth_date: birth_date.to_string(),
+                };
+                let command = PatientCommand::Register {
+                    patient_id,
+                    personal: self.seal_json(&subject, &personal).await?,
+                    phone_index: phone_index.clone(),
+                };
+                let mut meta = meta.clone();
+                meta.actor = Actor::Patient(patient_id).reference();
+                let outcome = self
+                    .store
+                    .execute::<Patient>(&self.patients, &subject, command, &(), &meta)
+                    .await
+                    .map_err(map)?;
+                id_of(&outcome, Some(patient_id))?
+            }
         };
         let outcome = self
-            .store
-            .execute::<Patient>(&self.patients, &subject, command, &(), &meta)
-            .await
-            .map_err(map)?;
+            .open_account(phone_index, Actor::Patient(patient_id), password, &meta)
+            .await?;
         Ok(Done {
-            id: id_of(&outcome, patient_id)?,
+            id: patient_id,
             outcome,
         })
     }
 
-    /// Registers a doctor, unverified until a registrar verifies them.
+    /// Registers a doctor, unverified until a registrar verifies them, and opens their
+    /// account.
     pub async fn register_doctor(
         &self,
         name: &PersonName,
         phone: &Msisdn,
         licence: LicenceNumber,
+        password: &Password,
         meta: CommandMeta,
     ) -> Result<Done<DoctorId>, CommandError> {
-        let doctor_id = DoctorId::new();
-        let subject = doctor_id.to_string();
+        let phone_index = self.keys.phone_index(phone.as_str());
+        let doctor_id = match self
+            .earlier_registration::<DoctorId, domain::doctor::DoctorError>(&meta)
+            .await?
+        {
+            Some(id) => id,
+            None => {
+                self.ensure_phone_free(&phone_index).await?;
+                let doctor_id = DoctorId::new();
+                let subject = doctor_id.to_string();
+                let personal = DoctorPersonal {
+                    name: name.as_str().to_owned(),
+                    phone: phone.as_str().to_owned(),
+                };
+                let command = DoctorCommand::Register {
+                    doctor_id,
+                    personal: self.seal_json(&subject, &personal).await?,
+                    phone_index: phone_index.clone(),
+                    licence,
+                };
+                let mut meta = meta.clone();
+                meta.actor = Actor::Doctor(doctor_id).reference();
+                let outcome = self
+                    .store
+                    .execute::<Doctor>(&self.doctors, &subject, command, &(), &meta)
+                    .await
+                    .map_err(map)?;
+                id_of(&outcome, Some(doctor_id))?
+            }
+        };
+        let outcome = self
+            .open_account(phone_index, Actor::Doctor(doctor_id), password, &meta)
+            .await?;
+        Ok(Done {
+            id: doctor_id,
+            outcome,
+        })
+    }
+
+    /// Registers a registrar or an auditor (operators only, from the command line) and
+    /// opens their account.
+    pub async fn register_staff(
+        &self,
+        role: StaffRole,
+        name: &PersonName,
+        phone: &Msisdn,
+        password: &Password,
+        meta: CommandMeta,
+    ) -> Result<Done<StaffId>, CommandError> {
+        let phone_index = self.keys.phone_index(phone.as_str());
+        self.ensure_phone_free(&phone_index).await?;
+        let staff_id = StaffId::new();
+        let subject = staff_id.to_string();
         let personal = DoctorPersonal {
             name: name.as_str().to_owned(),
             phone: phone.as_str().to_owned(),
         };
-        let command = DoctorCommand::Register {
-            doctor_id,
+        let command = StaffCommand::Register {
+            staff_id,
+            role,
             personal: self.seal_json(&subject, &personal).await?,
-            phone_index: self.keys.phone_index(phone.as_str()),
-            licence,
+            phone_index: phone_index.clone(),
         };
-        let outcome = self
-            .store
-            .execute::<Doctor>(&self.doctors, &subject, command, &(), &meta)
+        self.store
+            .execute::<Staff>(&self.staff, &subject, command, &(), &meta)
             .await
             .map_err(map)?;
+        let holder = match role {
+            StaffRole::Registrar => Actor::Registrar(staff_id),
+            StaffRole::Auditor => Actor::Auditor(staff_id),
+        };
+        let outcome = self
+            .open_account(phone_index, holder, password, &meta)
+            .await?;
         Ok(Done {
-            id: id_of(&outcome, doctor_id)?,
+            id: staff_id,
             outcome,
         })
+    }
+
+    /// Checks a phone and password against the phone's account and starts a session.
+    /// Unknown phones and wrong passwords are refused alike, in the same time. A repeat
+    /// under the same idempotency key answers with the same session.
+    pub async fn sign_in(
+        &self,
+        phone: &Msisdn,
+        password: &Password,
+        lifetime: chrono::Duration,
+        meta: CommandMeta,
+    ) -> Result<SignedIn, CommandError> {
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<SessionError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return self.signed_in(id_of(&outcome, None)?).await;
+        }
+        let account = self
+            .accounts
+            .load_aggregate(&self.keys.phone_index(phone.as_str()))
+            .await
+            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
+            .aggregate;
+        let (Some(holder), Some(credential)) = (account.holder(), account.credential()) else {
+            verify_nothing(password).await;
+            return Err(CommandError::BadCredentials);
+        };
+        // A shredded subject has no key left: it can no longer sign in.
+        let Ok(phc) = self
+            .keys
+            .open(&holder.id_string(), credential.as_str())
+            .await
+        else {
+            verify_nothing(password).await;
+            return Err(CommandError::BadCredentials);
+        };
+        let phc = String::from_utf8(phc).context("stored credential is not text")?;
+        if !verify_password(phc, password).await {
+            return Err(CommandError::BadCredentials);
+        }
+        let session_id = Uuid::new_v4();
+        let mut meta = meta;
+        meta.actor = holder.reference();
+        self.store
+            .execute::<Session>(
+                &self.sessions,
+                &session_id.to_string(),
+                SessionCommand::Start {
+                    session_id,
+                    holder,
+                    lifetime,
+                },
+                &self.clock,
+                &meta,
+            )
+            .await
+            .map_err(map)?;
+        self.signed_in(session_id).await
+    }
+
+    async fn signed_in(&self, session_id: Uuid) -> Result<SignedIn, CommandError> {
+        let session = self.session(session_id).await?;
+        let (Ok(holder), Some(expires_at)) =
+            (session.active_holder(self.now()), session.expires_at())
+        else {
+            return Err(CommandError::rule(SessionError::Ended));
+        };
+        Ok(SignedIn {
+            session_id,
+            token: self.token_for(session_id),
+            holder,
+            expires_at,
+        })
+    }
+
+    async fn session(&self, session_id: Uuid) -> anyhow::Result<Session> {
+        Ok(self
+            .sessions
+            .load_aggregate(&session_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading a session: {e}"))?
+            .aggregate)
+    }
+
+    fn token_for(&self, session_id: Uuid) -> String {
+        let id = session_id.simple().to_string();
+        let tag = self.keys.tag(TOKEN_TAG, id.as_bytes());
+        format!("{TOKEN_PREFIX}{id}.{}", B64URL.encode(tag))
+    }
+
+    /// Who a bearer token speaks for: its tag must verify (no database needed to refuse
+    /// a forged or foreign token), then its session must be active now.
+    pub async fn authenticate(&self, token: &str) -> Result<Authenticated, AuthError> {
+        let (id, tag) = token
+            .strip_prefix(TOKEN_PREFIX)
+            .and_then(|rest| rest.split_once('.'))
+            .ok_or(AuthError::Malformed)?;
+        let session_id = Uuid::try_parse(id).map_err(|_| AuthError::Malformed)?;
+        let tag = B64URL.decode(tag).map_err(|_| AuthError::Malformed)?;
+        if id.len() != 32 || !self.keys.verify_tag(TOKEN_TAG, id.as_bytes(), &tag) {
+            return Err(AuthError::Forged);
+        }
+        let session = self.session(session_id).await?;
+        match session.active_holder(self.now()) {
+            Ok(actor) => Ok(Authenticated {
+                session_id,
+                actor,
+                expires_at: session.expires_at().unwrap_or_else(|| self.now()),
+            }),
+            Err(SessionError::Expired) => Err(AuthError::Expired),
+            Err(SessionError::Ended) => Err(AuthError::Ended),
+            // A tag that verifies names a session this deployment started.
+            Err(_) => Err(AuthError::Forged),
+        }
+    }
+
+    /// Ends a session (sign-out): its token is refused from then on, by every instance.
+    pub async fn sign_out(
+        &self,
+        session_id: Uuid,
+        by: Actor,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        self.store
+            .execute::<Session>(
+                &self.sessions,
+                &session_id.to_string(),
+                SessionCommand::End { by },
+                &self.clock,
+                &meta,
+            )
+            .await
+            .map_err(map)
     }
 
     pub async fn verify_doctor(
@@ -272,10 +697,7 @@ impl Commands {
         reason: Option<&str>,
         meta: CommandMeta,
     ) -> Result<CommandOutcome, CommandError> {
-        let reason = match reason {
-            Some(r) => Some(self.seal_text(&doctor_id.to_string(), r).await?),
-            None => None,
-        };
+        let reason = self.seal_optional(&doctor_id.to_string(), reason).await?;
         self.store
             .execute::<Doctor>(
                 &self.doctors,
@@ -289,7 +711,8 @@ impl Commands {
     }
 
     /// Encrypts `body` under a fresh data key, stores the ciphertext, and records the
-    /// upload. The filename is sealed under the patient's key.
+    /// upload. The filename is sealed under the patient's key. A repeat under the same
+    /// idempotency key encrypts and stores nothing and answers as the first did.
     #[allow(clippy::too_many_arguments)]
     pub async fn upload_record(
         &self,
@@ -297,10 +720,23 @@ impl Commands {
         patient_id: PatientId,
         category: Category,
         media_type: MediaType,
-        filename: Option<&str>,
+        filename: Option<&Filename>,
         body: &[u8],
         meta: CommandMeta,
-    ) -> Result<Done<RecordId>, CommandError> {
+    ) -> Result<Uploaded, CommandError> {
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<domain::record::RecordError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return self.uploaded(outcome).await;
+        }
+        let size = ByteSize::new(body.len() as u64).map_err(|e| CommandError::Rejected {
+            kind: RuleKind::Unprocessable,
+            code: "empty_body",
+            message: e.to_string(),
+        })?;
         let record_id = RecordId::new();
         let patient = patient_id.to_string();
         let blob = self
@@ -311,12 +747,9 @@ impl Commands {
             .put(&blob.sha256, &blob.ciphertext)
             .await
             .context("storing the encrypted record")?;
-        let filename = match filename {
-            Some(f) => Some(self.seal_text(&patient, f).await?),
-            None => None,
-        };
-        let size =
-            ByteSize::new(body.len() as u64).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let filename = self
+            .seal_optional(&patient, filename.map(Filename::as_str))
+            .await?;
         let command = RecordCommand::Upload {
             record_id,
             patient_id,
@@ -340,21 +773,46 @@ impl Commands {
             )
             .await
             .map_err(map)?;
-        Ok(Done {
-            id: id_of(&outcome, record_id)?,
+        self.uploaded(outcome).await
+    }
+
+    async fn uploaded(&self, outcome: CommandOutcome) -> Result<Uploaded, CommandError> {
+        let record_id: RecordId = id_of(&outcome, None)?;
+        let record = self
+            .record(record_id)
+            .await?
+            .context("an uploaded record is missing")?;
+        let (Some(sha256), Some(size)) = (record.sha256(), record.size()) else {
+            return Err(anyhow::anyhow!("an uploaded record has no content").into());
+        };
+        Ok(Uploaded {
+            record_id,
+            sha256: sha256.as_str().to_owned(),
+            size: size.get(),
             outcome,
         })
     }
 
+    /// A record as the event store holds it now (`None`: no such record).
+    pub async fn record(&self, record_id: RecordId) -> anyhow::Result<Option<MedicalRecord>> {
+        let record = self
+            .records
+            .load_aggregate(&record_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading record: {e}"))?
+            .aggregate;
+        Ok(record.id().map(|_| record))
+    }
+
     /// Checks the reader's right and records the read (`RecordAccessed`) before any
-    /// byte is returned. No event, no bytes.
+    /// byte is returned. No event, no bytes: the content comes only from here.
     pub async fn read_record(
         &self,
         record_id: RecordId,
         by: Actor,
         request_id: Option<AccessRequestId>,
         meta: CommandMeta,
-    ) -> Result<(CommandOutcome, MedicalRecord), CommandError> {
+    ) -> Result<(CommandOutcome, MedicalRecord, Vec<u8>), CommandError> {
         let outcome = self
             .store
             .execute::<MedicalRecord>(
@@ -367,12 +825,43 @@ impl Commands {
             .await
             .map_err(map)?;
         let record = self
-            .records
-            .load_aggregate(&record_id.to_string())
+            .record(record_id)
+            .await?
+            .context("a record that was read is missing")?;
+        let content = self.content(&record).await?;
+        Ok((outcome, record, content))
+    }
+
+    /// The decrypted content of a record.
+    async fn content(&self, record: &MedicalRecord) -> anyhow::Result<Vec<u8>> {
+        let (Some(record_id), Some(patient_id), Some(sha256), Some(wrapped_key)) = (
+            record.id(),
+            record.patient_id(),
+            record.sha256(),
+            record.wrapped_key(),
+        ) else {
+            anyhow::bail!("the record has no content");
+        };
+        let ciphertext = self
+            .blobs
+            .get(sha256.as_str())
+            .await?
+            .with_context(|| format!("the blob of record {record_id} is missing"))?;
+        self.keys
+            .decrypt_record(
+                &patient_id.to_string(),
+                &record_id.to_string(),
+                wrapped_key.as_str(),
+                &ciphertext,
+            )
             .await
-            .map_err(|e| CommandError::Unexpected(anyhow::anyhow!("loading record: {e}")))?
-            .aggregate;
-        Ok((outcome, record))
+    }
+
+    /// Opens a field sealed under a subject's key (a filename, a purpose) for someone
+    /// entitled to see it; `None` once the subject's key has been shredded.
+    pub async fn open_text(&self, subject: &str, sealed: &str) -> Option<String> {
+        let bytes = self.keys.open(subject, sealed).await.ok()?;
+        String::from_utf8(bytes).ok()
     }
 
     /// A doctor asks a patient for access.
@@ -384,15 +873,25 @@ impl Commands {
         scope: Scope,
         purpose: &Purpose,
         duration: DurationDays,
-        note: Option<&str>,
+        note: Option<&Note>,
         meta: CommandMeta,
     ) -> Result<Done<AccessRequestId>, CommandError> {
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<AccessError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return Ok(Done {
+                id: id_of(&outcome, None)?,
+                outcome,
+            });
+        }
         let request_id = AccessRequestId::new();
         let patient = patient_id.to_string();
-        let note = match note {
-            Some(n) => Some(self.seal_text(&patient, n).await?),
-            None => None,
-        };
+        let note = self
+            .seal_optional(&patient, note.map(Note::as_str))
+            .await?;
         let command = AccessCommand::Request {
             request_id,
             doctor_id,
@@ -404,11 +903,12 @@ impl Commands {
         };
         let outcome = self.access_command(request_id, command, meta).await?;
         Ok(Done {
-            id: id_of(&outcome, request_id)?,
+            id: id_of(&outcome, Some(request_id))?,
             outcome,
         })
     }
 
+    /// The patient approves (possibly narrowing); answers with the approval event.
     pub async fn approve_access(
         &self,
         request_id: AccessRequestId,
@@ -416,33 +916,40 @@ impl Commands {
         expires_at: Option<DateTime<Utc>>,
         scope: Option<Scope>,
         meta: CommandMeta,
-    ) -> Result<CommandOutcome, CommandError> {
-        self.access_command(
-            request_id,
-            AccessCommand::Approve {
-                by,
-                expires_at,
-                scope,
-            },
-            meta,
-        )
-        .await
+    ) -> Result<Decided, CommandError> {
+        let outcome = self
+            .access_command(
+                request_id,
+                AccessCommand::Approve {
+                    by,
+                    expires_at,
+                    scope,
+                },
+                meta,
+            )
+            .await?;
+        self.decided(outcome).await
     }
 
     pub async fn reject_access(
         &self,
         request_id: AccessRequestId,
-        patient_id: PatientId,
         by: Actor,
-        reason: Option<&str>,
+        reason: Option<&Note>,
         meta: CommandMeta,
-    ) -> Result<CommandOutcome, CommandError> {
-        let reason = match reason {
-            Some(r) => Some(self.seal_text(&patient_id.to_string(), r).await?),
-            None => None,
+    ) -> Result<Decided, CommandError> {
+        // The reason is sealed under the patient's key: only a patient decides.
+        let reason = match by {
+            Actor::Patient(p) => {
+                self.seal_optional(&p.to_string(), reason.map(Note::as_str))
+                    .await?
+            }
+            _ => None,
         };
-        self.access_command(request_id, AccessCommand::Reject { by, reason }, meta)
-            .await
+        let outcome = self
+            .access_command(request_id, AccessCommand::Reject { by, reason }, meta)
+            .await?;
+        self.decided(outcome).await
     }
 
     pub async fn revoke_access(
@@ -450,9 +957,21 @@ impl Commands {
         request_id: AccessRequestId,
         by: Actor,
         meta: CommandMeta,
-    ) -> Result<CommandOutcome, CommandError> {
-        self.access_command(request_id, AccessCommand::Revoke { by }, meta)
-            .await
+    ) -> Result<Decided, CommandError> {
+        let outcome = self
+            .access_command(request_id, AccessCommand::Revoke { by }, meta)
+            .await?;
+        self.decided(outcome).await
+    }
+
+    async fn decided(&self, outcome: CommandOutcome) -> Result<Decided, CommandError> {
+        let event = self
+            .appended(&self.access, &outcome)
+            .await?
+            .into_iter()
+            .next()
+            .context("a decision appended no event")?;
+        Ok(Decided { outcome, event })
     }
 
     /// Marks an approved request expired once its expiry has passed (system).
@@ -484,14 +1003,25 @@ impl Commands {
     }
 }
 
-/// The id a command acted on; on an idempotent replay, the first command's id.
-fn id_of<Id: std::str::FromStr + Copy>(outcome: &CommandOutcome, fresh: Id) -> anyhow::Result<Id> {
-    if outcome.replayed {
-        outcome
+/// A decision on an access request: the event it appended (for a repeat, the first
+/// decision's event).
+#[derive(Clone, Debug)]
+pub struct Decided {
+    pub outcome: CommandOutcome,
+    pub event: <AccessRequest as Aggregate>::Event,
+}
+
+/// The id a command acted on: on an idempotent replay (or when no fresh id is given),
+/// the stored aggregate id.
+fn id_of<Id: std::str::FromStr + Copy>(
+    outcome: &CommandOutcome,
+    fresh: Option<Id>,
+) -> anyhow::Result<Id> {
+    match fresh {
+        Some(id) if !outcome.replayed => Ok(id),
+        _ => outcome
             .aggregate_id
             .parse()
-            .map_err(|_| anyhow::anyhow!("stored aggregate id is not an id"))
-    } else {
-        Ok(fresh)
+            .map_err(|_| anyhow::anyhow!("stored aggregate id is not an id")),
     }
 }

@@ -15,7 +15,8 @@ use domain::actor::Actor;
 use domain::clock::Clock;
 use domain::ids::StaffId;
 use domain::value::{
-    BirthDate, Category, DurationDays, LicenceNumber, MediaType, Msisdn, PersonName, Purpose, Scope,
+    BirthDate, Category, DurationDays, Filename, LicenceNumber, MediaType, Msisdn, Note, Password,
+    PersonName, Purpose, Scope,
 };
 use eventstore::testing::{TestStore, BACKENDS};
 use eventstore::{CommandMeta, ConsumerActor, ConsumerHandle, LogCursor, Runner};
@@ -45,6 +46,7 @@ async fn wait_all(handles: &[ConsumerHandle], target: LogCursor) {
 const NAME: &str = "Achieng Otieno";
 const PHONE: &str = "254712345678";
 const BIRTH: &str = "1987-03-14";
+const PASSWORD: &str = "patient password 1";
 const FILENAME: &str = "achieng-hba1c-results.pdf";
 const PURPOSE: &str = "Diabetes follow-up for Achieng";
 const CONTENT: &[u8] = b"%PDF-1.4 HbA1c 9.1% patient Achieng Otieno";
@@ -78,6 +80,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
                 &PersonName::parse(NAME).unwrap(),
                 &Msisdn::parse(PHONE).unwrap(),
                 &BirthDate::parse(BIRTH, today).unwrap(),
+                &Password::parse(PASSWORD).unwrap(),
                 meta(),
             )
             .await
@@ -88,6 +91,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
                 &PersonName::parse("Dr Kamau").unwrap(),
                 &Msisdn::parse("0722000111").unwrap(),
                 LicenceNumber::parse("KMPDC-0042").unwrap(),
+                &Password::parse("doctor password 1").unwrap(),
                 meta(),
             )
             .await
@@ -99,13 +103,13 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
                 patient,
                 Category::Lab,
                 MediaType::parse("application/pdf").unwrap(),
-                Some(FILENAME),
+                Some(&Filename::parse(FILENAME).unwrap()),
                 CONTENT,
                 meta(),
             )
             .await
             .unwrap()
-            .id;
+            .record_id;
         let _imaging = cmds
             .upload_record(
                 Actor::Patient(patient),
@@ -118,7 +122,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             )
             .await
             .unwrap()
-            .id;
+            .record_id;
         let lab_scope = Scope::new([Category::Lab].into(), BTreeSet::new()).unwrap();
         let purpose = Purpose::parse(PURPOSE).unwrap();
         let thirty = DurationDays::new(30).unwrap();
@@ -136,7 +140,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             )
             .await;
         assert!(
-            matches!(refused, Err(CommandError::Rejected(_))),
+            matches!(refused, Err(CommandError::Rejected { .. })),
             "{backend:?}"
         );
         cmds.verify_doctor(doctor, StaffId::new(), meta())
@@ -174,9 +178,8 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .id;
         cmds.reject_access(
             rejected,
-            patient,
             Actor::Patient(patient),
-            Some("not now"),
+            Some(&Note::parse("reason", "not now").unwrap()),
             meta(),
         )
         .await
@@ -216,11 +219,12 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .unwrap();
 
         // The doctor reads under the grant: recorded. The patient's own read: not.
-        let (_, record) = cmds
+        let (_, record, content) = cmds
             .read_record(lab, Actor::Doctor(doctor), Some(granted), meta())
             .await
             .unwrap();
         assert_eq!(record.category(), Some(Category::Lab));
+        assert_eq!(content, CONTENT);
         let own = cmds
             .read_record(lab, Actor::Patient(patient), None, meta())
             .await
@@ -233,14 +237,14 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         let after_revoke = cmds
             .read_record(lab, Actor::Doctor(doctor), Some(revoked), meta())
             .await;
-        assert!(matches!(after_revoke, Err(CommandError::Rejected(_))));
+        assert!(matches!(after_revoke, Err(CommandError::Rejected { .. })));
 
         // Two days later the short grant has expired: reads refused, then swept.
         *clock.0.lock().unwrap() += chrono::Duration::days(2);
         let expired_read = cmds
             .read_record(lab, Actor::Doctor(doctor), Some(short), meta())
             .await;
-        assert!(matches!(expired_read, Err(CommandError::Rejected(_))));
+        assert!(matches!(expired_read, Err(CommandError::Rejected { .. })));
         let last = cmds.expire_access(short, meta()).await.unwrap();
 
         let end = t
@@ -389,6 +393,8 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             PURPOSE,
             "not now",
             "HbA1c",
+            PASSWORD,
+            "$argon2id",
         ] {
             assert!(
                 !raw.contains(secret),

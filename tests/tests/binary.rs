@@ -68,15 +68,17 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
             std::sync::Arc::new(commands::blobs::LocalBlobStore::new(&env.data_dir)),
             std::sync::Arc::new(commands::clock::SystemClock),
         );
-        let phone = domain::value::Msisdn::parse("254712345678").unwrap();
         let name = domain::value::PersonName::parse("Wanjiru Kamau").unwrap();
         let today = chrono::Utc::now().date_naive();
         let birth = domain::value::BirthDate::parse("1990-04-01", today).unwrap();
-        for _ in 0..3 {
+        let password = domain::value::Password::parse("wanjiru password").unwrap();
+        // Each sign-up appends PatientRegistered and AccountOpened.
+        for phone in ["254712345678", "254712345679", "254712345670"] {
             cmds.register_patient(
                 &name,
-                &phone,
+                &domain::value::Msisdn::parse(phone).unwrap(),
                 &birth,
+                &password,
                 eventstore::CommandMeta::new("system"),
             )
             .await
@@ -90,21 +92,23 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 3, "{backend:?}: {out}");
+        assert_eq!(lines.len(), 6, "{backend:?}: {out}");
         assert_eq!(lines[0]["event_type"], "PatientRegistered");
+        assert_eq!(lines[1]["event_type"], "AccountOpened");
         assert!(lines[0]["event_id"].is_string() && lines[0]["position"].is_i64());
         // No plaintext personal data in what the log holds.
         assert!(
             !out.contains("Wanjiru")
                 && !out.contains("254712345678")
                 && !out.contains("1990-04-01")
+                && !out.contains("wanjiru password")
         );
         let second = lines[1]["position"].as_i64().unwrap();
         let (ok, out, _) = env.run(&["events", "tail", "--from", &second.to_string()]);
         assert!(ok);
         assert_eq!(
             out.lines().count(),
-            2,
+            5,
             "{backend:?}: from the second event on"
         );
 
@@ -120,7 +124,7 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
 
         let (ok, out, err) = env.run(&["projections", "rebuild", "all"]);
         assert!(ok, "{err}");
-        assert!(out.contains("directory: rebuilt from 3 events"), "{out}");
+        assert!(out.contains("directory: rebuilt from 6 events"), "{out}");
         let (ok, out, err) = env.run(&["projections", "rebuild", "nonexistent"]);
         assert!(
             !ok && out.is_empty() && err.contains("no projection named"),
