@@ -18,7 +18,8 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub commands: Arc<Commands>,
-    pub consumers: Vec<ConsumerHandle>,
+    /// The projections, by name.
+    pub consumers: Vec<(String, ConsumerHandle)>,
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
 }
 
@@ -43,7 +44,8 @@ impl App {
         let (store, commands) = open(&config).await?;
         let mut consumers = Vec::new();
         for projection in projections::all() {
-            consumers.push(ConsumerActor::spawn(store.clone(), projection).await?);
+            let name = projection.name().to_owned();
+            consumers.push((name, ConsumerActor::spawn(store.clone(), projection).await?));
         }
         let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
         Ok(App {
@@ -58,7 +60,7 @@ impl App {
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
-        for consumer in &self.consumers {
+        for (_, consumer) in &self.consumers {
             consumer.stop().await;
         }
         self.store.close().await;

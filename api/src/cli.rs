@@ -36,6 +36,27 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Manage staff: registrars (verify doctors) and auditors.
+    Staff {
+        #[command(subcommand)]
+        command: StaffCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StaffCommand {
+    /// Create a registrar or an auditor. The password is read from standard input (its
+    /// first line), never from the command line. Prints the new staff id.
+    Add {
+        /// registrar or auditor
+        #[arg(long)]
+        role: String,
+        /// Kenyan mobile number they sign in with.
+        #[arg(long)]
+        phone: String,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +113,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             result
         }
+        Command::Staff {
+            command: StaffCommand::Add { role, phone, name },
+        } => {
+            let (store, commands) = open(&config).await?;
+            let result = add_staff(&commands, &role, &phone, &name).await;
+            store.close().await;
+            result
+        }
         Command::Events {
             command: EventsCommand::Tail { from, follow },
         } => {
@@ -138,6 +167,30 @@ async fn projections_command(
             Ok(())
         }
     }
+}
+
+async fn add_staff(
+    commands: &commands::Commands,
+    role: &str,
+    phone: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    use domain::value::{Msisdn, Password, PersonName, StaffRole};
+    let role = StaffRole::parse(role)?;
+    let phone = Msisdn::parse(phone)?;
+    let name = PersonName::parse(name)?;
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = Password::parse(line.trim_end_matches(['\r', '\n']))?;
+    let meta = eventstore::CommandMeta::new("operator:cli");
+    let done = commands
+        .register_staff(role, &name, &phone, &password, meta)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", done.id);
+    Ok(())
 }
 
 async fn tail(store: &eventstore::Store, from: i64, follow: bool) -> anyhow::Result<()> {

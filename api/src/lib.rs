@@ -3,6 +3,13 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod consistency;
 pub mod expiry;
+pub mod extract;
+pub mod metrics;
+pub mod openapi;
+pub mod problem;
+pub mod ratelimit;
+pub mod routes;
 pub mod server;
 pub mod telemetry;

@@ -1,33 +1,84 @@
-//! The HTTP server.
+//! The HTTP server: shared state, middleware and the routes.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
-use actix_web::{web, HttpResponse, HttpServer};
-use eventstore::Store;
+use actix_web::body::MessageBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header;
+use actix_web::middleware::{from_fn, ErrorHandlerResponse, ErrorHandlers};
+use actix_web::web::{self, Data};
+use actix_web::{HttpServer, ResponseError};
+use commands::Commands;
+use eventstore::{ConsumerHandle, Store};
 
 use crate::app::App;
+use crate::config::Config;
+use crate::consistency::ReadYourWrites;
+use crate::metrics::Metrics;
+use crate::problem::Problem;
+use crate::ratelimit::SignInLimiter;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
+    pub config: Arc<Config>,
     pub store: Store,
+    pub commands: Arc<Commands>,
+    pub settle: Arc<ReadYourWrites>,
+    pub limiter: Arc<SignInLimiter>,
+    pub metrics: Arc<Metrics>,
+    /// The projections this process runs, by name.
+    pub consumers: Vec<(String, ConsumerHandle)>,
+}
+
+impl AppState {
+    pub fn new(app: &App) -> AppState {
+        let handles: Vec<ConsumerHandle> = app.consumers.iter().map(|(_, h)| h.clone()).collect();
+        let names = app.consumers.iter().map(|(n, _)| n.clone()).collect();
+        AppState {
+            config: Arc::new(app.config.clone()),
+            store: app.store.clone(),
+            commands: app.commands.clone(),
+            settle: Arc::new(ReadYourWrites::new(
+                app.store.clone(),
+                handles,
+                names,
+                app.config.consistency_timeout,
+            )),
+            limiter: Arc::new(SignInLimiter::new(app.config.sign_in_limits)),
+            metrics: Arc::new(Metrics::default()),
+            consumers: app.consumers.clone(),
+        }
+    }
 }
 
 /// Serves until SIGINT/SIGTERM: stops accepting, lets in-flight requests finish, then
 /// stops the consumers after their current batch.
 pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
-    let state = AppState {
-        store: app.store.clone(),
-    };
+    let state = AppState::new(&app);
     let addr = listener.local_addr()?;
-    let server = HttpServer::new(move || {
-        actix_web::App::new()
-            .app_data(web::Data::new(state.clone()))
-            .configure(routes)
-    })
-    .shutdown_timeout(30)
-    .listen(listener)?
-    .run();
+    let server =
+        HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(Data::new(state.clone()))
+                .app_data(Data::from(state.metrics.clone()))
+                .app_data(web::QueryConfig::default().error_handler(|error, _| {
+                    Problem::field("query", format!("the query string is invalid: {error}")).into()
+                }))
+                .app_data(web::PathConfig::default().error_handler(|_, _| {
+                    Problem::not_found("not_found", "no such resource").into()
+                }))
+                .configure(crate::routes::configure)
+                .default_service(web::to(|| async {
+                    Problem::not_found("route_not_found", "no such resource").error_response()
+                }))
+                .wrap(ErrorHandlers::new().default_handler(as_problem))
+                .wrap(from_fn(crate::telemetry::observe))
+        })
+        .shutdown_timeout(30)
+        .listen(listener)?
+        .run();
     tracing::info!(%addr, backend = app.store.backend().as_str(), "afyachain listening");
     server.await?;
     tracing::info!("shutting down: checkpointing consumers");
@@ -35,28 +86,34 @@ pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
-}
-
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
-}
-
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match state.store.ping().await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
-        Err(error) => {
-            tracing::warn!(error = format!("{error:#}"), "not ready");
-            HttpResponse::ServiceUnavailable()
-                .content_type("application/problem+json")
-                .json(serde_json::json!({
-                    "type": "about:blank",
-                    "title": "Service Unavailable",
-                    "status": 503,
-                    "detail": "the event store is not reachable"
-                }))
-        }
+/// Errors answered by the framework itself (405, a payload it refused) become problem
+/// details too; ours already are.
+fn as_problem<B: MessageBody>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    if is_problem {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
+    let status = res.status();
+    let (code, detail) = match status.as_u16() {
+        404 => ("route_not_found", "no such resource"),
+        405 => (
+            "method_not_allowed",
+            "this resource does not accept that method",
+        ),
+        413 => ("body_too_large", "the body is too large"),
+        400 => ("bad_request", "the request could not be understood"),
+        _ if status.is_server_error() => ("internal_error", "something went wrong on our side"),
+        _ => ("error", "the request was refused"),
+    };
+    let (req, _) = res.into_parts();
+    let response = Problem::new(status, code, detail).error_response();
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, response).map_into_right_body::<B>(),
+    ))
 }

@@ -22,8 +22,8 @@ use domain::record::{MedicalRecord, RecordCommand, RecordServices};
 use domain::session::{Session, SessionCommand, SessionError};
 use domain::staff::{Staff, StaffCommand};
 use domain::value::{
-    BirthDate, ByteSize, Category, DurationDays, Filename, LicenceNumber, MediaType, Msisdn,
-    Note, Password, PersonName, Purpose, Scope, Sealed, Sha256Hex, StaffRole, WrappedKey,
+    BirthDate, ByteSize, Category, DurationDays, Filename, LicenceNumber, MediaType, Msisdn, Note,
+    Password, PersonName, Purpose, Scope, Sealed, Sha256Hex, StaffRole, WrappedKey,
 };
 use eventstore::{AggregateStore, CommandMeta, CommandOutcome, ExecuteError, Store};
 use serde::{Deserialize, Serialize};
@@ -864,6 +864,20 @@ impl Commands {
         String::from_utf8(bytes).ok()
     }
 
+    /// An access request as the event store holds it now (`None`: no such request).
+    pub async fn access_request(
+        &self,
+        request_id: AccessRequestId,
+    ) -> anyhow::Result<Option<AccessRequest>> {
+        let request = self
+            .access
+            .load_aggregate(&request_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading an access request: {e}"))?
+            .aggregate;
+        Ok(request.id().map(|_| request))
+    }
+
     /// A doctor asks a patient for access.
     #[allow(clippy::too_many_arguments)]
     pub async fn request_access(
@@ -889,9 +903,7 @@ impl Commands {
         }
         let request_id = AccessRequestId::new();
         let patient = patient_id.to_string();
-        let note = self
-            .seal_optional(&patient, note.map(Note::as_str))
-            .await?;
+        let note = self.seal_optional(&patient, note.map(Note::as_str)).await?;
         let command = AccessCommand::Request {
             request_id,
             doctor_id,

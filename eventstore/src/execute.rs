@@ -66,7 +66,10 @@ impl CommandMeta {
         let mut meta = self.clone();
         meta.command_id = Uuid::new_v4();
         meta.causation_id = Some(self.command_id);
-        meta.idempotency_key = self.idempotency_key.as_ref().map(|k| format!("{k}{suffix}"));
+        meta.idempotency_key = self
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{k}{suffix}"));
         meta
     }
 

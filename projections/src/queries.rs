@@ -92,27 +92,65 @@ pub struct AccessRequestRow {
 const ACCESS_COLUMNS: &str = "request_id, patient_id, doctor_id, status, scope, purpose_sealed, \
      duration_days, requested_at, decided_at, expires_at, closed_at, position";
 
+/// A patient's access requests, optionally of one status. An approved request whose
+/// expiry has passed counts as `expired` even before the expiry sweep has recorded it,
+/// and its row says so.
 pub async fn access_requests_of_patient(
     pool: &AnyPool,
     patient_id: &str,
     status: Option<&str>,
+    now: DateTime<Utc>,
     after: i64,
     limit: i64,
 ) -> anyhow::Result<Page<AccessRequestRow>> {
+    let now = time(&now);
     let rows: Vec<AccessRequestRow> = sqlx::query_as(&format!(
         "SELECT {ACCESS_COLUMNS} FROM rm_access_requests \
-         WHERE patient_id = $1 AND ($2 = '' OR status = $3) AND position > $4 \
-         ORDER BY position LIMIT $5"
+         WHERE patient_id = $1 AND position > $2 AND ( \
+           $3 = '' \
+           OR ($3 = 'approved' AND status = 'approved' AND expires_at > $4) \
+           OR ($3 = 'expired' AND (status = 'expired' OR (status = 'approved' AND expires_at <= $5))) \
+           OR ($3 NOT IN ('approved', 'expired') AND status = $6)) \
+         ORDER BY position LIMIT $7"
     ))
     .bind(patient_id.to_owned())
-    .bind(status.unwrap_or("").to_owned())
-    .bind(status.unwrap_or("").to_owned())
     .bind(after)
+    .bind(status.unwrap_or("").to_owned())
+    .bind(now.clone())
+    .bind(now.clone())
+    .bind(status.unwrap_or("").to_owned())
     .bind(limit + 1)
     .fetch_all(pool)
     .await
     .context("reading a patient's access requests")?;
+    let rows = rows
+        .into_iter()
+        .map(|mut r| {
+            if r.status == "approved" && r.expires_at.as_deref().is_some_and(|e| e <= now.as_str())
+            {
+                r.status = "expired".to_owned();
+            }
+            r
+        })
+        .collect();
     Ok(page(rows, limit, |r| r.position))
+}
+
+/// Every request a doctor made to a patient, newest first.
+pub async fn requests_between(
+    pool: &AnyPool,
+    doctor_id: &str,
+    patient_id: &str,
+) -> anyhow::Result<Vec<AccessRequestRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {ACCESS_COLUMNS} FROM rm_access_requests \
+         WHERE doctor_id = $1 AND patient_id = $2 ORDER BY position DESC LIMIT 200"
+    ))
+    .bind(doctor_id.to_owned())
+    .bind(patient_id.to_owned())
+    .fetch_all(pool)
+    .await
+    .context("reading a doctor's requests to a patient")
 }
 
 pub async fn access_request(

@@ -277,14 +277,22 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         assert_eq!(records.items[0].category, "lab");
         assert_eq!(records.items[0].size, CONTENT.len() as i64);
 
+        let now = clock.now();
         let statuses = |status: &'static str| async move {
-            queries::access_requests_of_patient(pool, &patient.to_string(), Some(status), 0, 50)
-                .await
-                .unwrap()
-                .items
-                .into_iter()
-                .map(|r| r.request_id)
-                .collect::<Vec<_>>()
+            queries::access_requests_of_patient(
+                pool,
+                &patient.to_string(),
+                Some(status),
+                now,
+                0,
+                50,
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect::<Vec<_>>()
         };
         assert_eq!(
             statuses("approved").await,
@@ -295,9 +303,16 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         assert_eq!(statuses("revoked").await, vec![revoked.to_string()]);
         assert_eq!(statuses("expired").await, vec![short.to_string()]);
         assert!(statuses("pending").await.is_empty());
-        let all = queries::access_requests_of_patient(pool, &patient.to_string(), None, 0, 50)
-            .await
-            .unwrap();
+        let all = queries::access_requests_of_patient(
+            pool,
+            &patient.to_string(),
+            None,
+            clock.now(),
+            0,
+            50,
+        )
+        .await
+        .unwrap();
         assert_eq!(all.items.len(), 4);
 
         let grants = queries::active_grants_of_doctor(pool, &doctor.to_string(), clock.now())

@@ -1,0 +1,263 @@
+//! Sign-up of patients and doctors, verification of doctors by a registrar, sign-in
+//! and sign-out.
+
+use actix_web::web::{Data, Path};
+use actix_web::{HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use commands::CommandError;
+use domain::ids::DoctorId;
+use domain::value::{BirthDate, LicenceNumber, Msisdn, Password, PersonName};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::extract::{command_meta, Body, Caller};
+use crate::problem::{checked, Problem, Validation};
+use crate::routes::{path_id, registrar};
+use crate::server::AppState;
+
+/// A patient signs up.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatientSignUp {
+    /// Kenyan mobile number: 2547XXXXXXXX, 2541XXXXXXXX, 07…, 01… or +254….
+    #[schema(example = "254712345678")]
+    pub phone: String,
+    /// 10 to 128 characters.
+    pub password: String,
+    #[schema(example = "Achieng Otieno")]
+    pub name: String,
+    #[schema(format = Date, example = "1987-03-14")]
+    pub birth_date: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PatientCreated {
+    pub patient_id: Uuid,
+}
+
+/// A doctor signs up; unverified until a registrar verifies the licence.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorSignUp {
+    #[schema(example = "254722000111")]
+    pub phone: String,
+    pub password: String,
+    pub name: String,
+    /// As the registrar issues it: 2 to 32 of A-Z, 0-9, / and -.
+    #[schema(example = "KMPDC-0042")]
+    pub license_number: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DoctorState {
+    pub doctor_id: Uuid,
+    /// `unverified` or `verified`.
+    pub status: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub phone: String,
+    pub password: String,
+}
+
+/// A session: send `token` as `Authorization: Bearer <token>` until `expires_at`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionCreated {
+    pub token: String,
+    /// `patient`, `doctor`, `registrar` or `auditor`.
+    pub role: String,
+    pub subject_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CurrentSession {
+    pub role: String,
+    pub subject_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn today(state: &AppState) -> chrono::NaiveDate {
+    state.commands.now().date_naive()
+}
+
+#[utoipa::path(post, path = "/v1/patients", tag = "accounts",
+    request_body = PatientSignUp,
+    responses((status = 201, description = "Signed up", body = PatientCreated)))]
+#[tracing::instrument(skip_all)]
+pub async fn sign_up_patient(
+    req: HttpRequest,
+    state: Data<AppState>,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let input: PatientSignUp = body.json()?;
+    let mut v = Validation::default();
+    let phone = v.check(Msisdn::parse(&input.phone));
+    let password = v.check(Password::parse(&input.password));
+    let name = v.check(PersonName::parse(&input.name));
+    let birth_date = v.check(BirthDate::parse(&input.birth_date, today(&state)));
+    v.finish()?;
+    let meta = command_meta(&req, None, body.bytes())?;
+    let done = state
+        .commands
+        .register_patient(
+            &checked(name)?,
+            &checked(phone)?,
+            &checked(birth_date)?,
+            &checked(password)?,
+            meta,
+        )
+        .await?;
+    state.settle.settle(&done.outcome).await;
+    Ok(HttpResponse::Created().json(PatientCreated {
+        patient_id: done.id.as_uuid(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/doctors", tag = "accounts",
+    request_body = DoctorSignUp,
+    responses((status = 201, description = "Signed up, awaiting verification", body = DoctorState)))]
+#[tracing::instrument(skip_all)]
+pub async fn sign_up_doctor(
+    req: HttpRequest,
+    state: Data<AppState>,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let input: DoctorSignUp = body.json()?;
+    let mut v = Validation::default();
+    let phone = v.check(Msisdn::parse(&input.phone));
+    let password = v.check(Password::parse(&input.password));
+    let name = v.check(PersonName::parse(&input.name));
+    let licence = v.check(LicenceNumber::parse(&input.license_number));
+    v.finish()?;
+    let meta = command_meta(&req, None, body.bytes())?;
+    let done = state
+        .commands
+        .register_doctor(
+            &checked(name)?,
+            &checked(phone)?,
+            checked(licence)?,
+            &checked(password)?,
+            meta,
+        )
+        .await?;
+    state.settle.settle(&done.outcome).await;
+    Ok(HttpResponse::Created().json(DoctorState {
+        doctor_id: done.id.as_uuid(),
+        status: "unverified".to_owned(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/doctors/{doctor_id}/verification", tag = "accounts",
+    params(("doctor_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Verified (registrar)", body = DoctorState)))]
+#[tracing::instrument(skip_all)]
+pub async fn verify_doctor(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let by = registrar(&caller)?;
+    let doctor_id: DoctorId = path_id(&path, "doctor")?;
+    let meta = command_meta(&req, Some(caller.actor()), b"")?;
+    let outcome = state.commands.verify_doctor(doctor_id, by, meta).await?;
+    state.settle.settle(&outcome).await;
+    Ok(HttpResponse::Ok().json(DoctorState {
+        doctor_id: doctor_id.as_uuid(),
+        status: "verified".to_owned(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/sessions", tag = "accounts",
+    request_body = SignIn,
+    responses((status = 200, description = "Signed in", body = SessionCreated)))]
+#[tracing::instrument(skip_all)]
+pub async fn sign_in(
+    req: HttpRequest,
+    state: Data<AppState>,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let input: SignIn = body.json()?;
+    let mut v = Validation::default();
+    let phone = v.check(Msisdn::parse(&input.phone));
+    if input.password.is_empty() || input.password.chars().count() > 128 {
+        v.fail("password", "must be 1 to 128 characters");
+    }
+    v.finish()?;
+    let phone = checked(phone)?;
+    let phone_index = state.commands.keys().phone_index(phone.as_str());
+    let address = req.peer_addr().map(|a| a.ip());
+    state.limiter.check(&phone_index, address).map_err(|wait| {
+        Problem::new(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed sign-ins; wait before trying again",
+        )
+        .retry_after(wait)
+    })?;
+    // A password shorter than any account may have cannot match.
+    let result = match Password::parse(&input.password) {
+        Ok(password) => {
+            let meta = command_meta(&req, None, body.bytes())?;
+            state
+                .commands
+                .sign_in(&phone, &password, state.config.session_lifetime, meta)
+                .await
+        }
+        Err(_) => Err(CommandError::BadCredentials),
+    };
+    match result {
+        Ok(session) => {
+            state.limiter.succeeded(&phone_index);
+            Ok(HttpResponse::Ok().json(SessionCreated {
+                token: session.token,
+                role: session.holder.kind().to_owned(),
+                subject_id: subject_uuid(&session.holder),
+                expires_at: session.expires_at,
+            }))
+        }
+        Err(CommandError::BadCredentials) => {
+            state.limiter.failed(&phone_index, address);
+            tracing::info!("sign-in refused");
+            Err(CommandError::BadCredentials.into())
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn subject_uuid(actor: &domain::actor::Actor) -> Uuid {
+    Uuid::parse_str(&actor.id_string()).unwrap_or_default()
+}
+
+#[utoipa::path(get, path = "/v1/sessions/current", tag = "accounts",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Who the token speaks for", body = CurrentSession)))]
+pub async fn current_session(caller: Caller) -> HttpResponse {
+    HttpResponse::Ok().json(CurrentSession {
+        role: caller.actor().kind().to_owned(),
+        subject_id: subject_uuid(&caller.actor()),
+        expires_at: caller.0.expires_at,
+    })
+}
+
+#[utoipa::path(delete, path = "/v1/sessions/current", tag = "accounts",
+    security(("bearer" = [])),
+    responses((status = 204, description = "Signed out: the token is refused from now on")))]
+#[tracing::instrument(skip_all)]
+pub async fn sign_out(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, Problem> {
+    let meta = command_meta(&req, Some(caller.actor()), b"")?;
+    state
+        .commands
+        .sign_out(caller.0.session_id, caller.actor(), meta)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}

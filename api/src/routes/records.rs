@@ -1,0 +1,328 @@
+//! Uploading records (encrypted before they touch storage), listing them, and reading
+//! their content: every read by anyone but the patient is a command that records
+//! `RecordAccessed` before a byte is served.
+
+use actix_web::http::header::{self, ContentDisposition, DispositionParam, DispositionType};
+use actix_web::http::StatusCode;
+use actix_web::web::{Data, Path, Payload, Query};
+use actix_web::{HttpRequest, HttpResponse};
+use domain::actor::Actor;
+use domain::ids::{AccessRequestId, PatientId, RecordId};
+use domain::value::{Category, Filename, MediaType, Scope};
+use projections::queries::{self, AccessRequestRow};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::extract::{command_meta, read_limited, Caller};
+use crate::problem::{Problem, Validation};
+use crate::routes::{own_patient, path_id, PageQuery};
+use crate::server::AppState;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// One of lab, imaging, prescription, diagnosis, immunization, clinical_note, other.
+    pub category: Option<String>,
+    /// The original file name (kept encrypted).
+    pub filename: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecordCreated {
+    pub record_id: Uuid,
+    /// SHA-256 (hex) of the encrypted blob as stored: its content address.
+    pub sha256: String,
+    /// Size of the original bytes.
+    pub size: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecordItem {
+    pub record_id: Uuid,
+    pub category: String,
+    pub content_type: String,
+    pub filename: Option<String>,
+    pub size: i64,
+    pub sha256: String,
+    pub uploaded_at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecordPage {
+    pub items: Vec<RecordItem>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+#[utoipa::path(post, path = "/v1/patients/{patient_id}/records", tag = "records",
+    params(("patient_id" = Uuid, Path), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The file's raw bytes, sent with its own media type as Content-Type"),
+    security(("bearer" = [])),
+    responses((status = 201, description = "Encrypted and stored", body = RecordCreated)))]
+#[tracing::instrument(skip_all)]
+pub async fn upload(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<UploadQuery>,
+    mut payload: Payload,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    own_patient(&caller, patient_id)?;
+    let media_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| MediaType::parse(v).ok())
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the file's media type as Content-Type, e.g. application/pdf",
+            )
+            .at("Content-Type")
+        })?;
+    let mut v = Validation::default();
+    let category = match query.category.as_deref() {
+        Some(c) => v.check(Category::parse(c)),
+        None => {
+            v.fail("category", "is required");
+            None
+        }
+    };
+    let filename = query
+        .filename
+        .as_deref()
+        .and_then(|f| v.check(Filename::parse(f)));
+    v.finish()?;
+    let category = crate::problem::checked(category)?;
+    let body = read_limited(&req, &mut payload, state.config.max_upload_bytes).await?;
+    if body.is_empty() {
+        return Err(Problem::field("body", "must not be empty"));
+    }
+    let meta = command_meta(&req, Some(caller.actor()), &body)?;
+    let uploaded = state
+        .commands
+        .upload_record(
+            caller.actor(),
+            patient_id,
+            category,
+            media_type,
+            filename.as_ref(),
+            &body,
+            meta,
+        )
+        .await?;
+    state.settle.settle(&uploaded.outcome).await;
+    Ok(HttpResponse::Created().json(RecordCreated {
+        record_id: uploaded.record_id.as_uuid(),
+        sha256: uploaded.sha256,
+        size: uploaded.size,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/records", tag = "records",
+    params(("patient_id" = Uuid, Path), PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The patient's records (for a doctor: those an active grant covers; a page may then hold fewer than `limit`)", body = RecordPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn list(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    let (after, limit) = query.parse()?;
+    let pool = state.store.any_pool();
+    // The patient sees everything; a doctor what their active grants cover.
+    let covering: Option<Vec<Scope>> = match caller.actor() {
+        Actor::Doctor(d) => {
+            let grants =
+                queries::active_grants_of_doctor(pool, &d.to_string(), state.commands.now())
+                    .await?;
+            let scopes: Vec<Scope> = grants
+                .iter()
+                .filter(|g| g.patient_id == patient_id.to_string())
+                .filter_map(|g| serde_json::from_str(&g.scope).ok())
+                .collect();
+            if scopes.is_empty() {
+                return Err(Problem::forbidden(
+                    "no_grant",
+                    "no active grant from this patient",
+                ));
+            }
+            Some(scopes)
+        }
+        _ => {
+            own_patient(&caller, patient_id)?;
+            None
+        }
+    };
+    let page = queries::records_of_patient(pool, &patient_id.to_string(), after, limit).await?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for row in page.items {
+        let covered = covering.as_ref().is_none_or(|scopes| {
+            let category = Category::parse(&row.category).ok();
+            let record = RecordId::parse(&row.record_id).ok();
+            scopes.iter().any(|s| match (category, record) {
+                (Some(c), Some(r)) => s.covers(c, r),
+                _ => false,
+            })
+        });
+        if !covered {
+            continue;
+        }
+        let filename = match &row.filename_sealed {
+            Some(sealed) => state.commands.open_text(&row.patient_id, sealed).await,
+            None => None,
+        };
+        items.push(RecordItem {
+            record_id: Uuid::parse_str(&row.record_id).unwrap_or_default(),
+            category: row.category,
+            content_type: row.media_type,
+            filename,
+            size: row.size,
+            sha256: row.sha256,
+            uploaded_at: row.uploaded_at,
+        });
+    }
+    Ok(HttpResponse::Ok().json(RecordPage {
+        items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ContentQuery {
+    /// For a doctor: the approved request to read under (default: the doctor's active
+    /// grant from this patient that covers the record).
+    pub request_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/records/{record_id}/content", tag = "records",
+    params(("record_id" = Uuid, Path), ContentQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The original bytes with their media type; a doctor's read is recorded first", content_type = "application/octet-stream", body = Vec<u8>)))]
+#[tracing::instrument(skip_all)]
+pub async fn content(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<ContentQuery>,
+) -> Result<HttpResponse, Problem> {
+    let record_id: RecordId = path_id(&path, "record")?;
+    let not_found = || Problem::not_found("record_not_found", "no such record");
+    let actor = caller.actor();
+    let request_id = match actor {
+        Actor::Patient(_) | Actor::Doctor(_) => {
+            let record = state
+                .commands
+                .record(record_id)
+                .await?
+                .ok_or_else(not_found)?;
+            let patient_id = record.patient_id().ok_or_else(not_found)?;
+            match actor {
+                Actor::Patient(p) if p == patient_id => None,
+                Actor::Doctor(d) => {
+                    let explicit = match query.request_id.as_deref() {
+                        Some(raw) => Some(
+                            AccessRequestId::parse(raw)
+                                .map_err(|_| Problem::field("request_id", "must be a UUID"))?,
+                        ),
+                        None => None,
+                    };
+                    let requests = queries::requests_between(
+                        state.store.any_pool(),
+                        &d.to_string(),
+                        &patient_id.to_string(),
+                    )
+                    .await?;
+                    // Nobody who never dealt with this patient learns the record exists.
+                    if requests.is_empty() && explicit.is_none() {
+                        return Err(not_found());
+                    }
+                    // The read model only suggests which request to read under; the
+                    // record decides on the event store's state of that request.
+                    match explicit {
+                        Some(id) => Some(id),
+                        None => choose_request(&requests, &record, state.commands.now()),
+                    }
+                }
+                _ => return Err(not_found()),
+            }
+        }
+        _ => {
+            return Err(Problem::forbidden(
+                "role_forbidden",
+                "only the patient and doctors they granted may read records",
+            ))
+        }
+    };
+    let meta = command_meta(&req, Some(actor), b"")?;
+    let (outcome, record, bytes) = state
+        .commands
+        .read_record(record_id, actor, request_id, meta)
+        .await?;
+    state.settle.settle(&outcome).await;
+    let media_type = record
+        .media_type()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "application/octet-stream".to_owned());
+    let mut response = HttpResponse::Ok();
+    response
+        .content_type(media_type)
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header(("X-Content-Type-Options", "nosniff"));
+    if let (Some(sealed), Some(patient_id)) = (record.filename(), record.patient_id()) {
+        if let Some(name) = state
+            .commands
+            .open_text(&patient_id.to_string(), sealed.as_str())
+            .await
+        {
+            response.insert_header(ContentDisposition {
+                disposition: DispositionType::Attachment,
+                parameters: vec![DispositionParam::FilenameExt(
+                    actix_web::http::header::ExtendedValue {
+                        charset: actix_web::http::header::Charset::Ext("UTF-8".to_owned()),
+                        language_tag: None,
+                        value: name.into_bytes(),
+                    },
+                )],
+            });
+        }
+    }
+    Ok(response.body(bytes))
+}
+
+/// The request a doctor's read goes under: an approved, unexpired one covering the
+/// record if the read model knows one, else the newest (which the record refuses with
+/// the precise reason: revoked, expired, not covered).
+fn choose_request(
+    requests: &[AccessRequestRow],
+    record: &domain::record::MedicalRecord,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<AccessRequestId> {
+    let now = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let covers = |r: &AccessRequestRow| {
+        let scope: Option<Scope> = serde_json::from_str(&r.scope).ok();
+        match (scope, record.category(), record.id()) {
+            (Some(s), Some(c), Some(id)) => s.covers(c, id),
+            _ => false,
+        }
+    };
+    requests
+        .iter()
+        .find(|r| {
+            r.status == "approved"
+                && r.expires_at.as_deref().is_some_and(|e| e > now.as_str())
+                && covers(r)
+        })
+        .or_else(|| requests.first())
+        .and_then(|r| AccessRequestId::parse(&r.request_id).ok())
+}
