@@ -222,7 +222,9 @@ fn field_of(path: &str, message: &str) -> String {
         .iter()
         .find_map(|prefix| message.strip_prefix(prefix))
         .and_then(|rest| rest.split('`').next());
-    let root = path.is_empty() || path == ".";
+    // Every request body is an object: a path into a top-level array means the body
+    // itself is wrong.
+    let root = path.is_empty() || path == "." || path.starts_with('[');
     match (quoted, root) {
         (Some(name), true) => name.to_owned(),
         (Some(name), false) if !path.ends_with(name) => format!("{path}.{name}"),

@@ -347,13 +347,17 @@ const STANDBY_RETRY: Duration = Duration::from_secs(2);
 const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 
 impl ConsumerActor {
-    /// Prepares `handler` (tables, checkpoint) and starts its actor on the current
-    /// arbiter.
+    /// Prepares `handler` (tables, checkpoint, lock if free) and starts its actor on the
+    /// current arbiter.
     pub async fn spawn(
         store: Store,
         handler: Arc<dyn LogHandler>,
     ) -> anyhow::Result<ConsumerHandle> {
-        let runner = Runner::new(store.clone(), handler).await?;
+        let mut runner = Runner::new(store.clone(), handler).await?;
+        // Take the lock now if it is free, so that once the caller goes on (a server
+        // starts listening) this instance is known to be the active one; otherwise it
+        // starts on standby and keeps trying.
+        runner.try_lock().await?;
         Ok(Self::start_runner(store, runner, SAFETY_TICK))
     }
 
