@@ -285,15 +285,27 @@ pub async fn content(
             .open_text(&patient_id.to_string(), sealed.as_str())
             .await
         {
+            // A plain ASCII name as well, for clients that do not read `filename*`.
+            let plain: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
             response.insert_header(ContentDisposition {
                 disposition: DispositionType::Attachment,
-                parameters: vec![DispositionParam::FilenameExt(
-                    actix_web::http::header::ExtendedValue {
+                parameters: vec![
+                    DispositionParam::Filename(plain),
+                    DispositionParam::FilenameExt(actix_web::http::header::ExtendedValue {
                         charset: actix_web::http::header::Charset::Ext("UTF-8".to_owned()),
                         language_tag: None,
                         value: name.into_bytes(),
-                    },
-                )],
+                    }),
+                ],
             });
         }
     }

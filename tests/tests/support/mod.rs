@@ -68,6 +68,32 @@ impl Env {
         cmd
     }
 
+    /// Runs a one-shot subcommand with `input` on its standard input; returns
+    /// (success, stdout, stderr).
+    pub fn run_with_input(&self, args: &[&str], input: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Runs a one-shot subcommand; returns (success, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (bool, String, String) {
         let out = self.command().args(args).output().unwrap();
@@ -80,10 +106,16 @@ impl Env {
 
     /// Starts `afyachain serve` on a random loopback port.
     pub fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    /// Starts `afyachain serve` with extra environment variables.
+    pub fn serve_with(&self, vars: &[(&str, &str)]) -> Server {
         let mut child = self
             .command()
             .arg("serve")
             .env("AFYA_LISTEN", "127.0.0.1:0")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,410 @@
+//! `TestApp`: the real `afyachain` binary serving on a random loopback port over a
+//! fresh store, and one helper per endpoint so tests read like a user's script.
+
+use std::time::Duration;
+
+use eventstore::Backend;
+use reqwest::header::HeaderMap;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::{Env, Server};
+
+/// Each party's password is this plus its phone number.
+pub const PASSWORD: &str = "correct horse ";
+
+pub fn password_of(phone: &str) -> String {
+    format!("{PASSWORD}{phone}")
+}
+
+/// An answer from the server.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Asserts a problem+json answer with this status and code; returns its body.
+    #[track_caller]
+    pub fn problem(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(
+            self.header("content-type").as_deref(),
+            Some("application/problem+json"),
+            "{}",
+            self.text()
+        );
+        let body = self.json();
+        assert_eq!(body["status"], status, "{body}");
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        body
+    }
+
+    #[track_caller]
+    pub fn ok(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        if self.body.is_empty() {
+            Value::Null
+        } else {
+            self.json()
+        }
+    }
+}
+
+/// Someone who signed up and in.
+#[derive(Clone, Debug)]
+pub struct Party {
+    pub id: String,
+    pub phone: String,
+    pub token: String,
+}
+
+/// The cast of most tests: two patients, a verified doctor, a second verified doctor,
+/// an unverified doctor, a registrar and an auditor, all signed in.
+pub struct World {
+    pub patient: Party,
+    pub other_patient: Party,
+    pub doctor: Party,
+    pub other_doctor: Party,
+    pub unverified_doctor: Party,
+    pub registrar: Party,
+    pub auditor: Party,
+}
+
+pub struct TestApp {
+    pub env: Env,
+    pub server: Server,
+    pub http: reqwest::Client,
+    next_phone: std::sync::atomic::AtomicU32,
+}
+
+impl TestApp {
+    /// `None`: PostgreSQL unreachable outside CI (skip).
+    pub async fn start(backend: Backend) -> Option<TestApp> {
+        TestApp::start_with(backend, &[]).await
+    }
+
+    pub async fn start_with(backend: Backend, vars: &[(&str, &str)]) -> Option<TestApp> {
+        let env = Env::new(backend).await?;
+        let server = env.serve_with(vars);
+        Some(TestApp {
+            env,
+            server,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            next_phone: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// Stops the server (it must exit cleanly) and removes the store.
+    pub async fn stop(self) -> String {
+        let logs = self.server.logs();
+        assert!(self.server.terminate(), "server did not stop cleanly");
+        self.env.cleanup().await;
+        logs
+    }
+
+    /// A fresh valid phone number, distinct within this app.
+    pub fn phone(&self) -> String {
+        let n = self
+            .next_phone
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("2547{:08}", 10_000_000 + n)
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Resp {
+        let mut request = self.http.request(method, self.server.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        Resp {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap().to_vec(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.post_keyed(path, token, None, body).await
+    }
+
+    pub async fn post_keyed(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Value,
+    ) -> Resp {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(key) = key {
+            headers.push(("idempotency-key", key));
+        }
+        self.send(
+            Method::POST,
+            path,
+            token,
+            &headers,
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await
+    }
+
+    /// A POST without a body.
+    pub async fn post_empty(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(Method::POST, path, token, &[], None).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(Method::GET, path, token, &[], None).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> Resp {
+        self.send(Method::DELETE, path, token, &[], None).await
+    }
+
+    pub fn patient_body(phone: &str, name: &str) -> Value {
+        json!({"phone": phone, "password": password_of(phone), "name": name, "birth_date": "1987-03-14"})
+    }
+
+    pub async fn sign_up_patient(&self, phone: &str, name: &str) -> String {
+        let r = self
+            .post("/v1/patients", None, TestApp::patient_body(phone, name))
+            .await;
+        r.ok(201)["patient_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn sign_up_doctor(&self, phone: &str, name: &str, licence: &str) -> String {
+        let r = self
+            .post(
+                "/v1/doctors",
+                None,
+                json!({"phone": phone, "password": password_of(phone), "name": name, "license_number": licence}),
+            )
+            .await;
+        let body = r.ok(201);
+        assert_eq!(body["status"], "unverified");
+        body["doctor_id"].as_str().unwrap().to_owned()
+    }
+
+    /// `afyachain staff add`, the password on standard input.
+    pub fn add_staff(&self, role: &str, phone: &str, name: &str) -> String {
+        let (ok, out, err) = self.env.run_with_input(
+            &[
+                "staff", "add", "--role", role, "--phone", phone, "--name", name,
+            ],
+            &format!("{}\n", password_of(phone)),
+        );
+        assert!(ok, "staff add failed: {err}");
+        out.lines().last().unwrap().trim().to_owned()
+    }
+
+    pub async fn sign_in(&self, phone: &str) -> String {
+        let r = self
+            .post(
+                "/v1/sessions",
+                None,
+                json!({"phone": phone, "password": password_of(phone)}),
+            )
+            .await;
+        r.ok(200)["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn party(&self, id: String, phone: String) -> Party {
+        let token = self.sign_in(&phone).await;
+        Party { id, phone, token }
+    }
+
+    pub async fn verify(&self, registrar: &Party, doctor_id: &str) -> Resp {
+        self.post_empty(
+            &format!("/v1/doctors/{doctor_id}/verification"),
+            Some(&registrar.token),
+        )
+        .await
+    }
+
+    pub async fn world(&self) -> World {
+        let p = self.phone();
+        let patient = self
+            .party(self.sign_up_patient(&p, "Achieng Otieno").await, p)
+            .await;
+        let p = self.phone();
+        let other_patient = self
+            .party(self.sign_up_patient(&p, "Baraka Mwangi").await, p)
+            .await;
+        let p = self.phone();
+        let registrar = self
+            .party(self.add_staff("registrar", &p, "Rehema Registrar"), p)
+            .await;
+        let p = self.phone();
+        let auditor = self
+            .party(self.add_staff("auditor", &p, "Amani Auditor"), p)
+            .await;
+        let p = self.phone();
+        let doctor = self
+            .party(self.sign_up_doctor(&p, "Dr Kamau", "KMPDC-0042").await, p)
+            .await;
+        self.verify(&registrar, &doctor.id).await.ok(200);
+        let p = self.phone();
+        let other_doctor = self
+            .party(self.sign_up_doctor(&p, "Dr Njeri", "KMPDC-0043").await, p)
+            .await;
+        self.verify(&registrar, &other_doctor.id).await.ok(200);
+        let p = self.phone();
+        let unverified_doctor = self
+            .party(self.sign_up_doctor(&p, "Dr Otieno", "KMPDC-0044").await, p)
+            .await;
+        World {
+            patient,
+            other_patient,
+            doctor,
+            other_doctor,
+            unverified_doctor,
+            registrar,
+            auditor,
+        }
+    }
+
+    pub async fn upload(
+        &self,
+        token: &str,
+        patient_id: &str,
+        query: &str,
+        content_type: &str,
+        bytes: &[u8],
+    ) -> Resp {
+        self.send(
+            Method::POST,
+            &format!("/v1/patients/{patient_id}/records?{query}"),
+            Some(token),
+            &[("content-type", content_type)],
+            Some(bytes.to_vec()),
+        )
+        .await
+    }
+
+    pub async fn request_access(
+        &self,
+        doctor: &Party,
+        patient_id: &str,
+        categories: &[&str],
+    ) -> Resp {
+        self.post(
+            "/v1/access-requests",
+            Some(&doctor.token),
+            json!({"patient_id": patient_id, "categories": categories,
+                   "purpose": "Diabetes follow-up", "duration_days": 30}),
+        )
+        .await
+    }
+
+    /// How many events the store holds (read directly, beside the server).
+    pub async fn event_count(&self) -> i64 {
+        self.scalar("SELECT count(*) FROM events").await
+    }
+
+    /// One integer from the store, read directly.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match &self.env.database_url {
+            Some(url) => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+            None => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.env.data_dir.join("afyachain.db"))
+                    .read_only(true);
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Every event's payload and metadata as text (to scan for plaintext).
+    pub async fn raw_events(&self) -> String {
+        let rows: Vec<String> = match &self.env.database_url {
+            Some(url) => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(
+                    "SELECT event_type || payload::text || metadata::text FROM events",
+                )
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+            }
+            None => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.env.data_dir.join("afyachain.db"))
+                    .read_only(true);
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar("SELECT event_type || payload || metadata FROM events")
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        rows.join("\n")
+    }
+
+    /// Every stored blob.
+    pub fn blobs(&self) -> Vec<Vec<u8>> {
+        let mut blobs = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(self.env.data_dir.join("blobs")) else {
+            return blobs;
+        };
+        for dir in dirs {
+            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                blobs.push(std::fs::read(file.unwrap().path()).unwrap());
+            }
+        }
+        blobs
+    }
+}

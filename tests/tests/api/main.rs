@@ -1,0 +1,9 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! The REST API, black-box: the real binary on a random loopback port, on both store
+//! backends. One test binary for all API tests.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod app;
+mod story;
