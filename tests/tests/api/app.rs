@@ -1,7 +1,7 @@
 //! `TestApp`: the real `afyachain` binary serving on a random loopback port over a
+//! fresh store, and one helper per endpoint so tests read like a user's script.
 
 #![allow(dead_code)] // each test module uses its part of the support
-//! fresh store, and one helper per endpoint so tests read like a user's script.
 
 use std::time::Duration;
 
