@@ -5,5 +5,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod accounts;
 mod app;
+mod idempotency;
+mod openapi;
 mod story;
