@@ -339,60 +339,38 @@ impl TestApp {
         self.scalar("SELECT count(*) FROM events").await
     }
 
-    /// One integer from the store, read directly.
-    pub async fn scalar(&self, sql: &str) -> i64 {
-        match &self.env.database_url {
-            Some(url) => {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap()
-            }
-            None => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(self.env.data_dir.join("afyachain.db"))
-                    .read_only(true);
-                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar::<_, i64>(sql)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap()
-            }
-        }
+    /// A connection to the store the server uses, beside it (read-only on SQLite).
+    async fn store_connection(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        let url = match &self.env.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=ro",
+                self.env.data_dir.join("afyachain.db").display()
+            ),
+        };
+        <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap()
     }
 
-    /// Every event's payload and metadata as text (to scan for plaintext).
+    /// One integer from the store, read directly.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let mut conn = self.store_connection().await;
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Every event's type, payload and metadata as text (to scan for plaintext).
     pub async fn raw_events(&self) -> String {
-        let rows: Vec<String> = match &self.env.database_url {
-            Some(url) => {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(
-                    "SELECT event_type || payload::text || metadata::text FROM events",
-                )
-                .fetch_all(&mut conn)
-                .await
-                .unwrap()
-            }
-            None => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(self.env.data_dir.join("afyachain.db"))
-                    .read_only(true);
-                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&options)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar("SELECT event_type || payload || metadata FROM events")
-                    .fetch_all(&mut conn)
-                    .await
-                    .unwrap()
-            }
+        let sql = match self.env.backend {
+            Backend::Postgres => "SELECT event_type || payload::text || metadata::text FROM events",
+            Backend::Sqlite => "SELECT event_type || payload || metadata FROM events",
         };
+        let mut conn = self.store_connection().await;
+        let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap();
         rows.join("\n")
     }
 
