@@ -243,8 +243,13 @@ pub async fn content(
                         &patient_id.to_string(),
                     )
                     .await?;
-                    // Nobody who never dealt with this patient learns the record exists.
-                    if requests.is_empty() && explicit.is_none() {
+                    // Nobody who never dealt with this patient learns the record exists,
+                    // whatever request id they name.
+                    let related = match explicit {
+                        Some(id) => requests.iter().any(|r| r.request_id == id.to_string()),
+                        None => !requests.is_empty(),
+                    };
+                    if !related {
                         return Err(not_found());
                     }
                     // The read model only suggests which request to read under; the
