@@ -288,3 +288,64 @@ async fn a_patient_shares_a_lab_result_with_a_doctor_and_takes_it_back() {
         }
     }
 }
+
+#[actix_rt::test]
+async fn a_doctor_may_name_the_grant_and_a_stranger_naming_it_learns_nothing() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let record = app
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=imaging",
+                "image/png",
+                b"\x89PNG scan",
+            )
+            .await
+            .ok(201);
+        let record_id = record["record_id"].as_str().unwrap();
+        let asked = app
+            .request_access(&w.doctor, &w.patient.id, &["imaging"])
+            .await
+            .ok(201);
+        let request_id = asked["request_id"].as_str().unwrap();
+        app.post_empty(
+            &format!("/v1/access-requests/{request_id}/approval"),
+            Some(&w.patient.token),
+        )
+        .await
+        .ok(200);
+        let content = format!("/v1/records/{record_id}/content?request_id={request_id}");
+        let read = app.get(&content, Some(&w.doctor.token)).await;
+        assert_eq!(
+            (read.status, read.body.as_slice()),
+            (200, b"\x89PNG scan".as_slice())
+        );
+        assert_eq!(read.header("content-type").as_deref(), Some("image/png"));
+        let log = app
+            .get(
+                &format!("/v1/patients/{}/access-log", w.patient.id),
+                Some(&w.patient.token),
+            )
+            .await
+            .ok(200);
+        assert_eq!(log["items"][0]["request_id"], request_id);
+
+        // Another doctor naming that grant: as if the record did not exist.
+        let before = app.event_count().await;
+        app.get(&content, Some(&w.other_doctor.token))
+            .await
+            .problem(404, "record_not_found");
+        app.get(
+            &format!("/v1/records/{record_id}/content?request_id=nope"),
+            Some(&w.doctor.token),
+        )
+        .await
+        .problem(422, "invalid_request");
+        assert_eq!(app.event_count().await, before, "{backend:?}");
+        app.stop().await;
+    }
+}
