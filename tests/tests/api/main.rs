@@ -7,6 +7,8 @@ mod support;
 
 mod accounts;
 mod app;
+mod bad_input;
 mod idempotency;
+mod matrix;
 mod openapi;
 mod story;
