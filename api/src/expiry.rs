@@ -1,6 +1,7 @@
 //! Marks approved access as expired once its time has passed. Reads use the clock
 //! directly, so an expired grant is refused even before this runs; the sweep records
-//! the fact (`AccessExpired`) for the history and the read models.
+//! the fact (`AccessExpired`) for the history and the read models. The same sweep
+//! forgets the request fingerprints of idempotency keys older than a day.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,10 @@ use domain::ids::AccessRequestId;
 use eventstore::CommandMeta;
 
 const EVERY: Duration = Duration::from_secs(30);
+
+/// How long an idempotency key stays tied to the request that took it (see
+/// `Store::forget_request_fingerprints`).
+const FINGERPRINT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The sweeping actor.
 pub struct ExpirySweeper {
@@ -60,6 +65,16 @@ impl Handler<Sweep> for ExpirySweeper {
             async move {
                 if let Err(error) = sweep(&commands).await {
                     tracing::warn!(error = format!("{error:#}"), "expiry sweep failed");
+                }
+                if let Err(error) = commands
+                    .store()
+                    .forget_request_fingerprints(FINGERPRINT_TTL)
+                    .await
+                {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "forgetting request fingerprints failed"
+                    );
                 }
             }
             .into_actor(self)

@@ -245,17 +245,28 @@ pub fn request_id(req: &HttpRequest) -> Uuid {
 }
 
 /// Metadata for the command this request makes: who (opaque), correlated with the
-/// request id, and, when the client sent an `Idempotency-Key`, that key scoped to the
-/// caller and tied to this exact request (an HMAC of method, path, query and body).
+/// request id, and, for a POST that carries an `Idempotency-Key`, that key scoped to
+/// the caller and tied to this exact request.
+///
+/// Only POSTs are idempotent by key: a read (GET) is checked and recorded every time,
+/// whatever headers it carries, so a key can never replay a read past a revocation.
+/// Neither the client's key nor the fingerprint is kept in the log in a readable form:
+/// the key is stored as an HMAC, and the fingerprint (an HMAC of method, path, query
+/// and `fingerprint_body`) goes only to the key table (the append trigger strips it
+/// from the event), where it is forgotten after a day. Callers leave secrets such as
+/// passwords out of `fingerprint_body`.
 pub fn command_meta(
     req: &HttpRequest,
     actor: Option<Actor>,
-    body: &[u8],
+    fingerprint_body: &[u8],
 ) -> Result<CommandMeta, Problem> {
     let state = state(req)?;
     let actor_ref = actor.map_or_else(|| "anonymous".to_owned(), |a| a.reference());
     let request_id = request_id(req);
-    let mut meta = CommandMeta::new(actor_ref.clone()).with_correlation(request_id, None);
+    let meta = CommandMeta::new(actor_ref.clone()).with_correlation(request_id, None);
+    if req.method() != actix_web::http::Method::POST {
+        return Ok(meta);
+    }
     let Some(key) = req.headers().get("idempotency-key") else {
         return Ok(meta);
     };
@@ -270,20 +281,32 @@ pub fn command_meta(
                 "must be 1 to 255 visible ASCII characters",
             )
         })?;
-    let mut request = Vec::with_capacity(body.len() + 128);
+    let keys = state.commands.keys();
+    let scoped = keys.tag("idempotency key", format!("{actor_ref}|{key}").as_bytes());
+    let mut request = Vec::with_capacity(fingerprint_body.len() + 128);
     request.extend_from_slice(req.method().as_str().as_bytes());
     request.push(b'\n');
     request.extend_from_slice(req.path().as_bytes());
     request.push(b'\n');
     request.extend_from_slice(req.query_string().as_bytes());
     request.push(b'\n');
-    request.extend_from_slice(body);
-    let fingerprint =
-        commands::keys::hex(&state.commands.keys().tag("request fingerprint", &request));
-    meta = meta
-        .with_idempotency_key(format!("{actor_ref}|{key}"))
-        .with_fingerprint(fingerprint);
-    Ok(meta)
+    request.extend_from_slice(fingerprint_body);
+    let fingerprint = keys.tag("request fingerprint", &request);
+    Ok(meta
+        .with_idempotency_key(commands::keys::hex(&scoped))
+        .with_fingerprint(commands::keys::hex(&fingerprint)))
+}
+
+/// A JSON body without its `password` field, canonically serialized: what a sign-up
+/// or sign-in is fingerprinted by, so no hash of a password is ever stored.
+pub fn without_password(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.remove("password");
+            serde_json::to_vec(&map).unwrap_or_default()
+        }
+        _ => body.to_vec(),
+    }
 }
 
 #[cfg(test)]

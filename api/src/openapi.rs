@@ -18,7 +18,8 @@ use crate::routes::{access, accounts, ops, records};
             (`application/problem+json`) with a stable `code` and, for invalid input, the \
             `field`. Every POST accepts an `Idempotency-Key` header: a retry with the same key \
             and the same request answers as the first and changes nothing; the same key with \
-            a different request is refused (422)."
+            a different request is refused (422). Other methods ignore it: every read is \
+            checked and recorded anew."
     ),
     paths(
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
@@ -39,22 +40,23 @@ use crate::routes::{access, accounts, ops, records};
 )]
 pub struct ApiDoc;
 
-/// The error statuses of each operation (besides 500, which any may answer).
+/// The error statuses of each operation (besides 500 and 503, which any may answer: 503
+/// when a service a command needs is down).
 pub const ERRORS: &[(&str, &str, &[u16])] = &[
-    ("/v1/patients", "post", &[400, 409, 413, 415, 422]),
-    ("/v1/doctors", "post", &[400, 409, 413, 415, 422]),
+    ("/v1/patients", "post", &[400, 409, 413, 415, 422, 429]),
+    ("/v1/doctors", "post", &[400, 409, 413, 415, 422, 429]),
     (
         "/v1/doctors/{doctor_id}/verification",
         "post",
         &[401, 403, 404, 409, 422],
     ),
-    ("/v1/sessions", "post", &[400, 401, 413, 415, 422, 429]),
+    ("/v1/sessions", "post", &[400, 401, 409, 413, 415, 422, 429]),
     ("/v1/sessions/current", "get", &[401]),
-    ("/v1/sessions/current", "delete", &[401]),
+    ("/v1/sessions/current", "delete", &[401, 409]),
     (
         "/v1/patients/{patient_id}/records",
         "post",
-        &[401, 403, 404, 413, 415, 422],
+        &[401, 403, 404, 409, 413, 415, 422],
     ),
     (
         "/v1/patients/{patient_id}/records",
@@ -64,12 +66,12 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     (
         "/v1/records/{record_id}/content",
         "get",
-        &[401, 403, 404, 422],
+        &[401, 403, 404, 409, 422],
     ),
     (
         "/v1/access-requests",
         "post",
-        &[400, 401, 403, 404, 413, 415, 422],
+        &[400, 401, 403, 404, 409, 413, 415, 422],
     ),
     (
         "/v1/patients/{patient_id}/access-requests",
@@ -143,11 +145,12 @@ fn describe(status: u16) -> &'static str {
         401 => "Missing, malformed, forged, expired or revoked bearer token; or wrong credentials",
         403 => "The caller's role or ownership does not allow this",
         404 => "No such resource (or not to be revealed)",
-        409 => "The resource's state does not allow this (already done, no longer pending)",
+        409 => "The resource's state does not allow this (already done, no longer pending), or it changed at the same time (`concurrent_change`: retry)",
         413 => "The body is too large",
         415 => "Missing or unsupported Content-Type",
         422 => "Invalid input; `field` names it",
         429 => "Too many failed attempts; see Retry-After",
+        503 => "A service the command needs is unavailable; try again later",
         _ => "Unexpected failure",
     }
 }
@@ -162,7 +165,7 @@ impl Modify for Errors {
                     .map(|(_, _, statuses)| *statuses)
                     .unwrap_or(&[]);
                 if let Some(op) = operation(item, method) {
-                    for status in listed.iter().chain(&[500]) {
+                    for status in listed.iter().chain(&[500, 503]) {
                         op.responses
                             .responses
                             .entry(status.to_string())

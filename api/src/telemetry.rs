@@ -37,7 +37,12 @@ pub async fn observe(
     let request_id = Uuid::new_v4();
     req.extensions_mut().insert(RequestId(request_id));
     let metrics = req.app_data::<Data<Metrics>>().cloned();
-    let method = req.method().to_string();
+    // Clients choose the method: only known ones become labels.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,

@@ -538,8 +538,9 @@ impl Commands {
     }
 
     /// Checks a phone and password against the phone's account and starts a session.
-    /// Unknown phones and wrong passwords are refused alike, in the same time. A repeat
-    /// under the same idempotency key answers with the same session.
+    /// Unknown phones and wrong passwords are refused alike, in the same time. The
+    /// password is checked first, every time: a repeat under the same idempotency key
+    /// then answers with the session the first attempt started.
     pub async fn sign_in(
         &self,
         phone: &Msisdn,
@@ -547,14 +548,6 @@ impl Commands {
         lifetime: chrono::Duration,
         meta: CommandMeta,
     ) -> Result<SignedIn, CommandError> {
-        if let Some(outcome) = self
-            .store
-            .earlier_outcome::<SessionError>(&meta)
-            .await
-            .map_err(map)?
-        {
-            return self.signed_in(id_of(&outcome, None)?).await;
-        }
         let account = self
             .accounts
             .load_aggregate(&self.keys.phone_index(phone.as_str()))
@@ -577,6 +570,14 @@ impl Commands {
         let phc = String::from_utf8(phc).context("stored credential is not text")?;
         if !verify_password(phc, password).await {
             return Err(CommandError::BadCredentials);
+        }
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<SessionError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return self.signed_in(id_of(&outcome, None)?).await;
         }
         let session_id = Uuid::new_v4();
         let mut meta = meta;
@@ -814,6 +815,10 @@ impl Commands {
         request_id: Option<AccessRequestId>,
         meta: CommandMeta,
     ) -> Result<(CommandOutcome, MedicalRecord, Vec<u8>), CommandError> {
+        // A read is checked and recorded every time: never answered from an earlier one.
+        let mut meta = meta;
+        meta.idempotency_key = None;
+        meta.request_fingerprint = None;
         let outcome = self
             .store
             .execute::<MedicalRecord>(

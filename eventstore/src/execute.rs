@@ -252,6 +252,33 @@ impl Store {
         }
     }
 
+    /// Erases the request fingerprints of keys taken more than `max_age` ago: from then
+    /// on such a key still appends nothing again, but is no longer checked against the
+    /// request it was first used for. Returns how many were erased.
+    pub async fn forget_request_fingerprints(&self, max_age: Duration) -> anyhow::Result<u64> {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::zero());
+        let done = match &self.typed {
+            Typed::Postgres(pool) => sqlx::query(
+                "UPDATE command_keys SET fingerprint = NULL \
+                 WHERE fingerprint IS NOT NULL AND recorded_at <= $1",
+            )
+            .bind(cutoff)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()),
+            Typed::Sqlite(pool) => sqlx::query(
+                "UPDATE command_keys SET fingerprint = NULL \
+                 WHERE fingerprint IS NOT NULL AND recorded_at <= $1",
+            )
+            .bind(cutoff.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()),
+        };
+        done.context("forgetting request fingerprints")
+    }
+
     /// The outcome of the command that took `key`, if one did, and the fingerprint of
     /// the request it was made for.
     pub async fn idempotent_outcome(

@@ -174,6 +174,36 @@ async fn a_key_reused_for_a_different_request_is_refused_and_appends_nothing() {
         assert_eq!(stored.1.as_deref(), Some("request-1"));
         let log = read_settled(&t.store, LogCursor::START, 100).await.unwrap();
         assert_eq!(log.len(), 1, "{backend:?}");
+        // The fingerprint is kept beside the key, never in the immutable log.
+        assert_eq!(log[0].meta("request_fingerprint"), None, "{backend:?}");
+        assert!(log[0].meta("idempotency_key").is_some());
+
+        // Fingerprints are forgotten after a while: young ones stay...
+        let kept = t
+            .store
+            .forget_request_fingerprints(Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(kept, 0, "{backend:?}");
+        // ...old ones go; the key still appends nothing again.
+        let forgotten = t
+            .store
+            .forget_request_fingerprints(Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(forgotten, 1, "{backend:?}");
+        assert_eq!(
+            t.store.idempotent_outcome("k-f").await.unwrap().unwrap().1,
+            None
+        );
+        assert!(add(&t.store, "c1", 7, meta("request-2")).await.replayed);
+        assert_eq!(
+            read_settled(&t.store, LogCursor::START, 100)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         t.cleanup().await.unwrap();
     }
 }

@@ -136,7 +136,8 @@ pub async fn access_requests_of_patient(
     Ok(page(rows, limit, |r| r.position))
 }
 
-/// Every request a doctor made to a patient, newest first.
+/// The requests a doctor made to a patient, newest first (the latest 200: enough to
+/// find an active grant among them).
 pub async fn requests_between(
     pool: &AnyPool,
     doctor_id: &str,

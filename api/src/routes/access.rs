@@ -172,14 +172,21 @@ fn scope_lists(scope: &Scope) -> (Vec<String>, Vec<Uuid>) {
     )
 }
 
-/// A refusal about the request body names its field.
-fn on_field(problem: Problem) -> Problem {
+/// How a decision's refusal is answered: one about the body names its field, and a
+/// patient deciding on someone else's request learns nothing about it (404, as for a
+/// request that does not exist).
+fn decision_refused(problem: Problem) -> Problem {
     let field = match problem.code {
         "expiry_in_past" | "expiry_beyond_requested" => "expires_at",
         "scope_not_narrower" | "empty_scope" => "categories",
+        "not_the_patient" => return not_found(),
         _ => return problem,
     };
     problem.at(field)
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("access_request_not_found", "no such access request")
 }
 
 #[utoipa::path(post, path = "/v1/access-requests", tag = "consent",
@@ -320,7 +327,7 @@ pub async fn approve(
     path: Path<String>,
     body: Body,
 ) -> Result<HttpResponse, Problem> {
-    patient(&caller)?;
+    let by = patient(&caller)?;
     let request_id: AccessRequestId = path_id(&path, "access request")?;
     let input: Approval = body.json_or_default()?;
     let mut v = Validation::default();
@@ -347,9 +354,8 @@ pub async fn approve(
             .commands
             .access_request(request_id)
             .await?
-            .ok_or_else(|| {
-                Problem::not_found("access_request_not_found", "no such access request")
-            })?;
+            .filter(|r| r.patient_id() == Some(by))
+            .ok_or_else(not_found)?;
         Some(Scope {
             categories: categories.unwrap_or_else(|| requested.scope().categories.clone()),
             record_ids: record_ids.unwrap_or_else(|| requested.scope().record_ids.clone()),
@@ -362,7 +368,7 @@ pub async fn approve(
         .commands
         .approve_access(request_id, caller.actor(), expires_at, scope, meta)
         .await
-        .map_err(|e| on_field(e.into()))?;
+        .map_err(|e| decision_refused(e.into()))?;
     answer(&state, decided).await
 }
 
@@ -392,7 +398,8 @@ pub async fn reject(
     let decided = state
         .commands
         .reject_access(request_id, caller.actor(), reason.as_ref(), meta)
-        .await?;
+        .await
+        .map_err(|e| decision_refused(e.into()))?;
     answer(&state, decided).await
 }
 
@@ -413,7 +420,8 @@ pub async fn revoke(
     let decided = state
         .commands
         .revoke_access(request_id, caller.actor(), meta)
-        .await?;
+        .await
+        .map_err(|e| decision_refused(e.into()))?;
     answer(&state, decided).await
 }
 

@@ -11,13 +11,16 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::extract::{command_meta, Body, Caller};
+use crate::extract::{command_meta, without_password, Body, Caller};
 use crate::problem::{checked, Problem, Validation};
 use crate::routes::{path_id, registrar};
 use crate::server::AppState;
 
+// Bodies and answers that hold a password or a token derive no `Debug`: they cannot be
+// printed by accident.
+
 /// A patient signs up.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatientSignUp {
     /// Kenyan mobile number: 2547XXXXXXXX, 2541XXXXXXXX, 07…, 01… or +254….
@@ -37,7 +40,7 @@ pub struct PatientCreated {
 }
 
 /// A doctor signs up; unverified until a registrar verifies the licence.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DoctorSignUp {
     #[schema(example = "254722000111")]
@@ -56,7 +59,7 @@ pub struct DoctorState {
     pub status: String,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignIn {
     pub phone: String,
@@ -64,7 +67,7 @@ pub struct SignIn {
 }
 
 /// A session: send `token` as `Authorization: Bearer <token>` until `expires_at`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct SessionCreated {
     pub token: String,
     /// `patient`, `doctor`, `registrar` or `auditor`.
@@ -100,17 +103,21 @@ pub async fn sign_up_patient(
     let name = v.check(PersonName::parse(&input.name));
     let birth_date = v.check(BirthDate::parse(&input.birth_date, today(&state)));
     v.finish()?;
-    let meta = command_meta(&req, None, body.bytes())?;
-    let done = state
-        .commands
-        .register_patient(
-            &checked(name)?,
-            &checked(phone)?,
-            &checked(birth_date)?,
-            &checked(password)?,
-            meta,
-        )
-        .await?;
+    let meta = command_meta(&req, None, &without_password(body.bytes()))?;
+    let done = limit_sign_up(&req, &state, async {
+        state
+            .commands
+            .register_patient(
+                &checked(name)?,
+                &checked(phone)?,
+                &checked(birth_date)?,
+                &checked(password)?,
+                meta,
+            )
+            .await
+            .map_err(Problem::from)
+    })
+    .await?;
     state.settle.settle(&done.outcome).await;
     Ok(HttpResponse::Created().json(PatientCreated {
         patient_id: done.id.as_uuid(),
@@ -133,17 +140,21 @@ pub async fn sign_up_doctor(
     let name = v.check(PersonName::parse(&input.name));
     let licence = v.check(LicenceNumber::parse(&input.license_number));
     v.finish()?;
-    let meta = command_meta(&req, None, body.bytes())?;
-    let done = state
-        .commands
-        .register_doctor(
-            &checked(name)?,
-            &checked(phone)?,
-            checked(licence)?,
-            &checked(password)?,
-            meta,
-        )
-        .await?;
+    let meta = command_meta(&req, None, &without_password(body.bytes()))?;
+    let done = limit_sign_up(&req, &state, async {
+        state
+            .commands
+            .register_doctor(
+                &checked(name)?,
+                &checked(phone)?,
+                checked(licence)?,
+                &checked(password)?,
+                meta,
+            )
+            .await
+            .map_err(Problem::from)
+    })
+    .await?;
     state.settle.settle(&done.outcome).await;
     Ok(HttpResponse::Created().json(DoctorState {
         doctor_id: done.id.as_uuid(),
@@ -192,18 +203,14 @@ pub async fn sign_in(
     let phone = checked(phone)?;
     let phone_index = state.commands.keys().phone_index(phone.as_str());
     let address = req.peer_addr().map(|a| a.ip());
-    state.limiter.check(&phone_index, address).map_err(|wait| {
-        Problem::new(
-            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_attempts",
-            "too many failed sign-ins; wait before trying again",
-        )
-        .retry_after(wait)
-    })?;
+    state
+        .limiter
+        .begin(Some(&phone_index), address)
+        .map_err(too_many)?;
     // A password shorter than any account may have cannot match.
     let result = match Password::parse(&input.password) {
         Ok(password) => {
-            let meta = command_meta(&req, None, body.bytes())?;
+            let meta = command_meta(&req, None, &without_password(body.bytes()))?;
             state
                 .commands
                 .sign_in(&phone, &password, state.config.session_lifetime, meta)
@@ -213,7 +220,7 @@ pub async fn sign_in(
     };
     match result {
         Ok(session) => {
-            state.limiter.succeeded(&phone_index);
+            state.limiter.succeeded(Some(&phone_index), address);
             Ok(HttpResponse::Ok().json(SessionCreated {
                 token: session.token,
                 role: session.holder.kind().to_owned(),
@@ -222,12 +229,41 @@ pub async fn sign_in(
             }))
         }
         Err(CommandError::BadCredentials) => {
-            state.limiter.failed(&phone_index, address);
             tracing::info!("sign-in refused");
             Err(CommandError::BadCredentials.into())
         }
-        Err(other) => Err(other.into()),
+        // Not a guess that failed: the attempt is given back.
+        Err(other) => {
+            state.limiter.succeeded(None, address);
+            Err(other.into())
+        }
     }
+}
+
+fn too_many(wait: u64) -> Problem {
+    Problem::new(
+        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        "too many failed attempts; wait before trying again",
+    )
+    .retry_after(wait)
+}
+
+/// Runs a sign-up under the address's attempt limit: one that finds the phone taken
+/// counts as a failed attempt (so registered phones cannot be enumerated quickly).
+async fn limit_sign_up<T>(
+    req: &HttpRequest,
+    state: &AppState,
+    sign_up: impl std::future::Future<Output = Result<T, Problem>>,
+) -> Result<T, Problem> {
+    let address = req.peer_addr().map(|a| a.ip());
+    state.limiter.begin(None, address).map_err(too_many)?;
+    let result = sign_up.await;
+    match &result {
+        Err(problem) if problem.code == "phone_taken" => {}
+        _ => state.limiter.succeeded(None, address),
+    }
+    result
 }
 
 fn subject_uuid(actor: &domain::actor::Actor) -> Uuid {

@@ -207,7 +207,7 @@ pub struct ContentQuery {
 #[utoipa::path(get, path = "/v1/records/{record_id}/content", tag = "records",
     params(("record_id" = Uuid, Path), ContentQuery),
     security(("bearer" = [])),
-    responses((status = 200, description = "The original bytes with their media type; a doctor's read is recorded first", content_type = "application/octet-stream", body = Vec<u8>)))]
+    responses((status = 200, description = "The original bytes, with the media type they were uploaded with; a doctor's read is recorded first", content_type = "*/*", body = Vec<u8>)))]
 #[tracing::instrument(skip_all)]
 pub async fn content(
     req: HttpRequest,
@@ -237,27 +237,24 @@ pub async fn content(
                         ),
                         None => None,
                     };
-                    let requests = queries::requests_between(
-                        state.store.any_pool(),
-                        &d.to_string(),
-                        &patient_id.to_string(),
-                    )
-                    .await?;
-                    // Nobody who never dealt with this patient learns the record exists,
-                    // whatever request id they name.
-                    let related = match explicit {
-                        Some(id) => requests.iter().any(|r| r.request_id == id.to_string()),
-                        None => !requests.is_empty(),
-                    };
-                    if !related {
-                        return Err(not_found());
-                    }
+                    let pool = state.store.any_pool();
+                    let (doctor, patient) = (d.to_string(), patient_id.to_string());
                     // The read model only suggests which request to read under; the
-                    // record decides on the event store's state of that request.
-                    match explicit {
-                        Some(id) => Some(id),
-                        None => choose_request(&requests, &record, state.commands.now()),
-                    }
+                    // record decides on the event store's state of that request. Nobody
+                    // who never dealt with this patient learns the record exists,
+                    // whatever request id they name.
+                    let chosen = match explicit {
+                        Some(id) => queries::access_request(pool, &id.to_string())
+                            .await?
+                            .filter(|r| r.doctor_id == doctor && r.patient_id == patient)
+                            .map(|_| id),
+                        None => {
+                            let requests =
+                                queries::requests_between(pool, &doctor, &patient).await?;
+                            choose_request(&requests, &record, state.commands.now())
+                        }
+                    };
+                    Some(chosen.ok_or_else(not_found)?)
                 }
                 _ => return Err(not_found()),
             }

@@ -1,7 +1,11 @@
 -- An idempotency key remembers which request took it (an HMAC of the request, computed
 -- by the API), so a key reused for a different request is refused rather than answered
--- with the first request's outcome.
+-- with the first request's outcome. The fingerprint travels in the appended event's
+-- metadata only as far as this trigger: it is kept in command_keys and stripped from
+-- the event, so the immutable log never holds it; `Store::forget_request_fingerprints`
+-- erases it from command_keys after a while.
 ALTER TABLE command_keys ADD COLUMN fingerprint text;
+CREATE INDEX command_keys_fingerprinted ON command_keys (recorded_at) WHERE fingerprint IS NOT NULL;
 
 CREATE OR REPLACE FUNCTION events_take_command_key() RETURNS trigger
     LANGUAGE plpgsql AS
@@ -17,6 +21,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'idempotency key already used' USING ERRCODE = 'unique_violation';
     END IF;
+    NEW.metadata := (NEW.metadata::jsonb - 'request_fingerprint')::json;
     RETURN NEW;
 END
 $$;

@@ -1,7 +1,11 @@
 -- An idempotency key remembers which request took it (an HMAC of the request, computed
 -- by the API), so a key reused for a different request is refused rather than answered
--- with the first request's outcome.
+-- with the first request's outcome. The fingerprint travels in the appended event's
+-- metadata only as far as these triggers: it is kept in command_keys and stripped from
+-- the event, so the immutable log never holds it; `Store::forget_request_fingerprints`
+-- erases it from command_keys after a while.
 ALTER TABLE command_keys ADD COLUMN fingerprint text;
+CREATE INDEX command_keys_fingerprinted ON command_keys (recorded_at) WHERE fingerprint IS NOT NULL;
 
 DROP TRIGGER events_command_key;
 
@@ -23,4 +27,15 @@ BEGIN
     UPDATE command_keys
     SET last_sequence = NEW.sequence
     WHERE idempotency_key = json_extract(NEW.metadata, '$.idempotency_key');
+END;
+
+-- SQLite cannot change NEW before the insert: the stored row is cleaned right after.
+CREATE TRIGGER events_strip_fingerprint
+    AFTER INSERT
+    ON events
+    WHEN json_extract(NEW.metadata, '$.request_fingerprint') IS NOT NULL
+BEGIN
+    UPDATE events
+    SET metadata = json_remove(metadata, '$.request_fingerprint')
+    WHERE rowid = NEW.rowid;
 END;

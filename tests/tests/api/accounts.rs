@@ -170,3 +170,66 @@ async fn a_session_lasts_as_configured_and_unknown_phones_fail_like_wrong_passwo
         app.stop().await;
     }
 }
+
+#[actix_rt::test]
+async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_the_limit() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start_with(
+            backend,
+            &[
+                ("AFYA_SIGNIN_MAX_FAILURES_PER_PHONE", "5"),
+                ("AFYA_SIGNIN_MAX_FAILURES_PER_IP", "1000"),
+            ],
+        )
+        .await
+        else {
+            continue;
+        };
+        let phone = app.phone();
+        app.sign_up_patient(&phone, "Neema Achieng").await;
+        let guesses = (0..30).map(|i| {
+            app.post(
+                "/v1/sessions",
+                None,
+                json!({"phone": phone, "password": format!("wrong guess {i:03}")}),
+            )
+        });
+        let answers = futures::future::join_all(guesses).await;
+        let tried = answers.iter().filter(|r| r.status == 401).count();
+        let refused = answers.iter().filter(|r| r.status == 429).count();
+        assert_eq!((tried, refused), (5, 25), "{backend:?}");
+        app.stop().await;
+    }
+}
+
+#[actix_rt::test]
+async fn sign_ups_that_find_a_taken_phone_are_limited_per_address() {
+    for backend in BACKENDS {
+        let Some(app) =
+            TestApp::start_with(backend, &[("AFYA_SIGNIN_MAX_FAILURES_PER_IP", "3")]).await
+        else {
+            continue;
+        };
+        let taken = app.phone();
+        app.sign_up_patient(&taken, "Neema Achieng").await;
+        // Successful sign-ups use up nothing.
+        for _ in 0..4 {
+            app.sign_up_patient(&app.phone(), "Baraka Mwangi").await;
+        }
+        for _ in 0..3 {
+            app.post("/v1/patients", None, TestApp::patient_body(&taken, "Probe"))
+                .await
+                .problem(409, "phone_taken");
+        }
+        let locked = app
+            .post(
+                "/v1/patients",
+                None,
+                TestApp::patient_body(&app.phone(), "Next"),
+            )
+            .await;
+        locked.problem(429, "too_many_attempts");
+        assert!(locked.header("retry-after").is_some());
+        app.stop().await;
+    }
+}

@@ -37,7 +37,8 @@ use Expect::{Allow, Deny, Role};
 const ANON: Expect = Deny(401, "unauthenticated");
 const ROLE: Expect = Deny(403, "role_forbidden");
 const NOT_YOURS: Expect = Deny(403, "not_your_data");
-const NOT_THE_PATIENT: Expect = Deny(403, "not_the_patient");
+/// Another patient's access request: as if it did not exist.
+const NOT_THE_PATIENT: Expect = Deny(404, "access_request_not_found");
 const NO_GRANT: Expect = Deny(403, "no_grant");
 const UNVERIFIED: Expect = Deny(403, "doctor_not_verified");
 /// Whoever may not read a record does not learn it exists.

@@ -349,3 +349,72 @@ async fn a_doctor_may_name_the_grant_and_a_stranger_naming_it_learns_nothing() {
         app.stop().await;
     }
 }
+
+#[actix_rt::test]
+async fn an_idempotency_key_never_replays_a_read_past_a_revocation() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let record = app
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab",
+                "application/pdf",
+                PDF,
+            )
+            .await
+            .ok(201);
+        let record_id = record["record_id"].as_str().unwrap();
+        let asked = app
+            .request_access(&w.doctor, &w.patient.id, &["lab"])
+            .await
+            .ok(201);
+        let request_id = asked["request_id"].as_str().unwrap();
+        app.post_empty(
+            &format!("/v1/access-requests/{request_id}/approval"),
+            Some(&w.patient.token),
+        )
+        .await
+        .ok(200);
+        let content = format!("/v1/records/{record_id}/content");
+        let read = || {
+            app.send(
+                reqwest::Method::GET,
+                &content,
+                Some(&w.doctor.token),
+                &[("idempotency-key", "read-1")],
+                None,
+            )
+        };
+        // Each read under the same key is checked and recorded anew.
+        let before = app.event_count().await;
+        assert_eq!(read().await.status, 200);
+        assert_eq!(read().await.status, 200);
+        assert_eq!(
+            app.event_count().await,
+            before + 2,
+            "{backend:?}: two reads, two records"
+        );
+        app.post_empty(
+            &format!("/v1/access-requests/{request_id}/revocation"),
+            Some(&w.patient.token),
+        )
+        .await
+        .ok(200);
+        let after = app.event_count().await;
+        read().await.problem(403, "grant_not_active");
+        assert_eq!(app.event_count().await, after);
+        let log = app
+            .get(
+                &format!("/v1/patients/{}/access-log", w.patient.id),
+                Some(&w.patient.token),
+            )
+            .await
+            .ok(200);
+        assert_eq!(log["items"].as_array().unwrap().len(), 2);
+        app.stop().await;
+    }
+}
