@@ -387,15 +387,57 @@ impl Commands {
         }
     }
 
-    /// The id of the subject an earlier registration under `meta`'s key created, if any.
-    async fn earlier_registration<Id: std::str::FromStr + Copy, E: Rule>(
+    /// The start of every registration: the id an earlier registration under `meta`'s
+    /// key created (a retry), or `None` once the phone is known to be free.
+    async fn begin_registration<Id: std::str::FromStr + Copy, E: Rule>(
         &self,
+        phone_index: &str,
         meta: &CommandMeta,
     ) -> Result<Option<Id>, CommandError> {
         match self.store.earlier_outcome::<E>(meta).await.map_err(map)? {
             Some(outcome) => Ok(Some(id_of(&outcome, None)?)),
-            None => Ok(None),
+            None => {
+                self.ensure_phone_free(phone_index).await?;
+                Ok(None)
+            }
         }
+    }
+
+    /// Appends a registration as its new subject (the actor of its own sign-up).
+    async fn register<A>(
+        &self,
+        events: &AggregateStore<A>,
+        holder: Actor,
+        command: A::Command,
+        meta: &CommandMeta,
+    ) -> Result<(), CommandError>
+    where
+        A: Aggregate<Services = ()> + Clone,
+        A::Command: Clone,
+        A::Error: Rule,
+    {
+        let mut meta = meta.clone();
+        meta.actor = holder.reference();
+        self.store
+            .execute::<A>(events, &holder.id_string(), command, &(), &meta)
+            .await
+            .map_err(map)?;
+        Ok(())
+    }
+
+    /// The end of every registration: the account that lets the subject sign in.
+    async fn finish_registration<Id>(
+        &self,
+        id: Id,
+        holder: Actor,
+        phone_index: String,
+        password: &Password,
+        meta: &CommandMeta,
+    ) -> Result<Done<Id>, CommandError> {
+        let outcome = self
+            .open_account(phone_index, holder, password, meta)
+            .await?;
+        Ok(Done { id, outcome })
     }
 
     /// Registers a patient and opens their account; personal fields are sealed under
@@ -410,14 +452,12 @@ impl Commands {
     ) -> Result<Done<PatientId>, CommandError> {
         let phone_index = self.keys.phone_index(phone.as_str());
         let patient_id = match self
-            .earlier_registration::<PatientId, domain::patient::PatientError>(&meta)
+            .begin_registration::<PatientId, domain::patient::PatientError>(&phone_index, &meta)
             .await?
         {
             Some(id) => id,
             None => {
-                self.ensure_phone_free(&phone_index).await?;
                 let patient_id = PatientId::new();
-                let subject = patient_id.to_string();
                 let personal = PatientPersonal {
                     name: name.as_str().to_owned(),
                     phone: phone.as_str().to_owned(),
@@ -425,26 +465,22 @@ impl Commands {
                 };
                 let command = PatientCommand::Register {
                     patient_id,
-                    personal: self.seal_json(&subject, &personal).await?,
+                    personal: self.seal_json(&patient_id.to_string(), &personal).await?,
                     phone_index: phone_index.clone(),
                 };
-                let mut meta = meta.clone();
-                meta.actor = Actor::Patient(patient_id).reference();
-                let outcome = self
-                    .store
-                    .execute::<Patient>(&self.patients, &subject, command, &(), &meta)
-                    .await
-                    .map_err(map)?;
-                id_of(&outcome, Some(patient_id))?
+                self.register(&self.patients, Actor::Patient(patient_id), command, &meta)
+                    .await?;
+                patient_id
             }
         };
-        let outcome = self
-            .open_account(phone_index, Actor::Patient(patient_id), password, &meta)
-            .await?;
-        Ok(Done {
-            id: patient_id,
-            outcome,
-        })
+        self.finish_registration(
+            patient_id,
+            Actor::Patient(patient_id),
+            phone_index,
+            password,
+            &meta,
+        )
+        .await
     }
 
     /// Registers a doctor, unverified until a registrar verifies them, and opens their
@@ -459,41 +495,35 @@ impl Commands {
     ) -> Result<Done<DoctorId>, CommandError> {
         let phone_index = self.keys.phone_index(phone.as_str());
         let doctor_id = match self
-            .earlier_registration::<DoctorId, domain::doctor::DoctorError>(&meta)
+            .begin_registration::<DoctorId, domain::doctor::DoctorError>(&phone_index, &meta)
             .await?
         {
             Some(id) => id,
             None => {
-                self.ensure_phone_free(&phone_index).await?;
                 let doctor_id = DoctorId::new();
-                let subject = doctor_id.to_string();
                 let personal = DoctorPersonal {
                     name: name.as_str().to_owned(),
                     phone: phone.as_str().to_owned(),
                 };
                 let command = DoctorCommand::Register {
                     doctor_id,
-                    personal: self.seal_json(&subject, &personal).await?,
+                    personal: self.seal_json(&doctor_id.to_string(), &personal).await?,
                     phone_index: phone_index.clone(),
                     licence,
                 };
-                let mut meta = meta.clone();
-                meta.actor = Actor::Doctor(doctor_id).reference();
-                let outcome = self
-                    .store
-                    .execute::<Doctor>(&self.doctors, &subject, command, &(), &meta)
-                    .await
-                    .map_err(map)?;
-                id_of(&outcome, Some(doctor_id))?
+                self.register(&self.doctors, Actor::Doctor(doctor_id), command, &meta)
+                    .await?;
+                doctor_id
             }
         };
-        let outcome = self
-            .open_account(phone_index, Actor::Doctor(doctor_id), password, &meta)
-            .await?;
-        Ok(Done {
-            id: doctor_id,
-            outcome,
-        })
+        self.finish_registration(
+            doctor_id,
+            Actor::Doctor(doctor_id),
+            phone_index,
+            password,
+            &meta,
+        )
+        .await
     }
 
     /// Registers a registrar or an auditor (operators only, from the command line) and
@@ -507,34 +537,36 @@ impl Commands {
         meta: CommandMeta,
     ) -> Result<Done<StaffId>, CommandError> {
         let phone_index = self.keys.phone_index(phone.as_str());
-        self.ensure_phone_free(&phone_index).await?;
-        let staff_id = StaffId::new();
-        let subject = staff_id.to_string();
-        let personal = DoctorPersonal {
-            name: name.as_str().to_owned(),
-            phone: phone.as_str().to_owned(),
+        let staff_id = match self
+            .begin_registration::<StaffId, domain::staff::StaffError>(&phone_index, &meta)
+            .await?
+        {
+            Some(id) => id,
+            None => {
+                let staff_id = StaffId::new();
+                let personal = DoctorPersonal {
+                    name: name.as_str().to_owned(),
+                    phone: phone.as_str().to_owned(),
+                };
+                let command = StaffCommand::Register {
+                    staff_id,
+                    role,
+                    personal: self.seal_json(&staff_id.to_string(), &personal).await?,
+                    phone_index: phone_index.clone(),
+                };
+                let holder = staff_actor(role, staff_id);
+                self.register(&self.staff, holder, command, &meta).await?;
+                staff_id
+            }
         };
-        let command = StaffCommand::Register {
+        self.finish_registration(
             staff_id,
-            role,
-            personal: self.seal_json(&subject, &personal).await?,
-            phone_index: phone_index.clone(),
-        };
-        self.store
-            .execute::<Staff>(&self.staff, &subject, command, &(), &meta)
-            .await
-            .map_err(map)?;
-        let holder = match role {
-            StaffRole::Registrar => Actor::Registrar(staff_id),
-            StaffRole::Auditor => Actor::Auditor(staff_id),
-        };
-        let outcome = self
-            .open_account(phone_index, holder, password, &meta)
-            .await?;
-        Ok(Done {
-            id: staff_id,
-            outcome,
-        })
+            staff_actor(role, staff_id),
+            phone_index,
+            password,
+            &meta,
+        )
+        .await
     }
 
     /// Checks a phone and password against the phone's account and starts a session.
@@ -1027,6 +1059,13 @@ impl Commands {
 pub struct Decided {
     pub outcome: CommandOutcome,
     pub event: <AccessRequest as Aggregate>::Event,
+}
+
+fn staff_actor(role: StaffRole, id: StaffId) -> Actor {
+    match role {
+        StaffRole::Registrar => Actor::Registrar(id),
+        StaffRole::Auditor => Actor::Auditor(id),
+    }
 }
 
 /// The id a command acted on: on an idempotent replay (or when no fresh id is given),

@@ -334,6 +334,39 @@ impl TestApp {
         .await
     }
 
+    /// The world's patient uploads a record of `category` and grants the world's
+    /// doctor that category: `(record_id, request_id)`.
+    pub async fn share(
+        &self,
+        w: &World,
+        category: &str,
+        content_type: &str,
+        bytes: &[u8],
+    ) -> (String, String) {
+        let record = self
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                &format!("category={category}"),
+                content_type,
+                bytes,
+            )
+            .await
+            .ok(201);
+        let asked = self
+            .request_access(&w.doctor, &w.patient.id, &[category])
+            .await
+            .ok(201);
+        let request_id = asked["request_id"].as_str().unwrap().to_owned();
+        self.post_empty(
+            &format!("/v1/access-requests/{request_id}/approval"),
+            Some(&w.patient.token),
+        )
+        .await
+        .ok(200);
+        (record["record_id"].as_str().unwrap().to_owned(), request_id)
+    }
+
     /// How many events the store holds (read directly, beside the server).
     pub async fn event_count(&self) -> i64 {
         self.scalar("SELECT count(*) FROM events").await

@@ -296,28 +296,7 @@ async fn a_doctor_may_name_the_grant_and_a_stranger_naming_it_learns_nothing() {
             continue;
         };
         let w = app.world().await;
-        let record = app
-            .upload(
-                &w.patient.token,
-                &w.patient.id,
-                "category=imaging",
-                "image/png",
-                b"\x89PNG scan",
-            )
-            .await
-            .ok(201);
-        let record_id = record["record_id"].as_str().unwrap();
-        let asked = app
-            .request_access(&w.doctor, &w.patient.id, &["imaging"])
-            .await
-            .ok(201);
-        let request_id = asked["request_id"].as_str().unwrap();
-        app.post_empty(
-            &format!("/v1/access-requests/{request_id}/approval"),
-            Some(&w.patient.token),
-        )
-        .await
-        .ok(200);
+        let (record_id, request_id) = app.share(&w, "imaging", "image/png", b"\x89PNG scan").await;
         let content = format!("/v1/records/{record_id}/content?request_id={request_id}");
         let read = app.get(&content, Some(&w.doctor.token)).await;
         assert_eq!(
@@ -357,28 +336,7 @@ async fn an_idempotency_key_never_replays_a_read_past_a_revocation() {
             continue;
         };
         let w = app.world().await;
-        let record = app
-            .upload(
-                &w.patient.token,
-                &w.patient.id,
-                "category=lab",
-                "application/pdf",
-                PDF,
-            )
-            .await
-            .ok(201);
-        let record_id = record["record_id"].as_str().unwrap();
-        let asked = app
-            .request_access(&w.doctor, &w.patient.id, &["lab"])
-            .await
-            .ok(201);
-        let request_id = asked["request_id"].as_str().unwrap();
-        app.post_empty(
-            &format!("/v1/access-requests/{request_id}/approval"),
-            Some(&w.patient.token),
-        )
-        .await
-        .ok(200);
+        let (record_id, request_id) = app.share(&w, "lab", "application/pdf", PDF).await;
         let content = format!("/v1/records/{record_id}/content");
         let read = || {
             app.send(
