@@ -403,26 +403,31 @@ impl Commands {
         }
     }
 
-    /// Appends a registration as its new subject (the actor of its own sign-up).
-    async fn register<A>(
+    /// Appends a registration as its new subject `id` (the actor of its own sign-up).
+    /// Answers with the subject's id: `id`, or, when a concurrent twin under the same
+    /// key won, the twin's.
+    async fn register<A, Id>(
         &self,
         events: &AggregateStore<A>,
+        id: Id,
         holder: Actor,
         command: A::Command,
         meta: &CommandMeta,
-    ) -> Result<(), CommandError>
+    ) -> Result<Id, CommandError>
     where
         A: Aggregate<Services = ()> + Clone,
         A::Command: Clone,
         A::Error: Rule,
+        Id: std::str::FromStr + Copy,
     {
         let mut meta = meta.clone();
         meta.actor = holder.reference();
-        self.store
+        let outcome = self
+            .store
             .execute::<A>(events, &holder.id_string(), command, &(), &meta)
             .await
             .map_err(map)?;
-        Ok(())
+        Ok(id_of(&outcome, Some(id))?)
     }
 
     /// The end of every registration: the account that lets the subject sign in.
@@ -468,9 +473,14 @@ impl Commands {
                     personal: self.seal_json(&patient_id.to_string(), &personal).await?,
                     phone_index: phone_index.clone(),
                 };
-                self.register(&self.patients, Actor::Patient(patient_id), command, &meta)
-                    .await?;
-                patient_id
+                self.register(
+                    &self.patients,
+                    patient_id,
+                    Actor::Patient(patient_id),
+                    command,
+                    &meta,
+                )
+                .await?
             }
         };
         self.finish_registration(
@@ -511,9 +521,14 @@ impl Commands {
                     phone_index: phone_index.clone(),
                     licence,
                 };
-                self.register(&self.doctors, Actor::Doctor(doctor_id), command, &meta)
-                    .await?;
-                doctor_id
+                self.register(
+                    &self.doctors,
+                    doctor_id,
+                    Actor::Doctor(doctor_id),
+                    command,
+                    &meta,
+                )
+                .await?
             }
         };
         self.finish_registration(
@@ -555,8 +570,8 @@ impl Commands {
                     phone_index: phone_index.clone(),
                 };
                 let holder = staff_actor(role, staff_id);
-                self.register(&self.staff, holder, command, &meta).await?;
-                staff_id
+                self.register(&self.staff, staff_id, holder, command, &meta)
+                    .await?
             }
         };
         self.finish_registration(
