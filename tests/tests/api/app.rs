@@ -119,11 +119,19 @@ impl TestApp {
         })
     }
 
-    /// Stops the server (it must exit cleanly) and removes the store.
+    /// Stops the server (it must exit cleanly) and removes the store. Whatever the
+    /// test did, the server's logs hold no token, password or phone number it used.
     pub async fn stop(self) -> String {
         let logs = self.server.logs();
         assert!(self.server.terminate(), "server did not stop cleanly");
         self.env.cleanup().await;
+        assert!(!logs.contains("afy1."), "a token reached the logs");
+        assert!(!logs.contains(PASSWORD.trim()), "a password reached the logs");
+        let issued = self.next_phone.load(std::sync::atomic::Ordering::Relaxed);
+        for n in 0..issued {
+            let phone = format!("2547{:08}", 10_000_000 + n);
+            assert!(!logs.contains(&phone[3..]), "a phone number reached the logs");
+        }
         logs
     }
 
