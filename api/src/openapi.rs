@@ -2,8 +2,11 @@
 //! answers each operation can give are listed once here, in [`ERRORS`], and added to
 //! the document as `application/problem+json` responses.
 
+use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, PathItem, Ref, ResponseBuilder};
+use utoipa::openapi::{
+    ContentBuilder, ObjectBuilder, PathItem, Ref, Required, ResponseBuilder, Type,
+};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::{Details, FieldError};
@@ -139,6 +142,26 @@ fn problem_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
+/// The header every POST accepts.
+fn idempotency_key() -> utoipa::openapi::path::Parameter {
+    ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "1 to 255 visible ASCII characters, unique per request: a retry with the same key \
+             and request answers as the first and changes nothing; the same key with another \
+             request is refused (422 idempotency_key_reused)",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(255)),
+        ))
+        .build()
+}
+
 fn describe(status: u16) -> &'static str {
     match status {
         400 => "The body is not valid JSON",
@@ -165,6 +188,11 @@ impl Modify for Errors {
                     .map(|(_, _, statuses)| *statuses)
                     .unwrap_or(&[]);
                 if let Some(op) = operation(item, method) {
+                    if method == "post" {
+                        op.parameters
+                            .get_or_insert_with(Vec::new)
+                            .push(idempotency_key());
+                    }
                     for status in listed.iter().chain(&[500, 503]) {
                         op.responses
                             .responses

@@ -126,11 +126,17 @@ impl TestApp {
         assert!(self.server.terminate(), "server did not stop cleanly");
         self.env.cleanup().await;
         assert!(!logs.contains("afy1."), "a token reached the logs");
-        assert!(!logs.contains(PASSWORD.trim()), "a password reached the logs");
+        assert!(
+            !logs.contains(PASSWORD.trim()),
+            "a password reached the logs"
+        );
         let issued = self.next_phone.load(std::sync::atomic::Ordering::Relaxed);
         for n in 0..issued {
             let phone = format!("2547{:08}", 10_000_000 + n);
-            assert!(!logs.contains(&phone[3..]), "a phone number reached the logs");
+            assert!(
+                !logs.contains(&phone[3..]),
+                "a phone number reached the logs"
+            );
         }
         logs
     }

@@ -131,6 +131,15 @@ async fn the_openapi_document_describes_exactly_what_the_server_serves() {
                 item[method]["responses"]["500"].is_object(),
                 "{method} {path}"
             );
+            let takes_key = item[method]["parameters"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header")
+            });
+            assert_eq!(
+                takes_key,
+                method == "post",
+                "{method} {path}: Idempotency-Key"
+            );
             let concrete = path
                 .split('/')
                 .map(|s| {
