@@ -123,6 +123,19 @@ impl SignInLimiter {
             w.attempts = w.attempts.saturating_sub(1);
         }
     }
+
+    /// The attempt was no guess (it failed for another reason): both get it back.
+    pub fn release(&self, phone_index: Option<&str>, address: Option<IpAddr>) {
+        let Ok(mut counts) = self.counts.lock() else {
+            return;
+        };
+        if let Some(w) = phone_index.and_then(|p| counts.phones.get_mut(p)) {
+            w.attempts = w.attempts.saturating_sub(1);
+        }
+        if let Some(w) = address.and_then(|a| counts.addresses.get_mut(&a)) {
+            w.attempts = w.attempts.saturating_sub(1);
+        }
+    }
 }
 
 #[cfg(test)]

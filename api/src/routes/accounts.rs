@@ -234,7 +234,7 @@ pub async fn sign_in(
         }
         // Not a guess that failed: the attempt is given back.
         Err(other) => {
-            state.limiter.succeeded(None, address);
+            state.limiter.release(Some(&phone_index), address);
             Err(other.into())
         }
     }
