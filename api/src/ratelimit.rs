@@ -196,4 +196,17 @@ mod tests {
             .sum();
         assert_eq!(passed, 5);
     }
+
+    #[test]
+    fn an_attempt_that_was_no_guess_is_given_back_to_both() {
+        let limiter = limiter(2, 2);
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        for _ in 0..5 {
+            limiter.begin(Some("p"), Some(ip)).unwrap();
+            limiter.release(Some("p"), Some(ip));
+        }
+        limiter.begin(Some("p"), Some(ip)).unwrap();
+        limiter.begin(Some("p"), Some(ip)).unwrap();
+        assert!(limiter.begin(Some("p"), Some(ip)).is_err());
+    }
 }
