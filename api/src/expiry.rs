@@ -1,7 +1,7 @@
 //! Marks approved access as expired once its time has passed. Reads use the clock
 //! directly, so an expired grant is refused even before this runs; the sweep records
 //! the fact (`AccessExpired`) for the history and the read models. The same sweep
-//! forgets the request fingerprints of idempotency keys older than a day.
+//! expires idempotency keys older than a day.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +14,9 @@ use eventstore::CommandMeta;
 
 const EVERY: Duration = Duration::from_secs(30);
 
-/// How long an idempotency key stays tied to the request that took it (see
-/// `Store::forget_request_fingerprints`).
-const FINGERPRINT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an idempotency key answers for its first request (see
+/// `Store::expire_idempotency_keys`).
+const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The sweeping actor.
 pub struct ExpirySweeper {
@@ -68,12 +68,12 @@ impl Handler<Sweep> for ExpirySweeper {
                 }
                 if let Err(error) = commands
                     .store()
-                    .forget_request_fingerprints(FINGERPRINT_TTL)
+                    .expire_idempotency_keys(IDEMPOTENCY_KEY_TTL)
                     .await
                 {
                     tracing::warn!(
                         error = format!("{error:#}"),
-                        "forgetting request fingerprints failed"
+                        "expiring idempotency keys failed"
                     );
                 }
             }

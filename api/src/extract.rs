@@ -260,10 +260,35 @@ pub fn command_meta(
     actor: Option<Actor>,
     fingerprint_body: &[u8],
 ) -> Result<CommandMeta, Problem> {
-    let state = state(req)?;
     let actor_ref = actor.map_or_else(|| "anonymous".to_owned(), |a| a.reference());
+    keyed_meta(req, &actor_ref, &actor_ref, fingerprint_body)
+}
+
+/// [`command_meta`] for an anonymous command about one phone (sign-up, sign-in): its
+/// key is scoped to that phone, so one client's key can never answer for another
+/// phone's request.
+pub fn phone_meta(
+    req: &HttpRequest,
+    phone_index: &str,
+    fingerprint_body: &[u8],
+) -> Result<CommandMeta, Problem> {
+    keyed_meta(
+        req,
+        "anonymous",
+        &format!("phone:{phone_index}"),
+        fingerprint_body,
+    )
+}
+
+fn keyed_meta(
+    req: &HttpRequest,
+    actor_ref: &str,
+    key_scope: &str,
+    fingerprint_body: &[u8],
+) -> Result<CommandMeta, Problem> {
+    let state = state(req)?;
     let request_id = request_id(req);
-    let meta = CommandMeta::new(actor_ref.clone()).with_correlation(request_id, None);
+    let meta = CommandMeta::new(actor_ref).with_correlation(request_id, None);
     if req.method() != actix_web::http::Method::POST {
         return Ok(meta);
     }
@@ -282,15 +307,23 @@ pub fn command_meta(
             )
         })?;
     let keys = state.commands.keys();
-    let scoped = keys.tag("idempotency key", format!("{actor_ref}|{key}").as_bytes());
-    let mut request = Vec::with_capacity(fingerprint_body.len() + 128);
-    request.extend_from_slice(req.method().as_str().as_bytes());
-    request.push(b'\n');
-    request.extend_from_slice(req.path().as_bytes());
-    request.push(b'\n');
-    request.extend_from_slice(req.query_string().as_bytes());
-    request.push(b'\n');
-    request.extend_from_slice(fingerprint_body);
+    let scoped = keys.tag("idempotency key", format!("{key_scope}|{key}").as_bytes());
+    let content_type = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let mut request = Vec::with_capacity(fingerprint_body.len() + 256);
+    for part in [
+        req.method().as_str().as_bytes(),
+        req.path().as_bytes(),
+        req.query_string().as_bytes(),
+        content_type,
+        fingerprint_body,
+    ] {
+        request.extend_from_slice(part);
+        request.push(b'\n');
+    }
     let fingerprint = keys.tag("request fingerprint", &request);
     Ok(meta
         .with_idempotency_key(commands::keys::hex(&scoped))

@@ -58,14 +58,17 @@ impl SignInLimiter {
     }
 
     /// Starts an attempt for this phone (if any) from this address (if known):
-    /// `Err(seconds to wait)` when either is locked out; otherwise the attempt counts
-    /// as failed until [`SignInLimiter::succeeded`] gives it back.
-    pub fn begin(&self, phone_index: Option<&str>, address: Option<IpAddr>) -> Result<(), u64> {
+    /// `Err(seconds to wait)` when either is locked out. Otherwise the attempt counts
+    /// from now; the returned [`Attempt`] says how it ended, and one dropped unsettled
+    /// (an error that was no guess, a client that went away) is given back.
+    pub fn begin(
+        &self,
+        phone_index: Option<&str>,
+        address: Option<IpAddr>,
+    ) -> Result<Attempt<'_>, u64> {
         let now = Instant::now();
         let window = self.limits.window;
-        let Ok(mut counts) = self.counts.lock() else {
-            return Ok(());
-        };
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let counts = &mut *counts;
         // Forget finished windows so the maps stay as small as the recent failures.
         if counts.phones.len() + counts.addresses.len() > 10_000 {
@@ -81,23 +84,23 @@ impl SignInLimiter {
             attempts: 0,
         };
         let phone = phone_index.map(|p| {
-            counts
+            let w = counts
                 .phones
                 .entry(p.to_owned())
                 .or_insert_with(fresh)
-                .current(now, window)
+                .current(now, window);
+            (w.locked(self.limits.per_phone, now, window), w.started)
         });
-        let phone_wait = phone
-            .as_ref()
-            .and_then(|w| w.locked(self.limits.per_phone, now, window));
-        let address_wait = address.and_then(|a| {
-            counts
+        let address_window = address.map(|a| {
+            let w = counts
                 .addresses
                 .entry(a)
                 .or_insert_with(fresh)
-                .current(now, window)
-                .locked(self.limits.per_ip, now, window)
+                .current(now, window);
+            (w.locked(self.limits.per_ip, now, window), w.started)
         });
+        let phone_wait = phone.and_then(|(wait, _)| wait);
+        let address_wait = address_window.and_then(|(wait, _)| wait);
         if let Some(wait) = phone_wait.max(address_wait) {
             return Err(wait.as_secs().max(1));
         }
@@ -107,34 +110,74 @@ impl SignInLimiter {
         if let Some(w) = address.and_then(|a| counts.addresses.get_mut(&a)) {
             w.attempts += 1;
         }
-        Ok(())
+        Ok(Attempt {
+            limiter: self,
+            phone: phone_index
+                .zip(phone)
+                .map(|(p, (_, started))| (p.to_owned(), started)),
+            address: address
+                .zip(address_window)
+                .map(|(a, (_, started))| (a, started)),
+            settled: false,
+        })
+    }
+}
+
+/// An attempt in progress, counted in the windows it started in.
+pub struct Attempt<'a> {
+    limiter: &'a SignInLimiter,
+    phone: Option<(String, Instant)>,
+    address: Option<(IpAddr, Instant)>,
+    settled: bool,
+}
+
+impl Attempt<'_> {
+    /// A wrong guess: it stays counted.
+    pub fn failed(mut self) {
+        self.settled = true;
     }
 
-    /// The attempt succeeded: the phone's failures are cleared and the address gets
-    /// its attempt back.
-    pub fn succeeded(&self, phone_index: Option<&str>, address: Option<IpAddr>) {
-        let Ok(mut counts) = self.counts.lock() else {
-            return;
-        };
-        if let Some(p) = phone_index {
+    /// A success: the phone's failures are cleared and the address gets its attempt
+    /// back.
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        let mut counts = self
+            .limiter
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((p, _)) = &self.phone {
             counts.phones.remove(p);
         }
-        if let Some(w) = address.and_then(|a| counts.addresses.get_mut(&a)) {
-            w.attempts = w.attempts.saturating_sub(1);
+        if let Some((a, started)) = &self.address {
+            give_back(counts.addresses.get_mut(a), *started);
         }
     }
+}
 
-    /// The attempt was no guess (it failed for another reason): both get it back.
-    pub fn release(&self, phone_index: Option<&str>, address: Option<IpAddr>) {
-        let Ok(mut counts) = self.counts.lock() else {
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.settled {
             return;
-        };
-        if let Some(w) = phone_index.and_then(|p| counts.phones.get_mut(p)) {
-            w.attempts = w.attempts.saturating_sub(1);
         }
-        if let Some(w) = address.and_then(|a| counts.addresses.get_mut(&a)) {
-            w.attempts = w.attempts.saturating_sub(1);
+        let mut counts = self
+            .limiter
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((p, started)) = &self.phone {
+            give_back(counts.phones.get_mut(p), *started);
         }
+        if let Some((a, started)) = &self.address {
+            give_back(counts.addresses.get_mut(a), *started);
+        }
+    }
+}
+
+/// Returns an attempt to the window it was counted in (not to a later one).
+fn give_back(window: Option<&mut Window>, started: Instant) {
+    if let Some(w) = window.filter(|w| w.started == started) {
+        w.attempts = w.attempts.saturating_sub(1);
     }
 }
 
@@ -155,16 +198,14 @@ mod tests {
         let limiter = limiter(3, 100);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            assert!(limiter.begin(Some("p1"), Some(ip)).is_ok());
+            limiter.begin(Some("p1"), Some(ip)).unwrap().failed();
         }
-        let wait = limiter.begin(Some("p1"), Some(ip)).unwrap_err();
+        let wait = limiter.begin(Some("p1"), Some(ip)).err().unwrap();
         assert!((1..=60).contains(&wait));
-        assert!(
-            limiter.begin(Some("p2"), Some(ip)).is_ok(),
-            "other phones unaffected"
-        );
-        limiter.succeeded(Some("p1"), Some(ip));
-        assert!(limiter.begin(Some("p1"), Some(ip)).is_ok());
+        let other = limiter.begin(Some("p2"), Some(ip)).ok().unwrap();
+        other.succeeded();
+        // Someone else's success does not unlock this phone.
+        assert!(limiter.begin(Some("p1"), Some(ip)).is_err());
     }
 
     #[test]
@@ -172,12 +213,14 @@ mod tests {
         let limiter = limiter(100, 4);
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         for n in 0..3 {
-            limiter.begin(Some(&format!("p{n}")), Some(ip)).unwrap();
+            limiter
+                .begin(Some(&format!("p{n}")), Some(ip))
+                .unwrap()
+                .failed();
         }
         // A success does not use up the address's allowance.
-        limiter.begin(Some("ok"), Some(ip)).unwrap();
-        limiter.succeeded(Some("ok"), Some(ip));
-        limiter.begin(None, Some(ip)).unwrap();
+        limiter.begin(Some("ok"), Some(ip)).unwrap().succeeded();
+        limiter.begin(None, Some(ip)).unwrap().failed();
         assert!(limiter.begin(Some("fresh"), Some(ip)).is_err());
         assert!(limiter
             .begin(Some("fresh"), Some("10.0.0.8".parse().unwrap()))
@@ -187,26 +230,56 @@ mod tests {
     #[test]
     fn attempts_in_flight_count_so_a_parallel_burst_cannot_pass_the_limit() {
         let limiter = std::sync::Arc::new(limiter(5, 1000));
-        let passed: usize = (0..40)
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(40));
+        // All threads are started before any is joined, so the attempts overlap.
+        let threads: Vec<_> = (0..40)
             .map(|_| {
-                let limiter = limiter.clone();
-                std::thread::spawn(move || limiter.begin(Some("target"), None).is_ok())
+                let (limiter, barrier) = (limiter.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let attempt = limiter.begin(Some("target"), None);
+                    let passed = attempt.is_ok();
+                    // Every attempt is still in flight while the others start.
+                    barrier.wait();
+                    if let Ok(attempt) = attempt {
+                        attempt.failed();
+                    }
+                    passed
+                })
             })
+            .collect();
+        let passed: usize = threads
+            .into_iter()
             .map(|t| usize::from(t.join().unwrap()))
             .sum();
         assert_eq!(passed, 5);
     }
 
     #[test]
-    fn an_attempt_that_was_no_guess_is_given_back_to_both() {
+    fn an_attempt_dropped_unsettled_is_given_back_to_both() {
         let limiter = limiter(2, 2);
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
         for _ in 0..5 {
-            limiter.begin(Some("p"), Some(ip)).unwrap();
-            limiter.release(Some("p"), Some(ip));
+            drop(limiter.begin(Some("p"), Some(ip)).unwrap());
         }
-        limiter.begin(Some("p"), Some(ip)).unwrap();
-        limiter.begin(Some("p"), Some(ip)).unwrap();
+        limiter.begin(Some("p"), Some(ip)).unwrap().failed();
+        limiter.begin(Some("p"), Some(ip)).unwrap().failed();
         assert!(limiter.begin(Some("p"), Some(ip)).is_err());
+    }
+
+    #[test]
+    fn an_attempt_is_given_back_only_to_the_window_it_was_counted_in() {
+        let limiter = SignInLimiter::new(SignInLimits {
+            per_phone: 100,
+            per_ip: 2,
+            window: Duration::from_millis(50),
+        });
+        let ip: IpAddr = "10.0.0.6".parse().unwrap();
+        let slow = limiter.begin(None, Some(ip)).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        // A new window: two failures lock it; the old attempt must not unlock it.
+        limiter.begin(None, Some(ip)).unwrap().failed();
+        limiter.begin(None, Some(ip)).unwrap().failed();
+        drop(slow);
+        assert!(limiter.begin(None, Some(ip)).is_err());
     }
 }

@@ -363,7 +363,11 @@ impl Commands {
             .await
             .map_err(map)?
         {
-            return Ok(outcome);
+            // The account this key opened answers only to its own password.
+            return match self.holder_if_password(&phone_index, password).await? {
+                Some(h) if h == holder => Ok(outcome),
+                _ => Err(CommandError::KeyReused),
+            };
         }
         let subject = holder.id_string();
         let phc = hash_password(password).await?;
@@ -595,36 +599,24 @@ impl Commands {
         lifetime: chrono::Duration,
         meta: CommandMeta,
     ) -> Result<SignedIn, CommandError> {
-        let account = self
-            .accounts
-            .load_aggregate(&self.keys.phone_index(phone.as_str()))
-            .await
-            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
-            .aggregate;
-        let (Some(holder), Some(credential)) = (account.holder(), account.credential()) else {
-            verify_nothing(password).await;
-            return Err(CommandError::BadCredentials);
-        };
-        // A shredded subject has no key left: it can no longer sign in.
-        let Ok(phc) = self
-            .keys
-            .open(&holder.id_string(), credential.as_str())
-            .await
+        let Some(holder) = self
+            .holder_if_password(&self.keys.phone_index(phone.as_str()), password)
+            .await?
         else {
-            verify_nothing(password).await;
             return Err(CommandError::BadCredentials);
         };
-        let phc = String::from_utf8(phc).context("stored credential is not text")?;
-        if !verify_password(phc, password).await {
-            return Err(CommandError::BadCredentials);
-        }
         if let Some(outcome) = self
             .store
             .earlier_outcome::<SessionError>(&meta)
             .await
             .map_err(map)?
         {
-            return self.signed_in(id_of(&outcome, None)?).await;
+            let earlier = self.signed_in(id_of(&outcome, None)?).await?;
+            // Keys are scoped to the phone; a session is only ever its holder's.
+            if earlier.holder != holder {
+                return Err(CommandError::KeyReused);
+            }
+            return Ok(earlier);
         }
         let session_id = Uuid::new_v4();
         let mut meta = meta;
@@ -644,6 +636,36 @@ impl Commands {
             .await
             .map_err(map)?;
         self.signed_in(session_id).await
+    }
+
+    /// Who holds the phone's account, if `password` is its password. Unknown phones,
+    /// erased holders and wrong passwords all take one Argon2 verification's time.
+    async fn holder_if_password(
+        &self,
+        phone_index: &str,
+        password: &Password,
+    ) -> Result<Option<Actor>, CommandError> {
+        let account = self
+            .accounts
+            .load_aggregate(phone_index)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
+            .aggregate;
+        let (Some(holder), Some(credential)) = (account.holder(), account.credential()) else {
+            verify_nothing(password).await;
+            return Ok(None);
+        };
+        // A shredded subject has no key left: it can no longer sign in.
+        let Ok(phc) = self
+            .keys
+            .open(&holder.id_string(), credential.as_str())
+            .await
+        else {
+            verify_nothing(password).await;
+            return Ok(None);
+        };
+        let phc = String::from_utf8(phc).context("stored credential is not text")?;
+        Ok(verify_password(phc, password).await.then_some(holder))
     }
 
     async fn signed_in(&self, session_id: Uuid) -> Result<SignedIn, CommandError> {

@@ -252,31 +252,31 @@ impl Store {
         }
     }
 
-    /// Erases the request fingerprints of keys taken more than `max_age` ago: from then
-    /// on such a key still appends nothing again, but is no longer checked against the
-    /// request it was first used for. Returns how many were erased.
-    pub async fn forget_request_fingerprints(&self, max_age: Duration) -> anyhow::Result<u64> {
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::zero());
-        let done = match &self.typed {
-            Typed::Postgres(pool) => sqlx::query(
-                "UPDATE command_keys SET fingerprint = NULL \
-                 WHERE fingerprint IS NOT NULL AND recorded_at <= $1",
-            )
-            .bind(cutoff)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()),
-            Typed::Sqlite(pool) => sqlx::query(
-                "UPDATE command_keys SET fingerprint = NULL \
-                 WHERE fingerprint IS NOT NULL AND recorded_at <= $1",
-            )
-            .bind(cutoff.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()),
+    /// Deletes the idempotency keys taken more than `max_age` ago, with the fingerprints
+    /// of their requests: a key used again after that makes a new command. Returns how
+    /// many were deleted.
+    pub async fn expire_idempotency_keys(&self, max_age: Duration) -> anyhow::Result<u64> {
+        let Ok(age) = chrono::Duration::from_std(max_age) else {
+            return Ok(0);
         };
-        done.context("forgetting request fingerprints")
+        let Some(cutoff) = chrono::Utc::now().checked_sub_signed(age) else {
+            return Ok(0);
+        };
+        let sql = "DELETE FROM command_keys WHERE recorded_at <= $1";
+        let done = match &self.typed {
+            Typed::Postgres(pool) => sqlx::query(sql)
+                .bind(cutoff)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Typed::Sqlite(pool) => sqlx::query(sql)
+                // The text form of `recorded_at` (strftime '%Y-%m-%dT%H:%M:%fZ').
+                .bind(cutoff.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        };
+        done.context("expiring idempotency keys")
     }
 
     /// The outcome of the command that took `key`, if one did, and the fingerprint of

@@ -178,32 +178,24 @@ async fn a_key_reused_for_a_different_request_is_refused_and_appends_nothing() {
         assert_eq!(log[0].meta("request_fingerprint"), None, "{backend:?}");
         assert!(log[0].meta("idempotency_key").is_some());
 
-        // Fingerprints are forgotten after a while: young ones stay...
+        // Keys expire after a while: young ones stay...
         let kept = t
             .store
-            .forget_request_fingerprints(Duration::from_secs(3600))
+            .expire_idempotency_keys(Duration::from_secs(3600))
             .await
             .unwrap();
         assert_eq!(kept, 0, "{backend:?}");
-        // ...old ones go; the key still appends nothing again.
-        let forgotten = t
+        // ...old ones go, fingerprint and all: the key used again is a new command.
+        let expired = t
             .store
-            .forget_request_fingerprints(Duration::ZERO)
+            .expire_idempotency_keys(Duration::ZERO)
             .await
             .unwrap();
-        assert_eq!(forgotten, 1, "{backend:?}");
-        assert_eq!(
-            t.store.idempotent_outcome("k-f").await.unwrap().unwrap().1,
-            None
-        );
-        assert!(add(&t.store, "c1", 7, meta("request-2")).await.replayed);
-        assert_eq!(
-            read_settled(&t.store, LogCursor::START, 100)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(expired, 1, "{backend:?}");
+        assert!(t.store.idempotent_outcome("k-f").await.unwrap().is_none());
+        assert!(!add(&t.store, "c1", 7, meta("request-2")).await.replayed);
+        let log = read_settled(&t.store, LogCursor::START, 100).await.unwrap();
+        assert_eq!(log.len(), 2, "{backend:?}");
         t.cleanup().await.unwrap();
     }
 }

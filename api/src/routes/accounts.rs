@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::extract::{command_meta, without_password, Body, Caller};
+use crate::extract::{command_meta, phone_meta, without_password, Body, Caller};
 use crate::problem::{checked, Problem, Validation};
 use crate::routes::{path_id, registrar};
 use crate::server::AppState;
@@ -103,13 +103,15 @@ pub async fn sign_up_patient(
     let name = v.check(PersonName::parse(&input.name));
     let birth_date = v.check(BirthDate::parse(&input.birth_date, today(&state)));
     v.finish()?;
-    let meta = command_meta(&req, None, &without_password(body.bytes()))?;
+    let phone = checked(phone)?;
+    let phone_index = state.commands.keys().phone_index(phone.as_str());
+    let meta = phone_meta(&req, &phone_index, &without_password(body.bytes()))?;
     let done = limit_sign_up(&req, &state, async {
         state
             .commands
             .register_patient(
                 &checked(name)?,
-                &checked(phone)?,
+                &phone,
                 &checked(birth_date)?,
                 &checked(password)?,
                 meta,
@@ -140,13 +142,15 @@ pub async fn sign_up_doctor(
     let name = v.check(PersonName::parse(&input.name));
     let licence = v.check(LicenceNumber::parse(&input.license_number));
     v.finish()?;
-    let meta = command_meta(&req, None, &without_password(body.bytes()))?;
+    let phone = checked(phone)?;
+    let phone_index = state.commands.keys().phone_index(phone.as_str());
+    let meta = phone_meta(&req, &phone_index, &without_password(body.bytes()))?;
     let done = limit_sign_up(&req, &state, async {
         state
             .commands
             .register_doctor(
                 &checked(name)?,
-                &checked(phone)?,
+                &phone,
                 checked(licence)?,
                 &checked(password)?,
                 meta,
@@ -203,14 +207,14 @@ pub async fn sign_in(
     let phone = checked(phone)?;
     let phone_index = state.commands.keys().phone_index(phone.as_str());
     let address = req.peer_addr().map(|a| a.ip());
-    state
+    let attempt = state
         .limiter
         .begin(Some(&phone_index), address)
         .map_err(too_many)?;
     // A password shorter than any account may have cannot match.
     let result = match Password::parse(&input.password) {
         Ok(password) => {
-            let meta = command_meta(&req, None, &without_password(body.bytes()))?;
+            let meta = phone_meta(&req, &phone_index, &without_password(body.bytes()))?;
             state
                 .commands
                 .sign_in(&phone, &password, state.config.session_lifetime, meta)
@@ -220,7 +224,7 @@ pub async fn sign_in(
     };
     match result {
         Ok(session) => {
-            state.limiter.succeeded(Some(&phone_index), address);
+            attempt.succeeded();
             Ok(HttpResponse::Ok().json(SessionCreated {
                 token: session.token,
                 role: session.holder.kind().to_owned(),
@@ -229,14 +233,12 @@ pub async fn sign_in(
             }))
         }
         Err(CommandError::BadCredentials) => {
+            attempt.failed();
             tracing::info!("sign-in refused");
             Err(CommandError::BadCredentials.into())
         }
-        // Not a guess that failed: the attempt is given back.
-        Err(other) => {
-            state.limiter.release(Some(&phone_index), address);
-            Err(other.into())
-        }
+        // Not a guess that failed: dropping the attempt gives it back.
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -257,11 +259,10 @@ async fn limit_sign_up<T>(
     sign_up: impl std::future::Future<Output = Result<T, Problem>>,
 ) -> Result<T, Problem> {
     let address = req.peer_addr().map(|a| a.ip());
-    state.limiter.begin(None, address).map_err(too_many)?;
+    let attempt = state.limiter.begin(None, address).map_err(too_many)?;
     let result = sign_up.await;
-    match &result {
-        Err(problem) if problem.code == "phone_taken" => {}
-        _ => state.limiter.succeeded(None, address),
+    if matches!(&result, Err(problem) if problem.code == "phone_taken") {
+        attempt.failed();
     }
     result
 }

@@ -2,10 +2,12 @@
 -- by the API), so a key reused for a different request is refused rather than answered
 -- with the first request's outcome. The fingerprint travels in the appended event's
 -- metadata only as far as these triggers: it is kept in command_keys and stripped from
--- the event, so the immutable log never holds it; `Store::forget_request_fingerprints`
--- erases it from command_keys after a while.
+-- the event, so the immutable log never holds it. `Store::expire_idempotency_keys`
+-- deletes keys (and so their fingerprints) after a while: a key reused after that is a
+-- new command, as with any payment API's keys. (0002 has not been released; it is
+-- edited rather than followed by a 0003.)
 ALTER TABLE command_keys ADD COLUMN fingerprint text;
-CREATE INDEX command_keys_fingerprinted ON command_keys (recorded_at) WHERE fingerprint IS NOT NULL;
+CREATE INDEX command_keys_recorded ON command_keys (recorded_at);
 
 DROP TRIGGER events_command_key;
 

@@ -28,20 +28,37 @@ async fn a_retry_with_the_same_key_answers_as_the_first_and_appends_nothing() {
             .await;
         assert_eq!(again.ok(201), first, "{backend:?}");
         assert_eq!(app.event_count().await, events);
-        // The same key for another request: refused, nothing appended.
+        // The same key for another request about that phone: refused, nothing appended.
         let other = app
             .post_keyed(
                 "/v1/patients",
                 None,
                 Some("signup-1"),
-                TestApp::patient_body(&app.phone(), "Someone Else"),
+                TestApp::patient_body(&phone, "Someone Else"),
             )
             .await;
         assert_eq!(
             other.problem(422, "idempotency_key_reused")["field"],
             "Idempotency-Key"
         );
+        // Same body but another password: the account answers only to its own.
+        let mut hijack = TestApp::patient_body(&phone, "Zawadi Njoroge");
+        hijack["password"] = json!("somebody else's password");
+        app.post_keyed("/v1/patients", None, Some("signup-1"), hijack)
+            .await
+            .problem(422, "idempotency_key_reused");
         assert_eq!(app.event_count().await, events);
+        // Anonymous keys are scoped to the phone: another phone's "signup-1" is its own.
+        let elsewhere = app
+            .post_keyed(
+                "/v1/patients",
+                None,
+                Some("signup-1"),
+                TestApp::patient_body(&app.phone(), "Someone Else"),
+            )
+            .await
+            .ok(201);
+        assert_ne!(elsewhere["patient_id"], first["patient_id"]);
 
         // Sign-in: the same session (one SessionStarted).
         let sign_in = json!({"phone": phone, "password": password_of(&phone)});
@@ -154,6 +171,37 @@ async fn a_retry_with_the_same_key_answers_as_the_first_and_appends_nothing() {
         app.post(&approval, Some(&w.patient.token), json!({}))
             .await
             .problem(409, "request_not_pending");
+        app.stop().await;
+    }
+}
+
+#[actix_rt::test]
+async fn one_clients_sign_in_key_never_answers_for_another_phone() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let (alice, mallory) = (app.phone(), app.phone());
+        let alice_id = app.sign_up_patient(&alice, "Alice Wanjiku").await;
+        let mallory_id = app.sign_up_patient(&mallory, "Mallory Otieno").await;
+        let sign_in = |phone: &str, password: String| {
+            app.post_keyed(
+                "/v1/sessions",
+                None,
+                Some("login-1"),
+                json!({"phone": phone, "password": password}),
+            )
+        };
+        let a = sign_in(&alice, password_of(&alice)).await.ok(200);
+        let m = sign_in(&mallory, password_of(&mallory)).await.ok(200);
+        assert_eq!(a["subject_id"], alice_id.as_str());
+        assert_eq!(m["subject_id"], mallory_id.as_str(), "{backend:?}");
+        assert_ne!(a["token"], m["token"]);
+        // A repeat must know the password, every time.
+        sign_in(&alice, "not alice's password".into())
+            .await
+            .problem(401, "bad_credentials");
+        assert_eq!(sign_in(&alice, password_of(&alice)).await.ok(200), a);
         app.stop().await;
     }
 }
