@@ -877,13 +877,20 @@ impl Commands {
 
     /// Checks the reader's right and records the read (`RecordAccessed`) before any
     /// byte is returned. No event, no bytes: the content comes only from here.
+    ///
+    /// `record` is the record as the caller loaded it (see [`Commands::record`]); the
+    /// command decides on the event store's state, and the content is decrypted from
+    /// `record`, whose content fields are written once, at upload.
     pub async fn read_record(
         &self,
-        record_id: RecordId,
+        record: &MedicalRecord,
         by: Actor,
         request_id: Option<AccessRequestId>,
         meta: CommandMeta,
-    ) -> Result<(CommandOutcome, MedicalRecord, Vec<u8>), CommandError> {
+    ) -> Result<(CommandOutcome, Vec<u8>), CommandError> {
+        let record_id = record
+            .id()
+            .ok_or_else(|| CommandError::rule(domain::record::RecordError::NotFound))?;
         // A read is checked and recorded every time: never answered from an earlier one.
         let mut meta = meta;
         meta.idempotency_key = None;
@@ -899,12 +906,8 @@ impl Commands {
             )
             .await
             .map_err(map)?;
-        let record = self
-            .record(record_id)
-            .await?
-            .context("a record that was read is missing")?;
-        let content = self.content(&record).await?;
-        Ok((outcome, record, content))
+        let content = self.content(record).await?;
+        Ok((outcome, content))
     }
 
     /// The decrypted content of a record.

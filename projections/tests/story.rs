@@ -219,14 +219,15 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .unwrap();
 
         // The doctor reads under the grant: recorded. The patient's own read: not.
-        let (_, record, content) = cmds
-            .read_record(lab, Actor::Doctor(doctor), Some(granted), meta())
+        let record = cmds.record(lab).await.unwrap().unwrap();
+        assert_eq!(record.category(), Some(Category::Lab));
+        let (_, content) = cmds
+            .read_record(&record, Actor::Doctor(doctor), Some(granted), meta())
             .await
             .unwrap();
-        assert_eq!(record.category(), Some(Category::Lab));
         assert_eq!(content, CONTENT);
         let own = cmds
-            .read_record(lab, Actor::Patient(patient), None, meta())
+            .read_record(&record, Actor::Patient(patient), None, meta())
             .await
             .unwrap()
             .0;
@@ -235,14 +236,14 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .await
             .unwrap();
         let after_revoke = cmds
-            .read_record(lab, Actor::Doctor(doctor), Some(revoked), meta())
+            .read_record(&record, Actor::Doctor(doctor), Some(revoked), meta())
             .await;
         assert!(matches!(after_revoke, Err(CommandError::Rejected { .. })));
 
         // Two days later the short grant has expired: reads refused, then swept.
         *clock.0.lock().unwrap() += chrono::Duration::days(2);
         let expired_read = cmds
-            .read_record(lab, Actor::Doctor(doctor), Some(short), meta())
+            .read_record(&record, Actor::Doctor(doctor), Some(short), meta())
             .await;
         assert!(matches!(expired_read, Err(CommandError::Rejected { .. })));
         let last = cmds.expire_access(short, meta()).await.unwrap();

@@ -219,57 +219,52 @@ pub async fn content(
     let record_id: RecordId = path_id(&path, "record")?;
     let not_found = || Problem::not_found("record_not_found", "no such record");
     let actor = caller.actor();
+    if !matches!(actor, Actor::Patient(_) | Actor::Doctor(_)) {
+        return Err(Problem::forbidden(
+            "role_forbidden",
+            "only the patient and doctors they granted may read records",
+        ));
+    }
+    let record = state
+        .commands
+        .record(record_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let patient_id = record.patient_id().ok_or_else(not_found)?;
     let request_id = match actor {
-        Actor::Patient(_) | Actor::Doctor(_) => {
-            let record = state
-                .commands
-                .record(record_id)
-                .await?
-                .ok_or_else(not_found)?;
-            let patient_id = record.patient_id().ok_or_else(not_found)?;
-            match actor {
-                Actor::Patient(p) if p == patient_id => None,
-                Actor::Doctor(d) => {
-                    let explicit = match query.request_id.as_deref() {
-                        Some(raw) => Some(
-                            AccessRequestId::parse(raw)
-                                .map_err(|_| Problem::field("request_id", "must be a UUID"))?,
-                        ),
-                        None => None,
-                    };
-                    let pool = state.store.any_pool();
-                    let (doctor, patient) = (d.to_string(), patient_id.to_string());
-                    // The read model only suggests which request to read under; the
-                    // record decides on the event store's state of that request. Nobody
-                    // who never dealt with this patient learns the record exists,
-                    // whatever request id they name.
-                    let chosen = match explicit {
-                        Some(id) => queries::access_request(pool, &id.to_string())
-                            .await?
-                            .filter(|r| r.doctor_id == doctor && r.patient_id == patient)
-                            .map(|_| id),
-                        None => {
-                            let requests =
-                                queries::requests_between(pool, &doctor, &patient).await?;
-                            choose_request(&requests, &record, state.commands.now())
-                        }
-                    };
-                    Some(chosen.ok_or_else(not_found)?)
+        Actor::Patient(p) if p == patient_id => None,
+        Actor::Doctor(d) => {
+            let explicit = match query.request_id.as_deref() {
+                Some(raw) => Some(
+                    AccessRequestId::parse(raw)
+                        .map_err(|_| Problem::field("request_id", "must be a UUID"))?,
+                ),
+                None => None,
+            };
+            let pool = state.store.any_pool();
+            let (doctor, patient) = (d.to_string(), patient_id.to_string());
+            // The read model only suggests which request to read under; the
+            // record decides on the event store's state of that request. Nobody
+            // who never dealt with this patient learns the record exists,
+            // whatever request id they name.
+            let chosen = match explicit {
+                Some(id) => queries::access_request(pool, &id.to_string())
+                    .await?
+                    .filter(|r| r.doctor_id == doctor && r.patient_id == patient)
+                    .map(|_| id),
+                None => {
+                    let requests = queries::requests_between(pool, &doctor, &patient).await?;
+                    choose_request(&requests, &record, state.commands.now())
                 }
-                _ => return Err(not_found()),
-            }
+            };
+            Some(chosen.ok_or_else(not_found)?)
         }
-        _ => {
-            return Err(Problem::forbidden(
-                "role_forbidden",
-                "only the patient and doctors they granted may read records",
-            ))
-        }
+        _ => return Err(not_found()),
     };
     let meta = command_meta(&req, Some(actor), b"")?;
-    let (outcome, record, bytes) = state
+    let (outcome, bytes) = state
         .commands
-        .read_record(record_id, actor, request_id, meta)
+        .read_record(&record, actor, request_id, meta)
         .await?;
     state.settle.settle(&outcome).await;
     let media_type = record
