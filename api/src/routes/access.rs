@@ -285,8 +285,14 @@ pub async fn list_for_patient(
     )
     .await?;
     let mut items = Vec::with_capacity(page.items.len());
+    // A page often names one doctor many times: look each up once.
+    let mut doctors = std::collections::HashMap::new();
     for row in page.items {
-        let doctor = queries::doctor(pool, &row.doctor_id).await?;
+        if !doctors.contains_key(&row.doctor_id) {
+            let found = queries::doctor(pool, &row.doctor_id).await?;
+            doctors.insert(row.doctor_id.clone(), found);
+        }
+        let doctor = doctors.get(&row.doctor_id).cloned().flatten();
         let scope: Scope = serde_json::from_str(&row.scope).unwrap_or_default();
         let (categories, record_ids) = scope_lists(&scope);
         items.push(AccessRequestItem {
