@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use chain_adapter::storage::{Replicator, S3Remote, Storage};
 use commands::blobs::LocalBlobStore;
 use commands::clock::SystemClock;
 use commands::keys::{load_master_key, KeyStore};
@@ -20,46 +21,93 @@ pub struct App {
     pub commands: Arc<Commands>,
     /// The projections, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
+    pub storage: Storage,
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
+    replicator: Option<actix::Addr<Replicator>>,
+}
+
+/// Where blobs are kept, as configured (nothing is contacted yet).
+pub fn storage(config: &Config) -> anyhow::Result<Storage> {
+    let remote = match &config.s3 {
+        Some(settings) => Some(Arc::new(S3Remote::new(settings)?)),
+        None => None,
+    };
+    Ok(Storage::new(
+        Arc::new(LocalBlobStore::new(&config.data_dir)),
+        remote,
+        config.replication.clone(),
+    ))
 }
 
 /// Opens the store (creating its schema) and the write side, starting nothing.
-pub async fn open(config: &Config) -> anyhow::Result<(Store, Arc<Commands>)> {
+pub async fn open(config: &Config) -> anyhow::Result<(Store, Arc<Commands>, Storage)> {
+    let storage = storage(config)?;
     let store = Store::open(config.store.clone()).await?;
     let master = load_master_key(&config.data_dir).context("loading the master key")?;
     let keys = Arc::new(KeyStore::new(master, store.any_pool().clone()));
     let commands = Arc::new(Commands::new(
         store.clone(),
         keys,
-        Arc::new(LocalBlobStore::new(&config.data_dir)),
+        storage.blob_store(),
         Arc::new(SystemClock),
     ));
-    Ok((store, commands))
+    Ok((store, commands, storage))
 }
 
 impl App {
-    /// Opens everything and starts the projection actors and the expiry sweep on the
-    /// current arbiter.
+    /// Opens everything and starts the projection actors, the expiry sweep and, with a
+    /// remote blob store, the storage replicator on the current arbiter.
     pub async fn start(config: Config) -> anyhow::Result<App> {
-        let (store, commands) = open(&config).await?;
+        let (store, commands, storage) = open(&config).await?;
         let mut consumers = Vec::new();
         for projection in projections::all() {
             let name = projection.name().to_owned();
             consumers.push((name, ConsumerActor::spawn(store.clone(), projection).await?));
         }
         let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
+        let replicator = match &storage.remote {
+            Some(remote) => {
+                let wake = consumers
+                    .iter()
+                    .find(|(name, _)| name == chain_adapter::storage::queue::SOURCE_PROJECTION)
+                    .map(|(_, handle)| handle.subscribe());
+                tracing::info!(
+                    backend = remote.backend(),
+                    "replicating blobs to remote storage"
+                );
+                Some(
+                    Replicator::start(
+                        store.clone(),
+                        commands.clone(),
+                        storage.local.clone(),
+                        remote.clone(),
+                        storage.replication.clone(),
+                        wake,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
         Ok(App {
             config,
             store,
             commands,
             consumers,
+            storage,
             expiry,
+            replicator,
         })
     }
 
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
+        if let Some(replicator) = &self.replicator {
+            let _ = replicator
+                .send(chain_adapter::storage::replicator::Stop)
+                .await;
+        }
         for (_, consumer) in &self.consumers {
             consumer.stop().await;
         }

@@ -41,6 +41,26 @@ enum Command {
         #[command(subcommand)]
         command: StaffCommand,
     },
+    /// Log consumers: projections and the storage replicator with its dead letters.
+    Consumers {
+        #[command(subcommand)]
+        command: ConsumersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsumersCommand {
+    /// Show every consumer's checkpoint and lag, the blobs waiting to be copied to
+    /// remote storage, and the dead-letter list.
+    Status,
+    /// Requeue dead letters. Takes effect in a running server at its next round.
+    Retry {
+        /// Which consumer's dead letters: `storage`.
+        consumer: String,
+        /// Only these records (repeatable); all dead letters if none is given.
+        #[arg(long = "record")]
+        records: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,7 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::server::run(app, listener).await
         }
         Command::Projections { command } => {
-            let (store, _commands) = open(&config).await?;
+            let (store, _commands, _storage) = open(&config).await?;
             let result = projections_command(&store, command).await;
             store.close().await;
             result
@@ -116,15 +136,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Staff {
             command: StaffCommand::Add { role, phone, name },
         } => {
-            let (store, commands) = open(&config).await?;
+            let (store, commands, _storage) = open(&config).await?;
             let result = add_staff(&commands, &role, &phone, &name).await;
+            store.close().await;
+            result
+        }
+        Command::Consumers { command } => {
+            let (store, _commands, storage) = open(&config).await?;
+            let result = consumers_command(&store, &storage, command).await;
             store.close().await;
             result
         }
         Command::Events {
             command: EventsCommand::Tail { from, follow },
         } => {
-            let (store, _commands) = open(&config).await?;
+            let (store, _commands, _storage) = open(&config).await?;
             let result = tail(&store, from, follow).await;
             store.close().await;
             result
@@ -164,6 +190,81 @@ async fn projections_command(
                 runner.unlock().await;
                 println!("{}: rebuilt from {} events", runner.name(), applied);
             }
+            Ok(())
+        }
+    }
+}
+
+async fn consumers_command(
+    store: &eventstore::Store,
+    storage: &chain_adapter::storage::Storage,
+    command: ConsumersCommand,
+) -> anyhow::Result<()> {
+    use chain_adapter::storage::queue;
+    let pool = store.any_pool();
+    queue::ensure_schema(pool).await?;
+    match command {
+        ConsumersCommand::Status => {
+            let end = store.log_end().await?;
+            println!("log: last position {}", end.position);
+            let checkpoints: Vec<(String, i64, String)> = sqlx::query_as(
+                "SELECT name, position, updated_at FROM consumer_checkpoints ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .context("reading consumer checkpoints")?;
+            println!("consumers:");
+            for (name, position, updated_at) in checkpoints {
+                println!(
+                    "  {name:<20} position {position:<10} behind {:<8} updated {updated_at}",
+                    (end.position - position).max(0)
+                );
+            }
+            match storage.backend() {
+                None => {
+                    println!("storage: local only (AFYA_BLOB_STORE=local); nothing to replicate")
+                }
+                Some(backend) => {
+                    let remote = storage
+                        .remote_state()
+                        .await
+                        .map(|s| s.as_str())
+                        .unwrap_or("unknown");
+                    println!("storage: {backend}, remote {remote}");
+                }
+            }
+            for count in queue::counts(pool).await? {
+                println!("  {:<28} {:<8} {}", count.backend, count.state, count.jobs);
+            }
+            let troubled = queue::troubled(pool, 100).await?;
+            if troubled.is_empty() {
+                println!("dead letters: none");
+            } else {
+                println!("dead letters and failing blobs:");
+                for job in troubled {
+                    println!(
+                        "  {} {} {} attempts {} updated {}: {}",
+                        job.record_id,
+                        job.backend,
+                        job.state,
+                        job.attempts,
+                        job.updated_at,
+                        job.last_error.unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        ConsumersCommand::Retry { consumer, records } => {
+            if consumer != "storage" {
+                anyhow::bail!("no consumer with dead letters named {consumer}; known: storage");
+            }
+            for id in &records {
+                domain::ids::RecordId::parse(id)
+                    .map_err(|_| anyhow::anyhow!("{id} is not a record id"))?;
+            }
+            let requeued = queue::retry(pool, &records).await?;
+            println!("requeued {requeued} dead letter(s)");
             Ok(())
         }
     }

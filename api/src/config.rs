@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use chain_adapter::storage::{ReplicationSettings, S3Settings};
 use eventstore::StoreConfig;
 
 /// Everything `afyachain` reads from its environment.
@@ -27,6 +28,15 @@ pub struct Config {
     /// `AFYA_CONSISTENCY_TIMEOUT_MS`, default 5000: how long a command's answer waits
     /// for the read models to show its effect.
     pub consistency_timeout: Duration,
+    /// `AFYA_BLOB_STORE=s3` (default `local`) replicates encrypted blobs to an S3
+    /// store: `AFYA_S3_ENDPOINT`, `AFYA_S3_BUCKET`, `AFYA_S3_REGION` (default
+    /// `us-east-1`), `AFYA_S3_ACCESS_KEY`, `AFYA_S3_SECRET_KEY` (or
+    /// `AFYA_S3_SECRET_KEY_FILE`), `AFYA_S3_TIMEOUT_SECS` (default 30).
+    pub s3: Option<S3Settings>,
+    /// `AFYA_STORAGE_EVICT_LOCAL` (default false), `AFYA_STORAGE_MAX_ATTEMPTS` (10),
+    /// `AFYA_STORAGE_RETRY_BASE_MS` (1000), `AFYA_STORAGE_RETRY_MAX_MS` (300000),
+    /// `AFYA_STORAGE_CONCURRENCY` (4), `AFYA_STORAGE_POLL_MS` (1000).
+    pub replication: ReplicationSettings,
 }
 
 /// Limits on failed sign-ins.
@@ -50,6 +60,78 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
             .with_context(|| format!("{name}={v} is not a whole number")),
         None => Ok(default),
     }
+}
+
+fn flag(name: &str, default: bool) -> anyhow::Result<bool> {
+    match var(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
+        Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(false),
+        Some(v) => anyhow::bail!("{name}={v} is not true or false"),
+    }
+}
+
+fn required(name: &str) -> anyhow::Result<String> {
+    var(name).with_context(|| format!("{name} must be set when AFYA_BLOB_STORE=s3"))
+}
+
+fn s3_settings() -> anyhow::Result<Option<S3Settings>> {
+    let kind = var("AFYA_BLOB_STORE").unwrap_or_else(|| "local".to_owned());
+    match kind.trim() {
+        "local" => return Ok(None),
+        "s3" => {}
+        other => anyhow::bail!("AFYA_BLOB_STORE={other} is not local or s3"),
+    }
+    let endpoint = required("AFYA_S3_ENDPOINT")?.trim().to_owned();
+    if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+        anyhow::bail!("AFYA_S3_ENDPOINT={endpoint} is not an http(s) URL");
+    }
+    let secret_key = match var("AFYA_S3_SECRET_KEY_FILE") {
+        Some(path) => std::fs::read_to_string(path.trim())
+            .with_context(|| format!("reading AFYA_S3_SECRET_KEY_FILE={path}"))?
+            .trim()
+            .to_owned(),
+        None => required("AFYA_S3_SECRET_KEY")?,
+    };
+    let timeout: u64 = number("AFYA_S3_TIMEOUT_SECS", 30)?;
+    if !(1..=600).contains(&timeout) {
+        anyhow::bail!("AFYA_S3_TIMEOUT_SECS must be between 1 and 600");
+    }
+    Ok(Some(S3Settings {
+        endpoint,
+        bucket: required("AFYA_S3_BUCKET")?.trim().to_owned(),
+        region: var("AFYA_S3_REGION").unwrap_or_else(|| "us-east-1".to_owned()),
+        access_key: required("AFYA_S3_ACCESS_KEY")?.trim().to_owned(),
+        secret_key,
+        timeout: Duration::from_secs(timeout),
+    }))
+}
+
+fn replication_settings() -> anyhow::Result<ReplicationSettings> {
+    let defaults = ReplicationSettings::default();
+    let settings = ReplicationSettings {
+        evict_local: flag("AFYA_STORAGE_EVICT_LOCAL", defaults.evict_local)?,
+        max_attempts: number("AFYA_STORAGE_MAX_ATTEMPTS", defaults.max_attempts)?,
+        retry_base: Duration::from_millis(number("AFYA_STORAGE_RETRY_BASE_MS", 1000)?),
+        retry_max: Duration::from_millis(number("AFYA_STORAGE_RETRY_MAX_MS", 300_000)?),
+        concurrency: number("AFYA_STORAGE_CONCURRENCY", defaults.concurrency)?,
+        poll: Duration::from_millis(number("AFYA_STORAGE_POLL_MS", 1000)?),
+    };
+    if settings.max_attempts == 0 || !(1..=64).contains(&settings.concurrency) {
+        anyhow::bail!(
+            "AFYA_STORAGE_MAX_ATTEMPTS must be at least 1 and AFYA_STORAGE_CONCURRENCY 1 to 64"
+        );
+    }
+    if settings.retry_base.is_zero()
+        || settings.retry_max < settings.retry_base
+        || settings.poll < Duration::from_millis(10)
+    {
+        anyhow::bail!(
+            "AFYA_STORAGE_RETRY_BASE_MS must be positive and at most AFYA_STORAGE_RETRY_MAX_MS, \
+             and AFYA_STORAGE_POLL_MS at least 10"
+        );
+    }
+    Ok(settings)
 }
 
 impl Config {
@@ -81,6 +163,8 @@ impl Config {
                 "AFYA_CONSISTENCY_TIMEOUT_MS",
                 5000,
             )?),
+            s3: s3_settings()?,
+            replication: replication_settings()?,
         })
     }
 }

@@ -69,7 +69,7 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     (
         "/v1/records/{record_id}/content",
         "get",
-        &[401, 403, 404, 409, 422],
+        &[401, 403, 404, 409, 422, 502],
     ),
     (
         "/v1/access-requests",
@@ -173,7 +173,8 @@ fn describe(status: u16) -> &'static str {
         415 => "Missing or unsupported Content-Type",
         422 => "Invalid input; `field` names it",
         429 => "Too many failed attempts; see Retry-After",
-        503 => "A service the command needs is unavailable; try again later",
+        502 => "The stored copy failed its integrity check (`integrity_check_failed`): it was not served, and the failure is recorded",
+        503 => "A service the command needs is unavailable (`content_unavailable`: the record's content cannot be fetched now); try again later, see Retry-After",
         _ => "Unexpected failure",
     }
 }

@@ -192,6 +192,17 @@ impl From<CommandError> for Problem {
             CommandError::BadCredentials => {
                 Problem::unauthenticated("bad_credentials", "wrong phone number or password")
             }
+            CommandError::IntegrityFailed => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "integrity_check_failed",
+                "the stored copy of this record failed its integrity check and was not served; operators have been alerted",
+            ),
+            CommandError::ContentUnavailable => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "content_unavailable",
+                "the content of this record cannot be fetched right now; try again later",
+            )
+            .retry_after(30),
             CommandError::Unexpected(error) => Problem::internal(&error),
         }
     }

@@ -9,6 +9,7 @@ use actix_web::http::header;
 use actix_web::middleware::{from_fn, ErrorHandlerResponse, ErrorHandlers};
 use actix_web::web::{self, Data};
 use actix_web::{HttpServer, ResponseError};
+use chain_adapter::storage::Storage;
 use commands::Commands;
 use eventstore::{ConsumerHandle, Store};
 
@@ -30,6 +31,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The projections this process runs, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
+    /// Where blobs are kept (for `storage_status` and `/readyz`).
+    pub storage: Storage,
 }
 
 impl AppState {
@@ -49,6 +52,7 @@ impl AppState {
             limiter: Arc::new(SignInLimiter::new(app.config.sign_in_limits)),
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
+            storage: app.storage.clone(),
         }
     }
 }

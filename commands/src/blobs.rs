@@ -1,6 +1,8 @@
-//! Where encrypted record bodies are kept: a content-addressed directory by default.
-//! Only ciphertext is ever written; the name of a blob is the SHA-256 of its bytes, so
-//! writing the same blob twice is harmless.
+//! Where encrypted record bodies are kept: a content-addressed directory by default,
+//! replicated to remote storage by the storage adapter (`chain-adapter`). Only
+//! ciphertext is ever written; the name of a blob is the SHA-256 of its bytes, so
+//! writing the same blob twice is harmless, and a copy that does not hash to its name
+//! is refused rather than returned.
 
 use std::path::{Path, PathBuf};
 
@@ -10,13 +12,35 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::hex;
 
+/// Why a blob could not be returned.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// A copy did not hash to its name. It was not returned.
+    #[error("the copy of blob {expected} at {backend}/{object_key} hashes to {actual}")]
+    Integrity {
+        /// Where the copy was: `local` or the remote store's backend name.
+        backend: String,
+        object_key: String,
+        expected: String,
+        actual: String,
+    },
+    /// The store could not be asked (down, refused the credentials, timed out).
+    #[error("blob store unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
+}
+
 /// A store of encrypted blobs keyed by the SHA-256 of their bytes.
 #[async_trait]
 pub trait BlobStore: Send + Sync {
     /// Stores `bytes` under `sha256` (which must be their hash); idempotent.
     async fn put(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<()>;
-    /// The blob, verified against its hash; `None` when absent.
-    async fn get(&self, sha256: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// The blob, verified against its hash; `None` when no copy exists.
+    async fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError>;
+}
+
+/// The SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// Blobs under `<data dir>/blobs/ab/abcdef…`.
@@ -29,6 +53,20 @@ impl LocalBlobStore {
         LocalBlobStore {
             dir: data_dir.join("blobs"),
         }
+    }
+
+    /// Deletes the local copy (after it is confirmed elsewhere); absent is fine.
+    pub async fn remove(&self, sha256: &str) -> anyhow::Result<()> {
+        match tokio::fs::remove_file(self.path(sha256)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).context("removing a local blob"),
+        }
+    }
+
+    /// Whether a local copy exists (not verified).
+    pub async fn contains(&self, sha256: &str) -> anyhow::Result<bool> {
+        Ok(tokio::fs::try_exists(self.path(sha256)?).await?)
     }
 
     fn path(&self, sha256: &str) -> anyhow::Result<PathBuf> {
@@ -46,7 +84,7 @@ impl LocalBlobStore {
 #[async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        if hex(&Sha256::digest(bytes)) != sha256 {
+        if sha256_hex(bytes) != sha256 {
             bail!("blob does not match its hash");
         }
         let path = self.path(sha256)?;
@@ -67,17 +105,25 @@ impl BlobStore for LocalBlobStore {
         Ok(())
     }
 
-    async fn get(&self, sha256: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        let path = self.path(sha256)?;
+    async fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError> {
+        let path = self.path(sha256).map_err(BlobError::Unavailable)?;
         match tokio::fs::read(&path).await {
             Ok(bytes) => {
-                if hex(&Sha256::digest(&bytes)) != sha256 {
-                    bail!("stored blob {sha256} failed its integrity check");
+                let actual = sha256_hex(&bytes);
+                if actual != sha256 {
+                    return Err(BlobError::Integrity {
+                        backend: "local".to_owned(),
+                        object_key: format!("blobs/{}/{sha256}", &sha256[..2]),
+                        expected: sha256.to_owned(),
+                        actual,
+                    });
                 }
                 Ok(Some(bytes))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).context("reading a blob"),
+            Err(e) => Err(BlobError::Unavailable(
+                anyhow::Error::new(e).context("reading a blob"),
+            )),
         }
     }
 }

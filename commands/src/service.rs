@@ -29,7 +29,7 @@ use eventstore::{AggregateStore, CommandMeta, CommandOutcome, ExecuteError, Stor
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobError, BlobStore};
 use crate::credentials::{hash_password, verify_nothing, verify_password};
 use crate::keys::KeyStore;
 
@@ -53,6 +53,14 @@ pub enum CommandError {
     /// Sign-in refused: unknown phone or wrong password (deliberately not said which).
     #[error("wrong phone number or password")]
     BadCredentials,
+    /// A copy of a record's blob did not match its hash; it was refused, not served,
+    /// and `RecordIntegrityFailed` was recorded.
+    #[error("the stored copy of this record failed its integrity check")]
+    IntegrityFailed,
+    /// The record's blob cannot be fetched now (no local copy and the remote store is
+    /// unreachable, or no copy anywhere).
+    #[error("the content of this record is not available right now")]
+    ContentUnavailable,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -906,33 +914,125 @@ impl Commands {
             )
             .await
             .map_err(map)?;
-        let content = self.content(record).await?;
+        let content = self.content(record, &meta).await?;
         Ok((outcome, content))
     }
 
-    /// The decrypted content of a record.
-    async fn content(&self, record: &MedicalRecord) -> anyhow::Result<Vec<u8>> {
+    /// The decrypted content of a record. A copy that fails its hash is reported
+    /// (`RecordIntegrityFailed`, correlated with the read) and never served.
+    async fn content(
+        &self,
+        record: &MedicalRecord,
+        read: &CommandMeta,
+    ) -> Result<Vec<u8>, CommandError> {
         let (Some(record_id), Some(patient_id), Some(sha256), Some(wrapped_key)) = (
             record.id(),
             record.patient_id(),
             record.sha256(),
             record.wrapped_key(),
         ) else {
-            anyhow::bail!("the record has no content");
+            return Err(anyhow::anyhow!("the record has no content").into());
         };
-        let ciphertext = self
-            .blobs
-            .get(sha256.as_str())
-            .await?
-            .with_context(|| format!("the blob of record {record_id} is missing"))?;
-        self.keys
+        let ciphertext = match self.blobs.get(sha256.as_str()).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                tracing::error!(record_id = %record_id, "no copy of the record's blob is left");
+                return Err(CommandError::ContentUnavailable);
+            }
+            Err(BlobError::Unavailable(error)) => {
+                tracing::warn!(record_id = %record_id, error = format!("{error:#}"), "blob store unavailable");
+                return Err(CommandError::ContentUnavailable);
+            }
+            Err(BlobError::Integrity {
+                backend,
+                object_key,
+                expected,
+                actual,
+            }) => {
+                tracing::error!(
+                    target: "afyachain::integrity",
+                    record_id = %record_id,
+                    %backend,
+                    %object_key,
+                    %expected,
+                    %actual,
+                    "a copy of a record's blob failed its integrity check; refused"
+                );
+                self.report_integrity_failure(record_id, backend, object_key, &actual, read)
+                    .await?;
+                return Err(CommandError::IntegrityFailed);
+            }
+        };
+        Ok(self
+            .keys
             .decrypt_record(
                 &patient_id.to_string(),
                 &record_id.to_string(),
                 wrapped_key.as_str(),
                 &ciphertext,
             )
+            .await?)
+    }
+
+    async fn report_integrity_failure(
+        &self,
+        record_id: RecordId,
+        backend: String,
+        object_key: String,
+        actual: &str,
+        read: &CommandMeta,
+    ) -> Result<(), CommandError> {
+        let actual_sha256 = Sha256Hex::parse(actual)
+            .map_err(|e| CommandError::Unexpected(anyhow::anyhow!("{e}")))?;
+        let mut meta = CommandMeta::new(Actor::System.reference());
+        meta.correlation_id = read.correlation_id;
+        meta.causation_id = Some(read.command_id);
+        self.store
+            .execute::<MedicalRecord>(
+                &self.records,
+                &record_id.to_string(),
+                RecordCommand::ReportIntegrityFailure {
+                    by: Actor::System,
+                    backend,
+                    object_key,
+                    actual_sha256,
+                },
+                &self.record_services,
+                &meta,
+            )
             .await
+            .map_err(map)?;
+        Ok(())
+    }
+
+    /// Records that `backend` holds the record's ciphertext under `object_key`
+    /// (`RecordStored`). Idempotent: a repeat, from a replay or a racing instance,
+    /// records nothing. Only the storage adapter calls it.
+    pub async fn mark_stored(
+        &self,
+        record_id: RecordId,
+        backend: &str,
+        object_key: &str,
+        etag: Option<String>,
+    ) -> Result<CommandOutcome, CommandError> {
+        let meta = CommandMeta::new(Actor::System.reference())
+            .with_idempotency_key(format!("storage:{backend}:{record_id}"))
+            .with_fingerprint(object_key.to_owned());
+        self.store
+            .execute::<MedicalRecord>(
+                &self.records,
+                &record_id.to_string(),
+                RecordCommand::MarkStored {
+                    by: Actor::System,
+                    backend: backend.to_owned(),
+                    object_key: object_key.to_owned(),
+                    etag,
+                },
+                &self.record_services,
+                &meta,
+            )
+            .await
+            .map_err(map)
     }
 
     /// Opens a field sealed under a subject's key (a filename, a purpose) for someone

@@ -1,8 +1,10 @@
 //! The MedicalRecord aggregate: uploaded by its patient; every read by anyone else is
 //! checked against the access request it is made under and recorded first.
 //!
-//! Later issues add the storage and chain events (`RecordStored`, `RecordTokenMinted`)
-//! as new variants; existing variants never change meaning.
+//! The storage adapter confirms each copy of the encrypted blob on remote storage
+//! (`RecordStored`) and reports a copy that failed its integrity check
+//! (`RecordIntegrityFailed`). Later issues add chain events as new variants; existing
+//! variants never change meaning.
 
 use std::sync::Arc;
 
@@ -39,6 +41,21 @@ pub enum RecordCommand {
         by: Actor,
         request_id: Option<AccessRequestId>,
     },
+    /// The storage adapter copied the ciphertext to a remote store. Only the platform
+    /// records this; a repeat for the same backend and key records nothing.
+    MarkStored {
+        by: Actor,
+        backend: String,
+        object_key: String,
+        etag: Option<String>,
+    },
+    /// A copy of the blob did not hash to the record's SHA-256 and was refused.
+    ReportIntegrityFailure {
+        by: Actor,
+        backend: String,
+        object_key: String,
+        actual_sha256: Sha256Hex,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +79,25 @@ pub enum RecordEvent {
         category: Category,
         accessed_at: DateTime<Utc>,
     },
+    /// The ciphertext (never plaintext) is held by `backend` under `object_key`, which
+    /// is content-addressed (the ciphertext's SHA-256).
+    RecordStored {
+        record_id: RecordId,
+        backend: String,
+        object_key: String,
+        etag: Option<String>,
+        stored_at: DateTime<Utc>,
+    },
+    /// A copy read from `backend` hashed to `actual_sha256` instead of the record's
+    /// SHA-256; it was not served.
+    RecordIntegrityFailed {
+        record_id: RecordId,
+        backend: String,
+        object_key: String,
+        expected_sha256: Sha256Hex,
+        actual_sha256: Sha256Hex,
+        detected_at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for RecordEvent {
@@ -69,6 +105,8 @@ impl DomainEvent for RecordEvent {
         match self {
             RecordEvent::RecordUploaded { .. } => "RecordUploaded",
             RecordEvent::RecordAccessed { .. } => "RecordAccessed",
+            RecordEvent::RecordStored { .. } => "RecordStored",
+            RecordEvent::RecordIntegrityFailed { .. } => "RecordIntegrityFailed",
         }
         .to_owned()
     }
@@ -155,6 +193,9 @@ pub struct MedicalRecord {
     sha256: Option<Sha256Hex>,
     wrapped_key: Option<WrappedKey>,
     filename: Option<Sealed>,
+    /// `(backend, object_key)` of every confirmed remote copy.
+    #[serde(default)]
+    stored: Vec<(String, String)>,
 }
 
 impl MedicalRecord {
@@ -181,6 +222,10 @@ impl MedicalRecord {
     }
     pub fn filename(&self) -> Option<&Sealed> {
         self.filename.as_ref()
+    }
+    /// Whether `backend` holds a confirmed copy (`RecordStored`).
+    pub fn is_stored_on(&self, backend: &str) -> bool {
+        self.stored.iter().any(|(b, _)| b == backend)
     }
 }
 
@@ -266,11 +311,78 @@ impl Aggregate for MedicalRecord {
                 };
                 sink.write(event, self).await;
             }
+            RecordCommand::MarkStored {
+                by,
+                backend,
+                object_key,
+                etag,
+            } => {
+                let record_id = self.id.ok_or(RecordError::NotFound)?;
+                if by != Actor::System {
+                    return Err(RecordError::NotAllowed);
+                }
+                if backend.trim().is_empty() || object_key.trim().is_empty() {
+                    return Err(RecordError::Service(
+                        "a stored copy needs a backend and an object key".into(),
+                    ));
+                }
+                if self
+                    .stored
+                    .iter()
+                    .any(|(b, k)| *b == backend && *k == object_key)
+                {
+                    return Ok(());
+                }
+                let event = RecordEvent::RecordStored {
+                    record_id,
+                    backend,
+                    object_key,
+                    etag,
+                    stored_at: now,
+                };
+                sink.write(event, self).await;
+            }
+            RecordCommand::ReportIntegrityFailure {
+                by,
+                backend,
+                object_key,
+                actual_sha256,
+            } => {
+                let (Some(record_id), Some(expected)) = (self.id, self.sha256.clone()) else {
+                    return Err(RecordError::NotFound);
+                };
+                if by != Actor::System {
+                    return Err(RecordError::NotAllowed);
+                }
+                if actual_sha256 == expected {
+                    return Err(RecordError::Service(
+                        "the copy matches the record's hash".into(),
+                    ));
+                }
+                let event = RecordEvent::RecordIntegrityFailed {
+                    record_id,
+                    backend,
+                    object_key,
+                    expected_sha256: expected,
+                    actual_sha256,
+                    detected_at: now,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
 
     fn apply(&mut self, event: RecordEvent) {
+        if let RecordEvent::RecordStored {
+            backend,
+            object_key,
+            ..
+        } = event
+        {
+            self.stored.push((backend, object_key));
+            return;
+        }
         if let RecordEvent::RecordUploaded {
             record_id,
             patient_id,
@@ -526,6 +638,88 @@ mod tests {
             .given(vec![uploaded(r, PatientId::new(), Category::Lab)])
             .when(read(&s))
             .then_expect_error(RecordError::NoGrant);
+    }
+
+    fn stored(r: RecordId) -> RecordEvent {
+        RecordEvent::RecordStored {
+            record_id: r,
+            backend: "s3:records".into(),
+            object_key: "blobs/aa".into(),
+            etag: Some("\"e\"".into()),
+            stored_at: t0(),
+        }
+    }
+
+    fn mark_stored(by: Actor) -> RecordCommand {
+        RecordCommand::MarkStored {
+            by,
+            backend: "s3:records".into(),
+            object_key: "blobs/aa".into(),
+            etag: Some("\"e\"".into()),
+        }
+    }
+
+    #[test]
+    fn the_platform_records_a_stored_copy_once() {
+        let p = PatientId::new();
+        let r = RecordId::new();
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab)])
+            .when(mark_stored(Actor::System))
+            .then_expect_events(vec![stored(r)]);
+        // A replay, a crash before the confirmation was seen, or a racing instance.
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab), stored(r)])
+            .when(mark_stored(Actor::System))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn only_the_platform_records_copies_and_only_of_existing_records() {
+        let p = PatientId::new();
+        let r = RecordId::new();
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab)])
+            .when(mark_stored(Actor::Patient(p)))
+            .then_expect_error(RecordError::NotAllowed);
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given_no_previous_events()
+            .when(mark_stored(Actor::System))
+            .then_expect_error(RecordError::NotFound);
+    }
+
+    #[test]
+    fn a_copy_that_fails_its_hash_is_reported_with_both_hashes() {
+        let p = PatientId::new();
+        let r = RecordId::new();
+        let bad = Sha256Hex::parse(&"b".repeat(64)).unwrap();
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab), stored(r)])
+            .when(RecordCommand::ReportIntegrityFailure {
+                by: Actor::System,
+                backend: "s3:records".into(),
+                object_key: "blobs/aa".into(),
+                actual_sha256: bad.clone(),
+            })
+            .then_expect_events(vec![RecordEvent::RecordIntegrityFailed {
+                record_id: r,
+                backend: "s3:records".into(),
+                object_key: "blobs/aa".into(),
+                expected_sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
+                actual_sha256: bad,
+                detected_at: t0(),
+            }]);
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab)])
+            .when(RecordCommand::ReportIntegrityFailure {
+                by: Actor::System,
+                backend: "s3:records".into(),
+                object_key: "blobs/aa".into(),
+                actual_sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
+            })
+            .then_expect_error(RecordError::Service(
+                "the copy matches the record's hash".into(),
+            ));
     }
 
     #[test]

@@ -45,9 +45,66 @@ pub struct CatchUp {
     pub held_back: bool,
 }
 
+/// The right to be the one active instance of a named consumer: a session advisory
+/// lock on PostgreSQL, a lock file beside the SQLite database. Dropping it releases it
+/// (the connection or the file closes); [`ConsumerLock::release`] does so at once.
+pub struct ConsumerLock(LockGuard);
+
 enum LockGuard {
     Postgres(PgConnection),
     File(std::fs::File),
+}
+
+impl ConsumerLock {
+    /// Takes the lock named `name` if no other instance holds it.
+    pub async fn try_take(store: &Store, name: &str) -> anyhow::Result<Option<ConsumerLock>> {
+        let guard = match (&store.typed, store.config()) {
+            (Typed::Postgres(_), StoreConfig::Postgres { url }) => {
+                let mut conn = PgConnection::connect(url)
+                    .await
+                    .context("connecting for a consumer lock")?;
+                let locked: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 4471))")
+                        .bind(format!("afyachain consumer {name}"))
+                        .fetch_one(&mut conn)
+                        .await
+                        .context("taking a consumer lock")?;
+                if !locked {
+                    let _ = conn.close().await;
+                    return Ok(None);
+                }
+                LockGuard::Postgres(conn)
+            }
+            (_, StoreConfig::Sqlite { path }) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path(path, name))
+                    .context("opening a consumer lock file")?;
+                match file.try_lock() {
+                    Ok(()) => LockGuard::File(file),
+                    Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(e).context("locking a consumer lock file")
+                    }
+                }
+            }
+            _ => anyhow::bail!("store configuration does not match its pool"),
+        };
+        Ok(Some(ConsumerLock(guard)))
+    }
+
+    pub async fn release(self) {
+        match self.0 {
+            LockGuard::Postgres(conn) => {
+                let _ = conn.close().await;
+            }
+            LockGuard::File(file) => {
+                let _ = file.unlock();
+            }
+        }
+    }
 }
 
 /// Drives one handler over the log. Usable directly (CLI, tests) or inside a
@@ -57,7 +114,7 @@ pub struct Runner {
     handler: Arc<dyn LogHandler>,
     batch_size: i64,
     cursor: LogCursor,
-    lock: Option<LockGuard>,
+    lock: Option<ConsumerLock>,
     progress: watch::Sender<LogCursor>,
 }
 
@@ -130,41 +187,10 @@ impl Runner {
         if self.lock.is_some() {
             return Ok(true);
         }
-        let guard = match (&self.store.typed, self.store.config()) {
-            (Typed::Postgres(_), StoreConfig::Postgres { url }) => {
-                let mut conn = PgConnection::connect(url)
-                    .await
-                    .context("connecting for a consumer lock")?;
-                let locked: bool =
-                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 4471))")
-                        .bind(format!("afyachain consumer {}", self.handler.name()))
-                        .fetch_one(&mut conn)
-                        .await
-                        .context("taking a consumer lock")?;
-                if !locked {
-                    let _ = conn.close().await;
-                    return Ok(false);
-                }
-                LockGuard::Postgres(conn)
-            }
-            (_, StoreConfig::Sqlite { path }) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(lock_path(path, self.handler.name()))
-                    .context("opening a consumer lock file")?;
-                match file.try_lock() {
-                    Ok(()) => LockGuard::File(file),
-                    Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
-                    Err(std::fs::TryLockError::Error(e)) => {
-                        return Err(e).context("locking a consumer lock file")
-                    }
-                }
-            }
-            _ => anyhow::bail!("store configuration does not match its pool"),
+        let Some(lock) = ConsumerLock::try_take(&self.store, self.handler.name()).await? else {
+            return Ok(false);
         };
-        self.lock = Some(guard);
+        self.lock = Some(lock);
         // Another instance may have moved the checkpoint while we were on standby.
         self.reload_checkpoint().await?;
         Ok(true)
@@ -172,14 +198,8 @@ impl Runner {
 
     /// Releases the lock (standby instances may take over).
     pub async fn unlock(&mut self) {
-        match self.lock.take() {
-            Some(LockGuard::Postgres(conn)) => {
-                let _ = conn.close().await;
-            }
-            Some(LockGuard::File(file)) => {
-                let _ = file.unlock();
-            }
-            None => {}
+        if let Some(lock) = self.lock.take() {
+            lock.release().await;
         }
     }
 
@@ -512,6 +532,11 @@ pub struct ConsumerHandle {
 impl ConsumerHandle {
     pub async fn status(&self) -> anyhow::Result<ConsumerStatus> {
         Ok(self.addr.send(Status).await?)
+    }
+
+    /// Follows the cursor as batches commit.
+    pub fn subscribe(&self) -> watch::Receiver<LogCursor> {
+        self.progress.clone()
     }
 
     /// The cursor of the last committed batch.

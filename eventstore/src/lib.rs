@@ -15,7 +15,9 @@ pub mod pg_append;
 pub mod store;
 pub mod testing;
 
-pub use consumer::{ConsumerActor, ConsumerHandle, ConsumerStatus, LogHandler, Runner};
+pub use consumer::{
+    ConsumerActor, ConsumerHandle, ConsumerLock, ConsumerStatus, LogHandler, Runner,
+};
 pub use execute::{CommandMeta, CommandOutcome, ExecuteError};
 pub use log::{LogCursor, StoredEvent};
 pub use store::{AggregateStore, Backend, Store, StoreConfig};

@@ -11,7 +11,9 @@ mod codec;
 pub mod projection;
 pub mod queries;
 
-pub use projection::{AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords};
+pub use projection::{
+    AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords, RecordStorage,
+};
 
 /// Every projection the server runs, in a stable order.
 pub fn all() -> Vec<Arc<dyn LogHandler>> {
@@ -21,5 +23,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(AccessRequests::default()),
         Arc::new(DoctorGrants::default()),
         Arc::new(AccessLog::default()),
+        Arc::new(RecordStorage::default()),
     ]
 }

@@ -38,34 +38,49 @@ pub struct RecordRow {
     pub filename_sealed: Option<String>,
     pub uploaded_at: String,
     pub position: i64,
+    /// The backend asked about, when it holds a confirmed copy (`RecordStored`).
+    pub stored_on: Option<String>,
 }
 
+/// A patient's records; `backend` is the remote store whose copies to report
+/// (`None`: blobs are kept locally only).
 pub async fn records_of_patient(
     pool: &AnyPool,
     patient_id: &str,
+    backend: Option<&str>,
     after: i64,
     limit: i64,
 ) -> anyhow::Result<Page<RecordRow>> {
     let rows: Vec<RecordRow> = sqlx::query_as(
-        "SELECT record_id, patient_id, category, media_type, size, sha256, wrapped_key, \
-         filename_sealed, uploaded_at, position FROM rm_patient_records \
-         WHERE patient_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+        "SELECT p.record_id, p.patient_id, p.category, p.media_type, p.size, p.sha256, \
+         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on \
+         FROM rm_patient_records p LEFT JOIN rm_record_replicas r \
+         ON r.record_id = p.record_id AND r.backend = $4 \
+         WHERE p.patient_id = $1 AND p.position > $2 ORDER BY p.position LIMIT $3",
     )
     .bind(patient_id.to_owned())
     .bind(after)
     .bind(limit + 1)
+    .bind(backend.unwrap_or_default().to_owned())
     .fetch_all(pool)
     .await
     .context("reading a patient's records")?;
     Ok(page(rows, limit, |r| r.position))
 }
 
-pub async fn record(pool: &AnyPool, record_id: &str) -> anyhow::Result<Option<RecordRow>> {
+pub async fn record(
+    pool: &AnyPool,
+    record_id: &str,
+    backend: Option<&str>,
+) -> anyhow::Result<Option<RecordRow>> {
     sqlx::query_as(
-        "SELECT record_id, patient_id, category, media_type, size, sha256, wrapped_key, \
-         filename_sealed, uploaded_at, position FROM rm_patient_records WHERE record_id = $1",
+        "SELECT p.record_id, p.patient_id, p.category, p.media_type, p.size, p.sha256, \
+         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on \
+         FROM rm_patient_records p LEFT JOIN rm_record_replicas r \
+         ON r.record_id = p.record_id AND r.backend = $2 WHERE p.record_id = $1",
     )
     .bind(record_id.to_owned())
+    .bind(backend.unwrap_or_default().to_owned())
     .fetch_optional(pool)
     .await
     .context("reading a record")

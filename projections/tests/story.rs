@@ -261,13 +261,14 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         wait_all(&handles, end).await;
         let pool = t.store.any_pool();
 
-        let records = queries::records_of_patient(pool, &patient.to_string(), 0, 1)
+        let records = queries::records_of_patient(pool, &patient.to_string(), None, 0, 1)
             .await
             .unwrap();
         assert_eq!(records.items.len(), 1, "{backend:?}: page size");
         let rest = queries::records_of_patient(
             pool,
             &patient.to_string(),
+            None,
             records.next_cursor.unwrap(),
             10,
         )
@@ -428,7 +429,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         for blob in &blobs {
             assert!(!blob.windows(5).any(|w| w == b"HbA1c" || w == b"%PDF-"));
         }
-        let row = queries::record(pool, &lab.to_string())
+        let row = queries::record(pool, &lab.to_string(), None)
             .await
             .unwrap()
             .unwrap();

@@ -14,11 +14,14 @@ pub async fn healthz() -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "The event store answers"),
+    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile."),
               (status = 503, description = "The event store does not answer", body = crate::problem::Details, content_type = "application/problem+json")))]
 pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
     match state.store.ping().await {
-        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))),
+        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({
+            "status": "ready",
+            "storage": storage_report(&state).await,
+        }))),
         Err(error) => {
             tracing::warn!(error = format!("{error:#}"), "not ready");
             Err(Problem::new(
@@ -28,6 +31,36 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
             ))
         }
     }
+}
+
+async fn storage_report(state: &AppState) -> serde_json::Value {
+    let Some(backend) = state.storage.backend() else {
+        return serde_json::json!({"backend": "local"});
+    };
+    let remote = state
+        .storage
+        .remote_state()
+        .await
+        .map(|s| s.as_str())
+        .unwrap_or("unknown");
+    let (mut pending, mut dead) = (0, 0);
+    match chain_adapter::storage::queue::counts(state.store.any_pool()).await {
+        Ok(counts) => {
+            for count in counts.iter().filter(|c| c.backend == backend) {
+                match count.state.as_str() {
+                    "dead" => dead += count.jobs,
+                    _ => pending += count.jobs,
+                }
+            }
+        }
+        Err(error) => tracing::warn!(error = format!("{error:#}"), "counting storage jobs"),
+    }
+    serde_json::json!({
+        "backend": backend,
+        "remote": remote,
+        "pending": pending,
+        "dead_letters": dead,
+    })
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",

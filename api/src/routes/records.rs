@@ -46,6 +46,31 @@ pub struct RecordItem {
     pub size: i64,
     pub sha256: String,
     pub uploaded_at: String,
+    pub storage_status: StorageStatus,
+}
+
+/// Where the encrypted content is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageStatus {
+    /// No remote store is configured: the encrypted content is kept on this node only.
+    Local,
+    /// Kept on this node and waiting to be copied to the remote store.
+    Pending,
+    /// Copied to the remote store and recorded (`RecordStored`).
+    Stored,
+}
+
+impl StorageStatus {
+    /// The status of a record, given the configured remote backend and whether it
+    /// holds a confirmed copy.
+    pub fn of(backend: Option<&str>, stored_on: Option<&str>) -> StorageStatus {
+        match backend {
+            None => StorageStatus::Local,
+            Some(b) if stored_on == Some(b) => StorageStatus::Stored,
+            Some(_) => StorageStatus::Pending,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -162,7 +187,9 @@ pub async fn list(
             None
         }
     };
-    let page = queries::records_of_patient(pool, &patient_id.to_string(), after, limit).await?;
+    let backend = state.storage.backend();
+    let page =
+        queries::records_of_patient(pool, &patient_id.to_string(), backend, after, limit).await?;
     let mut items = Vec::with_capacity(page.items.len());
     for row in page.items {
         let covered = covering.as_ref().is_none_or(|scopes| {
@@ -188,6 +215,7 @@ pub async fn list(
             size: row.size,
             sha256: row.sha256,
             uploaded_at: row.uploaded_at,
+            storage_status: StorageStatus::of(backend, row.stored_on.as_deref()),
         });
     }
     Ok(HttpResponse::Ok().json(RecordPage {

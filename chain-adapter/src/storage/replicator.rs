@@ -1,0 +1,439 @@
+//! The replicator: copies each uploaded record's ciphertext to the remote store and
+//! records `RecordStored` through a command.
+//!
+//! It follows the `record_storage` projection (itself a checkpointed consumer of the
+//! log) through the `storage_jobs` work list, so the slow, failing outside call never
+//! runs inside a read-model transaction. Every step is idempotent: the object key is
+//! the ciphertext's SHA-256 (a second PUT writes the same object; an object found
+//! already there is verified and adopted instead), and the record aggregate records a
+//! second `RecordStored` for the same backend and key as nothing. Killed anywhere, it
+//! resumes from its work list: one object, one `RecordStored`.
+//!
+//! Failures: when the remote store as a whole is down or refuses the credentials (a
+//! probe says so), jobs are put off with a growing pause and no attempt is counted;
+//! the API keeps accepting uploads. A blob that keeps failing while the store is fine
+//! counts attempts, backs off, and after `max_attempts` goes to the dead-letter list.
+//! One instance is active per deployment (the consumer lock `storage_replicator`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use commands::blobs::{sha256_hex, BlobError, BlobStore, LocalBlobStore};
+use commands::{CommandError, Commands};
+use domain::ids::RecordId;
+use eventstore::{ConsumerLock, LogCursor, Store};
+use futures::StreamExt;
+use tokio::sync::{watch, Mutex};
+
+use super::queue::{self, Job};
+use super::remote::{object_key, one_line, RemoteError, RemoteState, S3Remote};
+use super::ReplicationSettings;
+
+/// The name of the replicator's consumer lock.
+pub const LOCK_NAME: &str = "storage_replicator";
+
+/// Why one blob was not replicated.
+enum Failure {
+    /// A call to the remote store failed: the store's fault or the blob's, which a
+    /// probe tells apart.
+    Remote(RemoteError),
+    /// This blob cannot be replicated (no readable copy, refused by a rule).
+    Blob(String),
+    /// Our own database failed or a change raced: retried on the next round, not counted.
+    Local(anyhow::Error),
+}
+
+struct WorkerState {
+    lock: Option<ConsumerLock>,
+    intake_mark: LogCursor,
+    paused_until: Option<Instant>,
+    outage_backoff: Duration,
+    remote_state: RemoteState,
+}
+
+struct Worker {
+    store: Store,
+    commands: Arc<Commands>,
+    local: Arc<LocalBlobStore>,
+    remote: Arc<S3Remote>,
+    settings: ReplicationSettings,
+    state: Mutex<WorkerState>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    /// Another instance is the active replicator.
+    Standby,
+    /// The remote store is down; waiting out the pause.
+    Paused,
+    /// Nothing more is due now.
+    Idle,
+    /// A full batch was done: more may be due.
+    More,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Worker {
+    fn backend(&self) -> &str {
+        self.remote.backend()
+    }
+
+    fn retry_delay(&self, attempts: i64) -> Duration {
+        let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+        self.settings
+            .retry_base
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.settings.retry_max)
+    }
+
+    async fn round(&self) -> anyhow::Result<Round> {
+        let mut state = self.state.lock().await;
+        if state
+            .paused_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Ok(Round::Paused);
+        }
+        if state.lock.is_none() {
+            match ConsumerLock::try_take(&self.store, LOCK_NAME).await? {
+                Some(lock) => {
+                    tracing::info!(backend = self.backend(), "storage replicator active");
+                    state.lock = Some(lock);
+                    // Another instance may have worked meanwhile: look at everything.
+                    state.intake_mark = LogCursor::START;
+                }
+                None => return Ok(Round::Standby),
+            }
+        }
+        let pool = self.store.any_pool();
+        let upto = queue::source_checkpoint(pool).await?;
+        if upto > state.intake_mark {
+            let queued = queue::intake(pool, self.backend(), state.intake_mark, upto).await?;
+            if queued > 0 {
+                tracing::debug!(queued, "uploads queued for replication");
+            }
+            state.intake_mark = upto;
+        }
+        let batch = i64::try_from(self.settings.concurrency.max(1) * 8).unwrap_or(32);
+        let jobs = queue::due(pool, self.backend(), now_ms(), batch).await?;
+        if jobs.is_empty() {
+            return Ok(Round::Idle);
+        }
+        let results: Vec<(&Job, Result<(), Failure>)> = futures::stream::iter(jobs.iter())
+            .map(|job| async move { (job, self.replicate(job).await) })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        let outage = if results
+            .iter()
+            .any(|(_, r)| matches!(r, Err(Failure::Remote(_))))
+        {
+            match self.remote.probe().await {
+                RemoteState::Ok => None,
+                down => Some(down),
+            }
+        } else {
+            None
+        };
+        let mut stored = 0usize;
+        for (job, result) in &results {
+            match result {
+                Ok(()) => stored += 1,
+                Err(Failure::Remote(error)) if outage.is_some() => {
+                    let next = now_ms() + millis(state.outage_backoff);
+                    queue::postpone(
+                        pool,
+                        self.backend(),
+                        &job.record_id,
+                        next,
+                        &error.to_string(),
+                    )
+                    .await?;
+                }
+                Err(Failure::Remote(error)) => {
+                    self.count_failure(job, &error.to_string()).await?;
+                }
+                Err(Failure::Blob(reason)) => self.count_failure(job, reason).await?,
+                Err(Failure::Local(error)) => {
+                    tracing::warn!(record_id = %job.record_id, error = format!("{error:#}"), "storage job will be retried");
+                }
+            }
+        }
+        match outage {
+            Some(down) => {
+                if state.remote_state != down {
+                    tracing::error!(
+                        backend = self.backend(),
+                        state = down.as_str(),
+                        "remote blob store unavailable; uploads are kept locally and replicated when it returns"
+                    );
+                }
+                state.remote_state = down;
+                state.paused_until = Some(Instant::now() + state.outage_backoff);
+                state.outage_backoff = (state.outage_backoff * 2).min(self.settings.retry_max);
+                Ok(Round::Paused)
+            }
+            None => {
+                if state.remote_state != RemoteState::Ok && stored > 0 {
+                    tracing::info!(backend = self.backend(), "remote blob store is back");
+                    state.remote_state = RemoteState::Ok;
+                }
+                state.paused_until = None;
+                state.outage_backoff = self.settings.retry_base;
+                if jobs.len() as i64 == batch {
+                    Ok(Round::More)
+                } else {
+                    Ok(Round::Idle)
+                }
+            }
+        }
+    }
+
+    async fn count_failure(&self, job: &Job, reason: &str) -> anyhow::Result<()> {
+        let attempts = job.attempts + 1;
+        let dead = attempts >= i64::from(self.settings.max_attempts);
+        let next = now_ms() + millis(self.retry_delay(attempts));
+        let reason = one_line(reason);
+        if dead {
+            tracing::error!(record_id = %job.record_id, attempts, error = %reason, "blob replication failed for good; moved to the dead-letter list");
+        } else {
+            tracing::warn!(record_id = %job.record_id, attempts, error = %reason, "blob replication failed; will retry");
+        }
+        queue::fail(
+            self.store.any_pool(),
+            self.backend(),
+            &job.record_id,
+            attempts,
+            next,
+            &reason,
+            dead,
+        )
+        .await
+    }
+
+    /// Copies one blob and records it.
+    async fn replicate(&self, job: &Job) -> Result<(), Failure> {
+        let record_id = RecordId::parse(&job.record_id)
+            .map_err(|_| Failure::Blob("the job's record id is not valid".into()))?;
+        let key = object_key(&job.sha256);
+        let etag = match self.local.get(&job.sha256).await {
+            Ok(Some(bytes)) => self.upload(&key, &job.sha256, bytes).await?,
+            Ok(None) => self.adopt(&key, &job.sha256).await?,
+            Err(BlobError::Integrity { .. }) => {
+                return Err(Failure::Blob(
+                    "the local copy fails its integrity check".into(),
+                ))
+            }
+            Err(BlobError::Unavailable(error)) => {
+                return Err(Failure::Blob(format!("reading the local copy: {error:#}")))
+            }
+        };
+        match self
+            .commands
+            .mark_stored(record_id, self.backend(), &key, etag)
+            .await
+        {
+            Ok(_) => {}
+            Err(CommandError::Rejected { message, .. }) => return Err(Failure::Blob(message)),
+            Err(error) => return Err(Failure::Local(anyhow::anyhow!(error))),
+        }
+        if self.settings.evict_local {
+            self.local
+                .remove(&job.sha256)
+                .await
+                .map_err(Failure::Local)?;
+        }
+        queue::finish(self.store.any_pool(), self.backend(), &job.record_id)
+            .await
+            .map_err(Failure::Local)?;
+        tracing::debug!(record_id = %job.record_id, "blob stored remotely");
+        Ok(())
+    }
+
+    /// Puts the local copy unless a whole copy is there already; returns the ETag.
+    async fn upload(
+        &self,
+        key: &str,
+        sha256: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Option<String>, Failure> {
+        match self.remote.head(key).await {
+            Ok(info) if info.size == bytes.len() as u64 => {
+                // A replay, a crash before the confirmation, or another instance: adopt
+                // the copy if it is whole, replace it if not.
+                match self.remote.get(key).await {
+                    Ok((existing, etag)) if sha256_hex(&existing) == sha256 => {
+                        return Ok(etag.or(info.etag))
+                    }
+                    Ok(_) => tracing::warn!(
+                        object_key = key,
+                        "remote copy fails its integrity check; replacing it"
+                    ),
+                    Err(RemoteError::NotFound) => {}
+                    Err(error) => return Err(Failure::Remote(error)),
+                }
+            }
+            Ok(_) | Err(RemoteError::NotFound) => {}
+            Err(error) => return Err(Failure::Remote(error)),
+        }
+        self.remote.put(key, bytes).await.map_err(Failure::Remote)
+    }
+
+    /// No local copy (evicted, or lost): the remote copy counts only if it is whole.
+    async fn adopt(&self, key: &str, sha256: &str) -> Result<Option<String>, Failure> {
+        match self.remote.get(key).await {
+            Ok((bytes, etag)) if sha256_hex(&bytes) == sha256 => Ok(etag),
+            Ok(_) => Err(Failure::Blob(
+                "no local copy, and the remote copy fails its integrity check".into(),
+            )),
+            Err(RemoteError::NotFound) => Err(Failure::Blob(
+                "no local copy, and the remote store does not have it".into(),
+            )),
+            Err(error) => Err(Failure::Remote(error)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The replicator actor.
+pub struct Replicator {
+    worker: Arc<Worker>,
+    poll: Duration,
+    wake: Option<watch::Receiver<LogCursor>>,
+    running: bool,
+    again: bool,
+    stopping: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
+/// Finish the round in flight, release the lock and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Replicator {
+    /// Creates the work list and starts the actor on the current arbiter. `wake`
+    /// follows the `record_storage` projection, so a new upload is picked up at once.
+    pub async fn start(
+        store: Store,
+        commands: Arc<Commands>,
+        local: Arc<LocalBlobStore>,
+        remote: Arc<S3Remote>,
+        settings: ReplicationSettings,
+        wake: Option<watch::Receiver<LogCursor>>,
+    ) -> anyhow::Result<Addr<Replicator>> {
+        queue::ensure_schema(store.any_pool()).await?;
+        let poll = settings.poll;
+        let worker = Arc::new(Worker {
+            state: Mutex::new(WorkerState {
+                lock: None,
+                intake_mark: LogCursor::START,
+                paused_until: None,
+                outage_backoff: settings.retry_base,
+                remote_state: RemoteState::Ok,
+            }),
+            store,
+            commands,
+            local,
+            remote,
+            settings,
+        });
+        Ok(Replicator {
+            worker,
+            poll,
+            wake,
+            running: false,
+            again: false,
+            stopping: false,
+        }
+        .start())
+    }
+}
+
+impl Actor for Replicator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(wake) = self.wake.take() {
+            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            }));
+        }
+        ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
+        ctx.notify(Tick);
+    }
+}
+
+impl StreamHandler<()> for Replicator {
+    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
+        ctx.notify(Tick);
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Tick> for Replicator {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Tick, _: &mut Self::Context) -> Self::Result {
+        if self.stopping {
+            return Box::pin(fut::ready(()));
+        }
+        if self.running {
+            self.again = true;
+            return Box::pin(fut::ready(()));
+        }
+        self.running = true;
+        let worker = self.worker.clone();
+        Box::pin(
+            async move { worker.round().await }
+                .into_actor(self)
+                .map(|result, actor, ctx| {
+                    actor.running = false;
+                    let again = std::mem::take(&mut actor.again);
+                    match result {
+                        Ok(Round::More) => ctx.notify(Tick),
+                        Ok(_) if again => ctx.notify(Tick),
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::error!(
+                                error = format!("{error:#}"),
+                                "storage replicator round failed; retrying"
+                            );
+                        }
+                    }
+                }),
+        )
+    }
+}
+
+impl Handler<Stop> for Replicator {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        let worker = self.worker.clone();
+        Box::pin(
+            async move {
+                // Waits for the round in flight.
+                let mut state = worker.state.lock().await;
+                if let Some(lock) = state.lock.take() {
+                    lock.release().await;
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        )
+    }
+}
