@@ -65,30 +65,15 @@ impl App {
             consumers.push((name, ConsumerActor::spawn(store.clone(), projection).await?));
         }
         let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
-        let replicator = match &storage.remote {
-            Some(remote) => {
-                let wake = consumers
-                    .iter()
-                    .find(|(name, _)| name == chain_adapter::storage::queue::SOURCE_PROJECTION)
-                    .map(|(_, handle)| handle.subscribe());
-                tracing::info!(
-                    backend = remote.backend(),
-                    "replicating blobs to remote storage"
-                );
-                Some(
-                    Replicator::start(
-                        store.clone(),
-                        commands.clone(),
-                        storage.local.clone(),
-                        remote.clone(),
-                        storage.replication.clone(),
-                        wake,
-                    )
-                    .await?,
-                )
-            }
-            None => None,
-        };
+        let wake = consumers
+            .iter()
+            .find(|(name, _)| name == chain_adapter::storage::queue::SOURCE_PROJECTION)
+            .map(|(_, handle)| handle.subscribe());
+        let replicator =
+            Replicator::start(store.clone(), commands.clone(), storage.clone(), wake).await?;
+        if let Some(backend) = storage.backend() {
+            tracing::info!(backend, "replicating blobs to remote storage");
+        }
         Ok(App {
             config,
             store,

@@ -96,6 +96,11 @@ impl Storage {
         self.remote.as_deref().map(S3Remote::backend)
     }
 
+    /// Records what the replicator learnt of the remote store (fresher than a probe).
+    pub async fn note_remote_state(&self, state: RemoteState) {
+        *self.health.lock().await = Some((Instant::now(), state));
+    }
+
     /// The remote store's state, probed at most every few seconds; `None` without one.
     pub async fn remote_state(&self) -> Option<RemoteState> {
         let remote = self.remote.as_ref()?;

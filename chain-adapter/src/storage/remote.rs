@@ -202,7 +202,18 @@ fn classify(error: object_store::Error) -> RemoteError {
         | object_store::Error::Unauthenticated { .. } => {
             RemoteError::Unauthorized(one_line(&error.to_string()))
         }
-        other => RemoteError::Unavailable(one_line(&other.to_string())),
+        other => {
+            // Some calls (a listing) come back as `Generic`, the HTTP status only in the
+            // message of an error type object_store does not export.
+            let text = one_line(&other.to_string());
+            if text.contains("status code: 401") || text.contains("status code: 403") {
+                RemoteError::Unauthorized(text)
+            } else if text.contains("status code: 404") {
+                RemoteError::NotFound
+            } else {
+                RemoteError::Unavailable(text)
+            }
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::queue::{self, Job};
 use super::remote::{object_key, one_line, RemoteError, RemoteState, S3Remote};
-use super::ReplicationSettings;
+use super::{ReplicationSettings, Storage};
 
 /// The name of the replicator's consumer lock.
 pub const LOCK_NAME: &str = "storage_replicator";
@@ -58,6 +58,8 @@ struct Worker {
     local: Arc<LocalBlobStore>,
     remote: Arc<S3Remote>,
     settings: ReplicationSettings,
+    /// Told what the worker learns of the remote store (for `/readyz`).
+    storage: Storage,
     state: Mutex<WorkerState>,
 }
 
@@ -165,6 +167,7 @@ impl Worker {
         }
         match outage {
             Some(down) => {
+                self.storage.note_remote_state(down).await;
                 if state.remote_state != down {
                     tracing::error!(
                         backend = self.backend(),
@@ -178,6 +181,9 @@ impl Worker {
                 Ok(Round::Paused)
             }
             None => {
+                if stored > 0 {
+                    self.storage.note_remote_state(RemoteState::Ok).await;
+                }
                 if state.remote_state != RemoteState::Ok && stored > 0 {
                     tracing::info!(backend = self.backend(), "remote blob store is back");
                     state.remote_state = RemoteState::Ok;
@@ -322,17 +328,21 @@ struct Tick;
 pub struct Stop;
 
 impl Replicator {
-    /// Creates the work list and starts the actor on the current arbiter. `wake`
-    /// follows the `record_storage` projection, so a new upload is picked up at once.
+    /// Creates the work list and starts the actor on the current arbiter; `None` when
+    /// `storage` has no remote store. `wake` follows the `record_storage` projection,
+    /// so a new upload is picked up at once.
     pub async fn start(
         store: Store,
         commands: Arc<Commands>,
-        local: Arc<LocalBlobStore>,
-        remote: Arc<S3Remote>,
-        settings: ReplicationSettings,
+        storage: Storage,
         wake: Option<watch::Receiver<LogCursor>>,
-    ) -> anyhow::Result<Addr<Replicator>> {
+    ) -> anyhow::Result<Option<Addr<Replicator>>> {
+        let Some(remote) = storage.remote.clone() else {
+            return Ok(None);
+        };
         queue::ensure_schema(store.any_pool()).await?;
+        let settings = storage.replication.clone();
+        let local = storage.local.clone();
         let poll = settings.poll;
         let worker = Arc::new(Worker {
             state: Mutex::new(WorkerState {
@@ -347,16 +357,19 @@ impl Replicator {
             local,
             remote,
             settings,
+            storage,
         });
-        Ok(Replicator {
-            worker,
-            poll,
-            wake,
-            running: false,
-            again: false,
-            stopping: false,
-        }
-        .start())
+        Ok(Some(
+            Replicator {
+                worker,
+                poll,
+                wake,
+                running: false,
+                again: false,
+                stopping: false,
+            }
+            .start(),
+        ))
     }
 }
 

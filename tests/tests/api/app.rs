@@ -97,6 +97,8 @@ pub struct TestApp {
     pub server: Server,
     pub http: reqwest::Client,
     next_phone: std::sync::atomic::AtomicU32,
+    /// Logs of servers this app ran before the current one.
+    earlier_logs: String,
 }
 
 impl TestApp {
@@ -116,13 +118,32 @@ impl TestApp {
                 .build()
                 .unwrap(),
             next_phone: std::sync::atomic::AtomicU32::new(0),
+            earlier_logs: String::new(),
         })
+    }
+
+    /// Stops the server with `signal` (`TERM`: it must exit cleanly; `KILL`: it dies
+    /// wherever it is) and starts a new one on the same store with `vars`.
+    pub fn restart(&mut self, signal: &str, vars: &[(String, String)]) {
+        let pid = self.server.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = self.server.child.wait().unwrap();
+        if signal == "TERM" {
+            assert!(status.success(), "server did not stop cleanly");
+        }
+        self.earlier_logs.push_str(&self.server.logs());
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.server = self.env.serve_with(&vars);
     }
 
     /// Stops the server (it must exit cleanly) and removes the store. Whatever the
     /// test did, the server's logs hold no token, password or phone number it used.
     pub async fn stop(self) -> String {
-        let logs = self.server.logs();
+        let logs = format!("{}{}", self.earlier_logs, self.server.logs());
         assert!(self.server.terminate(), "server did not stop cleanly");
         self.env.cleanup().await;
         assert!(!logs.contains("afy1."), "a token reached the logs");

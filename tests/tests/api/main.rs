@@ -11,4 +11,5 @@ mod bad_input;
 mod idempotency;
 mod matrix;
 mod openapi;
+mod storage;
 mod story;

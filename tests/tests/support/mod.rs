@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod s3;
+
 use eventstore::testing::fresh_config;
 use eventstore::{Backend, StoreConfig};
 
@@ -96,7 +98,17 @@ impl Env {
 
     /// Runs a one-shot subcommand; returns (success, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = self.command().args(args).output().unwrap();
+        self.run_with(args, &[])
+    }
+
+    /// Runs a one-shot subcommand with extra environment variables.
+    pub fn run_with(&self, args: &[&str], vars: &[(String, String)]) -> (bool, String, String) {
+        let out = self
+            .command()
+            .args(args)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
