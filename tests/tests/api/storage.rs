@@ -206,10 +206,18 @@ async fn with_the_store_down_uploads_are_accepted_and_stored_when_it_returns() {
 
 #[actix_rt::test]
 async fn killed_between_upload_and_confirmation_it_ends_with_one_object_and_one_event() {
+    for backend in BACKENDS {
+        killed_between_upload_and_confirmation(backend).await;
+    }
+}
+
+async fn killed_between_upload_and_confirmation(backend: Backend) {
     let s3 = S3Server::start();
     let vars = with(s3.vars(), FAST);
     // Uploads taken while no remote store is configured...
-    let mut app = TestApp::start(Backend::Sqlite).await.unwrap();
+    let Some(mut app) = TestApp::start(backend).await else {
+        return;
+    };
     let p = patient(&app).await;
     let (copied, copied_sha) = upload(&app, &p, LAB).await;
     let (other, _) = upload(&app, &p, b"second lab result").await;
