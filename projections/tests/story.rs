@@ -246,6 +246,13 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .read_record(&record, Actor::Doctor(doctor), Some(short), meta())
             .await;
         assert!(matches!(expired_read, Err(CommandError::Rejected { .. })));
+        // The storage adapter confirms a remote copy of the lab result, twice (a
+        // replay): one RecordStored.
+        for _ in 0..2 {
+            cmds.mark_stored(lab, "s3:story", "blobs/lab", Some("\"etag\"".into()))
+                .await
+                .unwrap();
+        }
         let last = cmds.expire_access(short, meta()).await.unwrap();
 
         let end = t
@@ -433,6 +440,19 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(row.stored_on, None);
+        let on_s3 = queries::record(pool, &lab.to_string(), Some("s3:story"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(on_s3.stored_on.as_deref(), Some("s3:story"));
+        assert_eq!(
+            queries::dump_table(pool, "rm_record_replicas")
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         let ciphertext = blobs
             .iter()
             .find(|b| commands::keys::hex(&sha2_digest(b)) == row.sha256)
