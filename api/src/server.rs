@@ -62,6 +62,11 @@ impl AppState {
 pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
     let state = AppState::new(&app);
     let addr = listener.local_addr()?;
+    // Our own signal handlers, in place before the server says it is listening: a
+    // SIGTERM right after start must still stop it gracefully.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let server =
         HttpServer::new(move || {
             actix_web::App::new()
@@ -80,9 +85,19 @@ pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
                 .wrap(ErrorHandlers::new().default_handler(as_problem))
                 .wrap(from_fn(crate::telemetry::observe))
         })
+        .disable_signals()
         .shutdown_timeout(30)
         .listen(listener)?
         .run();
+    let handle = server.handle();
+    actix_rt::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stop signal received");
+        handle.stop(true).await;
+    });
     tracing::info!(%addr, backend = app.store.backend().as_str(), "afyachain listening");
     server.await?;
     tracing::info!("shutting down: checkpointing consumers");

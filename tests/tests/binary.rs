@@ -120,7 +120,9 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
             "{backend:?}: rebuild must refuse while the server runs"
         );
         assert!(err.contains("running in another process"), "{err}");
-        assert!(server.terminate());
+        let logs = server.log.clone();
+        let clean = server.terminate();
+        assert!(clean, "{}", logs.lock().unwrap());
 
         let (ok, out, err) = env.run(&["projections", "rebuild", "all"]);
         assert!(ok, "{err}");
