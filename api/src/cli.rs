@@ -259,11 +259,13 @@ async fn consumers_command(
             if consumer != "storage" {
                 anyhow::bail!("no consumer with dead letters named {consumer}; known: storage");
             }
-            for id in &records {
-                domain::ids::RecordId::parse(id)
-                    .map_err(|_| anyhow::anyhow!("{id} is not a record id"))?;
+            let mut ids = Vec::with_capacity(records.len());
+            for raw in &records {
+                let id = domain::ids::RecordId::parse(raw.trim())
+                    .map_err(|_| anyhow::anyhow!("{raw} is not a record id"))?;
+                ids.push(id.to_string());
             }
-            let requeued = queue::retry(pool, &records).await?;
+            let requeued = queue::retry(pool, &ids).await?;
             println!("requeued {requeued} dead letter(s)");
             Ok(())
         }

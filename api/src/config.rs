@@ -91,7 +91,7 @@ fn s3_settings() -> anyhow::Result<Option<S3Settings>> {
             .with_context(|| format!("reading AFYA_S3_SECRET_KEY_FILE={path}"))?
             .trim()
             .to_owned(),
-        None => required("AFYA_S3_SECRET_KEY")?,
+        None => required("AFYA_S3_SECRET_KEY")?.trim().to_owned(),
     };
     let timeout: u64 = number("AFYA_S3_TIMEOUT_SECS", 30)?;
     if !(1..=600).contains(&timeout) {

@@ -12,30 +12,47 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::hex;
 
-/// Why a blob could not be returned.
-#[derive(Debug, thiserror::Error)]
-pub enum BlobError {
-    /// A copy did not hash to its name. It was not returned.
-    #[error("the copy of blob {expected} at {backend}/{object_key} hashes to {actual}")]
-    Integrity {
-        /// Where the copy was: `local` or the remote store's backend name.
-        backend: String,
-        object_key: String,
-        expected: String,
-        actual: String,
-    },
-    /// The store could not be asked (down, refused the credentials, timed out).
-    #[error("blob store unavailable: {0:#}")]
-    Unavailable(anyhow::Error),
+/// A copy of a blob that did not hash to its name. It was not returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntegrityFailure {
+    /// Where the copy was: `local` or the remote store's backend name.
+    pub backend: String,
+    pub object_key: String,
+    pub expected: String,
+    pub actual: String,
 }
+
+/// What a blob store found for a hash.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// The blob, verified against its hash; `None` when no good copy was found.
+    pub bytes: Option<Vec<u8>>,
+    /// Copies refused on the way (a corrupt local copy repaired from the remote store
+    /// is reported here even though the good bytes are returned).
+    pub refused: Vec<IntegrityFailure>,
+}
+
+impl Fetched {
+    pub fn found(bytes: Vec<u8>) -> Fetched {
+        Fetched {
+            bytes: Some(bytes),
+            refused: Vec::new(),
+        }
+    }
+}
+
+/// The store could not be asked (down, refused the credentials, timed out).
+#[derive(Debug, thiserror::Error)]
+#[error("blob store unavailable: {0:#}")]
+pub struct Unavailable(pub anyhow::Error);
 
 /// A store of encrypted blobs keyed by the SHA-256 of their bytes.
 #[async_trait]
 pub trait BlobStore: Send + Sync {
     /// Stores `bytes` under `sha256` (which must be their hash); idempotent.
     async fn put(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<()>;
-    /// The blob, verified against its hash; `None` when no copy exists.
-    async fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError>;
+    /// The blob, verified against its hash, and any copy refused on the way.
+    async fn get(&self, sha256: &str) -> Result<Fetched, Unavailable>;
 }
 
 /// The SHA-256 of `bytes`, lowercase hex.
@@ -62,6 +79,13 @@ impl LocalBlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).context("removing a local blob"),
         }
+    }
+
+    /// Writes `bytes` (which must hash to `sha256`) over whatever copy is there, e.g.
+    /// a corrupt one.
+    pub async fn replace(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        self.remove(sha256).await?;
+        self.put(sha256, bytes).await
     }
 
     /// Whether a local copy exists (not verified).
@@ -105,25 +129,26 @@ impl BlobStore for LocalBlobStore {
         Ok(())
     }
 
-    async fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError> {
-        let path = self.path(sha256).map_err(BlobError::Unavailable)?;
+    async fn get(&self, sha256: &str) -> Result<Fetched, Unavailable> {
+        let path = self.path(sha256).map_err(Unavailable)?;
         match tokio::fs::read(&path).await {
             Ok(bytes) => {
                 let actual = sha256_hex(&bytes);
                 if actual != sha256 {
-                    return Err(BlobError::Integrity {
-                        backend: "local".to_owned(),
-                        object_key: format!("blobs/{}/{sha256}", &sha256[..2]),
-                        expected: sha256.to_owned(),
-                        actual,
+                    return Ok(Fetched {
+                        bytes: None,
+                        refused: vec![IntegrityFailure {
+                            backend: "local".to_owned(),
+                            object_key: format!("blobs/{}/{sha256}", &sha256[..2]),
+                            expected: sha256.to_owned(),
+                            actual,
+                        }],
                     });
                 }
-                Ok(Some(bytes))
+                Ok(Fetched::found(bytes))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BlobError::Unavailable(
-                anyhow::Error::new(e).context("reading a blob"),
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Fetched::default()),
+            Err(e) => Err(Unavailable(anyhow::Error::new(e).context("reading a blob"))),
         }
     }
 }

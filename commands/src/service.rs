@@ -29,7 +29,7 @@ use eventstore::{AggregateStore, CommandMeta, CommandOutcome, ExecuteError, Stor
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::blobs::{BlobError, BlobStore};
+use crate::blobs::{BlobStore, IntegrityFailure};
 use crate::credentials::{hash_password, verify_nothing, verify_password};
 use crate::keys::KeyStore;
 
@@ -933,35 +933,38 @@ impl Commands {
         ) else {
             return Err(anyhow::anyhow!("the record has no content").into());
         };
-        let ciphertext = match self.blobs.get(sha256.as_str()).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
-                tracing::error!(record_id = %record_id, "no copy of the record's blob is left");
-                return Err(CommandError::ContentUnavailable);
-            }
-            Err(BlobError::Unavailable(error)) => {
+        let fetched = match self.blobs.get(sha256.as_str()).await {
+            Ok(fetched) => fetched,
+            Err(error) => {
                 tracing::warn!(record_id = %record_id, error = format!("{error:#}"), "blob store unavailable");
                 return Err(CommandError::ContentUnavailable);
             }
-            Err(BlobError::Integrity {
-                backend,
-                object_key,
-                expected,
-                actual,
-            }) => {
-                tracing::error!(
-                    target: "afyachain::integrity",
-                    record_id = %record_id,
-                    %backend,
-                    %object_key,
-                    %expected,
-                    %actual,
-                    "a copy of a record's blob failed its integrity check; refused"
-                );
-                self.report_integrity_failure(record_id, backend, object_key, &actual, read)
-                    .await?;
+        };
+        for failure in &fetched.refused {
+            tracing::error!(
+                target: "afyachain::integrity",
+                record_id = %record_id,
+                backend = %failure.backend,
+                object_key = %failure.object_key,
+                expected = %failure.expected,
+                actual = %failure.actual,
+                "a copy of a record's blob failed its integrity check; refused"
+            );
+            // Recorded for the auditors; a failure to record it must not turn the
+            // refusal into another answer.
+            if let Err(error) = self
+                .report_integrity_failure(record_id, failure, Some(read))
+                .await
+            {
+                tracing::error!(record_id = %record_id, error = %error, "could not record an integrity failure");
+            }
+        }
+        let Some(ciphertext) = fetched.bytes else {
+            if !fetched.refused.is_empty() {
                 return Err(CommandError::IntegrityFailed);
             }
+            tracing::error!(record_id = %record_id, "no copy of the record's blob is left");
+            return Err(CommandError::ContentUnavailable);
         };
         Ok(self
             .keys
@@ -974,19 +977,23 @@ impl Commands {
             .await?)
     }
 
-    async fn report_integrity_failure(
+    /// Records that a copy of the record's blob failed its integrity check
+    /// (`RecordIntegrityFailed`, once per copy and bad hash), correlated with the read
+    /// that found it, if any.
+    pub async fn report_integrity_failure(
         &self,
         record_id: RecordId,
-        backend: String,
-        object_key: String,
-        actual: &str,
-        read: &CommandMeta,
+        failure: &IntegrityFailure,
+        read: Option<&CommandMeta>,
     ) -> Result<(), CommandError> {
-        let actual_sha256 = Sha256Hex::parse(actual)
+        let actual_sha256 = Sha256Hex::parse(&failure.actual)
             .map_err(|e| CommandError::Unexpected(anyhow::anyhow!("{e}")))?;
+        let (backend, object_key) = (failure.backend.clone(), failure.object_key.clone());
         let mut meta = CommandMeta::new(Actor::System.reference());
-        meta.correlation_id = read.correlation_id;
-        meta.causation_id = Some(read.command_id);
+        if let Some(read) = read {
+            meta.correlation_id = read.correlation_id;
+            meta.causation_id = Some(read.command_id);
+        }
         self.store
             .execute::<MedicalRecord>(
                 &self.records,

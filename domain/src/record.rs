@@ -196,6 +196,9 @@ pub struct MedicalRecord {
     /// `(backend, object_key)` of every confirmed remote copy.
     #[serde(default)]
     stored: Vec<(String, String)>,
+    /// `(backend, object_key, actual SHA-256)` of every copy reported corrupt.
+    #[serde(default)]
+    corrupt: Vec<(String, String, String)>,
 }
 
 impl MedicalRecord {
@@ -359,6 +362,12 @@ impl Aggregate for MedicalRecord {
                         "the copy matches the record's hash".into(),
                     ));
                 }
+                // The same bad copy found again (every read of it) is recorded once.
+                if self.corrupt.iter().any(|(b, k, a)| {
+                    *b == backend && *k == object_key && a == actual_sha256.as_str()
+                }) {
+                    return Ok(());
+                }
                 let event = RecordEvent::RecordIntegrityFailed {
                     record_id,
                     backend,
@@ -381,6 +390,17 @@ impl Aggregate for MedicalRecord {
         } = event
         {
             self.stored.push((backend, object_key));
+            return;
+        }
+        if let RecordEvent::RecordIntegrityFailed {
+            backend,
+            object_key,
+            actual_sha256,
+            ..
+        } = event
+        {
+            self.corrupt
+                .push((backend, object_key, actual_sha256.as_str().to_owned()));
             return;
         }
         if let RecordEvent::RecordUploaded {

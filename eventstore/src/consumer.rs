@@ -95,6 +95,15 @@ impl ConsumerLock {
         Ok(Some(ConsumerLock(guard)))
     }
 
+    /// Whether the lock still holds: on PostgreSQL, whether its session is still up
+    /// (a lost session has released the advisory lock to another instance).
+    pub async fn is_alive(&mut self) -> bool {
+        match &mut self.0 {
+            LockGuard::Postgres(conn) => sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok(),
+            LockGuard::File(_) => true,
+        }
+    }
+
     pub async fn release(self) {
         match self.0 {
             LockGuard::Postgres(conn) => {

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use commands::blobs::{sha256_hex, BlobError, BlobStore, LocalBlobStore};
+use commands::blobs::{
+    sha256_hex, BlobStore, Fetched, IntegrityFailure, LocalBlobStore, Unavailable,
+};
 
 use super::remote::{object_key, RemoteError, S3Remote};
 
@@ -38,33 +40,57 @@ impl BlobStore for ReplicatedBlobs {
         self.local.put(sha256, bytes).await
     }
 
-    async fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, BlobError> {
-        if let Some(bytes) = self.local.get(sha256).await? {
-            return Ok(Some(bytes));
+    async fn get(&self, sha256: &str) -> Result<Fetched, Unavailable> {
+        let local = self.local.get(sha256).await?;
+        if local.bytes.is_some() {
+            return Ok(local);
         }
+        let local_corrupt = !local.refused.is_empty();
+        let mut refused = local.refused;
         let key = object_key(sha256);
         let bytes = match self.remote.get(&key).await {
             Ok((bytes, _)) => bytes,
-            Err(RemoteError::NotFound) => return Ok(None),
-            Err(error) => return Err(BlobError::Unavailable(error.into())),
+            Err(RemoteError::NotFound) => {
+                return Ok(Fetched {
+                    bytes: None,
+                    refused,
+                })
+            }
+            // A corrupt local copy is reason enough to refuse, whatever the remote.
+            Err(_) if local_corrupt => {
+                return Ok(Fetched {
+                    bytes: None,
+                    refused,
+                })
+            }
+            Err(error) => return Err(Unavailable(error.into())),
         };
         let actual = sha256_hex(&bytes);
         if actual != sha256 {
-            return Err(BlobError::Integrity {
+            refused.push(IntegrityFailure {
                 backend: self.remote.backend().to_owned(),
                 object_key: key,
                 expected: sha256.to_owned(),
                 actual,
             });
+            return Ok(Fetched {
+                bytes: None,
+                refused,
+            });
         }
-        if self.cache_fetched {
-            if let Err(error) = self.local.put(sha256, &bytes).await {
+        // A verified copy replaces a corrupt local one, and is kept unless the node
+        // evicts stored blobs.
+        if local_corrupt || self.cache_fetched {
+            if let Err(error) = self.local.replace(sha256, &bytes).await {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     "could not keep a fetched blob locally"
                 );
             }
         }
-        Ok(Some(bytes))
+        Ok(Fetched {
+            bytes: Some(bytes),
+            refused,
+        })
     }
 }

@@ -7,11 +7,10 @@
 //! - [`queue`]: the replicator's work list and dead letters.
 //! - [`replicator`]: the actor that copies blobs and records `RecordStored`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use commands::blobs::{BlobStore, LocalBlobStore};
-use tokio::sync::Mutex;
 
 pub mod blobs;
 pub mod queue;
@@ -59,7 +58,14 @@ pub struct Storage {
     pub local: Arc<LocalBlobStore>,
     pub remote: Option<Arc<S3Remote>>,
     pub replication: ReplicationSettings,
-    health: Arc<Mutex<Option<(Instant, RemoteState)>>>,
+    health: Arc<Mutex<Health>>,
+}
+
+/// The last known state of the remote store.
+#[derive(Default)]
+struct Health {
+    known: Option<(Instant, RemoteState)>,
+    probing: bool,
 }
 
 /// How long a probe of the remote store answers `/readyz`.
@@ -75,7 +81,7 @@ impl Storage {
             local,
             remote,
             replication,
-            health: Arc::new(Mutex::new(None)),
+            health: Arc::new(Mutex::new(Health::default())),
         }
     }
 
@@ -98,20 +104,41 @@ impl Storage {
 
     /// Records what the replicator learnt of the remote store (fresher than a probe).
     pub async fn note_remote_state(&self, state: RemoteState) {
-        *self.health.lock().await = Some((Instant::now(), state));
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        health.known = Some((Instant::now(), state));
     }
 
-    /// The remote store's state, probed at most every few seconds; `None` without one.
+    /// The remote store's state; `None` without a remote store, or while the first
+    /// probe is still out. Answers at once from the last known state and refreshes it
+    /// in the background when it is a few seconds old, so a hanging store never holds
+    /// up `/readyz`; only the very first call waits for its (bounded) probe.
     pub async fn remote_state(&self) -> Option<RemoteState> {
-        let remote = self.remote.as_ref()?;
-        let mut cached = self.health.lock().await;
-        if let Some((at, state)) = *cached {
-            if at.elapsed() < HEALTH_TTL {
-                return Some(state);
+        let remote = self.remote.clone()?;
+        let (known, start_probe) = {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            let stale = health
+                .known
+                .is_none_or(|(at, _)| at.elapsed() >= HEALTH_TTL);
+            let start = stale && !health.probing;
+            if start {
+                health.probing = true;
             }
+            (health.known.map(|(_, state)| state), start)
+        };
+        if !start_probe {
+            return known;
         }
-        let state = remote.probe().await;
-        *cached = Some((Instant::now(), state));
-        Some(state)
+        let health = self.health.clone();
+        let probe = tokio::spawn(async move {
+            let state = remote.probe().await;
+            let mut health = health.lock().unwrap_or_else(PoisonError::into_inner);
+            health.known = Some((Instant::now(), state));
+            health.probing = false;
+            state
+        });
+        match known {
+            Some(state) => Some(state),
+            None => probe.await.ok(),
+        }
     }
 }

@@ -124,18 +124,6 @@ pub async fn due(
     .context("reading due storage jobs")
 }
 
-/// When the next pending job is due (epoch ms), if any.
-pub async fn next_due(pool: &AnyPool, backend: &str) -> anyhow::Result<Option<i64>> {
-    let next: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(next_attempt_at) FROM storage_jobs WHERE backend = $1 AND state = 'pending'",
-    )
-    .bind(backend.to_owned())
-    .fetch_one(pool)
-    .await
-    .context("reading the next storage job")?;
-    Ok(next)
-}
-
 /// The blob is stored and `RecordStored` recorded: the job is over.
 pub async fn finish(pool: &AnyPool, backend: &str, record_id: &str) -> anyhow::Result<()> {
     sqlx::query("DELETE FROM storage_jobs WHERE record_id = $1 AND backend = $2")

@@ -18,9 +18,16 @@ pub struct S3Settings {
     pub region: String,
     pub access_key: String,
     pub secret_key: String,
-    /// Bound on one request, including its own quick retries.
+    /// Bound on one request, including its own quick retries; a PUT or GET of a
+    /// large blob gets more (see [`S3Remote::put`]).
     pub timeout: Duration,
 }
+
+/// A transfer slower than this (bytes/s) is given up as failed.
+const SLOWEST_RATE: u64 = 256 * 1024;
+
+/// Bound on a probe: readiness answers quickly even when the store hangs.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl fmt::Debug for S3Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,10 +120,12 @@ impl S3Remote {
             .with_virtual_hosted_style_request(false)
             .with_retry(retry)
             // Plain HTTP only when the endpoint says so (a loopback or private server).
+            // Each call is bounded below, by the size it moves; this only catches a
+            // request that would outlive any of those bounds.
             .with_client_options(
                 ClientOptions::new()
                     .with_allow_http(settings.endpoint.starts_with("http://"))
-                    .with_timeout(settings.timeout)
+                    .with_timeout(Duration::from_secs(3600))
                     .with_connect_timeout(Duration::from_secs(5).min(settings.timeout)),
             )
             .build()
@@ -133,8 +142,16 @@ impl S3Remote {
         &self.backend
     }
 
+    /// The bound on a call that moves `bytes`: the base timeout plus the time the
+    /// bytes take at the slowest acceptable rate.
+    fn limit(&self, bytes: u64) -> Duration {
+        self.timeout + Duration::from_secs(bytes / SLOWEST_RATE)
+    }
+
     pub async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
-        let meta = self.bounded(self.store.head(&Path::from(key))).await?;
+        let meta = self
+            .bounded(self.timeout, self.store.head(&Path::from(key)))
+            .await?;
         Ok(ObjectInfo {
             size: meta.size,
             etag: meta.e_tag,
@@ -143,20 +160,22 @@ impl S3Remote {
 
     /// Stores `bytes` under `key` (overwriting); returns the ETag.
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<Option<String>, RemoteError> {
+        let limit = self.limit(bytes.len() as u64);
+        let payload = PutPayload::from(bytes::Bytes::from(bytes));
         let done = self
-            .bounded(self.store.put(
-                &Path::from(key),
-                PutPayload::from(bytes::Bytes::from(bytes)),
-            ))
+            .bounded(limit, self.store.put(&Path::from(key), payload))
             .await?;
         Ok(done.e_tag)
     }
 
     /// The object's bytes and ETag.
     pub async fn get(&self, key: &str) -> Result<(Vec<u8>, Option<String>), RemoteError> {
-        let result = self.bounded(self.store.get(&Path::from(key))).await?;
+        let result = self
+            .bounded(self.timeout, self.store.get(&Path::from(key)))
+            .await?;
         let etag = result.meta.e_tag.clone();
-        let bytes = self.bounded(result.bytes()).await?;
+        let limit = self.limit(result.meta.size);
+        let bytes = self.bounded(limit, result.bytes()).await?;
         Ok((bytes.to_vec(), etag))
     }
 
@@ -165,7 +184,10 @@ impl S3Remote {
     pub async fn probe(&self) -> RemoteState {
         let prefix = Path::from("afyachain-probe");
         match self
-            .bounded(self.store.list_with_delimiter(Some(&prefix)))
+            .bounded(
+                PROBE_TIMEOUT.min(self.timeout),
+                self.store.list_with_delimiter(Some(&prefix)),
+            )
             .await
         {
             Ok(_) => RemoteState::Ok,
@@ -182,14 +204,15 @@ impl S3Remote {
 
     async fn bounded<T>(
         &self,
+        limit: Duration,
         call: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<T, RemoteError> {
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(limit, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(classify(error)),
             Err(_) => Err(RemoteError::Unavailable(format!(
                 "no answer within {} s",
-                self.timeout.as_secs_f32()
+                limit.as_secs_f32()
             ))),
         }
     }

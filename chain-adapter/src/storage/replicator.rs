@@ -15,11 +15,12 @@
 //! counts attempts, backs off, and after `max_attempts` goes to the dead-letter list.
 //! One instance is active per deployment (the consumer lock `storage_replicator`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use commands::blobs::{sha256_hex, BlobError, BlobStore, LocalBlobStore};
+use commands::blobs::{sha256_hex, BlobStore, LocalBlobStore};
 use commands::{CommandError, Commands};
 use domain::ids::RecordId;
 use eventstore::{ConsumerLock, LogCursor, Store};
@@ -38,10 +39,12 @@ enum Failure {
     /// A call to the remote store failed: the store's fault or the blob's, which a
     /// probe tells apart.
     Remote(RemoteError),
-    /// This blob cannot be replicated (no readable copy, refused by a rule).
+    /// This blob cannot be replicated (no good copy, refused by a rule).
     Blob(String),
-    /// Our own database failed or a change raced: retried on the next round, not counted.
+    /// Our own database failed or a change raced: put off, not counted.
     Local(anyhow::Error),
+    /// Not tried: another job of the batch found the remote store failing.
+    Skipped,
 }
 
 struct WorkerState {
@@ -60,6 +63,8 @@ struct Worker {
     settings: ReplicationSettings,
     /// Told what the worker learns of the remote store (for `/readyz`).
     storage: Storage,
+    /// Set on shutdown: the round in flight drops its calls (every step is idempotent).
+    stop: watch::Sender<bool>,
     state: Mutex<WorkerState>,
 }
 
@@ -71,8 +76,10 @@ enum Round {
     Paused,
     /// Nothing more is due now.
     Idle,
-    /// A full batch was done: more may be due.
+    /// More may be due at once (a full batch, or jobs skipped).
     More,
+    /// Shutting down.
+    Stopped,
 }
 
 fn now_ms() -> i64 {
@@ -93,12 +100,22 @@ impl Worker {
     }
 
     async fn round(&self) -> anyhow::Result<Round> {
+        let mut stop = self.stop.subscribe();
         let mut state = self.state.lock().await;
+        if *stop.borrow() {
+            return Ok(Round::Stopped);
+        }
         if state
             .paused_until
             .is_some_and(|until| Instant::now() < until)
         {
             return Ok(Round::Paused);
+        }
+        if let Some(lock) = state.lock.as_mut() {
+            if !lock.is_alive().await {
+                tracing::warn!("storage replicator lost its lock; standing by");
+                state.lock = None;
+            }
         }
         if state.lock.is_none() {
             match ConsumerLock::try_take(&self.store, LOCK_NAME).await? {
@@ -125,15 +142,30 @@ impl Worker {
         if jobs.is_empty() {
             return Ok(Round::Idle);
         }
-        let results: Vec<(&Job, Result<(), Failure>)> = futures::stream::iter(jobs.iter())
-            .map(|job| async move { (job, self.replicate(job).await) })
+        // Once one call to the store fails, the rest of the batch waits for the probe
+        // rather than each running into the same timeout.
+        let remote_failed = AtomicBool::new(false);
+        let work = futures::stream::iter(jobs.iter())
+            .map(|job| {
+                let remote_failed = &remote_failed;
+                async move {
+                    if remote_failed.load(Ordering::Relaxed) {
+                        return (job, Err(Failure::Skipped));
+                    }
+                    let result = self.replicate(job).await;
+                    if matches!(result, Err(Failure::Remote(_))) {
+                        remote_failed.store(true, Ordering::Relaxed);
+                    }
+                    (job, result)
+                }
+            })
             .buffer_unordered(self.settings.concurrency.max(1))
-            .collect()
-            .await;
-        let outage = if results
-            .iter()
-            .any(|(_, r)| matches!(r, Err(Failure::Remote(_))))
-        {
+            .collect::<Vec<_>>();
+        let results: Vec<(&Job, Result<(), Failure>)> = tokio::select! {
+            results = work => results,
+            _ = stop.wait_for(|stopping| *stopping) => return Ok(Round::Stopped),
+        };
+        let outage = if remote_failed.load(Ordering::Relaxed) {
             match self.remote.probe().await {
                 RemoteState::Ok => None,
                 down => Some(down),
@@ -141,10 +173,11 @@ impl Worker {
         } else {
             None
         };
-        let mut stored = 0usize;
+        let (mut stored, mut skipped) = (0usize, 0usize);
         for (job, result) in &results {
             match result {
                 Ok(()) => stored += 1,
+                Err(Failure::Skipped) => skipped += 1,
                 Err(Failure::Remote(error)) if outage.is_some() => {
                     let next = now_ms() + millis(state.outage_backoff);
                     queue::postpone(
@@ -161,7 +194,10 @@ impl Worker {
                 }
                 Err(Failure::Blob(reason)) => self.count_failure(job, reason).await?,
                 Err(Failure::Local(error)) => {
-                    tracing::warn!(record_id = %job.record_id, error = format!("{error:#}"), "storage job will be retried");
+                    let error = one_line(&format!("{error:#}"));
+                    tracing::warn!(record_id = %job.record_id, %error, "storage job put off");
+                    let next = now_ms() + millis(self.settings.retry_base);
+                    queue::postpone(pool, self.backend(), &job.record_id, next, &error).await?;
                 }
             }
         }
@@ -183,14 +219,14 @@ impl Worker {
             None => {
                 if stored > 0 {
                     self.storage.note_remote_state(RemoteState::Ok).await;
-                }
-                if state.remote_state != RemoteState::Ok && stored > 0 {
-                    tracing::info!(backend = self.backend(), "remote blob store is back");
-                    state.remote_state = RemoteState::Ok;
+                    if state.remote_state != RemoteState::Ok {
+                        tracing::info!(backend = self.backend(), "remote blob store is back");
+                        state.remote_state = RemoteState::Ok;
+                    }
                 }
                 state.paused_until = None;
                 state.outage_backoff = self.settings.retry_base;
-                if jobs.len() as i64 == batch {
+                if jobs.len() as i64 == batch || skipped > 0 {
                     Ok(Round::More)
                 } else {
                     Ok(Round::Idle)
@@ -226,18 +262,42 @@ impl Worker {
         let record_id = RecordId::parse(&job.record_id)
             .map_err(|_| Failure::Blob("the job's record id is not valid".into()))?;
         let key = object_key(&job.sha256);
-        let etag = match self.local.get(&job.sha256).await {
-            Ok(Some(bytes)) => self.upload(&key, &job.sha256, bytes).await?,
-            Ok(None) => self.adopt(&key, &job.sha256).await?,
-            Err(BlobError::Integrity { .. }) => {
-                return Err(Failure::Blob(
-                    "the local copy fails its integrity check".into(),
-                ))
-            }
-            Err(BlobError::Unavailable(error)) => {
-                return Err(Failure::Blob(format!("reading the local copy: {error:#}")))
+        let local = self
+            .local
+            .get(&job.sha256)
+            .await
+            .map_err(|e| Failure::Blob(format!("reading the local copy: {:#}", e.0)))?;
+        for failure in &local.refused {
+            tracing::error!(
+                target: "afyachain::integrity",
+                record_id = %job.record_id,
+                backend = %failure.backend,
+                actual = %failure.actual,
+                "the local copy of a blob failed its integrity check"
+            );
+            self.commands
+                .report_integrity_failure(record_id, failure, None)
+                .await
+                .map_err(|e| Failure::Local(anyhow::anyhow!(e)))?;
+        }
+        let (etag, verified) = match local.bytes {
+            Some(bytes) => self.upload(&key, &job.sha256, bytes).await?,
+            None => {
+                let (etag, bytes) = self.adopt(&key, &job.sha256).await?;
+                if !local.refused.is_empty() && !self.settings.evict_local {
+                    // The remote copy repairs the corrupt local one.
+                    self.local
+                        .replace(&job.sha256, &bytes)
+                        .await
+                        .map_err(Failure::Local)?;
+                }
+                (etag, true)
             }
         };
+        if self.settings.evict_local && !verified {
+            // The local copy is about to go: the remote one must be whole first.
+            self.adopt(&key, &job.sha256).await?;
+        }
         match self
             .commands
             .mark_stored(record_id, self.backend(), &key, etag)
@@ -248,10 +308,10 @@ impl Worker {
             Err(error) => return Err(Failure::Local(anyhow::anyhow!(error))),
         }
         if self.settings.evict_local {
-            self.local
-                .remove(&job.sha256)
-                .await
-                .map_err(Failure::Local)?;
+            if let Err(error) = self.local.remove(&job.sha256).await {
+                // Stored and recorded all the same; the copy merely stays.
+                tracing::warn!(record_id = %job.record_id, error = format!("{error:#}"), "could not evict a stored blob");
+            }
         }
         queue::finish(self.store.any_pool(), self.backend(), &job.record_id)
             .await
@@ -260,20 +320,21 @@ impl Worker {
         Ok(())
     }
 
-    /// Puts the local copy unless a whole copy is there already; returns the ETag.
+    /// Puts the local copy unless a whole copy is there already; returns the ETag and
+    /// whether the remote copy was verified.
     async fn upload(
         &self,
         key: &str,
         sha256: &str,
         bytes: Vec<u8>,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<(Option<String>, bool), Failure> {
         match self.remote.head(key).await {
             Ok(info) if info.size == bytes.len() as u64 => {
                 // A replay, a crash before the confirmation, or another instance: adopt
                 // the copy if it is whole, replace it if not.
                 match self.remote.get(key).await {
                     Ok((existing, etag)) if sha256_hex(&existing) == sha256 => {
-                        return Ok(etag.or(info.etag))
+                        return Ok((etag.or(info.etag), true))
                     }
                     Ok(_) => tracing::warn!(
                         object_key = key,
@@ -286,18 +347,19 @@ impl Worker {
             Ok(_) | Err(RemoteError::NotFound) => {}
             Err(error) => return Err(Failure::Remote(error)),
         }
-        self.remote.put(key, bytes).await.map_err(Failure::Remote)
+        let etag = self.remote.put(key, bytes).await.map_err(Failure::Remote)?;
+        Ok((etag, false))
     }
 
-    /// No local copy (evicted, or lost): the remote copy counts only if it is whole.
-    async fn adopt(&self, key: &str, sha256: &str) -> Result<Option<String>, Failure> {
+    /// The remote copy, which counts only if it is whole: its ETag and bytes.
+    async fn adopt(&self, key: &str, sha256: &str) -> Result<(Option<String>, Vec<u8>), Failure> {
         match self.remote.get(key).await {
-            Ok((bytes, etag)) if sha256_hex(&bytes) == sha256 => Ok(etag),
+            Ok((bytes, etag)) if sha256_hex(&bytes) == sha256 => Ok((etag, bytes)),
             Ok(_) => Err(Failure::Blob(
-                "no local copy, and the remote copy fails its integrity check".into(),
+                "no good local copy, and the remote copy fails its integrity check".into(),
             )),
             Err(RemoteError::NotFound) => Err(Failure::Blob(
-                "no local copy, and the remote store does not have it".into(),
+                "no good local copy, and the remote store does not have it".into(),
             )),
             Err(error) => Err(Failure::Remote(error)),
         }
@@ -358,6 +420,7 @@ impl Replicator {
             remote,
             settings,
             storage,
+            stop: watch::channel(false).0,
         });
         Ok(Some(
             Replicator {
@@ -439,7 +502,8 @@ impl Handler<Stop> for Replicator {
         let worker = self.worker.clone();
         Box::pin(
             async move {
-                // Waits for the round in flight.
+                // The round in flight drops its calls and lets go of the state.
+                worker.stop.send_replace(true);
                 let mut state = worker.state.lock().await;
                 if let Some(lock) = state.lock.take() {
                     lock.release().await;

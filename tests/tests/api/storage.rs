@@ -134,7 +134,10 @@ async fn an_upload_is_copied_to_s3_as_ciphertext_only_and_recorded_once() {
             "{stored}"
         );
         assert!(stored.contains(&format!("blobs/{sha}")), "{stored}");
-        assert!(stored.contains("etag"), "{stored}");
+        assert!(
+            stored.contains("etag") && !stored.replace(' ', "").contains("\"etag\":null"),
+            "an ETag: {stored}"
+        );
         assert!(!events.contains("Achieng"));
 
         let ready = readyz(&app).await;
@@ -300,6 +303,10 @@ async fn a_tampered_remote_copy_is_refused_and_the_failure_recorded() {
     let problem = refused.problem(502, "integrity_check_failed");
     assert!(!refused.body.windows(MARKER.len()).any(|w| w == MARKER));
     assert!(problem.get("detail").is_some());
+    // Refused again on the next read; the same bad copy is recorded once.
+    app.get(&format!("/v1/records/{record_id}/content"), Some(&p.token))
+        .await
+        .problem(502, "integrity_check_failed");
     let failures = app
         .scalar(&format!(
             "SELECT count(*) FROM events WHERE event_type = 'RecordIntegrityFailed' \
@@ -388,7 +395,7 @@ async fn a_blob_that_keeps_failing_is_dead_lettered_and_can_be_retried() {
     assert!(ok);
     assert!(out.contains("dead"), "{out}");
     assert!(out.contains(&record_id), "{out}");
-    assert!(out.contains("no local copy"), "{out}");
+    assert!(out.contains("no good local copy"), "{out}");
     assert!(out.contains("record_storage"), "{out}");
     assert_eq!(stored_events_of(&app, &record_id).await, 0);
 
@@ -409,4 +416,186 @@ async fn a_blob_that_keeps_failing_is_dead_lettered_and_can_be_retried() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[actix_rt::test]
+async fn with_the_local_copy_evicted_and_the_store_down_a_read_is_503_not_500() {
+    let mut s3 = S3Server::start();
+    let vars = with(
+        with(s3.vars(), FAST),
+        &[("AFYA_STORAGE_EVICT_LOCAL", "true")],
+    );
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    let (record_id, _) = upload(&app, &p, LAB).await;
+    all_stored(&app, &p, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !app.blobs().is_empty() {
+        assert!(Instant::now() < deadline, "local copy not evicted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s3.stop();
+    let refused = app
+        .get(&format!("/v1/records/{record_id}/content"), Some(&p.token))
+        .await;
+    refused.problem(503, "content_unavailable");
+    assert!(refused.header("retry-after").is_some());
+    s3.resume();
+    let read = app
+        .get(&format!("/v1/records/{record_id}/content"), Some(&p.token))
+        .await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert_eq!(read.body, LAB);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_missing_bucket_is_reported_and_bad_storage_settings_stop_the_start() {
+    let s3 = S3Server::start();
+    let mut vars = s3.vars();
+    for (k, v) in vars.iter_mut() {
+        if k == "AFYA_S3_BUCKET" {
+            *v = "no-such-bucket".into();
+        }
+    }
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let ready = readyz(&app).await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["storage"]["remote"], "bucket_missing");
+    for (broken, complaint) in [
+        (
+            vec![("AFYA_BLOB_STORE", "ipfs")],
+            "AFYA_BLOB_STORE=ipfs is not local or s3",
+        ),
+        (
+            vec![("AFYA_BLOB_STORE", "s3")],
+            "AFYA_S3_ENDPOINT must be set",
+        ),
+        (
+            vec![
+                ("AFYA_BLOB_STORE", "s3"),
+                ("AFYA_S3_ENDPOINT", "s3.example.com"),
+            ],
+            "is not an http(s) URL",
+        ),
+        (
+            vec![("AFYA_STORAGE_MAX_ATTEMPTS", "0")],
+            "AFYA_STORAGE_MAX_ATTEMPTS must be at least 1",
+        ),
+        (
+            vec![("AFYA_STORAGE_EVICT_LOCAL", "maybe")],
+            "is not true or false",
+        ),
+    ] {
+        let broken: Vec<(String, String)> = broken
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let (ok, _, err) = app.env.run_with(&["consumers", "status"], &broken);
+        assert!(!ok, "{broken:?}");
+        assert!(err.contains(complaint), "{broken:?}: {err}");
+    }
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_corrupt_local_copy_is_reported_and_repaired_from_the_verified_remote_one() {
+    let s3 = S3Server::start();
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&s3.vars()))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    let (record_id, sha) = upload(&app, &p, LAB).await;
+    all_stored(&app, &p, Duration::from_secs(30)).await;
+    let local = app.env.data_dir.join("blobs").join(&sha[..2]).join(&sha);
+    let mut bytes = std::fs::read(&local).unwrap();
+    bytes[7] ^= 0x80;
+    std::fs::write(&local, &bytes).unwrap();
+
+    for _ in 0..2 {
+        let read = app
+            .get(&format!("/v1/records/{record_id}/content"), Some(&p.token))
+            .await;
+        assert_eq!(read.status, 200, "{}", read.text());
+        assert_eq!(read.body, LAB);
+    }
+    assert_eq!(hex(&Sha256::digest(std::fs::read(&local).unwrap())), sha);
+    let events = app.raw_events().await;
+    let failed: Vec<&str> = events
+        .lines()
+        .filter(|l| l.starts_with("RecordIntegrityFailed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("\"local\""), "{}", failed[0]);
+    assert!(failed[0].contains(&hex(&Sha256::digest(&bytes))));
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_store_that_never_answers_holds_up_neither_uploads_nor_readiness_nor_shutdown() {
+    // Accepts connections and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let vars: Vec<(String, String)> = [
+        ("AFYA_BLOB_STORE", format!("http://127.0.0.1:{port}")),
+        ("AFYA_S3_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("AFYA_S3_BUCKET", "afya-records".into()),
+        ("AFYA_S3_ACCESS_KEY", "AFYATESTACCESSKEY".into()),
+        (
+            "AFYA_S3_SECRET_KEY",
+            uuid::Uuid::new_v4().simple().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut vars = vars;
+    vars[0].1 = "s3".into();
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    let started = Instant::now();
+    let (record_id, _) = upload(&app, &p, LAB).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let started = Instant::now();
+    let ready = readyz(&app).await;
+    assert_eq!(ready["storage"]["remote"], "unreachable", "{ready}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(readyz(&app).await["status"], "ready");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    assert_eq!(
+        statuses(&app, &p).await,
+        vec![(record_id.clone(), "pending".to_owned())]
+    );
+    let read = app
+        .get(&format!("/v1/records/{record_id}/content"), Some(&p.token))
+        .await;
+    assert_eq!(read.status, 200);
+    // The replicator is stuck in a call to the store: SIGTERM still stops at once.
+    let started = Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
