@@ -66,9 +66,26 @@ async fn storage_report(state: &AppState) -> serde_json::Value {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: Data<AppState>) -> HttpResponse {
+    let mut body = state.metrics.render(&state.consumers);
+    if state.storage.backend().is_some() {
+        match chain_adapter::storage::queue::counts(state.store.any_pool()).await {
+            Ok(counts) => {
+                body.push_str("# HELP afyachain_storage_jobs Blobs waiting to be copied to remote storage (pending) and dead letters (dead).\n# TYPE afyachain_storage_jobs gauge\n");
+                for count in counts {
+                    body.push_str(&format!(
+                        "afyachain_storage_jobs{{backend=\"{}\",state=\"{}\"}} {}\n",
+                        count.backend.replace(['\\', '"', '\n'], "_"),
+                        count.state,
+                        count.jobs
+                    ));
+                }
+            }
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "counting storage jobs"),
+        }
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(&state.consumers))
+        .body(body)
 }
 
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",

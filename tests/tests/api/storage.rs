@@ -391,6 +391,14 @@ async fn a_blob_that_keeps_failing_is_dead_lettered_and_can_be_retried() {
         assert!(Instant::now() < deadline, "{ready}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let metrics = app.get("/metrics", None).await.text();
+    assert!(
+        metrics.contains(&format!(
+            "afyachain_storage_jobs{{backend=\"s3:{}\",state=\"dead\"}} 1",
+            s3.bucket
+        )),
+        "{metrics}"
+    );
     let (ok, out, _) = app.env.run_with(&["consumers", "status"], &vars);
     assert!(ok);
     assert!(out.contains("dead"), "{out}");
