@@ -607,3 +607,87 @@ async fn a_store_that_never_answers_holds_up_neither_uploads_nor_readiness_nor_s
         started.elapsed()
     );
 }
+
+#[actix_rt::test]
+async fn two_instances_on_one_database_replicate_once_and_a_standby_takes_over() {
+    let s3 = S3Server::start();
+    let vars = with(s3.vars(), FAST);
+    // Both instances share PostgreSQL and the data directory (see the README).
+    let Some(mut app) = TestApp::start_with(Backend::Postgres, &refs(&vars)).await else {
+        return;
+    };
+    let second = app.env.serve_with(&refs(&vars));
+    let p = patient(&app).await;
+    let mut uploaded = Vec::new();
+    for i in 0..6 {
+        let base = if i % 2 == 0 {
+            &app.server.base
+        } else {
+            &second.base
+        };
+        let r = app
+            .http
+            .post(format!("{base}/v1/patients/{}/records?category=lab", p.id))
+            .bearer_auth(&p.token)
+            .header("content-type", "application/pdf")
+            .body(format!("lab {i} Achieng").into_bytes())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        uploaded.push(
+            r.json::<Value>().await.unwrap()["record_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    all_stored(&app, &p, Duration::from_secs(30)).await;
+    // The first instance (the active replicator) dies; the standby takes over.
+    app.restart("KILL", &[]);
+    for i in 0..4 {
+        let r = app
+            .http
+            .post(second.url(&format!("/v1/patients/{}/records?category=lab", p.id)))
+            .bearer_auth(&p.token)
+            .header("content-type", "application/pdf")
+            .body(format!("after failover {i} Achieng").into_bytes())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        uploaded.push(
+            r.json::<Value>().await.unwrap()["record_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page: Value = app
+            .http
+            .get(second.url(&format!("/v1/patients/{}/records?limit=100", p.id)))
+            .bearer_auth(&p.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let items = page["items"].as_array().unwrap();
+        if items.len() == 10 && items.iter().all(|r| r["storage_status"] == "stored") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{page}\n{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only the second instance replicates now (the first came back without S3).
+    assert!(second.logs().contains("storage replicator active"));
+    assert_eq!(s3.objects().len(), 10);
+    for id in &uploaded {
+        assert_eq!(stored_events_of(&app, id).await, 1, "{id}");
+    }
+    drop(second);
+    app.stop().await;
+}
