@@ -383,46 +383,41 @@ impl Aggregate for MedicalRecord {
     }
 
     fn apply(&mut self, event: RecordEvent) {
-        if let RecordEvent::RecordStored {
-            backend,
-            object_key,
-            ..
-        } = event
-        {
-            self.stored.push((backend, object_key));
-            return;
-        }
-        if let RecordEvent::RecordIntegrityFailed {
-            backend,
-            object_key,
-            actual_sha256,
-            ..
-        } = event
-        {
-            self.corrupt
-                .push((backend, object_key, actual_sha256.as_str().to_owned()));
-            return;
-        }
-        if let RecordEvent::RecordUploaded {
-            record_id,
-            patient_id,
-            category,
-            media_type,
-            size,
-            sha256,
-            wrapped_key,
-            filename,
-            ..
-        } = event
-        {
-            self.id = Some(record_id);
-            self.patient_id = Some(patient_id);
-            self.category = Some(category);
-            self.media_type = Some(media_type);
-            self.size = Some(size);
-            self.sha256 = Some(sha256);
-            self.wrapped_key = Some(wrapped_key);
-            self.filename = filename;
+        match event {
+            RecordEvent::RecordUploaded {
+                record_id,
+                patient_id,
+                category,
+                media_type,
+                size,
+                sha256,
+                wrapped_key,
+                filename,
+                ..
+            } => {
+                self.id = Some(record_id);
+                self.patient_id = Some(patient_id);
+                self.category = Some(category);
+                self.media_type = Some(media_type);
+                self.size = Some(size);
+                self.sha256 = Some(sha256);
+                self.wrapped_key = Some(wrapped_key);
+                self.filename = filename;
+            }
+            RecordEvent::RecordAccessed { .. } => {}
+            RecordEvent::RecordStored {
+                backend,
+                object_key,
+                ..
+            } => self.stored.push((backend, object_key)),
+            RecordEvent::RecordIntegrityFailed {
+                backend,
+                object_key,
+                actual_sha256,
+                ..
+            } => self
+                .corrupt
+                .push((backend, object_key, actual_sha256.as_str().to_owned())),
         }
     }
 }

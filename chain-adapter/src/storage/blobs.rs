@@ -78,15 +78,20 @@ impl BlobStore for ReplicatedBlobs {
                 refused,
             });
         }
-        // A verified copy replaces a corrupt local one, and is kept unless the node
-        // evicts stored blobs.
-        if local_corrupt || self.cache_fetched {
-            if let Err(error) = self.local.replace(sha256, &bytes).await {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "could not keep a fetched blob locally"
-                );
-            }
+        // A verified copy is kept (replacing a corrupt local one) unless the node evicts
+        // stored blobs, which then only drops the corrupt one.
+        let kept = if self.cache_fetched {
+            self.local.replace(sha256, &bytes).await
+        } else if local_corrupt {
+            self.local.remove(sha256).await
+        } else {
+            Ok(())
+        };
+        if let Err(error) = kept {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "could not update the local copy of a fetched blob"
+            );
         }
         Ok(Fetched {
             bytes: Some(bytes),

@@ -61,6 +61,18 @@ pub struct Storage {
     health: Arc<Mutex<Health>>,
 }
 
+/// Clears `probing` when the probe that set it ends, however it ends.
+struct Probing(Arc<Mutex<Health>>);
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .probing = false;
+    }
+}
+
 /// The last known state of the remote store.
 #[derive(Default)]
 struct Health {
@@ -128,12 +140,14 @@ impl Storage {
         if !start_probe {
             return known;
         }
-        let health = self.health.clone();
+        // Whatever becomes of the probe (done, dropped, panicked), the guard lets the
+        // next caller start another.
+        let guard = Probing(self.health.clone());
         let probe = tokio::spawn(async move {
             let state = remote.probe().await;
-            let mut health = health.lock().unwrap_or_else(PoisonError::into_inner);
-            health.known = Some((Instant::now(), state));
-            health.probing = false;
+            guard.0.lock().unwrap_or_else(PoisonError::into_inner).known =
+                Some((Instant::now(), state));
+            drop(guard);
             state
         });
         match known {

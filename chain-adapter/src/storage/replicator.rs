@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use commands::blobs::{sha256_hex, BlobStore, LocalBlobStore};
+use commands::blobs::{sha256_hex, BlobStore, IntegrityFailure, LocalBlobStore};
 use commands::{CommandError, Commands};
 use domain::ids::RecordId;
 use eventstore::{ConsumerLock, LogCursor, Store};
@@ -34,6 +34,10 @@ use super::{ReplicationSettings, Storage};
 /// The name of the replicator's consumer lock.
 pub const LOCK_NAME: &str = "storage_replicator";
 
+/// Bound on checking or taking the lock (a half-open database connection must not
+/// hold the round, or a shutdown, for minutes).
+const LOCK_CHECK: Duration = Duration::from_secs(10);
+
 /// Why one blob was not replicated.
 enum Failure {
     /// A call to the remote store failed: the store's fault or the blob's, which a
@@ -41,6 +45,9 @@ enum Failure {
     Remote(RemoteError),
     /// This blob cannot be replicated (no good copy, refused by a rule).
     Blob(String),
+    /// The remote store has no copy and there is no good local one: lost, or the
+    /// bucket is missing, which the probe tells apart.
+    NotThere(String),
     /// Our own database failed or a change raced: put off, not counted.
     Local(anyhow::Error),
     /// Not tried: another job of the batch found the remote store failing.
@@ -112,13 +119,18 @@ impl Worker {
             return Ok(Round::Paused);
         }
         if let Some(lock) = state.lock.as_mut() {
-            if !lock.is_alive().await {
+            let alive = tokio::time::timeout(LOCK_CHECK, lock.is_alive()).await;
+            if !matches!(alive, Ok(true)) {
                 tracing::warn!("storage replicator lost its lock; standing by");
                 state.lock = None;
             }
         }
         if state.lock.is_none() {
-            match ConsumerLock::try_take(&self.store, LOCK_NAME).await? {
+            let taken =
+                tokio::time::timeout(LOCK_CHECK, ConsumerLock::try_take(&self.store, LOCK_NAME))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("taking the replicator lock timed out"))??;
+            match taken {
                 Some(lock) => {
                     tracing::info!(backend = self.backend(), "storage replicator active");
                     state.lock = Some(lock);
@@ -153,7 +165,7 @@ impl Worker {
                         return (job, Err(Failure::Skipped));
                     }
                     let result = self.replicate(job).await;
-                    if matches!(result, Err(Failure::Remote(_))) {
+                    if matches!(result, Err(Failure::Remote(_) | Failure::NotThere(_))) {
                         remote_failed.store(true, Ordering::Relaxed);
                     }
                     (job, result)
@@ -165,7 +177,13 @@ impl Worker {
             results = work => results,
             _ = stop.wait_for(|stopping| *stopping) => return Ok(Round::Stopped),
         };
-        let outage = if remote_failed.load(Ordering::Relaxed) {
+        let refused_credentials = results
+            .iter()
+            .any(|(_, r)| matches!(r, Err(Failure::Remote(RemoteError::Unauthorized(_)))));
+        let outage = if refused_credentials {
+            // A key that may list but not write passes the probe; no blob is at fault.
+            Some(RemoteState::Unauthorized)
+        } else if remote_failed.load(Ordering::Relaxed) {
             match self.remote.probe().await {
                 RemoteState::Ok => None,
                 down => Some(down),
@@ -189,9 +207,14 @@ impl Worker {
                     )
                     .await?;
                 }
+                Err(Failure::NotThere(reason)) if outage.is_some() => {
+                    let next = now_ms() + millis(state.outage_backoff);
+                    queue::postpone(pool, self.backend(), &job.record_id, next, reason).await?;
+                }
                 Err(Failure::Remote(error)) => {
                     self.count_failure(job, &error.to_string()).await?;
                 }
+                Err(Failure::NotThere(reason)) => self.count_failure(job, reason).await?,
                 Err(Failure::Blob(reason)) => self.count_failure(job, reason).await?,
                 Err(Failure::Local(error)) => {
                     let error = one_line(&format!("{error:#}"));
@@ -281,22 +304,22 @@ impl Worker {
                 .map_err(|e| Failure::Local(anyhow::anyhow!(e)))?;
         }
         let (etag, verified) = match local.bytes {
-            Some(bytes) => self.upload(&key, &job.sha256, bytes).await?,
+            Some(bytes) => self.upload(record_id, &key, &job.sha256, bytes).await?,
             None => {
-                let (etag, bytes) = self.adopt(&key, &job.sha256).await?;
+                let (etag, bytes) = self.adopt(record_id, &key, &job.sha256).await?;
                 if !local.refused.is_empty() && !self.settings.evict_local {
-                    // The remote copy repairs the corrupt local one.
-                    self.local
-                        .replace(&job.sha256, &bytes)
-                        .await
-                        .map_err(Failure::Local)?;
+                    // The remote copy repairs the corrupt local one; the copy is safe
+                    // remotely either way.
+                    if let Err(error) = self.local.replace(&job.sha256, &bytes).await {
+                        tracing::warn!(record_id = %job.record_id, error = format!("{error:#}"), "could not repair a corrupt local copy");
+                    }
                 }
                 (etag, true)
             }
         };
         if self.settings.evict_local && !verified {
             // The local copy is about to go: the remote one must be whole first.
-            self.adopt(&key, &job.sha256).await?;
+            self.adopt(record_id, &key, &job.sha256).await?;
         }
         match self
             .commands
@@ -324,6 +347,7 @@ impl Worker {
     /// whether the remote copy was verified.
     async fn upload(
         &self,
+        record_id: RecordId,
         key: &str,
         sha256: &str,
         bytes: Vec<u8>,
@@ -333,13 +357,14 @@ impl Worker {
                 // A replay, a crash before the confirmation, or another instance: adopt
                 // the copy if it is whole, replace it if not.
                 match self.remote.get(key).await {
-                    Ok((existing, etag)) if sha256_hex(&existing) == sha256 => {
-                        return Ok((etag.or(info.etag), true))
+                    Ok((existing, etag)) => {
+                        let actual = sha256_hex(&existing);
+                        if actual == sha256 {
+                            return Ok((etag.or(info.etag), true));
+                        }
+                        self.report_remote_corruption(record_id, key, sha256, actual)
+                            .await?;
                     }
-                    Ok(_) => tracing::warn!(
-                        object_key = key,
-                        "remote copy fails its integrity check; replacing it"
-                    ),
                     Err(RemoteError::NotFound) => {}
                     Err(error) => return Err(Failure::Remote(error)),
                 }
@@ -352,17 +377,57 @@ impl Worker {
     }
 
     /// The remote copy, which counts only if it is whole: its ETag and bytes.
-    async fn adopt(&self, key: &str, sha256: &str) -> Result<(Option<String>, Vec<u8>), Failure> {
+    async fn adopt(
+        &self,
+        record_id: RecordId,
+        key: &str,
+        sha256: &str,
+    ) -> Result<(Option<String>, Vec<u8>), Failure> {
         match self.remote.get(key).await {
-            Ok((bytes, etag)) if sha256_hex(&bytes) == sha256 => Ok((etag, bytes)),
-            Ok(_) => Err(Failure::Blob(
-                "no good local copy, and the remote copy fails its integrity check".into(),
-            )),
-            Err(RemoteError::NotFound) => Err(Failure::Blob(
+            Ok((bytes, etag)) => {
+                let actual = sha256_hex(&bytes);
+                if actual == sha256 {
+                    return Ok((etag, bytes));
+                }
+                self.report_remote_corruption(record_id, key, sha256, actual)
+                    .await?;
+                Err(Failure::Blob(
+                    "the remote copy fails its integrity check".into(),
+                ))
+            }
+            Err(RemoteError::NotFound) => Err(Failure::NotThere(
                 "no good local copy, and the remote store does not have it".into(),
             )),
             Err(error) => Err(Failure::Remote(error)),
         }
+    }
+
+    /// Logs and records (`RecordIntegrityFailed`) a remote copy that does not match.
+    async fn report_remote_corruption(
+        &self,
+        record_id: RecordId,
+        key: &str,
+        expected: &str,
+        actual: String,
+    ) -> Result<(), Failure> {
+        tracing::error!(
+            target: "afyachain::integrity",
+            record_id = %record_id,
+            backend = self.backend(),
+            object_key = key,
+            %actual,
+            "a remote copy of a blob failed its integrity check"
+        );
+        let failure = IntegrityFailure {
+            backend: self.backend().to_owned(),
+            object_key: key.to_owned(),
+            expected: expected.to_owned(),
+            actual,
+        };
+        self.commands
+            .report_integrity_failure(record_id, &failure, None)
+            .await
+            .map_err(|e| Failure::Local(anyhow::anyhow!(e)))
     }
 }
 
@@ -502,11 +567,15 @@ impl Handler<Stop> for Replicator {
         let worker = self.worker.clone();
         Box::pin(
             async move {
-                // The round in flight drops its calls and lets go of the state.
+                // The round in flight drops its calls and lets go of the state; the lock
+                // goes with the process if the state stays held.
                 worker.stop.send_replace(true);
-                let mut state = worker.state.lock().await;
-                if let Some(lock) = state.lock.take() {
-                    lock.release().await;
+                if let Ok(mut state) =
+                    tokio::time::timeout(Duration::from_secs(15), worker.state.lock()).await
+                {
+                    if let Some(lock) = state.lock.take() {
+                        lock.release().await;
+                    }
                 }
             }
             .into_actor(self)

@@ -100,6 +100,20 @@ async fn readyz(app: &TestApp) -> Value {
     app.get("/readyz", None).await.ok(200)
 }
 
+/// Waits until `/readyz` reports the remote store as `state` (it answers from the
+/// last known state, refreshed in the background).
+async fn remote_becomes(app: &TestApp, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = readyz(app).await;
+        if ready["storage"]["remote"] == state {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[actix_rt::test]
 async fn an_upload_is_copied_to_s3_as_ciphertext_only_and_recorded_once() {
     for backend in BACKENDS {
@@ -174,7 +188,7 @@ async fn with_the_store_down_uploads_are_accepted_and_stored_when_it_returns() {
         pending.push(upload(&app, &p, &body).await.0);
     }
     // Accepted and readable from the local copy; shown as pending; not recorded.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    remote_becomes(&app, "unreachable").await;
     let now = statuses(&app, &p).await;
     for id in &pending {
         assert!(now.contains(&(id.clone(), "pending".into())), "{now:?}");
@@ -193,6 +207,10 @@ async fn with_the_store_down_uploads_are_accepted_and_stored_when_it_returns() {
     let ready = readyz(&app).await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["storage"]["remote"], "unreachable");
+    assert!(
+        ready["storage"]["pending"].as_i64().unwrap() >= 1,
+        "{ready}"
+    );
 
     s3.resume();
     all_stored(&app, &p, Duration::from_secs(30)).await;
@@ -223,7 +241,7 @@ async fn killed_between_upload_and_confirmation(backend: Backend) {
     };
     let p = patient(&app).await;
     let (copied, copied_sha) = upload(&app, &p, LAB).await;
-    let (other, _) = upload(&app, &p, b"second lab result").await;
+    let (other, other_sha) = upload(&app, &p, b"second lab result").await;
     assert!(statuses(&app, &p).await.iter().all(|(_, s)| s == "local"));
     // ...and the state a crash leaves after the PUT of the first, before its command:
     // the object is there, `RecordStored` is not.
@@ -236,16 +254,35 @@ async fn killed_between_upload_and_confirmation(backend: Backend) {
     std::fs::create_dir_all(object.parent().unwrap()).unwrap();
     std::fs::write(&object, ciphertext).unwrap();
     let placed = std::fs::metadata(&object).unwrap().modified().unwrap();
+    // The second's object is there too, but damaged (same size, one byte off).
+    let mut damaged = local
+        .iter()
+        .find(|b| hex(&Sha256::digest(b)) == other_sha)
+        .unwrap()
+        .clone();
+    damaged[3] ^= 0x10;
+    std::fs::write(s3.object_path(&other_sha), &damaged).unwrap();
 
     app.restart("KILL", &vars);
     all_stored(&app, &p, Duration::from_secs(30)).await;
     assert_eq!(s3.objects().len(), 2);
     assert_eq!(stored_events_of(&app, &copied).await, 1);
     assert_eq!(stored_events_of(&app, &other).await, 1);
-    // The object found there was verified and adopted, not written again.
+    // The object found there was verified and adopted, not written again...
     assert_eq!(
         std::fs::metadata(&object).unwrap().modified().unwrap(),
         placed
+    );
+    // ...and the damaged one was recorded as such and replaced by the good copy.
+    let good = std::fs::read(s3.object_path(&other_sha)).unwrap();
+    assert_eq!(hex(&Sha256::digest(&good)), other_sha);
+    assert_eq!(
+        app.scalar(&format!(
+            "SELECT count(*) FROM events WHERE event_type = 'RecordIntegrityFailed' \
+             AND aggregate_id = '{other}'"
+        ))
+        .await,
+        1
     );
 
     // Killed again and again while replicating a burst: still one of each.
@@ -334,15 +371,24 @@ async fn wrong_credentials_are_reported_and_nothing_is_marked_stored() {
         .unwrap();
     let p = patient(&app).await;
     let (record_id, _) = upload(&app, &p, LAB).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    remote_becomes(&app, "unauthorized").await;
+    // The replicator has tried and been refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = app.env.run_with(&["consumers", "status"], &vars);
+        assert!(ok, "{err}");
+        if out.contains("refused the credentials") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         statuses(&app, &p).await,
         vec![(record_id.clone(), "pending".to_owned())]
     );
     assert_eq!(stored_events_of(&app, &record_id).await, 0);
     assert!(s3.objects().is_empty());
-    let ready = readyz(&app).await;
-    assert_eq!(ready["storage"]["remote"], "unauthorized");
     // The operator's view says why.
     let (ok, out, err) = app.env.run_with(&["consumers", "status"], &vars);
     assert!(ok, "{err}");

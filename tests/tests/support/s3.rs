@@ -75,6 +75,14 @@ impl S3Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "s3s-fs did not start");
+            if let Some(child) = self.child.as_mut() {
+                let exited = child.try_wait().unwrap();
+                assert!(
+                    exited.is_none(),
+                    "s3s-fs exited ({exited:?}): port {} taken?",
+                    self.port
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
