@@ -8,7 +8,8 @@
 //! and a PUT of the ciphertext, the `MarkStored` command and the work-list update.
 //!
 //! Run: `eval "$(scripts/tools)"; cargo bench -p tests --bench storage`.
-//! `BENCH_BACKEND=postgres` uses PostgreSQL (`DATABASE_URL`) instead of SQLite.
+//! `BENCH_BACKEND=postgres` uses PostgreSQL (`DATABASE_URL`) instead of SQLite;
+//! `BENCH_EVICT=true` evicts local copies (each PUT is then read back and verified).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
 
@@ -82,6 +83,7 @@ async fn run(backend: Backend, records: usize, size: usize, concurrency: usize) 
         Some(remote),
         ReplicationSettings {
             concurrency,
+            evict_local: env("BENCH_EVICT", false),
             poll: Duration::from_millis(5),
             ..ReplicationSettings::default()
         },
