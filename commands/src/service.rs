@@ -1012,6 +1012,31 @@ impl Commands {
         Ok(())
     }
 
+    /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record
+    /// has one token, and a repeat records nothing. Only the chain adapter calls it.
+    pub async fn mark_minted(
+        &self,
+        record_id: RecordId,
+        token: domain::record::ChainTx,
+    ) -> Result<CommandOutcome, CommandError> {
+        let meta = CommandMeta::new(Actor::System.reference())
+            .with_idempotency_key(format!("chain:mint:{record_id}"))
+            .with_fingerprint(format!("{}:{}", token.chain_id, token.contract));
+        self.store
+            .execute::<MedicalRecord>(
+                &self.records,
+                &record_id.to_string(),
+                RecordCommand::MarkMinted {
+                    by: Actor::System,
+                    token,
+                },
+                &self.record_services,
+                &meta,
+            )
+            .await
+            .map_err(map)
+    }
+
     /// Records that `backend` holds the record's ciphertext under `object_key`
     /// (`RecordStored`). Idempotent: a repeat, from a replay or a racing instance,
     /// records nothing. Only the storage adapter calls it.

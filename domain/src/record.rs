@@ -49,6 +49,9 @@ pub enum RecordCommand {
         object_key: String,
         etag: Option<String>,
     },
+    /// The chain adapter minted the record's token. Only the platform records this; a
+    /// record has one token, and a repeat records nothing.
+    MarkMinted { by: Actor, token: ChainTx },
     /// A copy of the blob did not hash to the record's SHA-256 and was refused.
     ReportIntegrityFailure {
         by: Actor,
@@ -88,6 +91,12 @@ pub enum RecordEvent {
         etag: Option<String>,
         stored_at: DateTime<Utc>,
     },
+    /// The record's token exists on chain (minted to the patient's address).
+    RecordTokenMinted {
+        record_id: RecordId,
+        token: ChainTx,
+        minted_at: DateTime<Utc>,
+    },
     /// A copy read from `backend` hashed to `actual_sha256` instead of the record's
     /// SHA-256; it was not served.
     RecordIntegrityFailed {
@@ -100,6 +109,19 @@ pub enum RecordEvent {
     },
 }
 
+/// Where an effect landed on chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainTx {
+    pub chain_id: u64,
+    /// The contract, `0x…`.
+    pub contract: String,
+    /// The token id, in decimal.
+    pub token_id: String,
+    /// The transaction that made the effect, `0x…`.
+    pub tx_hash: String,
+    pub block: u64,
+}
+
 impl DomainEvent for RecordEvent {
     fn event_type(&self) -> String {
         match self {
@@ -107,6 +129,7 @@ impl DomainEvent for RecordEvent {
             RecordEvent::RecordAccessed { .. } => "RecordAccessed",
             RecordEvent::RecordStored { .. } => "RecordStored",
             RecordEvent::RecordIntegrityFailed { .. } => "RecordIntegrityFailed",
+            RecordEvent::RecordTokenMinted { .. } => "RecordTokenMinted",
         }
         .to_owned()
     }
@@ -199,6 +222,8 @@ pub struct MedicalRecord {
     /// `(backend, object_key, actual SHA-256)` of every copy reported corrupt.
     #[serde(default)]
     corrupt: Vec<(String, String, String)>,
+    #[serde(default)]
+    token: Option<ChainTx>,
 }
 
 impl MedicalRecord {
@@ -225,6 +250,10 @@ impl MedicalRecord {
     }
     pub fn filename(&self) -> Option<&Sealed> {
         self.filename.as_ref()
+    }
+    /// The record's token, once minted.
+    pub fn token(&self) -> Option<&ChainTx> {
+        self.token.as_ref()
     }
     /// Whether `backend` holds a confirmed copy (`RecordStored`).
     pub fn is_stored_on(&self, backend: &str) -> bool {
@@ -345,6 +374,21 @@ impl Aggregate for MedicalRecord {
                 };
                 sink.write(event, self).await;
             }
+            RecordCommand::MarkMinted { by, token } => {
+                let record_id = self.id.ok_or(RecordError::NotFound)?;
+                if by != Actor::System {
+                    return Err(RecordError::NotAllowed);
+                }
+                if self.token.is_some() {
+                    return Ok(());
+                }
+                let event = RecordEvent::RecordTokenMinted {
+                    record_id,
+                    token,
+                    minted_at: now,
+                };
+                sink.write(event, self).await;
+            }
             RecordCommand::ReportIntegrityFailure {
                 by,
                 backend,
@@ -418,6 +462,7 @@ impl Aggregate for MedicalRecord {
             } => self
                 .corrupt
                 .push((backend, object_key, actual_sha256.as_str().to_owned())),
+            RecordEvent::RecordTokenMinted { token, .. } => self.token = Some(token),
         }
     }
 }
@@ -701,6 +746,45 @@ mod tests {
             .given_no_previous_events()
             .when(mark_stored(Actor::System))
             .then_expect_error(RecordError::NotFound);
+    }
+
+    #[test]
+    fn the_platform_records_the_token_once() {
+        let p = PatientId::new();
+        let r = RecordId::new();
+        let token = ChainTx {
+            chain_id: 31337,
+            contract: "0x01".into(),
+            token_id: "256".into(),
+            tx_hash: "0xaa".into(),
+            block: 7,
+        };
+        let minted = RecordEvent::RecordTokenMinted {
+            record_id: r,
+            token: token.clone(),
+            minted_at: t0(),
+        };
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab), stored(r)])
+            .when(RecordCommand::MarkMinted {
+                by: Actor::System,
+                token: token.clone(),
+            })
+            .then_expect_events(vec![minted.clone()]);
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab), stored(r), minted])
+            .when(RecordCommand::MarkMinted {
+                by: Actor::System,
+                token: token.clone(),
+            })
+            .then_expect_events(vec![]);
+        TestFramework::<MedicalRecord>::with(services(None, t0()))
+            .given(vec![uploaded(r, p, Category::Lab)])
+            .when(RecordCommand::MarkMinted {
+                by: Actor::Patient(p),
+                token,
+            })
+            .then_expect_error(RecordError::NotAllowed);
     }
 
     #[test]

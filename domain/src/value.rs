@@ -205,6 +205,20 @@ impl Category {
         Category::Other,
     ];
 
+    /// The category's bit index on chain (the low byte of a record token id and the
+    /// bit in the consent registry's category masks). Stable: never renumbered.
+    pub fn chain_bit(self) -> u8 {
+        match self {
+            Category::Lab => 0,
+            Category::Imaging => 1,
+            Category::Prescription => 2,
+            Category::Diagnosis => 3,
+            Category::Immunization => 4,
+            Category::ClinicalNote => 5,
+            Category::Other => 6,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Lab => "lab",

@@ -12,7 +12,7 @@ pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords, RecordStorage,
+    AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords, RecordStorage, RecordTokens,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -24,5 +24,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(DoctorGrants::default()),
         Arc::new(AccessLog::default()),
         Arc::new(RecordStorage::default()),
+        Arc::new(RecordTokens::default()),
     ]
 }
