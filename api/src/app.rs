@@ -24,6 +24,7 @@ pub struct App {
     pub storage: Storage,
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
     replicator: Option<actix::Addr<Replicator>>,
+    chain_writer: Option<actix::Addr<chain_adapter::chain::ChainWriter>>,
 }
 
 /// Where blobs are kept, as configured (nothing is contacted yet).
@@ -74,6 +75,32 @@ impl App {
         if let Some(backend) = storage.backend() {
             tracing::info!(backend, "replicating blobs to remote storage");
         }
+        let chain_writer = match &config.chain {
+            Some(settings) if settings.record_token.is_some() => {
+                let chain = chain_adapter::chain::Chain::connect(settings.clone()).await?;
+                let intake: Arc<dyn eventstore::LogHandler> =
+                    Arc::new(chain_adapter::chain::ChainIntake);
+                let handle = ConsumerActor::spawn(store.clone(), intake).await?;
+                let wake = Some(handle.subscribe());
+                consumers.push(("chain_intake".to_owned(), handle));
+                tracing::info!(
+                    chain_id = settings.chain_id,
+                    operator = %chain.operator,
+                    "minting record tokens on chain"
+                );
+                Some(chain_adapter::chain::ChainWriter::start(
+                    store.clone(),
+                    commands.clone(),
+                    chain,
+                    wake,
+                )?)
+            }
+            Some(_) => {
+                tracing::warn!("AFYA_CHAIN_RPC_URL is set but AFYA_RECORD_TOKEN_ADDRESS is not: the chain adapter is off (run `afyachain chain deploy`)");
+                None
+            }
+            None => None,
+        };
         Ok(App {
             config,
             store,
@@ -82,12 +109,16 @@ impl App {
             storage,
             expiry,
             replicator,
+            chain_writer,
         })
     }
 
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
+        if let Some(writer) = &self.chain_writer {
+            let _ = writer.send(chain_adapter::chain::minter::Stop).await;
+        }
         if let Some(replicator) = &self.replicator {
             let _ = replicator
                 .send(chain_adapter::storage::replicator::Stop)

@@ -46,6 +46,19 @@ enum Command {
         #[command(subcommand)]
         command: ConsumersCommand,
     },
+    /// The chain: deploy the contracts.
+    Chain {
+        #[command(subcommand)]
+        command: ChainCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChainCommand {
+    /// Deploy the record token, consent registry, audit anchor and paymaster with the
+    /// operator key (AFYA_CHAIN_RPC_URL, AFYA_CHAIN_ID, ZKSYNC_PRIVATE_KEY) and print
+    /// their addresses as NAME=0x… lines, ready to export.
+    Deploy,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +153,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let result = add_staff(&commands, &role, &phone, &name).await;
             store.close().await;
             result
+        }
+        Command::Chain {
+            command: ChainCommand::Deploy,
+        } => {
+            let settings = config.chain.clone().context(
+                "set AFYA_CHAIN_RPC_URL, AFYA_CHAIN_ID and ZKSYNC_PRIVATE_KEY to deploy",
+            )?;
+            let chain = chain_adapter::chain::Chain::connect(settings).await?;
+            chain.check_chain_id().await?;
+            for (name, address) in chain.deploy().await? {
+                println!("{name}={address}");
+            }
+            Ok(())
         }
         Command::Consumers { command } => {
             let (store, _commands, storage) = open(&config).await?;

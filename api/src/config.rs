@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use chain_adapter::chain::{ChainAddress, ChainMode, ChainSettings};
 use chain_adapter::storage::{ReplicationSettings, S3Settings};
 use eventstore::StoreConfig;
 
@@ -37,6 +38,11 @@ pub struct Config {
     /// `AFYA_STORAGE_RETRY_BASE_MS` (1000), `AFYA_STORAGE_RETRY_MAX_MS` (300000),
     /// `AFYA_STORAGE_CONCURRENCY` (4), `AFYA_STORAGE_POLL_MS` (1000).
     pub replication: ReplicationSettings,
+    /// `AFYA_CHAIN_RPC_URL` turns the chain adapter on: `AFYA_CHAIN_ID`,
+    /// `ZKSYNC_PRIVATE_KEY` (or `ZKSYNC_PRIVATE_KEY_FILE`), `AFYA_CHAIN_MODE=evm`,
+    /// the four contract addresses, `AFYA_CHAIN_CONFIRMATIONS` (1),
+    /// `AFYA_CHAIN_RECEIPT_TIMEOUT_SECS` (120), `AFYA_CHAIN_POLL_MS` (1000).
+    pub chain: Option<ChainSettings>,
 }
 
 /// Limits on failed sign-ins.
@@ -134,6 +140,58 @@ fn replication_settings() -> anyhow::Result<ReplicationSettings> {
     Ok(settings)
 }
 
+fn address(name: &str) -> anyhow::Result<Option<ChainAddress>> {
+    match var(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{name}={v} is not an address (0x and 40 hex digits)")),
+    }
+}
+
+fn chain_settings() -> anyhow::Result<Option<ChainSettings>> {
+    let Some(rpc_url) = var("AFYA_CHAIN_RPC_URL") else {
+        return Ok(None);
+    };
+    let mode = match var("AFYA_CHAIN_MODE").as_deref().map(str::trim) {
+        None | Some("evm") => ChainMode::Evm,
+        Some("zksync") => anyhow::bail!(
+            "AFYA_CHAIN_MODE=zksync (0x71 transactions through the paymaster) is not built yet; use evm"
+        ),
+        Some(other) => anyhow::bail!("AFYA_CHAIN_MODE={other} is not evm or zksync"),
+    };
+    let chain_id: u64 = var("AFYA_CHAIN_ID")
+        .context("AFYA_CHAIN_ID must be set with AFYA_CHAIN_RPC_URL")?
+        .trim()
+        .parse()
+        .context("AFYA_CHAIN_ID is not a whole number")?;
+    let private_key = match var("ZKSYNC_PRIVATE_KEY_FILE") {
+        Some(path) => std::fs::read_to_string(path.trim())
+            .with_context(|| format!("reading ZKSYNC_PRIVATE_KEY_FILE={path}"))?
+            .trim()
+            .to_owned(),
+        None => var("ZKSYNC_PRIVATE_KEY")
+            .context("ZKSYNC_PRIVATE_KEY (the operator key) must be set with AFYA_CHAIN_RPC_URL")?
+            .trim()
+            .to_owned(),
+    };
+    Ok(Some(ChainSettings {
+        rpc_url: rpc_url.trim().to_owned(),
+        chain_id,
+        private_key,
+        mode,
+        record_token: address("AFYA_RECORD_TOKEN_ADDRESS")?,
+        consent_registry: address("AFYA_CONSENT_REGISTRY_ADDRESS")?,
+        audit_anchor: address("AFYA_AUDIT_ANCHOR_ADDRESS")?,
+        paymaster: address("AFYA_PAYMASTER_ADDRESS")?,
+        confirmations: number("AFYA_CHAIN_CONFIRMATIONS", 1)?,
+        receipt_timeout: Duration::from_secs(number("AFYA_CHAIN_RECEIPT_TIMEOUT_SECS", 120)?),
+        poll: Duration::from_millis(number("AFYA_CHAIN_POLL_MS", 1000)?.max(10)),
+    }))
+}
+
 impl Config {
     pub fn from_env() -> anyhow::Result<Config> {
         let data_dir = var("AFYA_DATA_DIR")
@@ -165,6 +223,7 @@ impl Config {
             )?),
             s3: s3_settings()?,
             replication: replication_settings()?,
+            chain: chain_settings()?,
         })
     }
 }

@@ -40,6 +40,9 @@ pub struct RecordRow {
     pub position: i64,
     /// The backend asked about, when it holds a confirmed copy (`RecordStored`).
     pub stored_on: Option<String>,
+    /// The record's token and the transaction that minted it, once minted.
+    pub token_id: Option<String>,
+    pub token_tx_hash: Option<String>,
 }
 
 /// A patient's records; `backend` is the remote store whose copies to report
@@ -53,9 +56,11 @@ pub async fn records_of_patient(
 ) -> anyhow::Result<Page<RecordRow>> {
     let rows: Vec<RecordRow> = sqlx::query_as(
         "SELECT p.record_id, p.patient_id, p.category, p.media_type, p.size, p.sha256, \
-         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on \
+         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on, \
+         t.token_id, t.tx_hash AS token_tx_hash \
          FROM rm_patient_records p LEFT JOIN rm_record_replicas r \
          ON r.record_id = p.record_id AND r.backend = $4 \
+         LEFT JOIN rm_record_tokens t ON t.record_id = p.record_id \
          WHERE p.patient_id = $1 AND p.position > $2 ORDER BY p.position LIMIT $3",
     )
     .bind(patient_id.to_owned())
@@ -75,9 +80,11 @@ pub async fn record(
 ) -> anyhow::Result<Option<RecordRow>> {
     sqlx::query_as(
         "SELECT p.record_id, p.patient_id, p.category, p.media_type, p.size, p.sha256, \
-         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on \
+         p.wrapped_key, p.filename_sealed, p.uploaded_at, p.position, r.backend AS stored_on, \
+         t.token_id, t.tx_hash AS token_tx_hash \
          FROM rm_patient_records p LEFT JOIN rm_record_replicas r \
-         ON r.record_id = p.record_id AND r.backend = $2 WHERE p.record_id = $1",
+         ON r.record_id = p.record_id AND r.backend = $2 \
+         LEFT JOIN rm_record_tokens t ON t.record_id = p.record_id WHERE p.record_id = $1",
     )
     .bind(record_id.to_owned())
     .bind(backend.unwrap_or_default().to_owned())

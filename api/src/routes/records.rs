@@ -47,6 +47,10 @@ pub struct RecordItem {
     pub sha256: String,
     pub uploaded_at: String,
     pub storage_status: StorageStatus,
+    /// The record's token on chain (decimal), once minted.
+    pub token_id: Option<String>,
+    /// The transaction that minted it.
+    pub token_tx_hash: Option<String>,
 }
 
 /// Where the encrypted content is kept.
@@ -216,6 +220,8 @@ pub async fn list(
             sha256: row.sha256,
             uploaded_at: row.uploaded_at,
             storage_status: StorageStatus::of(backend, row.stored_on.as_deref()),
+            token_id: row.token_id,
+            token_tx_hash: row.token_tx_hash,
         });
     }
     Ok(HttpResponse::Ok().json(RecordPage {

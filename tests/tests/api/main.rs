@@ -8,6 +8,7 @@ mod support;
 mod accounts;
 mod app;
 mod bad_input;
+mod chain;
 mod idempotency;
 mod matrix;
 mod openapi;

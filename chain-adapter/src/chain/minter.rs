@@ -1,0 +1,504 @@
+//! Record tokens: every `RecordStored` becomes a token minted to the patient's
+//! custodial address, and the mint comes back as `RecordTokenMinted` (transaction
+//! hash, block) through a command.
+//!
+//! [`ChainIntake`] is a checkpointed log consumer that writes the work list
+//! (`chain_jobs`) in the same transaction as its checkpoint; [`ChainWriter`] (one
+//! active instance, lock `chain_writer`) works through it, one transaction at a time.
+//! Before sending, it asks the contract whether the originating event id was already
+//! processed and, if so, records the transaction that did it: killed anywhere or
+//! replayed from position 0, no record gets a second mint and no new transaction is
+//! sent for work already on chain. When the node is unreachable the work waits, with a
+//! growing pause, and the API goes on.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use alloy::primitives::{Address, B256};
+use alloy::providers::Provider;
+use anyhow::Context as _;
+use async_trait::async_trait;
+use commands::Commands;
+use domain::ids::RecordId;
+use domain::record::ChainTx;
+use eventstore::consumer::ReadModelTx;
+use eventstore::{Backend, ConsumerLock, LogCursor, LogHandler, Store, StoredEvent};
+use tokio::sync::{watch, Mutex};
+
+use super::{custodial_address, event_id, token_id, Chain, RecordToken};
+use crate::storage::remote::one_line;
+
+/// The writer's consumer lock.
+pub const LOCK_NAME: &str = "chain_writer";
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Queues chain work from the log: a mint for each record's first `RecordStored`.
+#[derive(Default)]
+pub struct ChainIntake;
+
+#[async_trait]
+impl LogHandler for ChainIntake {
+    fn name(&self) -> &str {
+        "chain_intake"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS chain_jobs (
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                position BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                next_attempt_at BIGINT NOT NULL,
+                last_error TEXT,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (kind, subject)
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS chain_jobs_due ON chain_jobs (state, next_attempt_at)"
+                .into(),
+        ]
+    }
+
+    /// The work list is the adapter's delivery state, not a read model: a rebuild
+    /// keeps it (the writer skips what is already done).
+    fn tables(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type == "medical_record" && event.event_type == "RecordStored" {
+            sqlx::query(
+                "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
+                 next_attempt_at, last_error, updated_at) \
+                 VALUES ('mint', $1, $2, $3, 'pending', 0, 0, NULL, $4) \
+                 ON CONFLICT (kind, subject) DO NOTHING",
+            )
+            .bind(event.aggregate_id.clone())
+            .bind(event.event_id.to_string())
+            .bind(event.position)
+            .bind(now_text())
+            .execute(&mut **tx)
+            .await
+            .context("queueing a mint")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Job {
+    kind: String,
+    subject: String,
+    event_id: String,
+    attempts: i64,
+}
+
+/// Counts per state of the chain work list.
+pub async fn job_counts(pool: &sqlx::AnyPool) -> anyhow::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT state, COUNT(*) FROM chain_jobs GROUP BY state ORDER BY state")
+        .fetch_all(pool)
+        .await
+        .context("counting chain jobs")
+}
+
+enum Failure {
+    /// The node failed to answer: the chain's fault, not the job's (a probe decides).
+    Node(anyhow::Error),
+    /// This job cannot be done (its record or patient is gone, the call reverted).
+    Job(String),
+}
+
+struct State {
+    lock: Option<ConsumerLock>,
+    paused_until: Option<Instant>,
+    pause: Duration,
+}
+
+struct Writer {
+    store: Store,
+    commands: Arc<Commands>,
+    chain: Chain,
+    token: Address,
+    max_attempts: i64,
+    stop: watch::Sender<bool>,
+    state: Mutex<State>,
+}
+
+const MIN_PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+impl Writer {
+    async fn round(&self) -> anyhow::Result<bool> {
+        let mut stop = self.stop.subscribe();
+        let mut state = self.state.lock().await;
+        if *stop.borrow() || state.paused_until.is_some_and(|u| Instant::now() < u) {
+            return Ok(false);
+        }
+        if let Some(lock) = state.lock.as_mut() {
+            let alive = tokio::time::timeout(Duration::from_secs(10), lock.is_alive()).await;
+            if !matches!(alive, Ok(true)) {
+                state.lock = None;
+            }
+        }
+        if state.lock.is_none() {
+            let taken = tokio::time::timeout(
+                Duration::from_secs(10),
+                ConsumerLock::try_take(&self.store, LOCK_NAME),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("taking the chain writer lock timed out"))??;
+            match taken {
+                Some(lock) => {
+                    tracing::info!(
+                        chain_id = self.chain.settings.chain_id,
+                        "chain writer active"
+                    );
+                    state.lock = Some(lock);
+                }
+                None => return Ok(false),
+            }
+        }
+        let pool = self.store.any_pool();
+        let jobs: Vec<Job> = sqlx::query_as(
+            "SELECT kind, subject, event_id, attempts FROM chain_jobs \
+             WHERE state = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at, position LIMIT 16",
+        )
+        .bind(now_ms())
+        .fetch_all(pool)
+        .await
+        .context("reading due chain jobs")?;
+        let full = jobs.len() == 16;
+        for job in jobs {
+            let result = tokio::select! {
+                result = self.run(&job) => result,
+                _ = stop.wait_for(|s| *s) => return Ok(false),
+            };
+            match result {
+                Ok(()) => {
+                    sqlx::query("DELETE FROM chain_jobs WHERE kind = $1 AND subject = $2")
+                        .bind(job.kind.clone())
+                        .bind(job.subject.clone())
+                        .execute(pool)
+                        .await
+                        .context("finishing a chain job")?;
+                    state.pause = MIN_PAUSE;
+                }
+                Err(Failure::Node(error)) if !self.node_answers().await => {
+                    let error = one_line(&format!("{error:#}"));
+                    tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
+                    self.put_off(&job, now_ms() + millis(state.pause), &error, false)
+                        .await?;
+                    state.paused_until = Some(Instant::now() + state.pause);
+                    state.pause = (state.pause * 2).min(MAX_PAUSE);
+                    return Ok(false);
+                }
+                Err(Failure::Node(error)) => {
+                    self.count(&job, &one_line(&format!("{error:#}"))).await?;
+                }
+                Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
+            }
+        }
+        Ok(full)
+    }
+
+    async fn node_answers(&self) -> bool {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                self.chain.provider.get_block_number()
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn count(&self, job: &Job, reason: &str) -> anyhow::Result<()> {
+        let attempts = job.attempts + 1;
+        let dead = attempts >= self.max_attempts;
+        let delay = MIN_PAUSE.saturating_mul(1 << attempts.clamp(0, 8) as u32);
+        if dead {
+            tracing::error!(kind = %job.kind, subject = %job.subject, attempts, error = %reason, "chain job failed for good; dead-lettered");
+        } else {
+            tracing::warn!(kind = %job.kind, subject = %job.subject, attempts, error = %reason, "chain job failed; will retry");
+        }
+        let mut counted = job.clone();
+        counted.attempts = attempts;
+        self.put_off(
+            &counted,
+            now_ms() + millis(delay.min(MAX_PAUSE)),
+            reason,
+            dead,
+        )
+        .await
+    }
+
+    async fn put_off(&self, job: &Job, next: i64, error: &str, dead: bool) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE chain_jobs SET attempts = $1, next_attempt_at = $2, last_error = $3, \
+             state = $4, updated_at = $5 WHERE kind = $6 AND subject = $7",
+        )
+        .bind(job.attempts)
+        .bind(next)
+        .bind(error.to_owned())
+        .bind(if dead { "dead" } else { "pending" })
+        .bind(now_text())
+        .bind(job.kind.clone())
+        .bind(job.subject.clone())
+        .execute(self.store.any_pool())
+        .await
+        .context("putting a chain job off")?;
+        Ok(())
+    }
+
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
+        match job.kind.as_str() {
+            "mint" => self.mint(job).await,
+            other => Err(Failure::Job(format!("unknown chain job kind {other}"))),
+        }
+    }
+
+    async fn mint(&self, job: &Job) -> Result<(), Failure> {
+        let record_id = RecordId::parse(&job.subject)
+            .map_err(|_| Failure::Job("the job's record id is not valid".into()))?;
+        let record = self
+            .commands
+            .record(record_id)
+            .await
+            .map_err(Failure::Node)?
+            .ok_or_else(|| Failure::Job("no such record".into()))?;
+        if record.token().is_some() {
+            return Ok(());
+        }
+        let (Some(patient), Some(category), Some(sha256)) =
+            (record.patient_id(), record.category(), record.sha256())
+        else {
+            return Err(Failure::Job("the record has no content".into()));
+        };
+        let seed = self
+            .commands
+            .keys()
+            .custodial_seed(&patient.to_string())
+            .await
+            .map_err(|_| Failure::Job("the patient's key is gone (erased)".into()))?;
+        let holder = custodial_address(seed);
+        let token = token_id(record_id.as_uuid(), category.chain_bit());
+        let hash = B256::from_str(sha256.as_str())
+            .map_err(|_| Failure::Job("the record's hash is not 32 bytes".into()))?;
+        let origin = uuid::Uuid::parse_str(&job.event_id)
+            .map_err(|_| Failure::Job("the job's event id is not valid".into()))?;
+        let eid = event_id(origin);
+        let contract = RecordToken::new(self.token, &self.chain.provider);
+        let already = contract
+            .processed(eid)
+            .call()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+        let (tx_hash, block) = if already {
+            // Done by an earlier run (killed before recording it): find that mint.
+            let found = contract
+                .RecordMinted_filter()
+                .topic1(token)
+                .from_block(0)
+                .query()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            let Some((_, log)) = found.into_iter().next() else {
+                return Err(Failure::Job(
+                    "the event was processed on chain but its mint is not found".into(),
+                ));
+            };
+            (
+                log.transaction_hash.unwrap_or_default(),
+                log.block_number.unwrap_or_default(),
+            )
+        } else {
+            let pending = contract
+                .mint(holder, token, hash, eid)
+                .send()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            let receipt = pending
+                .with_required_confirmations(self.chain.settings.confirmations.max(1))
+                .with_timeout(Some(self.chain.settings.receipt_timeout))
+                .get_receipt()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            if !receipt.status() {
+                return Err(Failure::Job("the mint reverted".into()));
+            }
+            (
+                receipt.transaction_hash,
+                receipt.block_number.unwrap_or_default(),
+            )
+        };
+        self.commands
+            .mark_minted(
+                record_id,
+                ChainTx {
+                    chain_id: self.chain.settings.chain_id,
+                    contract: self.token.to_string(),
+                    token_id: token.to_string(),
+                    tx_hash: tx_hash.to_string(),
+                    block,
+                },
+            )
+            .await
+            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+        tracing::info!(record_id = %record_id, tx = %tx_hash, "record token minted");
+        Ok(())
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The writer actor.
+pub struct ChainWriter {
+    writer: Arc<Writer>,
+    poll: Duration,
+    wake: Option<watch::Receiver<LogCursor>>,
+    running: bool,
+    again: bool,
+    stopping: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
+/// Finish the transaction in flight (or drop the wait for it), release the lock, stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl ChainWriter {
+    /// Starts the writer; `wake` follows the `chain_intake` consumer.
+    pub fn start(
+        store: Store,
+        commands: Arc<Commands>,
+        chain: Chain,
+        wake: Option<watch::Receiver<LogCursor>>,
+    ) -> anyhow::Result<Addr<ChainWriter>> {
+        let token = chain
+            .settings
+            .record_token
+            .context("AFYA_RECORD_TOKEN_ADDRESS must be set for the chain adapter")?;
+        let poll = chain.settings.poll;
+        Ok(ChainWriter {
+            writer: Arc::new(Writer {
+                store,
+                commands,
+                chain,
+                token,
+                max_attempts: 10,
+                stop: watch::channel(false).0,
+                state: Mutex::new(State {
+                    lock: None,
+                    paused_until: None,
+                    pause: MIN_PAUSE,
+                }),
+            }),
+            poll,
+            wake,
+            running: false,
+            again: false,
+            stopping: false,
+        }
+        .start())
+    }
+}
+
+impl Actor for ChainWriter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(wake) = self.wake.take() {
+            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            }));
+        }
+        ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
+        ctx.notify(Tick);
+    }
+}
+
+impl StreamHandler<()> for ChainWriter {
+    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
+        ctx.notify(Tick);
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Tick> for ChainWriter {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Tick, _: &mut Self::Context) -> Self::Result {
+        if self.stopping {
+            return Box::pin(fut::ready(()));
+        }
+        if self.running {
+            self.again = true;
+            return Box::pin(fut::ready(()));
+        }
+        self.running = true;
+        let writer = self.writer.clone();
+        Box::pin(
+            async move { writer.round().await }
+                .into_actor(self)
+                .map(|result, actor, ctx| {
+                    actor.running = false;
+                    let again = std::mem::take(&mut actor.again);
+                    match result {
+                        Ok(true) => ctx.notify(Tick),
+                        Ok(false) if again => ctx.notify(Tick),
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::error!(
+                                error = format!("{error:#}"),
+                                "chain writer round failed; retrying"
+                            );
+                        }
+                    }
+                }),
+        )
+    }
+}
+
+impl Handler<Stop> for ChainWriter {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        let writer = self.writer.clone();
+        Box::pin(
+            async move {
+                writer.stop.send_replace(true);
+                if let Ok(mut state) =
+                    tokio::time::timeout(Duration::from_secs(15), writer.state.lock()).await
+                {
+                    if let Some(lock) = state.lock.take() {
+                        lock.release().await;
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        )
+    }
+}

@@ -1,0 +1,349 @@
+//! The chain adapter on a real local node (`anvil`, installed by `scripts/tools`):
+//! stored records become tokens held by the patient, once each, whatever happens.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use alloy::node_bindings::{Anvil, AnvilInstance};
+use alloy::primitives::{Address, B256, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use chain_adapter::chain::RecordToken;
+use eventstore::Backend;
+use serde_json::Value;
+
+use crate::app::{Party, TestApp};
+use crate::support::s3::S3Server;
+use crate::support::Env;
+
+fn anvil() -> AnvilInstance {
+    let path = std::env::var("AFYA_ANVIL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../contracts/node_modules/.bin/anvil")
+        });
+    assert!(
+        path.exists(),
+        "anvil missing at {}: run scripts/tools",
+        path.display()
+    );
+    Anvil::at(path).spawn()
+}
+
+fn chain_vars(node: &AnvilInstance) -> Vec<(String, String)> {
+    let key = B256::from_slice(&node.keys()[0].to_bytes());
+    vec![
+        ("AFYA_CHAIN_RPC_URL".into(), node.endpoint()),
+        ("AFYA_CHAIN_ID".into(), node.chain_id().to_string()),
+        ("ZKSYNC_PRIVATE_KEY".into(), key.to_string()),
+        ("AFYA_CHAIN_POLL_MS".into(), "100".into()),
+    ]
+}
+
+/// `afyachain chain deploy`: the four addresses as variables.
+async fn deploy(node: &AnvilInstance) -> Vec<(String, String)> {
+    let env = Env::new(Backend::Sqlite).await.unwrap();
+    let (ok, out, err) = env.run_with(&["chain", "deploy"], &chain_vars(node));
+    assert!(ok, "{err}");
+    let vars: Vec<(String, String)> = out
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "AFYA_RECORD_TOKEN_ADDRESS",
+            "AFYA_CONSENT_REGISTRY_ADDRESS",
+            "AFYA_AUDIT_ANCHOR_ADDRESS",
+            "AFYA_PAYMASTER_ADDRESS"
+        ]
+    );
+    assert!(!out.contains(&chain_vars(node)[2].1), "the key was printed");
+    env.cleanup().await;
+    vars
+}
+
+fn refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+async fn patient(app: &TestApp) -> Party {
+    let phone = app.phone();
+    let id = app.sign_up_patient(&phone, "Achieng Otieno").await;
+    let token = app.sign_in(&phone).await;
+    Party { id, phone, token }
+}
+
+async fn records(app: &TestApp, p: &Party) -> Vec<Value> {
+    app.get(
+        &format!("/v1/patients/{}/records?limit=100", p.id),
+        Some(&p.token),
+    )
+    .await
+    .ok(200)["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn all_minted(app: &TestApp, p: &Party, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let items = records(app, p).await;
+        if items.len() == n && items.iter().all(|r| r["token_id"].is_string()) {
+            return items;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{items:?}\n{}",
+            app.server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn reader(node: &AnvilInstance) -> DynProvider {
+    ProviderBuilder::new()
+        .connect_http(node.endpoint_url())
+        .erased()
+}
+
+fn address_of(vars: &[(String, String)], name: &str) -> Address {
+    vars.iter()
+        .find(|(k, _)| k == name)
+        .unwrap()
+        .1
+        .parse()
+        .unwrap()
+}
+
+async fn minted_on_chain(node: &AnvilInstance, token: Address) -> usize {
+    RecordToken::new(token, reader(node))
+        .RecordMinted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap()
+        .len()
+}
+
+/// Moves the `chain_intake` consumer back to position 0 (the server stopped).
+async fn reset_intake(app: &TestApp) {
+    use sqlx::Connection;
+    let db = app.env.data_dir.join("afyachain.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE consumer_checkpoints SET tx = 0, position = 0 WHERE name = 'chain_intake'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[actix_rt::test]
+async fn stored_records_become_tokens_once_through_replays_and_kills() {
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed.clone());
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let mut app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    for i in 0..3 {
+        app.upload(
+            &p.token,
+            &p.id,
+            "category=lab",
+            "application/pdf",
+            format!("lab {i} Achieng").as_bytes(),
+        )
+        .await
+        .ok(201);
+    }
+    let items = all_minted(&app, &p, 3).await;
+    let contract = RecordToken::new(token_address, reader(&node));
+    let mut holders = Vec::new();
+    for item in &items {
+        let token: U256 = item["token_id"].as_str().unwrap().parse().unwrap();
+        // The token carries the record's id and category (lab: bit 0).
+        let record = uuid::Uuid::parse_str(item["record_id"].as_str().unwrap()).unwrap();
+        assert_eq!(token, U256::from(record.as_u128()) << 8);
+        let sha: B256 = format!("0x{}", item["sha256"].as_str().unwrap())
+            .parse()
+            .unwrap();
+        assert_eq!(contract.contentHash(token).call().await.unwrap(), sha);
+        holders.push(contract.ownerOf(token).call().await.unwrap());
+        let tx: B256 = item["token_tx_hash"].as_str().unwrap().parse().unwrap();
+        let receipt = reader(&node)
+            .get_transaction_receipt(tx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(receipt.status());
+    }
+    // One custodial address per patient, not the operator's.
+    assert!(holders.iter().all(|h| *h == holders[0]));
+    assert_ne!(holders[0], node.addresses()[0]);
+    assert_eq!(minted_on_chain(&node, token_address).await, 3);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'RecordTokenMinted'")
+            .await,
+        3
+    );
+
+    // Replayed from position 0: nothing new is sent.
+    let operator = node.addresses()[0];
+    let sent = reader(&node).get_transaction_count(operator).await.unwrap();
+    app.restart("TERM", &[]);
+    reset_intake(&app).await;
+    app.restart("TERM", &vars);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = app.server.logs();
+        let queued = app.scalar("SELECT count(*) FROM chain_jobs").await;
+        if queued == 0 && logs.contains("chain writer active") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        reader(&node).get_transaction_count(operator).await.unwrap(),
+        sent,
+        "a replay sent transactions"
+    );
+    assert_eq!(minted_on_chain(&node, token_address).await, 3);
+
+    // Killed again and again while minting a burst: one token per record.
+    for round in 0..2 {
+        for i in 0..4 {
+            app.upload(
+                &p.token,
+                &p.id,
+                "category=imaging",
+                "application/pdf",
+                format!("scan {round}/{i} Achieng").as_bytes(),
+            )
+            .await
+            .ok(201);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.restart("KILL", &vars);
+    }
+    let items = all_minted(&app, &p, 11).await;
+    assert_eq!(minted_on_chain(&node, token_address).await, 11);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'RecordTokenMinted'")
+            .await,
+        11
+    );
+    for item in items.iter().filter(|i| i["category"] == "imaging") {
+        let token: U256 = item["token_id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(token & U256::from(0xff), U256::from(1), "imaging: bit 1");
+    }
+    let logs = app.stop().await;
+    assert!(
+        !logs.contains(&chain_vars(&node)[2].1[2..]),
+        "the operator key reached the logs"
+    );
+}
+
+#[actix_rt::test]
+async fn a_mint_already_on_chain_is_recorded_not_sent_again() {
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    // Stored with the chain adapter off...
+    let mut app = TestApp::start_with(Backend::Sqlite, &refs(&s3.vars()))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    let created = app
+        .upload(
+            &p.token,
+            &p.id,
+            "category=lab",
+            "application/pdf",
+            b"lab Achieng",
+        )
+        .await
+        .ok(201);
+    let record_id = created["record_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&app, &p).await[0]["storage_status"] != "stored" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and the mint already done on chain by an earlier run that died before
+    // recording it: same event id, same token.
+    let mut conn = {
+        use sqlx::Connection;
+        let db = app.env.data_dir.join("afyachain.db");
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+            .await
+            .unwrap()
+    };
+    let origin: String = sqlx::query_scalar(
+        "SELECT event_id FROM events WHERE event_type = 'RecordStored' AND aggregate_id = $1",
+    )
+    .bind(&record_id)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let origin = uuid::Uuid::parse_str(&origin).unwrap();
+    let record = uuid::Uuid::parse_str(&record_id).unwrap();
+    let token = U256::from(record.as_u128()) << 8;
+    let sha: B256 = format!("0x{}", created["sha256"].as_str().unwrap())
+        .parse()
+        .unwrap();
+    let operator = ProviderBuilder::new()
+        .wallet(alloy::network::EthereumWallet::from(
+            alloy::signers::local::PrivateKeySigner::from(node.keys()[0].clone()),
+        ))
+        .connect_http(node.endpoint_url())
+        .erased();
+    let earlier = RecordToken::new(token_address, &operator)
+        .mint(
+            Address::repeat_byte(0x77),
+            token,
+            sha,
+            chain_adapter::chain::event_id(origin),
+        )
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    let sent = reader(&node)
+        .get_transaction_count(node.addresses()[0])
+        .await
+        .unwrap();
+
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed);
+    app.restart("TERM", &vars);
+    let items = all_minted(&app, &p, 1).await;
+    assert_eq!(
+        items[0]["token_tx_hash"].as_str().unwrap(),
+        earlier.transaction_hash.to_string()
+    );
+    assert_eq!(items[0]["token_id"].as_str().unwrap(), token.to_string());
+    assert_eq!(
+        reader(&node)
+            .get_transaction_count(node.addresses()[0])
+            .await
+            .unwrap(),
+        sent
+    );
+    assert_eq!(minted_on_chain(&node, token_address).await, 1);
+    app.stop().await;
+}
