@@ -1012,6 +1012,42 @@ impl Commands {
         Ok(())
     }
 
+    /// Records that the grant of an access request is on chain
+    /// (`ConsentGrantedOnChain`), or with `revoked` that it was ended there
+    /// (`ConsentRevokedOnChain`). Idempotent. Only the chain adapter calls it.
+    pub async fn mark_consent_on_chain(
+        &self,
+        request_id: AccessRequestId,
+        revoked: bool,
+        receipt: domain::access::ChainReceipt,
+    ) -> Result<CommandOutcome, CommandError> {
+        let what = if revoked { "revoke" } else { "grant" };
+        let meta = CommandMeta::new(Actor::System.reference())
+            .with_idempotency_key(format!("chain:{what}:{request_id}"))
+            .with_fingerprint(format!("{}:{}", receipt.chain_id, receipt.contract));
+        let command = if revoked {
+            AccessCommand::MarkRevokedOnChain {
+                by: Actor::System,
+                receipt,
+            }
+        } else {
+            AccessCommand::MarkGrantedOnChain {
+                by: Actor::System,
+                receipt,
+            }
+        };
+        self.store
+            .execute::<AccessRequest>(
+                &self.access,
+                &request_id.to_string(),
+                command,
+                &self.access_services,
+                &meta,
+            )
+            .await
+            .map_err(map)
+    }
+
     /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record
     /// has one token, and a repeat records nothing. Only the chain adapter calls it.
     pub async fn mark_minted(

@@ -79,6 +79,27 @@ pub enum AccessCommand {
     },
     /// By the system once the clock has passed the expiry.
     Expire {},
+    /// The chain adapter put the grant on chain (consent registry). Once per request.
+    MarkGrantedOnChain {
+        by: Actor,
+        receipt: ChainReceipt,
+    },
+    /// The chain adapter ended the grant on chain (after a revocation or expiry).
+    MarkRevokedOnChain {
+        by: Actor,
+        receipt: ChainReceipt,
+    },
+}
+
+/// Where an effect landed on chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainReceipt {
+    pub chain_id: u64,
+    /// The contract, `0x…`.
+    pub contract: String,
+    /// The transaction, `0x…`.
+    pub tx_hash: String,
+    pub block: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,6 +141,16 @@ pub enum AccessEvent {
         doctor_id: DoctorId,
         expired_at: DateTime<Utc>,
     },
+    ConsentGrantedOnChain {
+        request_id: AccessRequestId,
+        receipt: ChainReceipt,
+        at: DateTime<Utc>,
+    },
+    ConsentRevokedOnChain {
+        request_id: AccessRequestId,
+        receipt: ChainReceipt,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for AccessEvent {
@@ -130,6 +161,8 @@ impl DomainEvent for AccessEvent {
             AccessEvent::AccessRejected { .. } => "AccessRejected",
             AccessEvent::AccessRevoked { .. } => "AccessRevoked",
             AccessEvent::AccessExpired { .. } => "AccessExpired",
+            AccessEvent::ConsentGrantedOnChain { .. } => "ConsentGrantedOnChain",
+            AccessEvent::ConsentRevokedOnChain { .. } => "ConsentRevokedOnChain",
         }
         .to_owned()
     }
@@ -154,6 +187,8 @@ pub enum AccessError {
     NotPending,
     #[error("the access is not approved")]
     NotApproved,
+    #[error("only the platform records effects on chain")]
+    OnlyThePlatform,
     #[error("the scope must name at least one category or record")]
     EmptyScope,
     #[error("an approval may only narrow the requested scope")]
@@ -184,6 +219,7 @@ impl Rule for AccessError {
             AccessError::NotFound | AccessError::PatientNotFound => RuleKind::NotFound,
             AccessError::DoctorNotVerified
             | AccessError::NotThePatient
+            | AccessError::OnlyThePlatform
             | AccessError::NotTheGrantee => RuleKind::Forbidden,
             AccessError::AlreadyRequested
             | AccessError::NotPending
@@ -209,6 +245,7 @@ impl Rule for AccessError {
             AccessError::NotThePatient => "not_the_patient",
             AccessError::NotPending => "request_not_pending",
             AccessError::NotApproved => "access_not_approved",
+            AccessError::OnlyThePlatform => "only_the_platform",
             AccessError::EmptyScope => "empty_scope",
             AccessError::ScopeNotNarrower => "scope_not_narrower",
             AccessError::ExpiryInPast => "expiry_in_past",
@@ -249,9 +286,21 @@ pub struct AccessRequest {
     duration: Option<DurationDays>,
     status: AccessStatus,
     expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    granted_on_chain: Option<ChainReceipt>,
+    #[serde(default)]
+    revoked_on_chain: Option<ChainReceipt>,
 }
 
 impl AccessRequest {
+    /// The grant's transaction on chain, once there.
+    pub fn granted_on_chain(&self) -> Option<&ChainReceipt> {
+        self.granted_on_chain.as_ref()
+    }
+    /// The revocation's transaction on chain, once there.
+    pub fn revoked_on_chain(&self) -> Option<&ChainReceipt> {
+        self.revoked_on_chain.as_ref()
+    }
     pub fn id(&self) -> Option<AccessRequestId> {
         self.id
     }
@@ -451,6 +500,42 @@ impl Aggregate for AccessRequest {
                 };
                 sink.write(event, self).await;
             }
+            AccessCommand::MarkGrantedOnChain { by, receipt } => {
+                let (request_id, _, _) = self.ids()?;
+                if by != Actor::System {
+                    return Err(AccessError::OnlyThePlatform);
+                }
+                if self.expires_at.is_none() {
+                    return Err(AccessError::NotApproved);
+                }
+                if self.granted_on_chain.is_some() {
+                    return Ok(());
+                }
+                let event = AccessEvent::ConsentGrantedOnChain {
+                    request_id,
+                    receipt,
+                    at: now,
+                };
+                sink.write(event, self).await;
+            }
+            AccessCommand::MarkRevokedOnChain { by, receipt } => {
+                let (request_id, _, _) = self.ids()?;
+                if by != Actor::System {
+                    return Err(AccessError::OnlyThePlatform);
+                }
+                if self.granted_on_chain.is_none() {
+                    return Err(AccessError::NotApproved);
+                }
+                if self.revoked_on_chain.is_some() {
+                    return Ok(());
+                }
+                let event = AccessEvent::ConsentRevokedOnChain {
+                    request_id,
+                    receipt,
+                    at: now,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
@@ -482,6 +567,12 @@ impl Aggregate for AccessRequest {
             AccessEvent::AccessRejected { .. } => self.status = AccessStatus::Rejected,
             AccessEvent::AccessRevoked { .. } => self.status = AccessStatus::Revoked,
             AccessEvent::AccessExpired { .. } => self.status = AccessStatus::Expired,
+            AccessEvent::ConsentGrantedOnChain { receipt, .. } => {
+                self.granted_on_chain = Some(receipt)
+            }
+            AccessEvent::ConsentRevokedOnChain { receipt, .. } => {
+                self.revoked_on_chain = Some(receipt)
+            }
         }
     }
 }

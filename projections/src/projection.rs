@@ -546,6 +546,8 @@ impl LogHandler for AccessRequests {
                 )
                 .await?;
             }
+            AccessEvent::ConsentGrantedOnChain { .. }
+            | AccessEvent::ConsentRevokedOnChain { .. } => {}
         }
         Ok(())
     }

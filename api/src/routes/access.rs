@@ -455,6 +455,12 @@ async fn answer(state: &AppState, decided: Decided) -> Result<HttpResponse, Prob
         AccessEvent::AccessRevoked { request_id, .. } => decision(request_id, "revoked"),
         AccessEvent::AccessExpired { request_id, .. } => decision(request_id, "expired"),
         AccessEvent::AccessRequested { request_id, .. } => decision(request_id, "pending"),
+        // Recorded by the chain adapter, never the answer to a decision.
+        AccessEvent::ConsentGrantedOnChain { .. } | AccessEvent::ConsentRevokedOnChain { .. } => {
+            return Err(Problem::internal(&anyhow::anyhow!(
+                "a decision answered with a chain event"
+            )))
+        }
     };
     Ok(HttpResponse::Ok().json(body))
 }

@@ -1,6 +1,11 @@
-//! Record tokens: every `RecordStored` becomes a token minted to the patient's
-//! custodial address, and the mint comes back as `RecordTokenMinted` (transaction
-//! hash, block) through a command.
+//! Chain work from the log, each result recorded back through a command:
+//!
+//! - every `RecordStored` becomes a token minted to the patient's custodial address
+//!   (`RecordTokenMinted`);
+//! - every `AccessApproved` becomes a grant in the consent registry, keyed by the
+//!   access request, for the doctor's custodial address (`ConsentGrantedOnChain`);
+//! - every `AccessRevoked` or `AccessExpired` of a grant on chain becomes a revoke
+//!   (`ConsentRevokedOnChain`).
 //!
 //! [`ChainIntake`] is a checkpointed log consumer that writes the work list
 //! (`chain_jobs`) in the same transaction as its checkpoint; [`ChainWriter`] (one
@@ -27,8 +32,10 @@ use eventstore::consumer::ReadModelTx;
 use eventstore::{Backend, ConsumerLock, LogCursor, LogHandler, Store, StoredEvent};
 use tokio::sync::{watch, Mutex};
 
-use super::{custodial_address, event_id, token_id, Chain, RecordToken};
+use super::{custodial_address, event_id, token_id, Chain, ConsentRegistry, RecordToken};
 use crate::storage::remote::one_line;
+use domain::access::{AccessStatus, ChainReceipt};
+use domain::ids::AccessRequestId;
 
 /// The writer's consumer lock.
 pub const LOCK_NAME: &str = "chain_writer";
@@ -78,20 +85,27 @@ impl LogHandler for ChainIntake {
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
-        if event.aggregate_type == "medical_record" && event.event_type == "RecordStored" {
+        let kind = match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+            ("medical_record", "RecordStored") => "mint",
+            ("access_request", "AccessApproved") => "grant",
+            ("access_request", "AccessRevoked" | "AccessExpired") => "revoke",
+            _ => return Ok(()),
+        };
+        {
             sqlx::query(
                 "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
                  next_attempt_at, last_error, updated_at) \
-                 VALUES ('mint', $1, $2, $3, 'pending', 0, 0, NULL, $4) \
+                 VALUES ($5, $1, $2, $3, 'pending', 0, 0, NULL, $4) \
                  ON CONFLICT (kind, subject) DO NOTHING",
             )
             .bind(event.aggregate_id.clone())
             .bind(event.event_id.to_string())
             .bind(event.position)
             .bind(now_text())
+            .bind(kind)
             .execute(&mut **tx)
             .await
-            .context("queueing a mint")?;
+            .context("queueing chain work")?;
         }
         Ok(())
     }
@@ -131,6 +145,7 @@ struct Writer {
     commands: Arc<Commands>,
     chain: Chain,
     token: Address,
+    registry: Option<Address>,
     max_attempts: i64,
     stop: watch::Sender<bool>,
     state: Mutex<State>,
@@ -266,6 +281,8 @@ impl Writer {
     async fn run(&self, job: &Job) -> Result<(), Failure> {
         match job.kind.as_str() {
             "mint" => self.mint(job).await,
+            "grant" => self.grant(job).await,
+            "revoke" => self.revoke(job).await,
             other => Err(Failure::Job(format!("unknown chain job kind {other}"))),
         }
     }
@@ -362,6 +379,221 @@ impl Writer {
     }
 }
 
+impl Writer {
+    async fn custodial(&self, subject: &str) -> Result<Address, Failure> {
+        let seed = self
+            .commands
+            .keys()
+            .custodial_seed(subject)
+            .await
+            .map_err(|_| Failure::Job("a party's key is gone (erased)".into()))?;
+        Ok(custodial_address(seed))
+    }
+
+    fn registry(
+        &self,
+    ) -> Result<ConsentRegistry::ConsentRegistryInstance<alloy::providers::DynProvider>, Failure>
+    {
+        let address = self
+            .registry
+            .ok_or_else(|| Failure::Job("AFYA_CONSENT_REGISTRY_ADDRESS is not set".into()))?;
+        Ok(ConsentRegistry::new(address, self.chain.provider.clone()))
+    }
+
+    fn receipt(&self, contract: Address, tx_hash: B256, block: u64) -> ChainReceipt {
+        ChainReceipt {
+            chain_id: self.chain.settings.chain_id,
+            contract: contract.to_string(),
+            tx_hash: tx_hash.to_string(),
+            block,
+        }
+    }
+
+    async fn access(
+        &self,
+        job: &Job,
+    ) -> Result<(AccessRequestId, domain::access::AccessRequest), Failure> {
+        let request_id = AccessRequestId::parse(&job.subject)
+            .map_err(|_| Failure::Job("the job's request id is not valid".into()))?;
+        let request = self
+            .commands
+            .access_request(request_id)
+            .await
+            .map_err(Failure::Node)?
+            .ok_or_else(|| Failure::Job("no such access request".into()))?;
+        Ok((request_id, request))
+    }
+
+    async fn confirmed(
+        &self,
+        call: alloy::contract::CallBuilder<
+            &alloy::providers::DynProvider,
+            std::marker::PhantomData<impl alloy::sol_types::SolCall>,
+        >,
+    ) -> Result<(B256, u64), Failure> {
+        let receipt = call
+            .send()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?
+            .with_required_confirmations(self.chain.settings.confirmations.max(1))
+            .with_timeout(Some(self.chain.settings.receipt_timeout))
+            .get_receipt()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+        if !receipt.status() {
+            return Err(Failure::Job("the transaction reverted".into()));
+        }
+        Ok((
+            receipt.transaction_hash,
+            receipt.block_number.unwrap_or_default(),
+        ))
+    }
+
+    /// An approval: the grant, for the doctor's custodial address, keyed by the request.
+    async fn grant(&self, job: &Job) -> Result<(), Failure> {
+        let (request_id, request) = self.access(job).await?;
+        if request.granted_on_chain().is_some() || request.status() != AccessStatus::Approved {
+            // Done, or ended before it reached the chain: nothing to put there.
+            return Ok(());
+        }
+        let (Some(patient), Some(doctor), Some(expires_at)) = (
+            request.patient_id(),
+            request.doctor_id(),
+            request.expires_at(),
+        ) else {
+            return Err(Failure::Job("the request is incomplete".into()));
+        };
+        let patient_address = self.custodial(&patient.to_string()).await?;
+        let doctor_address = self.custodial(&doctor.to_string()).await?;
+        let scope = request.scope();
+        let categories = scope
+            .categories
+            .iter()
+            .fold(0u32, |mask, c| mask | (1u32 << c.chain_bit()));
+        let mut tokens = Vec::with_capacity(scope.record_ids.len());
+        for record_id in &scope.record_ids {
+            let record = self
+                .commands
+                .record(*record_id)
+                .await
+                .map_err(Failure::Node)?;
+            if let Some(category) = record.as_ref().and_then(|r| r.category()) {
+                tokens.push(token_id(record_id.as_uuid(), category.chain_bit()));
+            }
+        }
+        let expiry = u64::try_from(expires_at.timestamp()).unwrap_or(0);
+        let grant_id = event_id(request_id.as_uuid());
+        let eid = self.origin(job)?;
+        let registry = self.registry()?;
+        let (tx_hash, block) = if registry
+            .processed(eid)
+            .call()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?
+        {
+            self.find(registry.ConsentGranted_filter().topic1(grant_id))
+                .await?
+        } else {
+            self.confirmed(registry.grant(
+                grant_id,
+                patient_address,
+                doctor_address,
+                categories,
+                tokens,
+                expiry,
+                eid,
+            ))
+            .await?
+        };
+        self.commands
+            .mark_consent_on_chain(
+                request_id,
+                false,
+                self.receipt(*registry.address(), tx_hash, block),
+            )
+            .await
+            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+        tracing::info!(request_id = %request_id, tx = %tx_hash, "consent granted on chain");
+        Ok(())
+    }
+
+    /// A revocation or expiry of a grant that is on chain.
+    async fn revoke(&self, job: &Job) -> Result<(), Failure> {
+        let (request_id, request) = self.access(job).await?;
+        if request.revoked_on_chain().is_some() {
+            return Ok(());
+        }
+        if request.granted_on_chain().is_none() {
+            // The grant is not there (yet): its job, if pending, will see the request
+            // ended and put nothing on chain; if it is still to come, wait for it.
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM chain_jobs WHERE kind = 'grant' AND subject = $1",
+            )
+            .bind(job.subject.clone())
+            .fetch_one(self.store.any_pool())
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+            if pending > 0 {
+                return Err(Failure::Job(
+                    "waiting for the grant to reach the chain".into(),
+                ));
+            }
+            return Ok(());
+        }
+        let grant_id = event_id(request_id.as_uuid());
+        let eid = self.origin(job)?;
+        let registry = self.registry()?;
+        let (tx_hash, block) = if registry
+            .processed(eid)
+            .call()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?
+        {
+            self.find(registry.ConsentRevoked_filter().topic1(grant_id))
+                .await?
+        } else {
+            self.confirmed(registry.revoke(grant_id, eid)).await?
+        };
+        self.commands
+            .mark_consent_on_chain(
+                request_id,
+                true,
+                self.receipt(*registry.address(), tx_hash, block),
+            )
+            .await
+            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+        tracing::info!(request_id = %request_id, tx = %tx_hash, "consent revoked on chain");
+        Ok(())
+    }
+
+    fn origin(&self, job: &Job) -> Result<B256, Failure> {
+        uuid::Uuid::parse_str(&job.event_id)
+            .map(event_id)
+            .map_err(|_| Failure::Job("the job's event id is not valid".into()))
+    }
+
+    /// The transaction of an effect already on chain (done by an earlier run).
+    async fn find<E: alloy::sol_types::SolEvent>(
+        &self,
+        filter: alloy::contract::Event<&alloy::providers::DynProvider, E>,
+    ) -> Result<(B256, u64), Failure> {
+        let found = filter
+            .from_block(0)
+            .query()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+        let Some((_, log)) = found.into_iter().next() else {
+            return Err(Failure::Job(
+                "the event was processed on chain but its effect is not found".into(),
+            ));
+        };
+        Ok((
+            log.transaction_hash.unwrap_or_default(),
+            log.block_number.unwrap_or_default(),
+        ))
+    }
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
@@ -398,12 +630,14 @@ impl ChainWriter {
             .record_token
             .context("AFYA_RECORD_TOKEN_ADDRESS must be set for the chain adapter")?;
         let poll = chain.settings.poll;
+        let registry = chain.settings.consent_registry;
         Ok(ChainWriter {
             writer: Arc::new(Writer {
                 store,
                 commands,
                 chain,
                 token,
+                registry,
                 max_attempts: 10,
                 stop: watch::channel(false).0,
                 state: Mutex::new(State {

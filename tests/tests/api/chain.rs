@@ -347,3 +347,102 @@ async fn a_mint_already_on_chain_is_recorded_not_sent_again() {
     assert_eq!(minted_on_chain(&node, token_address).await, 1);
     app.stop().await;
 }
+
+async fn wait_events(app: &TestApp, event_type: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = app
+            .scalar(&format!(
+                "SELECT count(*) FROM events WHERE event_type = '{event_type}'"
+            ))
+            .await;
+        if count >= n {
+            assert_eq!(count, n, "{event_type}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{event_type}: {count}\n{}",
+            app.server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn the_consent_story_ends_on_chain_granted_then_revoked() {
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    let registry_address = address_of(&deployed, "AFYA_CONSENT_REGISTRY_ADDRESS");
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed);
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let w = app.world().await;
+    let (record_id, request_id) = app
+        .share(&w, "lab", "application/pdf", b"%PDF HbA1c Achieng")
+        .await;
+    let items = all_minted(&app, &w.patient, 1).await;
+    let token: U256 = items[0]["token_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(items[0]["record_id"], record_id.as_str());
+    wait_events(&app, "ConsentGrantedOnChain", 1).await;
+
+    let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
+    let granted = registry
+        .ConsentGranted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 1);
+    let (event, _) = &granted[0];
+    let request = uuid::Uuid::parse_str(&request_id).unwrap();
+    assert_eq!(event.grantId, chain_adapter::chain::event_id(request));
+    assert_eq!(event.categories, 1, "lab");
+    let holder = RecordToken::new(token_address, reader(&node))
+        .ownerOf(token)
+        .call()
+        .await
+        .unwrap();
+    assert_eq!(event.patient, holder);
+    let doctor = event.grantee;
+    assert_ne!(doctor, holder);
+    let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap();
+    assert!(registry.hasAccess(doctor, token, now).call().await.unwrap());
+    assert!(!registry
+        .hasAccess(Address::repeat_byte(5), token, now)
+        .call()
+        .await
+        .unwrap());
+    assert!(!registry
+        .hasAccess(doctor, token, event.expiry)
+        .call()
+        .await
+        .unwrap());
+
+    // The patient revokes: the chain follows.
+    app.post_empty(
+        &format!("/v1/access-requests/{request_id}/revocation"),
+        Some(&w.patient.token),
+    )
+    .await
+    .ok(200);
+    wait_events(&app, "ConsentRevokedOnChain", 1).await;
+    assert!(!registry.hasAccess(doctor, token, now).call().await.unwrap());
+    assert_eq!(
+        registry
+            .ConsentRevoked_filter()
+            .from_block(0)
+            .query()
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    app.stop().await;
+}
