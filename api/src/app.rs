@@ -79,7 +79,9 @@ impl App {
             Some(settings) if settings.record_token.is_some() => {
                 let chain = chain_adapter::chain::Chain::connect(settings.clone()).await?;
                 let intake: Arc<dyn eventstore::LogHandler> =
-                    Arc::new(chain_adapter::chain::ChainIntake);
+                    Arc::new(chain_adapter::chain::ChainIntake {
+                        anchor_every: settings.anchor_every,
+                    });
                 let handle = ConsumerActor::spawn(store.clone(), intake).await?;
                 let wake = Some(handle.subscribe());
                 consumers.push(("chain_intake".to_owned(), handle));

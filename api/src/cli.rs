@@ -51,6 +51,24 @@ enum Command {
         #[command(subcommand)]
         command: ChainCommand,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the Merkle roots of the anchored log ranges overlapping ordinals
+    /// FROM..=TO (1-based, in log order) from the local log and compare them with the
+    /// chain. Exits non-zero on any difference, or when nothing there is anchored.
+    Verify {
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +182,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             chain.check_chain_id().await?;
             for (name, address) in chain.deploy().await? {
                 println!("{name}={address}");
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { from, to },
+        } => {
+            let settings = config.chain.clone().context(
+                "set AFYA_CHAIN_RPC_URL, AFYA_CHAIN_ID and ZKSYNC_PRIVATE_KEY to verify",
+            )?;
+            let anchor = settings
+                .audit_anchor
+                .context("set AFYA_AUDIT_ANCHOR_ADDRESS to verify")?;
+            if from == 0 || to < from {
+                anyhow::bail!("--from must be at least 1 and --to at least --from");
+            }
+            let chain = chain_adapter::chain::Chain::connect(settings).await?;
+            let (store, _commands, _storage) = open(&config).await?;
+            let checked =
+                chain_adapter::chain::verify::verify(&store, &chain, anchor, from, to).await;
+            store.close().await;
+            let checked = checked?;
+            if checked.is_empty() {
+                anyhow::bail!("no anchored range overlaps {from}..={to}");
+            }
+            let mut bad = 0;
+            for c in &checked {
+                match c.local {
+                    Some(local) if c.matches() => {
+                        println!("ok        {}..={} root {local}", c.from, c.to)
+                    }
+                    Some(local) => {
+                        bad += 1;
+                        println!(
+                            "MISMATCH  {}..={} chain {} local {local}",
+                            c.from, c.to, c.on_chain
+                        )
+                    }
+                    None => {
+                        bad += 1;
+                        println!("MISSING   {}..={}: the local log is shorter", c.from, c.to)
+                    }
+                }
+            }
+            if bad > 0 {
+                anyhow::bail!("{bad} anchored range(s) do not match the local log");
             }
             Ok(())
         }

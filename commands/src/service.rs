@@ -241,6 +241,7 @@ pub struct Commands {
     sessions: AggregateStore<Session>,
     records: AggregateStore<MedicalRecord>,
     access: AggregateStore<AccessRequest>,
+    anchors: AggregateStore<domain::anchor::LogAnchor>,
     access_services: <AccessRequest as Aggregate>::Services,
     record_services: <MedicalRecord as Aggregate>::Services,
 }
@@ -270,6 +271,7 @@ impl Commands {
                 .with_cache_limit(0),
             records: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
+            anchors: store.aggregate_store(domain::upcast::upcasters()),
             access_services: ports.clone(),
             record_services: ports,
             store,
@@ -1042,6 +1044,35 @@ impl Commands {
                 &request_id.to_string(),
                 command,
                 &self.access_services,
+                &meta,
+            )
+            .await
+            .map_err(map)
+    }
+
+    /// Records that the Merkle root of log ordinals `from..=to` is on chain
+    /// (`LogRangeAnchored`). Idempotent. Only the chain adapter calls it.
+    pub async fn record_anchor(
+        &self,
+        from: u64,
+        to: u64,
+        root: String,
+        receipt: domain::access::ChainReceipt,
+    ) -> Result<CommandOutcome, CommandError> {
+        let id = domain::anchor::LogAnchor::id(from, to);
+        let meta = CommandMeta::new(Actor::System.reference());
+        self.store
+            .execute::<domain::anchor::LogAnchor>(
+                &self.anchors,
+                &id,
+                domain::anchor::AnchorCommand::Record {
+                    by: Actor::System,
+                    from,
+                    to,
+                    root,
+                    receipt,
+                },
+                &self.clock,
                 &meta,
             )
             .await

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod account;
 pub mod actor;
+pub mod anchor;
 pub mod clock;
 pub mod doctor;
 pub mod error;

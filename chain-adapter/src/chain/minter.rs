@@ -48,9 +48,14 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Queues chain work from the log: a mint for each record's first `RecordStored`.
-#[derive(Default)]
-pub struct ChainIntake;
+/// Queues chain work from the log: a mint for each record's first `RecordStored`, a
+/// grant or revoke for each consent decision, and an anchor every `anchor_every`
+/// events (each event's Merkle leaf is kept by position, so a replay of the log adds
+/// no leaf twice).
+pub struct ChainIntake {
+    /// Events per audit anchor; 0: no anchors.
+    pub anchor_every: u64,
+}
 
 #[async_trait]
 impl LogHandler for ChainIntake {
@@ -75,6 +80,12 @@ impl LogHandler for ChainIntake {
             .into(),
             "CREATE INDEX IF NOT EXISTS chain_jobs_due ON chain_jobs (state, next_attempt_at)"
                 .into(),
+            "CREATE TABLE IF NOT EXISTS chain_log_leaves (
+                position BIGINT PRIMARY KEY,
+                ordinal BIGINT NOT NULL UNIQUE,
+                leaf TEXT NOT NULL
+            )"
+            .into(),
         ]
     }
 
@@ -85,6 +96,9 @@ impl LogHandler for ChainIntake {
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if self.anchor_every > 0 {
+            self.add_leaf(tx, event).await?;
+        }
         let kind = match (event.aggregate_type.as_str(), event.event_type.as_str()) {
             ("medical_record", "RecordStored") => "mint",
             ("access_request", "AccessApproved") => "grant",
@@ -106,6 +120,49 @@ impl LogHandler for ChainIntake {
             .execute(&mut **tx)
             .await
             .context("queueing chain work")?;
+        }
+        Ok(())
+    }
+}
+
+impl ChainIntake {
+    async fn add_leaf(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT ordinal FROM chain_log_leaves WHERE position = $1")
+                .bind(event.position)
+                .fetch_optional(&mut **tx)
+                .await
+                .context("looking up a log leaf")?;
+        if known.is_some() {
+            return Ok(());
+        }
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(ordinal) FROM chain_log_leaves")
+            .fetch_one(&mut **tx)
+            .await
+            .context("reading the last log ordinal")?;
+        let ordinal = last.unwrap_or(0) + 1;
+        sqlx::query("INSERT INTO chain_log_leaves (position, ordinal, leaf) VALUES ($1, $2, $3)")
+            .bind(event.position)
+            .bind(ordinal)
+            .bind(super::merkle::leaf(event).to_string())
+            .execute(&mut **tx)
+            .await
+            .context("keeping a log leaf")?;
+        let every = i64::try_from(self.anchor_every).unwrap_or(i64::MAX);
+        if ordinal % every == 0 {
+            sqlx::query(
+                "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
+                 next_attempt_at, last_error, updated_at) \
+                 VALUES ('anchor', $1, $2, $3, 'pending', 0, 0, NULL, $4) \
+                 ON CONFLICT (kind, subject) DO NOTHING",
+            )
+            .bind(format!("{}-{}", ordinal - every + 1, ordinal))
+            .bind(event.event_id.to_string())
+            .bind(event.position)
+            .bind(now_text())
+            .execute(&mut **tx)
+            .await
+            .context("queueing an anchor")?;
         }
         Ok(())
     }
@@ -283,6 +340,7 @@ impl Writer {
             "mint" => self.mint(job).await,
             "grant" => self.grant(job).await,
             "revoke" => self.revoke(job).await,
+            "anchor" => self.anchor(job).await,
             other => Err(Failure::Job(format!("unknown chain job kind {other}"))),
         }
     }
@@ -563,6 +621,87 @@ impl Writer {
             .await
             .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
         tracing::info!(request_id = %request_id, tx = %tx_hash, "consent revoked on chain");
+        Ok(())
+    }
+
+    /// Publishes the Merkle root of a range of log ordinals.
+    async fn anchor(&self, job: &Job) -> Result<(), Failure> {
+        let Some((from, to)) = job
+            .subject
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+        else {
+            return Err(Failure::Job("the anchor range is not valid".into()));
+        };
+        let address = self
+            .chain
+            .settings
+            .audit_anchor
+            .ok_or_else(|| Failure::Job("AFYA_AUDIT_ANCHOR_ADDRESS is not set".into()))?;
+        let leaves: Vec<String> = sqlx::query_scalar(
+            "SELECT leaf FROM chain_log_leaves WHERE ordinal >= $1 AND ordinal <= $2 \
+             ORDER BY ordinal",
+        )
+        .bind(i64::try_from(from).unwrap_or(i64::MAX))
+        .bind(i64::try_from(to).unwrap_or(i64::MAX))
+        .fetch_all(self.store.any_pool())
+        .await
+        .map_err(|e| Failure::Node(e.into()))?;
+        if leaves.len() as u64 != to - from + 1 {
+            return Err(Failure::Job("the range's leaves are not all kept".into()));
+        }
+        let leaves: Vec<B256> = leaves
+            .iter()
+            .map(|l| B256::from_str(l))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Failure::Job("a kept leaf is not 32 bytes".into()))?;
+        let root = super::merkle::root(&leaves);
+        let contract = super::AuditAnchor::new(address, self.chain.provider.clone());
+        let next = contract
+            .nextPosition()
+            .call()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+        let (tx_hash, block) = if next > to {
+            // Anchored by an earlier run: its transaction.
+            let found = contract
+                .LogRangeAnchored_filter()
+                .from_block(0)
+                .query()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            let Some((event, log)) = found
+                .into_iter()
+                .find(|(e, _)| e.fromPosition == from && e.toPosition == to)
+            else {
+                return Err(Failure::Job("an overlapping range is anchored".into()));
+            };
+            if event.root != root {
+                return Err(Failure::Job(
+                    "the range is anchored with another root: the log differs from what was anchored".into(),
+                ));
+            }
+            (
+                log.transaction_hash.unwrap_or_default(),
+                log.block_number.unwrap_or_default(),
+            )
+        } else if next == from || (next == 0 && from == 1) {
+            self.confirmed(contract.anchor(root, from, to)).await?
+        } else {
+            return Err(Failure::Job(format!(
+                "waiting for the ranges before {from} (the chain is at {next})"
+            )));
+        };
+        self.commands
+            .record_anchor(
+                from,
+                to,
+                root.to_string(),
+                self.receipt(address, tx_hash, block),
+            )
+            .await
+            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+        tracing::info!(from, to, tx = %tx_hash, "log range anchored on chain");
         Ok(())
     }
 

@@ -17,7 +17,9 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::Context;
 
+pub mod merkle;
 pub mod minter;
+pub mod verify;
 
 pub use alloy::primitives::Address as ChainAddress;
 pub use minter::{ChainIntake, ChainWriter};
@@ -71,6 +73,8 @@ pub struct ChainSettings {
     pub receipt_timeout: Duration,
     /// How often the writer looks for due work without being woken.
     pub poll: Duration,
+    /// Events per audit anchor (0: none).
+    pub anchor_every: u64,
 }
 
 impl fmt::Debug for ChainSettings {

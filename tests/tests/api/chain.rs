@@ -446,3 +446,78 @@ async fn the_consent_story_ends_on_chain_granted_then_revoked() {
     );
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn log_ranges_are_anchored_and_audit_verify_catches_a_tampered_event() {
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    let mut vars = chain_vars(&node);
+    vars.extend(deployed.clone());
+    vars.push(("AFYA_CHAIN_ANCHOR_EVERY".into(), "4".into()));
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    // Sign-ups, verification, sign-ins: well over eight events.
+    let _w = app.world().await;
+    wait_until_anchored(&app, 2).await;
+    let anchor = chain_adapter::chain::AuditAnchor::new(
+        address_of(&deployed, "AFYA_AUDIT_ANCHOR_ADDRESS"),
+        reader(&node),
+    );
+    let first = anchor.anchorAt(U256::ZERO).call().await.unwrap();
+    assert_eq!((first.fromPosition, first.toPosition), (1, 4));
+
+    let (ok, out, err) = app
+        .env
+        .run_with(&["audit", "verify", "--from", "1", "--to", "8"], &vars);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok")).count(),
+        2,
+        "{out}"
+    );
+
+    // Someone edits a stored event: the anchored root no longer matches.
+    {
+        use sqlx::Connection;
+        let db = app.env.data_dir.join("afyachain.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE events SET metadata = '{\"actor\":\"system:forged\"}' WHERE position = \
+             (SELECT position FROM events ORDER BY position LIMIT 1 OFFSET 2)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let (ok, out, err) = app
+        .env
+        .run_with(&["audit", "verify", "--from", "1", "--to", "8"], &vars);
+    assert!(!ok, "{out}");
+    assert!(out.contains("MISMATCH  1..=4"), "{out}");
+    assert!(out.contains("ok        5..=8"), "{out}");
+    assert!(err.contains("do not match the local log"), "{err}");
+    // Nothing anchored there: refused, not passed.
+    let (ok, _, err) = app.env.run_with(
+        &["audit", "verify", "--from", "1000", "--to", "2000"],
+        &vars,
+    );
+    assert!(!ok && err.contains("no anchored range"), "{err}");
+    app.stop().await;
+}
+
+async fn wait_until_anchored(app: &TestApp, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = app
+            .scalar("SELECT count(*) FROM events WHERE event_type = 'LogRangeAnchored'")
+            .await;
+        if count >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", app.server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
