@@ -929,4 +929,73 @@ pub(crate) mod tests {
             Err(AccessError::GrantNotActive)
         );
     }
+
+    fn on_chain() -> ChainReceipt {
+        ChainReceipt {
+            chain_id: 31337,
+            contract: "0x02".into(),
+            tx_hash: "0xbb".into(),
+            block: 4,
+        }
+    }
+
+    #[test]
+    fn consent_on_chain_is_recorded_once_and_only_after_an_approval() {
+        let s = Story::new();
+        let approved = vec![
+            s.requested(Story::lab()),
+            s.approved(Story::lab(), t0() + Duration::days(30)),
+        ];
+        let granted = AccessEvent::ConsentGrantedOnChain {
+            request_id: s.request_id,
+            receipt: on_chain(),
+            at: t0(),
+        };
+        let mark = |by| AccessCommand::MarkGrantedOnChain {
+            by,
+            receipt: on_chain(),
+        };
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(approved.clone())
+            .when(mark(Actor::System))
+            .then_expect_events(vec![granted.clone()]);
+        let mut with_grant = approved.clone();
+        with_grant.push(granted.clone());
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(with_grant.clone())
+            .when(mark(Actor::System))
+            .then_expect_events(vec![]);
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(vec![s.requested(Story::lab())])
+            .when(mark(Actor::System))
+            .then_expect_error(AccessError::NotApproved);
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(approved.clone())
+            .when(mark(Actor::Patient(s.patient_id)))
+            .then_expect_error(AccessError::OnlyThePlatform);
+        // A revoke on chain needs the grant there first, and is recorded once.
+        let revoke = AccessCommand::MarkRevokedOnChain {
+            by: Actor::System,
+            receipt: on_chain(),
+        };
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(approved)
+            .when(revoke.clone())
+            .then_expect_error(AccessError::NotApproved);
+        let revoked = AccessEvent::ConsentRevokedOnChain {
+            request_id: s.request_id,
+            receipt: on_chain(),
+            at: t0(),
+        };
+        with_grant.push(s.revoked());
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(with_grant.clone())
+            .when(revoke.clone())
+            .then_expect_events(vec![revoked.clone()]);
+        with_grant.push(revoked);
+        TestFramework::<AccessRequest>::with(services(true, t0()))
+            .given(with_grant)
+            .when(revoke)
+            .then_expect_events(vec![]);
+    }
 }
