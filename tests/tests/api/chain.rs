@@ -521,3 +521,82 @@ async fn wait_until_anchored(app: &TestApp, n: i64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[actix_rt::test]
+async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
+    let state = std::env::temp_dir().join(format!("afya-anvil-{}.json", uuid::Uuid::new_v4()));
+    let path = std::env::var("AFYA_ANVIL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../contracts/node_modules/.bin/anvil")
+        });
+    let start = |port: Option<u16>| {
+        let mut anvil =
+            Anvil::at(&path).args(["--state", state.to_str().unwrap(), "--state-interval", "1"]);
+        if let Some(port) = port {
+            anvil = anvil.port(port);
+        }
+        anvil.spawn()
+    };
+    let node = start(None);
+    let port = node.port();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed);
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    app.upload(
+        &p.token,
+        &p.id,
+        "category=lab",
+        "application/pdf",
+        b"lab one Achieng",
+    )
+    .await
+    .ok(201);
+    all_minted(&app, &p, 1).await;
+    // Let the node write its state, then take it away.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(node);
+
+    let created = app
+        .upload(
+            &p.token,
+            &p.id,
+            "category=lab",
+            "application/pdf",
+            b"lab two Achieng",
+        )
+        .await
+        .ok(201);
+    let second = created["record_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = records(&app, &p).await;
+        let it = items
+            .iter()
+            .find(|i| i["record_id"] == second.as_str())
+            .unwrap();
+        if it["storage_status"] == "stored" {
+            assert!(it["token_id"].is_null(), "minted with the node down?");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(app.server.logs().contains("chain node unavailable"));
+
+    // The node comes back with its state: the work left waiting goes through.
+    let node = start(Some(port));
+    all_minted(&app, &p, 2).await;
+    assert_eq!(minted_on_chain(&node, token_address).await, 2);
+    app.stop().await;
+    let _ = std::fs::remove_file(&state);
+}
