@@ -10,7 +10,7 @@ use utoipa::openapi::{
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::{Details, FieldError};
-use crate::routes::{access, accounts, ops, records};
+use crate::routes::{access, accounts, audit, ops, records};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,9 +28,10 @@ use crate::routes::{access, accounts, ops, records};
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
         accounts::sign_up_patient, accounts::sign_up_doctor, accounts::verify_doctor,
         accounts::sign_in, accounts::current_session, accounts::sign_out,
-        records::upload, records::list, records::content,
+        records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log,
+        audit::anchors,
     ),
     components(schemas(Details, FieldError)),
     modifiers(&Security, &Errors),
@@ -38,6 +39,7 @@ use crate::routes::{access, accounts, ops, records};
         (name = "accounts", description = "Sign-up, verification, sessions"),
         (name = "records", description = "Encrypted medical records"),
         (name = "consent", description = "Access requests, grants and the access log"),
+        (name = "audit", description = "The audit trail anchored on chain"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -66,6 +68,8 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
         "get",
         &[401, 403, 404, 422],
     ),
+    ("/v1/records/{record_id}", "get", &[401, 403, 404]),
+    ("/v1/audit/anchors", "get", &[401, 403, 422]),
     (
         "/v1/records/{record_id}/content",
         "get",

@@ -12,7 +12,8 @@ pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, Directory, DoctorGrants, PatientRecords, RecordStorage, RecordTokens,
+    AccessLog, AccessRequests, Directory, DoctorGrants, LogAnchors, PatientRecords, RecordStorage,
+    RecordTokens,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -25,5 +26,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(AccessLog::default()),
         Arc::new(RecordStorage::default()),
         Arc::new(RecordTokens::default()),
+        Arc::new(LogAnchors::default()),
     ]
 }

@@ -726,3 +726,65 @@ impl LogHandler for AccessLog {
         Ok(())
     }
 }
+
+/// Audit anchors of log ranges, as recorded (`LogRangeAnchored`).
+#[derive(Default)]
+pub struct LogAnchors {
+    upcasters: Upcasters,
+}
+
+#[async_trait]
+impl LogHandler for LogAnchors {
+    fn name(&self) -> &str {
+        "log_anchors"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec!["CREATE TABLE IF NOT EXISTS rm_log_anchors (
+                from_ordinal BIGINT PRIMARY KEY,
+                to_ordinal BIGINT NOT NULL,
+                root TEXT NOT NULL,
+                chain_id BIGINT NOT NULL,
+                contract TEXT NOT NULL,
+                tx_hash TEXT NOT NULL,
+                block BIGINT NOT NULL,
+                anchored_at TEXT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+        .into()]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_log_anchors".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != domain::anchor::LogAnchor::TYPE {
+            return Ok(());
+        }
+        let domain::anchor::AnchorEvent::LogRangeAnchored {
+            from,
+            to,
+            root,
+            receipt,
+            anchored_at,
+        } = event.decode::<domain::anchor::AnchorEvent>(&self.upcasters.0)?;
+        exec(
+            tx,
+            "INSERT INTO rm_log_anchors (from_ordinal, to_ordinal, root, chain_id, contract, \
+             tx_hash, block, anchored_at, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            vec![
+                Int(i64::try_from(from)?),
+                Int(i64::try_from(to)?),
+                Text(root),
+                Int(i64::try_from(receipt.chain_id)?),
+                Text(receipt.contract),
+                Text(receipt.tx_hash),
+                Int(i64::try_from(receipt.block)?),
+                Text(time(&anchored_at)),
+                Int(event.position),
+            ],
+        )
+        .await
+    }
+}

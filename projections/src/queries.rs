@@ -313,3 +313,31 @@ pub async fn dump_table(pool: &AnyPool, table: &str) -> anyhow::Result<Vec<Vec<O
     }
     Ok(out)
 }
+
+/// An anchored range of the log.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct AnchorRow {
+    pub from_ordinal: i64,
+    pub to_ordinal: i64,
+    pub root: String,
+    pub chain_id: i64,
+    pub contract: String,
+    pub tx_hash: String,
+    pub block: i64,
+    pub anchored_at: String,
+    pub position: i64,
+}
+
+/// Anchored ranges, in the order they were recorded.
+pub async fn anchors(pool: &AnyPool, after: i64, limit: i64) -> anyhow::Result<Page<AnchorRow>> {
+    let rows: Vec<AnchorRow> = sqlx::query_as(
+        "SELECT from_ordinal, to_ordinal, root, chain_id, contract, tx_hash, block, \
+         anchored_at, position FROM rm_log_anchors WHERE position > $1 ORDER BY position LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading audit anchors")?;
+    Ok(page(rows, limit, |r| r.position))
+}

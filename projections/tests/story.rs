@@ -268,6 +268,19 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .await
             .unwrap();
         }
+        cmds.record_anchor(
+            1,
+            4,
+            format!("0x{}", "cd".repeat(32)),
+            domain::access::ChainReceipt {
+                chain_id: 31337,
+                contract: "0xe7f1725e7734ce288f8367e1bb143e90bb3f0512".into(),
+                tx_hash: format!("0x{}", "ef".repeat(32)),
+                block: 5,
+            },
+        )
+        .await
+        .unwrap();
         let last = cmds.expire_access(short, meta()).await.unwrap();
 
         let end = t

@@ -12,6 +12,7 @@ use crate::problem::Problem;
 
 pub mod access;
 pub mod accounts;
+pub mod audit;
 pub mod ops;
 pub mod records;
 
@@ -40,7 +41,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(post().to(records::upload))
                 .route(get().to(records::list)),
         )
+        .service(resource("/v1/records/{record_id}").route(get().to(records::get)))
         .service(resource("/v1/records/{record_id}/content").route(get().to(records::content)))
+        .service(resource("/v1/audit/anchors").route(get().to(audit::anchors)))
         .service(resource("/v1/access-requests").route(post().to(access::request)))
         .service(
             resource("/v1/patients/{patient_id}/access-requests")

@@ -230,6 +230,63 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/records/{record_id}", tag = "records",
+    params(("record_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "A record's metadata, storage status and token (the patient; a doctor whose active grant covers it)", body = RecordItem)))]
+#[tracing::instrument(skip_all)]
+pub async fn get(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let record_id: RecordId = path_id(&path, "record")?;
+    let not_found = || Problem::not_found("record_not_found", "no such record");
+    let pool = state.store.any_pool();
+    let backend = state.storage.backend();
+    let row = queries::record(pool, &record_id.to_string(), backend)
+        .await?
+        .ok_or_else(not_found)?;
+    let allowed = match caller.actor() {
+        Actor::Patient(p) => p.to_string() == row.patient_id,
+        Actor::Doctor(d) => {
+            let category = Category::parse(&row.category).ok();
+            queries::active_grants_of_doctor(pool, &d.to_string(), state.commands.now())
+                .await?
+                .iter()
+                .filter(|g| g.patient_id == row.patient_id)
+                .filter_map(|g| serde_json::from_str::<Scope>(&g.scope).ok())
+                .any(|s| category.is_some_and(|c| s.covers(c, record_id)))
+        }
+        _ => {
+            return Err(Problem::forbidden(
+                "role_forbidden",
+                "only the patient and doctors they granted may see records",
+            ))
+        }
+    };
+    // Another patient's record, or one no grant covers, is not revealed to exist.
+    if !allowed {
+        return Err(not_found());
+    }
+    let filename = match &row.filename_sealed {
+        Some(sealed) => state.commands.open_text(&row.patient_id, sealed).await,
+        None => None,
+    };
+    Ok(HttpResponse::Ok().json(RecordItem {
+        record_id: record_id.as_uuid(),
+        category: row.category,
+        content_type: row.media_type,
+        filename,
+        size: row.size,
+        sha256: row.sha256,
+        uploaded_at: row.uploaded_at,
+        storage_status: StorageStatus::of(backend, row.stored_on.as_deref()),
+        token_id: row.token_id,
+        token_tx_hash: row.token_tx_hash,
+    }))
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ContentQuery {

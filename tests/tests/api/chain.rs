@@ -390,6 +390,22 @@ async fn the_consent_story_ends_on_chain_granted_then_revoked() {
     let items = all_minted(&app, &w.patient, 1).await;
     let token: U256 = items[0]["token_id"].as_str().unwrap().parse().unwrap();
     assert_eq!(items[0]["record_id"], record_id.as_str());
+    // One record, as its patient and the granted doctor see it; hidden from others.
+    for who in [&w.patient, &w.doctor] {
+        let one = app
+            .get(&format!("/v1/records/{record_id}"), Some(&who.token))
+            .await
+            .ok(200);
+        assert_eq!(one, items[0]);
+    }
+    for who in [&w.other_patient, &w.other_doctor] {
+        app.get(&format!("/v1/records/{record_id}"), Some(&who.token))
+            .await
+            .problem(404, "record_not_found");
+    }
+    app.get(&format!("/v1/records/{record_id}"), Some(&w.auditor.token))
+        .await
+        .problem(403, "role_forbidden");
     wait_events(&app, "ConsentGrantedOnChain", 1).await;
 
     let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
@@ -460,6 +476,32 @@ async fn log_ranges_are_anchored_and_audit_verify_catches_a_tampered_event() {
     // Sign-ups, verification, sign-ins: well over eight events.
     let _w = app.world().await;
     wait_until_anchored(&app, 2).await;
+    // Auditors (and registrars) list the anchored ranges; others may not.
+    let listed = app
+        .get("/v1/audit/anchors?limit=1", Some(&_w.auditor.token))
+        .await
+        .ok(200);
+    assert_eq!(listed["items"][0]["from"], 1);
+    assert_eq!(listed["items"][0]["to"], 4);
+    assert!(listed["items"][0]["tx_hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("0x"));
+    let cursor = listed["next_cursor"].as_i64().unwrap();
+    let rest = app
+        .get(
+            &format!("/v1/audit/anchors?cursor={cursor}"),
+            Some(&_w.registrar.token),
+        )
+        .await
+        .ok(200);
+    assert_eq!(rest["items"][0]["from"], 5);
+    app.get("/v1/audit/anchors", Some(&_w.patient.token))
+        .await
+        .problem(403, "role_forbidden");
+    app.get("/v1/audit/anchors", None)
+        .await
+        .problem(401, "unauthenticated");
     let anchor = chain_adapter::chain::AuditAnchor::new(
         address_of(&deployed, "AFYA_AUDIT_ANCHOR_ADDRESS"),
         reader(&node),
