@@ -371,6 +371,12 @@ async fn wait_events(app: &TestApp, event_type: &str, n: i64) {
 
 #[actix_rt::test]
 async fn the_consent_story_ends_on_chain_granted_then_revoked() {
+    for backend in eventstore::testing::BACKENDS {
+        consent_story_on_chain(backend).await;
+    }
+}
+
+async fn consent_story_on_chain(backend: Backend) {
     let node = anvil();
     let s3 = S3Server::start();
     let deployed = deploy(&node).await;
@@ -380,9 +386,9 @@ async fn the_consent_story_ends_on_chain_granted_then_revoked() {
     vars.extend(chain_vars(&node));
     vars.extend(deployed);
     vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
-    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
-        .await
-        .unwrap();
+    let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+        return;
+    };
     let w = app.world().await;
     let (record_id, request_id) = app
         .share(&w, "lab", "application/pdf", b"%PDF HbA1c Achieng")
