@@ -1,0 +1,186 @@
+//! Throughput of the chain writer on anvil: `BENCH_GRANTS` approved access requests
+//! (default 200) become grants in the consent registry, one confirmed transaction
+//! each, and `ConsentGrantedOnChain` events. Reports grants/s (= transactions/s) and
+//! transactions per 1,000 grants.
+//!
+//! Run: `eval "$(scripts/tools)"; cargo bench -p tests --bench chain`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::node_bindings::Anvil;
+use alloy::primitives::B256;
+use alloy::providers::Provider;
+use chain_adapter::chain::{Chain, ChainIntake, ChainMode, ChainSettings, ChainWriter};
+use commands::blobs::LocalBlobStore;
+use commands::clock::SystemClock;
+use commands::keys::{KeyStore, SecretKey};
+use commands::Commands;
+use domain::actor::Actor;
+use domain::ids::StaffId;
+use domain::value::{
+    BirthDate, Category, DurationDays, LicenceNumber, Msisdn, Password, PersonName, Purpose, Scope,
+};
+use eventstore::testing::TestStore;
+use eventstore::{Backend, CommandMeta, ConsumerActor};
+
+fn main() {
+    let grants: usize = std::env::var("BENCH_GRANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    actix_rt::System::new().block_on(run(grants));
+}
+
+async fn run(grants: usize) {
+    let path = std::env::var("AFYA_ANVIL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../contracts/node_modules/.bin/anvil")
+        });
+    let node = Anvil::at(path).spawn();
+    let t = TestStore::new(Backend::Sqlite).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("afya-bench-{}", uuid::Uuid::new_v4()));
+    let keys = Arc::new(KeyStore::new(
+        SecretKey::generate(),
+        t.store.any_pool().clone(),
+    ));
+    let commands = Arc::new(Commands::new(
+        t.store.clone(),
+        keys,
+        Arc::new(LocalBlobStore::new(&dir)),
+        Arc::new(SystemClock),
+    ));
+    let mut settings = ChainSettings {
+        rpc_url: node.endpoint(),
+        chain_id: node.chain_id(),
+        private_key: B256::from_slice(&node.keys()[0].to_bytes()).to_string(),
+        mode: ChainMode::Evm,
+        record_token: None,
+        consent_registry: None,
+        audit_anchor: None,
+        paymaster: None,
+        confirmations: 1,
+        receipt_timeout: Duration::from_secs(60),
+        poll: Duration::from_millis(5),
+        anchor_every: 0,
+    };
+    let chain = Chain::connect(settings.clone()).await.unwrap();
+    for (name, address) in chain.deploy().await.unwrap() {
+        match name {
+            "AFYA_RECORD_TOKEN_ADDRESS" => settings.record_token = Some(address),
+            "AFYA_CONSENT_REGISTRY_ADDRESS" => settings.consent_registry = Some(address),
+            _ => {}
+        }
+    }
+
+    let today = commands.now().date_naive();
+    let password = Password::parse("bench password 123").unwrap();
+    let patient = commands
+        .register_patient(
+            &PersonName::parse("Bench Patient").unwrap(),
+            &Msisdn::parse("254712345678").unwrap(),
+            &BirthDate::parse("1990-01-01", today).unwrap(),
+            &password,
+            CommandMeta::new("bench"),
+        )
+        .await
+        .unwrap()
+        .id;
+    let doctor = commands
+        .register_doctor(
+            &PersonName::parse("Bench Doctor").unwrap(),
+            &Msisdn::parse("254712345679").unwrap(),
+            LicenceNumber::parse("KMPDC-9999").unwrap(),
+            &password,
+            CommandMeta::new("bench"),
+        )
+        .await
+        .unwrap()
+        .id;
+    commands
+        .verify_doctor(doctor, StaffId::new(), CommandMeta::new("bench"))
+        .await
+        .unwrap();
+    let scope = Scope::new([Category::Lab].into(), BTreeSet::new()).unwrap();
+    for _ in 0..grants {
+        let request = commands
+            .request_access(
+                doctor,
+                patient,
+                scope.clone(),
+                &Purpose::parse("Follow-up").unwrap(),
+                DurationDays::new(30).unwrap(),
+                None,
+                CommandMeta::new("bench"),
+            )
+            .await
+            .unwrap()
+            .id;
+        commands
+            .approve_access(
+                request,
+                Actor::Patient(patient),
+                None,
+                None,
+                CommandMeta::new("bench"),
+            )
+            .await
+            .unwrap();
+    }
+    let operator = chain.operator;
+    let before = chain
+        .provider
+        .get_transaction_count(operator)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let intake = ConsumerActor::spawn(t.store.clone(), Arc::new(ChainIntake { anchor_every: 0 }))
+        .await
+        .unwrap();
+    let chain = Chain::connect(settings).await.unwrap();
+    let writer = ChainWriter::start(
+        t.store.clone(),
+        commands.clone(),
+        chain.clone(),
+        Some(intake.subscribe()),
+    )
+    .unwrap();
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE event_type = 'ConsentGrantedOnChain'",
+        )
+        .fetch_one(t.store.any_pool())
+        .await
+        .unwrap();
+        if done as usize >= grants {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "grants did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = chain
+        .provider
+        .get_transaction_count(operator)
+        .await
+        .unwrap()
+        - before;
+    let _ = writer.send(chain_adapter::chain::minter::Stop).await;
+    intake.stop().await;
+    println!(
+        "chain writer on anvil (automine, 1 confirmation): {grants} grants in {elapsed:.2} s = {:.1} grants/s; {sent} transactions = {:.0} per 1,000 grants",
+        grants as f64 / elapsed,
+        sent as f64 * 1000.0 / grants as f64
+    );
+    t.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
