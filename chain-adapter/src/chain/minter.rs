@@ -209,6 +209,9 @@ struct Writer {
 }
 
 const MIN_PAUSE: Duration = Duration::from_secs(1);
+/// Replacements of a transaction not mined in time.
+const FEE_BUMPS: u32 = 3;
+const RECEIPT_POLL: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 impl Writer {
@@ -375,7 +378,7 @@ impl Writer {
         let origin = uuid::Uuid::parse_str(&job.event_id)
             .map_err(|_| Failure::Job("the job's event id is not valid".into()))?;
         let eid = event_id(origin);
-        let contract = RecordToken::new(self.token, &self.chain.provider);
+        let contract = RecordToken::new(self.token, self.chain.provider.clone());
         let already = contract
             .processed(eid)
             .call()
@@ -400,24 +403,8 @@ impl Writer {
                 log.block_number.unwrap_or_default(),
             )
         } else {
-            let pending = contract
-                .mint(holder, token, hash, eid)
-                .send()
-                .await
-                .map_err(|e| Failure::Node(e.into()))?;
-            let receipt = pending
-                .with_required_confirmations(self.chain.settings.confirmations.max(1))
-                .with_timeout(Some(self.chain.settings.receipt_timeout))
-                .get_receipt()
-                .await
-                .map_err(|e| Failure::Node(e.into()))?;
-            if !receipt.status() {
-                return Err(Failure::Job("the mint reverted".into()));
-            }
-            (
-                receipt.transaction_hash,
-                receipt.block_number.unwrap_or_default(),
-            )
+            self.confirmed(contract.mint(holder, token, hash, eid))
+                .await?
         };
         self.commands
             .mark_minted(
@@ -482,6 +469,11 @@ impl Writer {
         Ok((request_id, request))
     }
 
+    /// Sends `call` and waits for it to be mined and buried under the configured
+    /// confirmations. The nonce is the node's pending count for the operator (so a
+    /// restart picks up where the chain is); a transaction not mined within the receipt
+    /// timeout is replaced, same nonce, with fees raised by a quarter, up to
+    /// `FEE_BUMPS` times; whichever of them is mined counts.
     async fn confirmed(
         &self,
         call: alloy::contract::CallBuilder<
@@ -489,22 +481,88 @@ impl Writer {
             std::marker::PhantomData<impl alloy::sol_types::SolCall>,
         >,
     ) -> Result<(B256, u64), Failure> {
-        let receipt = call
-            .send()
+        let provider = &self.chain.provider;
+        let node = |e: alloy::transports::TransportError| Failure::Node(e.into());
+        let nonce = provider
+            .get_transaction_count(self.chain.operator)
+            .pending()
             .await
-            .map_err(|e| Failure::Node(e.into()))?
-            .with_required_confirmations(self.chain.settings.confirmations.max(1))
-            .with_timeout(Some(self.chain.settings.receipt_timeout))
-            .get_receipt()
-            .await
-            .map_err(|e| Failure::Node(e.into()))?;
-        if !receipt.status() {
-            return Err(Failure::Job("the transaction reverted".into()));
+            .map_err(node)?;
+        let fees = provider.estimate_eip1559_fees().await.map_err(node)?;
+        let (mut max_fee, mut tip) = (fees.max_fee_per_gas, fees.max_priority_fee_per_gas);
+        let mut sent: Vec<B256> = Vec::new();
+        for bump in 0..=FEE_BUMPS {
+            if bump > 0 {
+                max_fee = max_fee + max_fee / 4 + 1;
+                tip = tip + tip / 4 + 1;
+                tracing::warn!(
+                    nonce,
+                    bump,
+                    "transaction not mined in time; replacing it with higher fees"
+                );
+            }
+            match call
+                .clone()
+                .nonce(nonce)
+                .max_fee_per_gas(max_fee)
+                .max_priority_fee_per_gas(tip)
+                .send()
+                .await
+            {
+                Ok(pending) => sent.push(*pending.tx_hash()),
+                // An earlier one may have been mined meanwhile ("nonce too low"):
+                // the receipts below tell.
+                Err(error) if !sent.is_empty() => {
+                    tracing::warn!(error = %one_line(&error.to_string()), "replacement not accepted")
+                }
+                Err(error) => return Err(Failure::Node(error.into())),
+            }
+            let deadline = Instant::now() + self.chain.settings.receipt_timeout;
+            while Instant::now() < deadline {
+                for hash in &sent {
+                    let Some(receipt) = provider
+                        .get_transaction_receipt(*hash)
+                        .await
+                        .map_err(node)?
+                    else {
+                        continue;
+                    };
+                    let block = receipt.block_number.unwrap_or_default();
+                    self.buried(block).await?;
+                    if !receipt.status() {
+                        return Err(Failure::Job("the transaction reverted".into()));
+                    }
+                    return Ok((receipt.transaction_hash, block));
+                }
+                tokio::time::sleep(RECEIPT_POLL).await;
+            }
         }
-        Ok((
-            receipt.transaction_hash,
-            receipt.block_number.unwrap_or_default(),
-        ))
+        Err(Failure::Node(anyhow::anyhow!(
+            "no receipt for nonce {nonce} after {FEE_BUMPS} fee bumps"
+        )))
+    }
+
+    /// Waits until `block` has the configured number of confirmations.
+    async fn buried(&self, block: u64) -> Result<(), Failure> {
+        let wanted = block + self.chain.settings.confirmations.max(1) - 1;
+        let deadline = Instant::now() + self.chain.settings.receipt_timeout;
+        loop {
+            let head = self
+                .chain
+                .provider
+                .get_block_number()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            if head >= wanted {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Node(anyhow::anyhow!(
+                    "block {block} not confirmed in time"
+                )));
+            }
+            tokio::time::sleep(RECEIPT_POLL).await;
+        }
     }
 
     /// An approval: the grant, for the doctor's custodial address, keyed by the request.

@@ -648,3 +648,63 @@ async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
     app.stop().await;
     let _ = std::fs::remove_file(&state);
 }
+
+#[actix_rt::test]
+async fn a_transaction_not_mined_in_time_is_replaced_with_higher_fees_and_lands_once() {
+    use alloy::providers::ext::AnvilApi;
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    let mut vars = chain_vars(&node);
+    vars.extend(deployed.clone());
+    vars.push(("AFYA_CHAIN_ANCHOR_EVERY".into(), "4".into()));
+    vars.push(("AFYA_CHAIN_RECEIPT_TIMEOUT_SECS".into(), "1".into()));
+    let chain = reader(&node);
+    let operator = node.addresses()[0];
+    let nonce_before = chain.get_transaction_count(operator).await.unwrap();
+    // The node stops mining: the first anchor sits in its pool.
+    chain.anvil_set_auto_mine(false).await.unwrap();
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let _w = app.world().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !app.server.logs().contains("bump=2") {
+        assert!(Instant::now() < deadline, "{}", app.server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    chain.anvil_set_auto_mine(true).await.unwrap();
+    chain.anvil_mine(Some(1), None).await.unwrap();
+    wait_until_anchored(&app, 2).await;
+    // Replacements share their nonce: one transaction per anchor reached the chain.
+    let anchor = chain_adapter::chain::AuditAnchor::new(
+        address_of(&deployed, "AFYA_AUDIT_ANCHOR_ADDRESS"),
+        chain.clone(),
+    );
+    let on_chain = anchor
+        .LogRangeAnchored_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    let recorded = app
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'LogRangeAnchored'")
+        .await;
+    assert!(on_chain.len() as i64 >= recorded && recorded >= 2);
+    let sent = chain.get_transaction_count(operator).await.unwrap() - nonce_before;
+    assert_eq!(
+        sent,
+        on_chain.len() as u64,
+        "one mined transaction per anchor"
+    );
+    // The first anchor landed through a replacement that pays more than the original.
+    let (_, first_log) = &on_chain[0];
+    let tx = chain
+        .get_transaction_by_hash(first_log.transaction_hash.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let fees = chain.estimate_eip1559_fees().await.unwrap();
+    use alloy::consensus::Transaction as _;
+    assert!(tx.max_fee_per_gas() > fees.max_fee_per_gas, "{tx:?}");
+    app.stop().await;
+}
