@@ -211,6 +211,8 @@ struct Writer {
 const MIN_PAUSE: Duration = Duration::from_secs(1);
 /// Replacements of a transaction not mined in time.
 const FEE_BUMPS: u32 = 3;
+/// After the last replacement, receipt timeouts waited before giving up on the nonce.
+const LAST_WAIT: u32 = 10;
 const RECEIPT_POLL: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
@@ -489,6 +491,13 @@ impl Writer {
             .await
             .map_err(node)?;
         let fees = provider.estimate_eip1559_fees().await.map_err(node)?;
+        // Estimated once, against the chain as mined: a replacement estimated later
+        // would see its own pending predecessor's effect and get too little gas.
+        let gas = call
+            .estimate_gas()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?;
+        let gas = gas + gas / 5;
         let (mut max_fee, mut tip) = (fees.max_fee_per_gas, fees.max_priority_fee_per_gas);
         let mut sent: Vec<B256> = Vec::new();
         for bump in 0..=FEE_BUMPS {
@@ -504,6 +513,7 @@ impl Writer {
             match call
                 .clone()
                 .nonce(nonce)
+                .gas(gas)
                 .max_fee_per_gas(max_fee)
                 .max_priority_fee_per_gas(tip)
                 .send()
@@ -536,6 +546,26 @@ impl Writer {
                 }
                 tokio::time::sleep(RECEIPT_POLL).await;
             }
+        }
+        // The bumps are spent: go on waiting for one of them to be mined rather than
+        // send the call again under a new nonce.
+        let deadline = Instant::now() + self.chain.settings.receipt_timeout * LAST_WAIT;
+        while Instant::now() < deadline {
+            for hash in &sent {
+                if let Some(receipt) = provider
+                    .get_transaction_receipt(*hash)
+                    .await
+                    .map_err(node)?
+                {
+                    let block = receipt.block_number.unwrap_or_default();
+                    self.buried(block).await?;
+                    if !receipt.status() {
+                        return Err(Failure::Job("the transaction reverted".into()));
+                    }
+                    return Ok((receipt.transaction_hash, block));
+                }
+            }
+            tokio::time::sleep(RECEIPT_POLL).await;
         }
         Err(Failure::Node(anyhow::anyhow!(
             "no receipt for nonce {nonce} after {FEE_BUMPS} fee bumps"

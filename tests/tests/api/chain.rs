@@ -668,10 +668,13 @@ async fn a_transaction_not_mined_in_time_is_replaced_with_higher_fees_and_lands_
         .unwrap();
     let _w = app.world().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !app.server.logs().contains("bump=2") {
+    // Every replacement spent, and some time more: still no second transaction under a
+    // new nonce.
+    while !app.server.logs().contains("bump=3") {
         assert!(Instant::now() < deadline, "{}", app.server.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     chain.anvil_set_auto_mine(true).await.unwrap();
     chain.anvil_mine(Some(1), None).await.unwrap();
     wait_until_anchored(&app, 2).await;
