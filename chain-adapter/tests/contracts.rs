@@ -196,6 +196,12 @@ async fn record_tokens_are_minted_once_per_event_held_by_the_patient_and_not_tra
         1
     );
     assert_eq!(t.balanceOf(patient).call().await.unwrap(), U256::ZERO);
+    // A burnt token is never minted again, whatever the event.
+    assert!(as_operator
+        .mint(patient, lab, hash, id(4))
+        .call()
+        .await
+        .is_err());
 
     // Batches, each item idempotent by its event id.
     let (a, b) = (token(1, 0), token(2, 1));
@@ -329,6 +335,9 @@ async fn audit_anchors_are_contiguous_append_only_and_replay_safe() {
         .await
         .unwrap();
     let anchors = AuditAnchor::new(*a.address(), &c.operator);
+    assert_eq!(a.nextPosition().call().await.unwrap(), 1);
+    // The first range starts at 1.
+    assert!(anchors.anchor(id(1), 2, 100).call().await.is_err());
     let send = |root: B256, from: u64, to: u64| {
         let anchors = anchors.clone();
         async move {

@@ -4,8 +4,9 @@ pragma solidity ^0.8.24;
 import {Operated} from "./Operated.sol";
 
 /// @notice Publishes Merkle roots of contiguous ranges of the event log. Append-only:
-/// each range starts right after the previous one; anchoring the same range with the
-/// same root again (a replay) does nothing, with another root it reverts.
+/// the first range starts at 1 and each next one right after the previous one;
+/// anchoring the same range with the same root again (a replay) does nothing, with
+/// another root it reverts.
 contract AuditAnchor is Operated {
     struct Anchor {
         bytes32 root;
@@ -36,7 +37,7 @@ contract AuditAnchor is Operated {
             }
             if (a.toPosition < fromPosition) break;
         }
-        uint64 expected = n == 0 ? fromPosition : _anchors[n - 1].toPosition + 1;
+        uint64 expected = n == 0 ? 1 : _anchors[n - 1].toPosition + 1;
         if (fromPosition != expected) revert NotContiguous(expected, fromPosition);
         _anchors.push(Anchor(root, fromPosition, toPosition, uint64(block.timestamp)));
         emit LogRangeAnchored(n, root, fromPosition, toPosition);
@@ -50,9 +51,9 @@ contract AuditAnchor is Operated {
         return _anchors[index];
     }
 
-    /// @notice The next position an anchor must start at (0 before the first).
+    /// @notice The next position an anchor must start at.
     function nextPosition() external view returns (uint64) {
         uint256 n = _anchors.length;
-        return n == 0 ? 0 : _anchors[n - 1].toPosition + 1;
+        return n == 0 ? 1 : _anchors[n - 1].toPosition + 1;
     }
 }

@@ -15,6 +15,9 @@ contract RecordToken is Operated, Replayable {
     mapping(uint256 => address) private _owners;
     mapping(address => uint256) private _balances;
     mapping(uint256 => bytes32) public contentHash;
+    /// Burnt tokens stay burnt: their ids are never minted again (an erased record's
+    /// old grants must not come back to life).
+    mapping(uint256 => bool) public burned;
 
     event Transfer(address indexed from, address indexed to, uint256 indexed tokenId);
     event RecordMinted(uint256 indexed tokenId, address indexed patient, bytes32 contentHash, bytes32 indexed eventId);
@@ -22,6 +25,7 @@ contract RecordToken is Operated, Replayable {
 
     error NonTransferable();
     error TokenExists(uint256 tokenId);
+    error TokenBurned(uint256 tokenId);
     error NoSuchToken(uint256 tokenId);
 
     constructor(address initialOwner, address initialOperator) Operated(initialOwner, initialOperator) {}
@@ -104,6 +108,7 @@ contract RecordToken is Operated, Replayable {
         address holder = ownerOf(tokenId);
         delete _owners[tokenId];
         delete contentHash[tokenId];
+        burned[tokenId] = true;
         _balances[holder] -= 1;
         emit Transfer(holder, address(0), tokenId);
         emit RecordBurned(tokenId, eventId);
@@ -113,6 +118,7 @@ contract RecordToken is Operated, Replayable {
         if (!_firstTime(eventId)) return;
         if (patient == address(0)) revert ZeroAddress();
         if (_owners[tokenId] != address(0)) revert TokenExists(tokenId);
+        if (burned[tokenId]) revert TokenBurned(tokenId);
         _owners[tokenId] = patient;
         _balances[patient] += 1;
         contentHash[tokenId] = hash;

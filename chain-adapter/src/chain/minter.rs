@@ -189,6 +189,9 @@ enum Failure {
     Node(anyhow::Error),
     /// This job cannot be done (its record or patient is gone, the call reverted).
     Job(String),
+    /// This job must wait for another (its grant, an earlier range): put off, not
+    /// counted against it.
+    Wait(String),
 }
 
 struct State {
@@ -259,6 +262,16 @@ impl Writer {
         .context("reading due chain jobs")?;
         let full = jobs.len() == 16;
         for job in jobs {
+            // A round can be long: the lock is checked before each transaction, so a
+            // standby that took over never races this one for nonces.
+            if let Some(lock) = state.lock.as_mut() {
+                let alive = tokio::time::timeout(Duration::from_secs(10), lock.is_alive()).await;
+                if !matches!(alive, Ok(true)) {
+                    tracing::warn!("chain writer lost its lock; standing by");
+                    state.lock = None;
+                    return Ok(false);
+                }
+            }
             let result = tokio::select! {
                 result = self.run(&job) => result,
                 _ = stop.wait_for(|s| *s) => return Ok(false),
@@ -286,6 +299,10 @@ impl Writer {
                     self.count(&job, &one_line(&format!("{error:#}"))).await?;
                 }
                 Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
+                Err(Failure::Wait(reason)) => {
+                    self.put_off(&job, now_ms() + millis(MIN_PAUSE), &reason, false)
+                        .await?;
+                }
             }
         }
         Ok(full)
@@ -390,7 +407,7 @@ impl Writer {
             // Done by an earlier run (killed before recording it): find that mint.
             let found = contract
                 .RecordMinted_filter()
-                .topic1(token)
+                .topic3(eid)
                 .from_block(0)
                 .query()
                 .await
@@ -598,8 +615,35 @@ impl Writer {
     /// An approval: the grant, for the doctor's custodial address, keyed by the request.
     async fn grant(&self, job: &Job) -> Result<(), Failure> {
         let (request_id, request) = self.access(job).await?;
-        if request.granted_on_chain().is_some() || request.status() != AccessStatus::Approved {
-            // Done, or ended before it reached the chain: nothing to put there.
+        if request.granted_on_chain().is_some() {
+            return Ok(());
+        }
+        let grant_id = event_id(request_id.as_uuid());
+        let eid = self.origin(job)?;
+        let registry = self.registry()?;
+        if registry
+            .processed(eid)
+            .call()
+            .await
+            .map_err(|e| Failure::Node(e.into()))?
+        {
+            // Sent by an earlier run (even if the request has ended since): record
+            // it, so that the revoke that may follow finds it.
+            let (tx_hash, block) = self
+                .find(registry.ConsentGranted_filter().topic1(grant_id))
+                .await?;
+            self.commands
+                .mark_consent_on_chain(
+                    request_id,
+                    false,
+                    self.receipt(*registry.address(), tx_hash, block),
+                )
+                .await
+                .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+            return Ok(());
+        }
+        if request.status() != AccessStatus::Approved {
+            // Ended before it reached the chain: nothing to put there.
             return Ok(());
         }
         let (Some(patient), Some(doctor), Some(expires_at)) = (
@@ -628,19 +672,8 @@ impl Writer {
             }
         }
         let expiry = u64::try_from(expires_at.timestamp()).unwrap_or(0);
-        let grant_id = event_id(request_id.as_uuid());
-        let eid = self.origin(job)?;
-        let registry = self.registry()?;
-        let (tx_hash, block) = if registry
-            .processed(eid)
-            .call()
-            .await
-            .map_err(|e| Failure::Node(e.into()))?
-        {
-            self.find(registry.ConsentGranted_filter().topic1(grant_id))
-                .await?
-        } else {
-            self.confirmed(registry.grant(
+        let (tx_hash, block) = self
+            .confirmed(registry.grant(
                 grant_id,
                 patient_address,
                 doctor_address,
@@ -649,8 +682,7 @@ impl Writer {
                 expiry,
                 eid,
             ))
-            .await?
-        };
+            .await?;
         self.commands
             .mark_consent_on_chain(
                 request_id,
@@ -670,8 +702,10 @@ impl Writer {
             return Ok(());
         }
         if request.granted_on_chain().is_none() {
-            // The grant is not there (yet): its job, if pending, will see the request
-            // ended and put nothing on chain; if it is still to come, wait for it.
+            // The grant job comes first (log order); while it is queued, wait for it.
+            // Once it is done without recording a grant, the registry decides: a grant
+            // there (sent by a run that died before recording it) is recorded now and
+            // revoked below; none means nothing to revoke.
             let pending: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM chain_jobs WHERE kind = 'grant' AND subject = $1",
             )
@@ -680,11 +714,31 @@ impl Writer {
             .await
             .map_err(|e| Failure::Node(e.into()))?;
             if pending > 0 {
-                return Err(Failure::Job(
+                return Err(Failure::Wait(
                     "waiting for the grant to reach the chain".into(),
                 ));
             }
-            return Ok(());
+            let registry = self.registry()?;
+            let grant_id = event_id(request_id.as_uuid());
+            let on_chain = registry
+                .grants(grant_id)
+                .call()
+                .await
+                .map_err(|e| Failure::Node(e.into()))?;
+            if on_chain.patient == Address::ZERO {
+                return Ok(());
+            }
+            let (tx_hash, block) = self
+                .find(registry.ConsentGranted_filter().topic1(grant_id))
+                .await?;
+            self.commands
+                .mark_consent_on_chain(
+                    request_id,
+                    false,
+                    self.receipt(*registry.address(), tx_hash, block),
+                )
+                .await
+                .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
         }
         let grant_id = event_id(request_id.as_uuid());
         let eid = self.origin(job)?;
@@ -773,10 +827,10 @@ impl Writer {
                 log.transaction_hash.unwrap_or_default(),
                 log.block_number.unwrap_or_default(),
             )
-        } else if next == from || (next == 0 && from == 1) {
+        } else if next == from {
             self.confirmed(contract.anchor(root, from, to)).await?
         } else {
-            return Err(Failure::Job(format!(
+            return Err(Failure::Wait(format!(
                 "waiting for the ranges before {from} (the chain is at {next})"
             )));
         };

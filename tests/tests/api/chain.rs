@@ -722,3 +722,86 @@ async fn a_transaction_not_mined_in_time_is_replaced_with_higher_fees_and_lands_
     assert!(tx.max_fee_per_gas() > fees.max_fee_per_gas, "{tx:?}");
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_grant_sent_by_a_run_that_died_is_still_revoked() {
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    let registry_address = address_of(&deployed, "AFYA_CONSENT_REGISTRY_ADDRESS");
+    // Approved, then revoked, while the chain adapter is off...
+    let mut app = TestApp::start(Backend::Sqlite).await.unwrap();
+    let w = app.world().await;
+    let asked = app
+        .request_access(&w.doctor, &w.patient.id, &["lab"])
+        .await
+        .ok(201);
+    let request_id = asked["request_id"].as_str().unwrap().to_owned();
+    app.post_empty(
+        &format!("/v1/access-requests/{request_id}/approval"),
+        Some(&w.patient.token),
+    )
+    .await
+    .ok(200);
+    // ...but the grant reached the chain: an earlier run sent it and died before
+    // recording it (same grant id, same originating event).
+    let approved: String = {
+        use sqlx::Connection;
+        let db = app.env.data_dir.join("afyachain.db");
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+                .await
+                .unwrap();
+        sqlx::query_scalar(
+            "SELECT event_id FROM events WHERE event_type = 'AccessApproved' AND aggregate_id = $1",
+        )
+        .bind(&request_id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    let operator = ProviderBuilder::new()
+        .wallet(alloy::network::EthereumWallet::from(
+            alloy::signers::local::PrivateKeySigner::from(node.keys()[0].clone()),
+        ))
+        .connect_http(node.endpoint_url())
+        .erased();
+    let request = uuid::Uuid::parse_str(&request_id).unwrap();
+    let grant_id = chain_adapter::chain::event_id(request);
+    let doctor = Address::repeat_byte(0x44);
+    let patient = Address::repeat_byte(0x55);
+    chain_adapter::chain::ConsentRegistry::new(registry_address, &operator)
+        .grant(
+            grant_id,
+            patient,
+            doctor,
+            1,
+            vec![],
+            u64::MAX / 2,
+            chain_adapter::chain::event_id(uuid::Uuid::parse_str(&approved).unwrap()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    app.post_empty(
+        &format!("/v1/access-requests/{request_id}/revocation"),
+        Some(&w.patient.token),
+    )
+    .await
+    .ok(200);
+
+    let mut vars = chain_vars(&node);
+    vars.extend(deployed);
+    app.restart("TERM", &vars);
+    wait_events(&app, "ConsentRevokedOnChain", 1).await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'ConsentGrantedOnChain'")
+            .await,
+        1
+    );
+    let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
+    assert!(registry.grants(grant_id).call().await.unwrap().revoked);
+    app.stop().await;
+}
