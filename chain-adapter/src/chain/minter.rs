@@ -20,7 +20,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
+use actix::Addr;
 use alloy::primitives::{Address, B256};
 use alloy::providers::Provider;
 use anyhow::Context as _;
@@ -34,6 +34,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::{custodial_address, event_id, token_id, Chain, ConsentRegistry, RecordToken};
 use crate::storage::remote::one_line;
+use crate::worker::{stop_and_release, RoundActor, Rounds};
 use domain::access::{AccessStatus, ChainReceipt};
 use domain::ids::AccessRequestId;
 
@@ -200,7 +201,8 @@ struct State {
     pause: Duration,
 }
 
-struct Writer {
+/// The chain writer's work (see the module documentation).
+pub struct Writer {
     store: Store,
     commands: Arc<Commands>,
     chain: Chain,
@@ -880,25 +882,26 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// The writer actor.
-pub struct ChainWriter {
-    writer: Arc<Writer>,
-    poll: Duration,
-    wake: Option<watch::Receiver<LogCursor>>,
-    running: bool,
-    again: bool,
-    stopping: bool,
+pub type ChainWriter = RoundActor<Writer>;
+
+pub use crate::worker::Stop;
+
+#[async_trait(?Send)]
+impl Rounds for Writer {
+    fn name(&self) -> &'static str {
+        "chain writer"
+    }
+
+    async fn round(&self) -> anyhow::Result<bool> {
+        Writer::round(self).await
+    }
+
+    async fn stop(&self) {
+        stop_and_release(&self.stop, &self.state, |s| &mut s.lock).await;
+    }
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Tick;
-
-/// Finish the transaction in flight (or drop the wait for it), release the lock, stop.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
-impl ChainWriter {
+impl RoundActor<Writer> {
     /// Starts the writer; `wake` follows the `chain_intake` consumer.
     pub fn start(
         store: Store,
@@ -912,108 +915,20 @@ impl ChainWriter {
             .context("AFYA_RECORD_TOKEN_ADDRESS must be set for the chain adapter")?;
         let poll = chain.settings.poll;
         let registry = chain.settings.consent_registry;
-        Ok(ChainWriter {
-            writer: Arc::new(Writer {
-                store,
-                commands,
-                chain,
-                token,
-                registry,
-                max_attempts: 10,
-                stop: watch::channel(false).0,
-                state: Mutex::new(State {
-                    lock: None,
-                    paused_until: None,
-                    pause: MIN_PAUSE,
-                }),
+        let writer = Writer {
+            store,
+            commands,
+            chain,
+            token,
+            registry,
+            max_attempts: 10,
+            stop: watch::channel(false).0,
+            state: Mutex::new(State {
+                lock: None,
+                paused_until: None,
+                pause: MIN_PAUSE,
             }),
-            poll,
-            wake,
-            running: false,
-            again: false,
-            stopping: false,
-        }
-        .start())
-    }
-}
-
-impl Actor for ChainWriter {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(wake) = self.wake.take() {
-            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
-                rx.changed().await.ok()?;
-                Some(((), rx))
-            }));
-        }
-        ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
-        ctx.notify(Tick);
-    }
-}
-
-impl StreamHandler<()> for ChainWriter {
-    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
-        ctx.notify(Tick);
-    }
-
-    fn finished(&mut self, _: &mut Self::Context) {}
-}
-
-impl Handler<Tick> for ChainWriter {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Tick, _: &mut Self::Context) -> Self::Result {
-        if self.stopping {
-            return Box::pin(fut::ready(()));
-        }
-        if self.running {
-            self.again = true;
-            return Box::pin(fut::ready(()));
-        }
-        self.running = true;
-        let writer = self.writer.clone();
-        Box::pin(
-            async move { writer.round().await }
-                .into_actor(self)
-                .map(|result, actor, ctx| {
-                    actor.running = false;
-                    let again = std::mem::take(&mut actor.again);
-                    match result {
-                        Ok(true) => ctx.notify(Tick),
-                        Ok(false) if again => ctx.notify(Tick),
-                        Ok(false) => {}
-                        Err(error) => {
-                            tracing::error!(
-                                error = format!("{error:#}"),
-                                "chain writer round failed; retrying"
-                            );
-                        }
-                    }
-                }),
-        )
-    }
-}
-
-impl Handler<Stop> for ChainWriter {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
-        self.stopping = true;
-        let writer = self.writer.clone();
-        Box::pin(
-            async move {
-                writer.stop.send_replace(true);
-                if let Ok(mut state) =
-                    tokio::time::timeout(Duration::from_secs(15), writer.state.lock()).await
-                {
-                    if let Some(lock) = state.lock.take() {
-                        lock.release().await;
-                    }
-                }
-            }
-            .into_actor(self)
-            .map(|(), _, ctx| ctx.stop()),
-        )
+        };
+        Ok(RoundActor::launch(writer, poll, wake))
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
+use actix::Addr;
 use commands::blobs::{sha256_hex, BlobStore, IntegrityFailure, LocalBlobStore};
 use commands::{CommandError, Commands};
 use domain::ids::RecordId;
@@ -30,6 +30,7 @@ use tokio::sync::{watch, Mutex};
 use super::queue::{self, Job};
 use super::remote::{object_key, one_line, RemoteError, RemoteState, S3Remote};
 use super::{ReplicationSettings, Storage};
+use crate::worker::{stop_and_release, RoundActor, Rounds};
 
 /// The name of the replicator's consumer lock.
 pub const LOCK_NAME: &str = "storage_replicator";
@@ -62,7 +63,8 @@ struct WorkerState {
     remote_state: RemoteState,
 }
 
-struct Worker {
+/// The replicator's work (see the module documentation).
+pub struct Worker {
     store: Store,
     commands: Arc<Commands>,
     local: Arc<LocalBlobStore>,
@@ -436,25 +438,26 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// The replicator actor.
-pub struct Replicator {
-    worker: Arc<Worker>,
-    poll: Duration,
-    wake: Option<watch::Receiver<LogCursor>>,
-    running: bool,
-    again: bool,
-    stopping: bool,
+pub type Replicator = RoundActor<Worker>;
+
+pub use crate::worker::Stop;
+
+#[async_trait::async_trait(?Send)]
+impl Rounds for Worker {
+    fn name(&self) -> &'static str {
+        "storage replicator"
+    }
+
+    async fn round(&self) -> anyhow::Result<bool> {
+        Ok(Worker::round(self).await? == Round::More)
+    }
+
+    async fn stop(&self) {
+        stop_and_release(&self.stop, &self.state, |s| &mut s.lock).await;
+    }
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Tick;
-
-/// Finish the round in flight, release the lock and stop.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
-
-impl Replicator {
+impl RoundActor<Worker> {
     /// Creates the work list and starts the actor on the current arbiter; `None` when
     /// `storage` has no remote store. `wake` follows the `record_storage` projection,
     /// so a new upload is picked up at once.
@@ -471,7 +474,7 @@ impl Replicator {
         let settings = storage.replication.clone();
         let local = storage.local.clone();
         let poll = settings.poll;
-        let worker = Arc::new(Worker {
+        let worker = Worker {
             state: Mutex::new(WorkerState {
                 lock: None,
                 intake_mark: LogCursor::START,
@@ -486,100 +489,7 @@ impl Replicator {
             settings,
             storage,
             stop: watch::channel(false).0,
-        });
-        Ok(Some(
-            Replicator {
-                worker,
-                poll,
-                wake,
-                running: false,
-                again: false,
-                stopping: false,
-            }
-            .start(),
-        ))
-    }
-}
-
-impl Actor for Replicator {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(wake) = self.wake.take() {
-            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
-                rx.changed().await.ok()?;
-                Some(((), rx))
-            }));
-        }
-        ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
-        ctx.notify(Tick);
-    }
-}
-
-impl StreamHandler<()> for Replicator {
-    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
-        ctx.notify(Tick);
-    }
-
-    fn finished(&mut self, _: &mut Self::Context) {}
-}
-
-impl Handler<Tick> for Replicator {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Tick, _: &mut Self::Context) -> Self::Result {
-        if self.stopping {
-            return Box::pin(fut::ready(()));
-        }
-        if self.running {
-            self.again = true;
-            return Box::pin(fut::ready(()));
-        }
-        self.running = true;
-        let worker = self.worker.clone();
-        Box::pin(
-            async move { worker.round().await }
-                .into_actor(self)
-                .map(|result, actor, ctx| {
-                    actor.running = false;
-                    let again = std::mem::take(&mut actor.again);
-                    match result {
-                        Ok(Round::More) => ctx.notify(Tick),
-                        Ok(_) if again => ctx.notify(Tick),
-                        Ok(_) => {}
-                        Err(error) => {
-                            tracing::error!(
-                                error = format!("{error:#}"),
-                                "storage replicator round failed; retrying"
-                            );
-                        }
-                    }
-                }),
-        )
-    }
-}
-
-impl Handler<Stop> for Replicator {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
-        self.stopping = true;
-        let worker = self.worker.clone();
-        Box::pin(
-            async move {
-                // The round in flight drops its calls and lets go of the state; the lock
-                // goes with the process if the state stays held.
-                worker.stop.send_replace(true);
-                if let Ok(mut state) =
-                    tokio::time::timeout(Duration::from_secs(15), worker.state.lock()).await
-                {
-                    if let Some(lock) = state.lock.take() {
-                        lock.release().await;
-                    }
-                }
-            }
-            .into_actor(self)
-            .map(|(), _, ctx| ctx.stop()),
-        )
+        };
+        Ok(Some(RoundActor::launch(worker, poll, wake)))
     }
 }
