@@ -20,6 +20,7 @@ use anyhow::Context;
 pub mod merkle;
 pub mod minter;
 pub mod verify;
+pub mod zksync;
 
 pub use alloy::primitives::Address as ChainAddress;
 pub use minter::{ChainIntake, ChainWriter};
