@@ -39,7 +39,7 @@ pub struct Config {
     /// `AFYA_STORAGE_CONCURRENCY` (4), `AFYA_STORAGE_POLL_MS` (1000).
     pub replication: ReplicationSettings,
     /// `AFYA_CHAIN_RPC_URL` turns the chain adapter on: `AFYA_CHAIN_ID`,
-    /// `ZKSYNC_PRIVATE_KEY` (or `ZKSYNC_PRIVATE_KEY_FILE`), `AFYA_CHAIN_MODE=evm`,
+    /// `ZKSYNC_PRIVATE_KEY` (or `ZKSYNC_PRIVATE_KEY_FILE`), `AFYA_CHAIN_MODE=evm|zksync`,
     /// the four contract addresses, `AFYA_CHAIN_CONFIRMATIONS` (1),
     /// `AFYA_CHAIN_RECEIPT_TIMEOUT_SECS` (120), `AFYA_CHAIN_POLL_MS` (1000),
     /// `AFYA_CHAIN_ANCHOR_EVERY` (1000 events per audit anchor; 0: none).
@@ -158,9 +158,7 @@ fn chain_settings() -> anyhow::Result<Option<ChainSettings>> {
     };
     let mode = match var("AFYA_CHAIN_MODE").as_deref().map(str::trim) {
         None | Some("evm") => ChainMode::Evm,
-        Some("zksync") => anyhow::bail!(
-            "AFYA_CHAIN_MODE=zksync (0x71 transactions through the paymaster) is not built yet; use evm"
-        ),
+        Some("zksync") => ChainMode::Zksync,
         Some(other) => anyhow::bail!("AFYA_CHAIN_MODE={other} is not evm or zksync"),
     };
     let chain_id: u64 = var("AFYA_CHAIN_ID")
@@ -178,6 +176,12 @@ fn chain_settings() -> anyhow::Result<Option<ChainSettings>> {
             .trim()
             .to_owned(),
     };
+    let paymaster = address("AFYA_PAYMASTER_ADDRESS")?;
+    if mode == ChainMode::Zksync && paymaster.is_none() {
+        anyhow::bail!(
+            "AFYA_CHAIN_MODE=zksync sends every transaction through the paymaster: set AFYA_PAYMASTER_ADDRESS"
+        );
+    }
     Ok(Some(ChainSettings {
         rpc_url: rpc_url.trim().to_owned(),
         chain_id,
@@ -186,7 +190,7 @@ fn chain_settings() -> anyhow::Result<Option<ChainSettings>> {
         record_token: address("AFYA_RECORD_TOKEN_ADDRESS")?,
         consent_registry: address("AFYA_CONSENT_REGISTRY_ADDRESS")?,
         audit_anchor: address("AFYA_AUDIT_ANCHOR_ADDRESS")?,
-        paymaster: address("AFYA_PAYMASTER_ADDRESS")?,
+        paymaster,
         confirmations: number("AFYA_CHAIN_CONFIRMATIONS", 1)?,
         receipt_timeout: Duration::from_secs(number("AFYA_CHAIN_RECEIPT_TIMEOUT_SECS", 120)?),
         poll: Duration::from_millis(number("AFYA_CHAIN_POLL_MS", 1000)?.max(10)),

@@ -32,7 +32,9 @@ use eventstore::consumer::ReadModelTx;
 use eventstore::{Backend, ConsumerLock, LogCursor, LogHandler, Store, StoredEvent};
 use tokio::sync::{watch, Mutex};
 
-use super::{custodial_address, event_id, token_id, Chain, ConsentRegistry, RecordToken};
+use super::{
+    custodial_address, event_id, token_id, Chain, ChainMode, ConsentRegistry, Fees, RecordToken,
+};
 use crate::storage::remote::one_line;
 use crate::worker::{stop_and_release, RoundActor, Rounds};
 use domain::access::{AccessStatus, ChainReceipt};
@@ -192,11 +194,13 @@ enum Failure {
     Job(String),
     /// This job must wait for another (its grant, an earlier range): put off, not
     /// counted against it.
-    Wait(String),
+    Wait(anyhow::Error),
 }
 
 struct State {
     lock: Option<ConsumerLock>,
+    /// Whether the node was checked since the lock was taken (see `preflight`).
+    checked: bool,
     paused_until: Option<Instant>,
     pause: Duration,
 }
@@ -248,8 +252,26 @@ impl Writer {
                         "chain writer active"
                     );
                     state.lock = Some(lock);
+                    state.checked = false;
                 }
                 None => return Ok(false),
+            }
+        }
+        if !state.checked {
+            match self.preflight().await {
+                Ok(()) => state.checked = true,
+                Err(Failure::Job(reason)) => {
+                    tracing::error!(error = %reason, "chain writer cannot start; no transaction is sent");
+                    state.paused_until = Some(Instant::now() + MAX_PAUSE);
+                    return Ok(false);
+                }
+                Err(Failure::Node(error) | Failure::Wait(error)) => {
+                    let error = one_line(&format!("{error:#}"));
+                    tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
+                    state.paused_until = Some(Instant::now() + state.pause);
+                    state.pause = (state.pause * 2).min(MAX_PAUSE);
+                    return Ok(false);
+                }
             }
         }
         let pool = self.store.any_pool();
@@ -302,12 +324,54 @@ impl Writer {
                 }
                 Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
                 Err(Failure::Wait(reason)) => {
+                    let reason = format!("{reason:#}");
                     self.put_off(&job, now_ms() + millis(MIN_PAUSE), &reason, false)
                         .await?;
                 }
             }
         }
         Ok(full)
+    }
+
+    /// Before the first transaction of a run: the node must serve the configured
+    /// chain, and transactions an earlier run left in the mempool are given the receipt
+    /// timeout to be mined, so that their effects are seen (and not sent again under a
+    /// new nonce) when their jobs come up.
+    async fn preflight(&self) -> Result<(), Failure> {
+        let provider = &self.chain.provider;
+        let node = |e: alloy::transports::TransportError| Failure::Node(e.into());
+        let id = provider.get_chain_id().await.map_err(node)?;
+        if id != self.chain.settings.chain_id {
+            return Err(Failure::Job(format!(
+                "the node at AFYA_CHAIN_RPC_URL serves chain {id}, not AFYA_CHAIN_ID={}",
+                self.chain.settings.chain_id
+            )));
+        }
+        let deadline = Instant::now() + self.chain.settings.receipt_timeout;
+        loop {
+            let mined = provider
+                .get_transaction_count(self.chain.operator)
+                .latest()
+                .await
+                .map_err(node)?;
+            let pending = provider
+                .get_transaction_count(self.chain.operator)
+                .pending()
+                .await
+                .map_err(node)?;
+            if pending <= mined {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    mined,
+                    pending,
+                    "transactions of an earlier run are still pending; new ones queue behind them"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(RECEIPT_POLL * 4).await;
+        }
     }
 
     async fn node_answers(&self) -> bool {
@@ -419,10 +483,9 @@ impl Writer {
                     "the event was processed on chain but its mint is not found".into(),
                 ));
             };
-            (
-                log.transaction_hash.unwrap_or_default(),
-                log.block_number.unwrap_or_default(),
-            )
+            let block = log.block_number.unwrap_or_default();
+            self.buried(block).await?;
+            (log.transaction_hash.unwrap_or_default(), block)
         } else {
             self.confirmed(contract.mint(holder, token, hash, eid))
                 .await?
@@ -494,7 +557,8 @@ impl Writer {
     /// confirmations. The nonce is the node's pending count for the operator (so a
     /// restart picks up where the chain is); a transaction not mined within the receipt
     /// timeout is replaced, same nonce, with fees raised by a quarter, up to
-    /// `FEE_BUMPS` times; whichever of them is mined counts.
+    /// `FEE_BUMPS` times; whichever of them is mined counts. In zkSync mode the call goes
+    /// as a 0x71 transaction through the paymaster, its fees from `zks_estimateFee`.
     async fn confirmed(
         &self,
         call: alloy::contract::CallBuilder<
@@ -502,93 +566,127 @@ impl Writer {
             std::marker::PhantomData<impl alloy::sol_types::SolCall>,
         >,
     ) -> Result<(B256, u64), Failure> {
-        let provider = &self.chain.provider;
+        let chain = &self.chain;
+        let provider = &chain.provider;
         let node = |e: alloy::transports::TransportError| Failure::Node(e.into());
+        let Some(alloy::primitives::TxKind::Call(to)) = call.clone().into_transaction_request().to
+        else {
+            return Err(Failure::Job("a contract call without a contract".into()));
+        };
+        let data = call.calldata().clone();
         let nonce = provider
-            .get_transaction_count(self.chain.operator)
+            .get_transaction_count(chain.operator)
             .pending()
             .await
             .map_err(node)?;
-        let fees = provider.estimate_eip1559_fees().await.map_err(node)?;
-        // Estimated once, against the chain as mined: a replacement estimated later
-        // would see its own pending predecessor's effect and get too little gas.
-        let gas = call
-            .estimate_gas()
-            .await
-            .map_err(|e| Failure::Node(e.into()))?;
-        let gas = gas + gas / 5;
-        let (mut max_fee, mut tip) = (fees.max_fee_per_gas, fees.max_priority_fee_per_gas);
+        // Gas is estimated once, against the chain as mined: a replacement estimated
+        // later would see its own pending predecessor's effect and get too little.
+        let mut fees = match chain.settings.mode {
+            ChainMode::Evm => {
+                let estimate = provider.estimate_eip1559_fees().await.map_err(node)?;
+                let gas = call
+                    .estimate_gas()
+                    .await
+                    .map_err(|e| Failure::Node(e.into()))?;
+                Fees {
+                    gas_limit: gas + gas / 5,
+                    max_fee_per_gas: estimate.max_fee_per_gas,
+                    max_priority_fee_per_gas: estimate.max_priority_fee_per_gas,
+                    gas_per_pubdata: 0,
+                }
+            }
+            ChainMode::Zksync => {
+                let estimate = chain
+                    .zksync_fee(to, data.clone())
+                    .await
+                    .map_err(Failure::Node)?;
+                Fees {
+                    gas_limit: estimate.gas_limit + estimate.gas_limit / 5,
+                    max_fee_per_gas: estimate.max_fee_per_gas,
+                    max_priority_fee_per_gas: estimate.max_priority_fee_per_gas,
+                    gas_per_pubdata: estimate.gas_per_pubdata_limit.saturating_to(),
+                }
+            }
+        };
         let mut sent: Vec<B256> = Vec::new();
         for bump in 0..=FEE_BUMPS {
             if bump > 0 {
-                max_fee = max_fee + max_fee / 4 + 1;
-                tip = tip + tip / 4 + 1;
+                fees.max_fee_per_gas += fees.max_fee_per_gas / 4 + 1;
+                fees.max_priority_fee_per_gas += fees.max_priority_fee_per_gas / 4 + 1;
                 tracing::warn!(
                     nonce,
                     bump,
                     "transaction not mined in time; replacing it with higher fees"
                 );
             }
-            match call
-                .clone()
-                .nonce(nonce)
-                .gas(gas)
-                .max_fee_per_gas(max_fee)
-                .max_priority_fee_per_gas(tip)
-                .send()
-                .await
-            {
-                Ok(pending) => sent.push(*pending.tx_hash()),
+            let sending = match chain.settings.mode {
+                ChainMode::Evm => call
+                    .clone()
+                    .nonce(nonce)
+                    .gas(fees.gas_limit)
+                    .max_fee_per_gas(fees.max_fee_per_gas)
+                    .max_priority_fee_per_gas(fees.max_priority_fee_per_gas)
+                    .send()
+                    .await
+                    .map(|pending| *pending.tx_hash())
+                    .map_err(anyhow::Error::from),
+                ChainMode::Zksync => chain.send_zksync(to, data.clone(), nonce, &fees).await,
+            };
+            match sending {
+                Ok(hash) => sent.push(hash),
                 // An earlier one may have been mined meanwhile ("nonce too low"):
                 // the receipts below tell.
                 Err(error) if !sent.is_empty() => {
-                    tracing::warn!(error = %one_line(&error.to_string()), "replacement not accepted")
+                    tracing::warn!(error = %one_line(&format!("{error:#}")), "replacement not accepted")
                 }
-                Err(error) => return Err(Failure::Node(error.into())),
+                Err(error) => return Err(Failure::Node(error)),
             }
-            let deadline = Instant::now() + self.chain.settings.receipt_timeout;
-            while Instant::now() < deadline {
-                for hash in &sent {
-                    let Some(receipt) = provider
-                        .get_transaction_receipt(*hash)
-                        .await
-                        .map_err(node)?
-                    else {
-                        continue;
-                    };
-                    let block = receipt.block_number.unwrap_or_default();
-                    self.buried(block).await?;
-                    if !receipt.status() {
-                        return Err(Failure::Job("the transaction reverted".into()));
-                    }
-                    return Ok((receipt.transaction_hash, block));
-                }
-                tokio::time::sleep(RECEIPT_POLL).await;
+            if let Some(done) = self
+                .first_mined(&sent, chain.settings.receipt_timeout)
+                .await?
+            {
+                return Ok(done);
             }
         }
         // The bumps are spent: go on waiting for one of them to be mined rather than
         // send the call again under a new nonce.
-        let deadline = Instant::now() + self.chain.settings.receipt_timeout * LAST_WAIT;
-        while Instant::now() < deadline {
-            for hash in &sent {
-                if let Some(receipt) = provider
-                    .get_transaction_receipt(*hash)
-                    .await
-                    .map_err(node)?
-                {
-                    let block = receipt.block_number.unwrap_or_default();
-                    self.buried(block).await?;
-                    if !receipt.status() {
-                        return Err(Failure::Job("the transaction reverted".into()));
-                    }
-                    return Ok((receipt.transaction_hash, block));
-                }
-            }
-            tokio::time::sleep(RECEIPT_POLL).await;
+        if let Some(done) = self
+            .first_mined(&sent, chain.settings.receipt_timeout * LAST_WAIT)
+            .await?
+        {
+            return Ok(done);
         }
         Err(Failure::Node(anyhow::anyhow!(
             "no receipt for nonce {nonce} after {FEE_BUMPS} fee bumps"
         )))
+    }
+
+    /// Waits up to `wait` for any of `sent` to be mined, then for its confirmations.
+    async fn first_mined(
+        &self,
+        sent: &[B256],
+        wait: Duration,
+    ) -> Result<Option<(B256, u64)>, Failure> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            for hash in sent {
+                let Some(mined) = self
+                    .chain
+                    .mined(*hash)
+                    .await
+                    .map_err(|e| Failure::Node(e.into()))?
+                else {
+                    continue;
+                };
+                self.buried(mined.block).await?;
+                if !mined.success {
+                    return Err(Failure::Job("the transaction reverted".into()));
+                }
+                return Ok(Some((*hash, mined.block)));
+            }
+            tokio::time::sleep(RECEIPT_POLL).await;
+        }
+        Ok(None)
     }
 
     /// Waits until `block` has the configured number of confirmations.
@@ -716,9 +814,9 @@ impl Writer {
             .await
             .map_err(|e| Failure::Node(e.into()))?;
             if pending > 0 {
-                return Err(Failure::Wait(
-                    "waiting for the grant to reach the chain".into(),
-                ));
+                return Err(Failure::Wait(anyhow::anyhow!(
+                    "waiting for the grant to reach the chain"
+                )));
             }
             let registry = self.registry()?;
             let grant_id = event_id(request_id.as_uuid());
@@ -825,14 +923,13 @@ impl Writer {
                     "the range is anchored with another root: the log differs from what was anchored".into(),
                 ));
             }
-            (
-                log.transaction_hash.unwrap_or_default(),
-                log.block_number.unwrap_or_default(),
-            )
+            let block = log.block_number.unwrap_or_default();
+            self.buried(block).await?;
+            (log.transaction_hash.unwrap_or_default(), block)
         } else if next == from {
             self.confirmed(contract.anchor(root, from, to)).await?
         } else {
-            return Err(Failure::Wait(format!(
+            return Err(Failure::Wait(anyhow::anyhow!(
                 "waiting for the ranges before {from} (the chain is at {next})"
             )));
         };
@@ -870,10 +967,10 @@ impl Writer {
                 "the event was processed on chain but its effect is not found".into(),
             ));
         };
-        Ok((
-            log.transaction_hash.unwrap_or_default(),
-            log.block_number.unwrap_or_default(),
-        ))
+        let block = log.block_number.unwrap_or_default();
+        // Seen at the head, it may still be reorganised away: confirmed like a new one.
+        self.buried(block).await?;
+        Ok((log.transaction_hash.unwrap_or_default(), block))
     }
 }
 
@@ -925,6 +1022,7 @@ impl RoundActor<Writer> {
             stop: watch::channel(false).0,
             state: Mutex::new(State {
                 lock: None,
+                checked: false,
                 paused_until: None,
                 pause: MIN_PAUSE,
             }),

@@ -12,9 +12,12 @@ use std::fmt;
 use std::time::Duration;
 
 use alloy::network::EthereumWallet;
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, Bytes, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::TransportError;
+use alloy_zksync::network::unsigned_tx::eip712::PaymasterParams;
+pub use alloy_zksync::types::Eip712Fee;
 use anyhow::Context;
 
 pub mod merkle;
@@ -52,7 +55,8 @@ alloy::sol!(
 pub enum ChainMode {
     /// EIP-1559 transactions (anvil, any EVM chain).
     Evm,
-    /// zkSync Era transactions of type 0x71 through the paymaster (not built yet).
+    /// zkSync Era transactions of type 0x71, gas paid by the platform's paymaster
+    /// (general flow); see [`zksync`].
     Zksync,
 }
 
@@ -100,6 +104,34 @@ pub struct Chain {
     pub provider: DynProvider,
     pub operator: Address,
     pub settings: ChainSettings,
+    /// Signs zkSync's 0x71 transactions (EIP-1559 ones are signed by the provider's
+    /// wallet).
+    signer: PrivateKeySigner,
+}
+
+/// What a transaction may spend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fees {
+    pub gas_limit: u64,
+    pub max_fee_per_gas: u128,
+    pub max_priority_fee_per_gas: u128,
+    /// zkSync only: L2 gas per byte of data published to L1.
+    pub gas_per_pubdata: u64,
+}
+
+/// How a mined transaction ended, read from its receipt (the fields Ethereum and zkSync
+/// receipts share, so a 0x71 receipt reads as well as an EIP-1559 one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mined {
+    pub success: bool,
+    pub block: u64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawReceipt {
+    block_number: Option<alloy::primitives::U64>,
+    status: Option<alloy::primitives::U64>,
 }
 
 impl Chain {
@@ -117,14 +149,93 @@ impl Chain {
             .parse()
             .with_context(|| format!("AFYA_CHAIN_RPC_URL={} is not a URL", settings.rpc_url))?;
         let provider = ProviderBuilder::new()
-            .wallet(EthereumWallet::from(signer))
+            .wallet(EthereumWallet::from(signer.clone()))
             .connect_http(url)
             .erased();
         Ok(Chain {
             provider,
             operator,
             settings,
+            signer,
         })
+    }
+
+    /// The receipt of `hash`, once it is mined (`None` before). Read as plain JSON so
+    /// that zkSync's 0x71 receipts, which alloy's Ethereum types refuse, read too.
+    pub async fn mined(&self, hash: B256) -> Result<Option<Mined>, TransportError> {
+        let receipt: Option<RawReceipt> = self
+            .provider
+            .raw_request("eth_getTransactionReceipt".into(), (hash,))
+            .await?;
+        Ok(receipt.and_then(|r| {
+            Some(Mined {
+                block: r.block_number?.to::<u64>(),
+                success: r
+                    .status
+                    .is_some_and(|s| s == alloy::primitives::U64::from(1)),
+            })
+        }))
+    }
+
+    /// The paymaster and its general-flow input, as every zkSync transaction carries.
+    fn paymaster_params(&self) -> anyhow::Result<(Address, Bytes)> {
+        let paymaster = self
+            .settings
+            .paymaster
+            .context("AFYA_PAYMASTER_ADDRESS must be set with AFYA_CHAIN_MODE=zksync")?;
+        Ok((paymaster, zksync::general_flow_input()))
+    }
+
+    /// zkSync's fee estimate (`zks_estimateFee`) for calling `to` with `data` as the
+    /// operator through the paymaster: gas limit, fees and gas per pubdata byte.
+    pub async fn zksync_fee(&self, to: Address, data: Bytes) -> anyhow::Result<Eip712Fee> {
+        use alloy::network::TransactionBuilder;
+        let (paymaster, input) = self.paymaster_params()?;
+        let request = alloy_zksync::network::transaction_request::TransactionRequest::default()
+            .with_from(self.operator)
+            .with_to(to)
+            .with_input(data)
+            .with_gas_per_pubdata(U256::from(zksync::DEFAULT_GAS_PER_PUBDATA))
+            .with_paymaster_params(PaymasterParams {
+                paymaster,
+                paymaster_input: input,
+            });
+        self.provider
+            .raw_request("zks_estimateFee".into(), (request,))
+            .await
+            .context("estimating a zkSync fee (zks_estimateFee)")
+    }
+
+    /// Signs a call to `to` as a 0x71 transaction through the paymaster and sends it;
+    /// returns its hash.
+    pub async fn send_zksync(
+        &self,
+        to: Address,
+        data: Bytes,
+        nonce: u64,
+        fees: &Fees,
+    ) -> anyhow::Result<B256> {
+        let tx = zksync::Eip712Tx {
+            chain_id: self.settings.chain_id,
+            nonce,
+            max_priority_fee_per_gas: fees.max_priority_fee_per_gas,
+            max_fee_per_gas: fees.max_fee_per_gas,
+            gas_limit: fees.gas_limit,
+            to: Some(to),
+            value: U256::ZERO,
+            data,
+            from: self.operator,
+            gas_per_pubdata: fees.gas_per_pubdata,
+            factory_deps: Vec::new(),
+            custom_signature: None,
+            paymaster: Some(self.paymaster_params()?),
+        };
+        let (hash, wire) = tx.sign(&self.signer)?;
+        let pending = self.provider.send_raw_transaction(&wire).await?;
+        if *pending.tx_hash() != hash {
+            tracing::warn!(ours = %hash, node = %pending.tx_hash(), "the node names the transaction differently");
+        }
+        Ok(*pending.tx_hash())
     }
 
     /// The chain id the node reports, checked against the configured one.

@@ -805,3 +805,119 @@ async fn a_grant_sent_by_a_run_that_died_is_still_revoked() {
     assert!(registry.grants(grant_id).call().await.unwrap().revoked);
     app.stop().await;
 }
+
+/// `AFYA_CHAIN_MODE=zksync`: the same story through a zkSync endpoint (see
+/// `support::zksync`): every transaction is a 0x71 signed by the operator with the
+/// platform's paymaster in the general flow, and the real paymaster contract validated
+/// and paid for each one.
+#[actix_rt::test]
+async fn in_zksync_mode_every_transaction_is_a_0x71_the_paymaster_pays_for() {
+    use alloy::network::EthereumWallet;
+    use alloy::signers::local::PrivateKeySigner;
+    use chain_adapter::chain::{zksync, Paymaster};
+
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let paymaster_address = address_of(&deployed, "AFYA_PAYMASTER_ADDRESS");
+    let registry_address = address_of(&deployed, "AFYA_CONSENT_REGISTRY_ADDRESS");
+    // The owner funds the paymaster and sets its cap (as M-Pesa payments will).
+    let owner_key: PrivateKeySigner = chain_vars(&node)[2].1.parse().unwrap();
+    let operator = owner_key.address();
+    let owner = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(owner_key))
+        .connect_http(node.endpoint_url());
+    let cap = U256::from(10u64.pow(17));
+    Paymaster::new(paymaster_address, &owner)
+        .setSpendingCap(cap)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    use alloy::providers::ext::AnvilApi;
+    owner
+        .anvil_set_balance(paymaster_address, U256::from(10u64.pow(18)))
+        .await
+        .unwrap();
+
+    let zk = crate::support::zksync::ZksyncNode::start(&node.endpoint(), node.chain_id()).await;
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    for (k, v) in vars.iter_mut() {
+        if k == "AFYA_CHAIN_RPC_URL" {
+            *v = zk.url.clone();
+        }
+    }
+    vars.push(("AFYA_CHAIN_MODE".into(), "zksync".into()));
+    vars.extend(deployed);
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let Some(app) = TestApp::start_with(Backend::Sqlite, &refs(&vars)).await else {
+        return;
+    };
+    let w = app.world().await;
+    let (_, request_id) = app
+        .share(&w, "imaging", "image/png", b"\x89PNG chest x-ray Achieng")
+        .await;
+    let items = all_minted(&app, &w.patient, 1).await;
+    wait_events(&app, "ConsentGrantedOnChain", 1).await;
+    let token: U256 = items[0]["token_id"].as_str().unwrap().parse().unwrap();
+    let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
+    let granted = registry
+        .ConsentGranted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 1);
+    let doctor = granted[0].0.grantee;
+    let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap();
+    assert!(registry.hasAccess(doctor, token, now).call().await.unwrap());
+    app.post_empty(
+        &format!("/v1/access-requests/{request_id}/revocation"),
+        Some(&w.patient.token),
+    )
+    .await
+    .ok(200);
+    wait_events(&app, "ConsentRevokedOnChain", 1).await;
+    assert!(!registry.hasAccess(doctor, token, now).call().await.unwrap());
+
+    // Mint, grant, revoke: three 0x71 transactions, nothing refused.
+    assert_eq!(zk.refused(), Vec::<String>::new());
+    let accepted = zk.accepted();
+    assert_eq!(accepted.len(), 3, "{}", app.server.logs());
+    for (i, tx) in accepted.iter().enumerate() {
+        assert_eq!(tx.from, operator);
+        assert_eq!(tx.chain_id, node.chain_id());
+        assert_eq!(tx.paymaster, paymaster_address);
+        assert_eq!(tx.paymaster_input, zksync::general_flow_input());
+        assert_eq!(tx.gas_per_pubdata, U256::from(50_000));
+        assert!(tx.max_fee_per_gas > 0 && tx.gas_limit > 21_000);
+        if i > 0 {
+            assert_eq!(tx.nonce, accepted[i - 1].nonce + 1);
+        }
+    }
+    // The record shows the 0x71 transaction's own hash.
+    assert_eq!(
+        items[0]["token_tx_hash"].as_str().unwrap(),
+        accepted[0].hash().to_string()
+    );
+    // The paymaster paid for each: one GasSponsored per transaction, `spent` their sum.
+    let paymaster = Paymaster::new(paymaster_address, reader(&node));
+    let sponsored = paymaster
+        .GasSponsored_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(sponsored.len(), 3);
+    let expected: U256 = accepted
+        .iter()
+        .map(|t| U256::from(t.gas_limit) * U256::from(t.max_fee_per_gas))
+        .sum();
+    assert_eq!(paymaster.spent().call().await.unwrap(), expected);
+    assert!(expected < cap);
+    app.stop().await;
+    zk.stop().await;
+}

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub mod s3;
+pub mod zksync;
 
 use eventstore::testing::fresh_config;
 use eventstore::{Backend, StoreConfig};
