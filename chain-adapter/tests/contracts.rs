@@ -329,6 +329,90 @@ async fn consent_follows_grants_by_category_or_token_until_expiry_or_revocation(
 }
 
 #[tokio::test]
+async fn grants_in_a_batch_are_each_replay_safe_and_one_bad_grant_reverts_the_batch() {
+    let c = chain();
+    let t = RecordToken::deploy(&c.owner, c.owner_address, c.operator_address)
+        .await
+        .unwrap();
+    let r = ConsentRegistry::deploy(&c.owner, c.owner_address, c.operator_address, *t.address())
+        .await
+        .unwrap();
+    let registry = ConsentRegistry::new(*r.address(), &c.operator);
+    let patient = Address::repeat_byte(0x11);
+    let grant = |n: u8, event: u8| ConsentRegistry::GrantRequest {
+        grantId: id(n),
+        patient,
+        grantee: Address::repeat_byte(n),
+        categories: 1 << (n % 7),
+        tokenIds: vec![token(u128::from(n), 5)],
+        expiry: 2_000_000_000,
+        eventId: id(event),
+    };
+    // One grant already on chain, then a batch of it and two new ones, twice.
+    registry
+        .grant(
+            id(1),
+            patient,
+            Address::repeat_byte(1),
+            0b100,
+            vec![token(1, 5)],
+            2_000_000_000,
+            id(101),
+        )
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    let batch = vec![grant(1, 101), grant(2, 102), grant(3, 103)];
+    for _ in 0..2 {
+        let receipt = registry
+            .grantBatch(batch.clone())
+            .send()
+            .await
+            .unwrap()
+            .get_receipt()
+            .await
+            .unwrap();
+        assert!(receipt.status());
+    }
+    let granted = r
+        .ConsentGranted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 3, "one each, replays adding nothing");
+    for n in [2u8, 3] {
+        let g = r.grants(id(n)).call().await.unwrap();
+        assert_eq!(g.grantee, Address::repeat_byte(n));
+        assert_eq!(g.patient, patient);
+        assert_eq!(g.categories, 1 << (n % 7));
+        assert!(r
+            .coversToken(id(n), token(u128::from(n), 5))
+            .call()
+            .await
+            .unwrap());
+    }
+    // The grant that was on chain before the batch kept its own scope.
+    assert_eq!(r.grants(id(1)).call().await.unwrap().categories, 0b100);
+    // A second grant under an existing id (a new event) reverts the whole batch.
+    assert!(registry
+        .grantBatch(vec![grant(4, 104), grant(2, 105)])
+        .call()
+        .await
+        .is_err());
+    assert_eq!(r.grants(id(4)).call().await.unwrap().patient, Address::ZERO);
+    // Only operators write.
+    assert!(ConsentRegistry::new(*r.address(), &c.stranger)
+        .grantBatch(vec![grant(5, 106)])
+        .call()
+        .await
+        .is_err());
+}
+
+#[tokio::test]
 async fn audit_anchors_are_contiguous_append_only_and_replay_safe() {
     let c = chain();
     let a = AuditAnchor::deploy(&c.owner, c.owner_address, c.operator_address)

@@ -47,6 +47,17 @@ contract ConsentRegistry is Operated, Replayable {
         records = recordToken;
     }
 
+    /// @notice One grant of a batch (the arguments of `grant`).
+    struct GrantRequest {
+        bytes32 grantId;
+        address patient;
+        address grantee;
+        uint32 categories;
+        uint256[] tokenIds;
+        uint64 expiry;
+        bytes32 eventId;
+    }
+
     function grant(
         bytes32 grantId,
         address patient,
@@ -56,6 +67,27 @@ contract ConsentRegistry is Operated, Replayable {
         uint64 expiry,
         bytes32 eventId
     ) external onlyOperator {
+        _grant(grantId, patient, grantee, categories, tokenIds, expiry, eventId);
+    }
+
+    /// @notice Several grants in one transaction, each a no-op when its event id was
+    /// already processed; any other failure reverts them all.
+    function grantBatch(GrantRequest[] calldata requests) external onlyOperator {
+        for (uint256 i = 0; i < requests.length; i++) {
+            GrantRequest calldata r = requests[i];
+            _grant(r.grantId, r.patient, r.grantee, r.categories, r.tokenIds, r.expiry, r.eventId);
+        }
+    }
+
+    function _grant(
+        bytes32 grantId,
+        address patient,
+        address grantee,
+        uint32 categories,
+        uint256[] calldata tokenIds,
+        uint64 expiry,
+        bytes32 eventId
+    ) private {
         if (!_firstTime(eventId)) return;
         if (patient == address(0) || grantee == address(0)) revert ZeroAddress();
         if (grants[grantId].patient != address(0)) revert GrantExists(grantId);
