@@ -218,6 +218,10 @@ pub struct Writer {
 }
 
 const MIN_PAUSE: Duration = Duration::from_secs(1);
+/// Due jobs read per round.
+const JOBS_PER_ROUND: usize = 64;
+/// Grants sent together in one `grantBatch` transaction, at most.
+const GRANTS_PER_TRANSACTION: usize = 32;
 /// Replacements of a transaction not mined in time.
 const FEE_BUMPS: u32 = 3;
 /// After the last replacement, receipt timeouts waited before giving up on the nonce.
@@ -278,14 +282,31 @@ impl Writer {
         let jobs: Vec<Job> = sqlx::query_as(
             "SELECT kind, subject, event_id, attempts FROM chain_jobs \
              WHERE state = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at, position LIMIT 16",
+             ORDER BY next_attempt_at, position LIMIT $2",
         )
         .bind(now_ms())
+        .bind(JOBS_PER_ROUND as i64)
         .fetch_all(pool)
         .await
         .context("reading due chain jobs")?;
-        let full = jobs.len() == 16;
+        let full = jobs.len() == JOBS_PER_ROUND;
+        // Due grants go together in one transaction, where the first of them stood.
+        let mut units: Vec<Vec<Job>> = Vec::new();
+        let mut grants: Option<usize> = None;
         for job in jobs {
+            match grants {
+                Some(i) if job.kind == "grant" && units[i].len() < GRANTS_PER_TRANSACTION => {
+                    units[i].push(job)
+                }
+                _ => {
+                    if job.kind == "grant" {
+                        grants = Some(units.len());
+                    }
+                    units.push(vec![job]);
+                }
+            }
+        }
+        for unit in units {
             // A round can be long: the lock is checked before each transaction, so a
             // standby that took over never races this one for nonces.
             if let Some(lock) = state.lock.as_mut() {
@@ -296,37 +317,39 @@ impl Writer {
                     return Ok(false);
                 }
             }
-            let result = tokio::select! {
-                result = self.run(&job) => result,
+            let outcomes = tokio::select! {
+                outcomes = self.run_unit(unit) => outcomes,
                 _ = stop.wait_for(|s| *s) => return Ok(false),
             };
-            match result {
-                Ok(()) => {
-                    sqlx::query("DELETE FROM chain_jobs WHERE kind = $1 AND subject = $2")
-                        .bind(job.kind.clone())
-                        .bind(job.subject.clone())
-                        .execute(pool)
-                        .await
-                        .context("finishing a chain job")?;
-                    state.pause = MIN_PAUSE;
-                }
-                Err(Failure::Node(error)) if !self.node_answers().await => {
-                    let error = one_line(&format!("{error:#}"));
-                    tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
-                    self.put_off(&job, now_ms() + millis(state.pause), &error, false)
-                        .await?;
-                    state.paused_until = Some(Instant::now() + state.pause);
-                    state.pause = (state.pause * 2).min(MAX_PAUSE);
-                    return Ok(false);
-                }
-                Err(Failure::Node(error)) => {
-                    self.count(&job, &one_line(&format!("{error:#}"))).await?;
-                }
-                Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
-                Err(Failure::Wait(reason)) => {
-                    let reason = format!("{reason:#}");
-                    self.put_off(&job, now_ms() + millis(MIN_PAUSE), &reason, false)
-                        .await?;
+            for (job, result) in outcomes {
+                match result {
+                    Ok(()) => {
+                        sqlx::query("DELETE FROM chain_jobs WHERE kind = $1 AND subject = $2")
+                            .bind(job.kind.clone())
+                            .bind(job.subject.clone())
+                            .execute(pool)
+                            .await
+                            .context("finishing a chain job")?;
+                        state.pause = MIN_PAUSE;
+                    }
+                    Err(Failure::Node(error)) if !self.node_answers().await => {
+                        let error = one_line(&format!("{error:#}"));
+                        tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
+                        self.put_off(&job, now_ms() + millis(state.pause), &error, false)
+                            .await?;
+                        state.paused_until = Some(Instant::now() + state.pause);
+                        state.pause = (state.pause * 2).min(MAX_PAUSE);
+                        return Ok(false);
+                    }
+                    Err(Failure::Node(error)) => {
+                        self.count(&job, &one_line(&format!("{error:#}"))).await?;
+                    }
+                    Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
+                    Err(Failure::Wait(reason)) => {
+                        let reason = format!("{reason:#}");
+                        self.put_off(&job, now_ms() + millis(MIN_PAUSE), &reason, false)
+                            .await?;
+                    }
                 }
             }
         }
@@ -421,6 +444,19 @@ impl Writer {
         .await
         .context("putting a chain job off")?;
         Ok(())
+    }
+
+    /// One job, or several grants in one transaction.
+    async fn run_unit(&self, mut unit: Vec<Job>) -> Vec<(Job, Result<(), Failure>)> {
+        if unit.len() > 1 {
+            return self.grant_batch(unit).await;
+        }
+        let mut outcomes = Vec::with_capacity(1);
+        if let Some(job) = unit.pop() {
+            let result = self.run(&job).await;
+            outcomes.push((job, result));
+        }
+        outcomes
     }
 
     async fn run(&self, job: &Job) -> Result<(), Failure> {
@@ -714,9 +750,86 @@ impl Writer {
 
     /// An approval: the grant, for the doctor's custodial address, keyed by the request.
     async fn grant(&self, job: &Job) -> Result<(), Failure> {
+        let Some((request_id, grant)) = self.prepare_grant(job).await? else {
+            return Ok(());
+        };
+        let registry = self.registry()?;
+        let (tx_hash, block) = self
+            .confirmed(registry.grant(
+                grant.grantId,
+                grant.patient,
+                grant.grantee,
+                grant.categories,
+                grant.tokenIds,
+                grant.expiry,
+                grant.eventId,
+            ))
+            .await?;
+        self.granted(request_id, tx_hash, block).await
+    }
+
+    /// Several approvals in one transaction (`grantBatch`); each job's outcome. A batch
+    /// that reverts is sent again one grant at a time, so that only a grant that cannot
+    /// be made fails.
+    async fn grant_batch(&self, jobs: Vec<Job>) -> Vec<(Job, Result<(), Failure>)> {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut ready = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match self.prepare_grant(&job).await {
+                Ok(Some(grant)) => ready.push((job, grant)),
+                Ok(None) => outcomes.push((job, Ok(()))),
+                Err(failure) => outcomes.push((job, Err(failure))),
+            }
+        }
+        if ready.len() < 2 {
+            for (job, _) in ready {
+                let result = self.grant(&job).await;
+                outcomes.push((job, result));
+            }
+            return outcomes;
+        }
+        let sent = match self.registry() {
+            Ok(registry) => {
+                let requests = ready.iter().map(|(_, (_, grant))| grant.clone()).collect();
+                self.confirmed(registry.grantBatch(requests)).await
+            }
+            Err(failure) => Err(failure),
+        };
+        match sent {
+            Ok((tx_hash, block)) => {
+                tracing::info!(grants = ready.len(), tx = %tx_hash, "consents granted on chain in one transaction");
+                for (job, (request_id, _)) in ready {
+                    let result = self.granted(request_id, tx_hash, block).await;
+                    outcomes.push((job, result));
+                }
+            }
+            Err(Failure::Job(reason)) => {
+                tracing::warn!(error = %reason, grants = ready.len(), "a batch of grants failed; sending them one at a time");
+                for (job, _) in ready {
+                    let result = self.grant(&job).await;
+                    outcomes.push((job, result));
+                }
+            }
+            Err(Failure::Node(error) | Failure::Wait(error)) => {
+                let error = format!("{error:#}");
+                for (job, _) in ready {
+                    outcomes.push((job, Err(Failure::Node(anyhow::anyhow!(error.clone())))));
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// What an approval puts on chain, or `None` when there is nothing to send: the
+    /// grant is recorded already, was sent by an earlier run (recorded now), or the
+    /// request ended before it reached the chain.
+    async fn prepare_grant(
+        &self,
+        job: &Job,
+    ) -> Result<Option<(AccessRequestId, ConsentRegistry::GrantRequest)>, Failure> {
         let (request_id, request) = self.access(job).await?;
         if request.granted_on_chain().is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let grant_id = event_id(request_id.as_uuid());
         let eid = self.origin(job)?;
@@ -732,19 +845,12 @@ impl Writer {
             let (tx_hash, block) = self
                 .find(registry.ConsentGranted_filter().topic1(grant_id))
                 .await?;
-            self.commands
-                .mark_consent_on_chain(
-                    request_id,
-                    false,
-                    self.receipt(*registry.address(), tx_hash, block),
-                )
-                .await
-                .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
-            return Ok(());
+            self.granted(request_id, tx_hash, block).await?;
+            return Ok(None);
         }
         if request.status() != AccessStatus::Approved {
             // Ended before it reached the chain: nothing to put there.
-            return Ok(());
+            return Ok(None);
         }
         let (Some(patient), Some(doctor), Some(expires_at)) = (
             request.patient_id(),
@@ -771,18 +877,28 @@ impl Writer {
                 tokens.push(token_id(record_id.as_uuid(), category.chain_bit()));
             }
         }
-        let expiry = u64::try_from(expires_at.timestamp()).unwrap_or(0);
-        let (tx_hash, block) = self
-            .confirmed(registry.grant(
-                grant_id,
-                patient_address,
-                doctor_address,
+        Ok(Some((
+            request_id,
+            ConsentRegistry::GrantRequest {
+                grantId: grant_id,
+                patient: patient_address,
+                grantee: doctor_address,
                 categories,
-                tokens,
-                expiry,
-                eid,
-            ))
-            .await?;
+                tokenIds: tokens,
+                expiry: u64::try_from(expires_at.timestamp()).unwrap_or(0),
+                eventId: eid,
+            },
+        )))
+    }
+
+    /// Records a grant's transaction (`ConsentGrantedOnChain`).
+    async fn granted(
+        &self,
+        request_id: AccessRequestId,
+        tx_hash: B256,
+        block: u64,
+    ) -> Result<(), Failure> {
+        let registry = self.registry()?;
         self.commands
             .mark_consent_on_chain(
                 request_id,

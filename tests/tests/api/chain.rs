@@ -921,3 +921,74 @@ async fn in_zksync_mode_every_transaction_is_a_0x71_the_paymaster_pays_for() {
     app.stop().await;
     zk.stop().await;
 }
+
+/// Approvals waiting for the chain go out together: one `grantBatch` transaction for
+/// many grants, each recorded with that transaction.
+#[actix_rt::test]
+async fn waiting_approvals_are_granted_together_in_one_transaction() {
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    let registry_address = address_of(&deployed, "AFYA_CONSENT_REGISTRY_ADDRESS");
+    // Approvals made while the chain adapter is off...
+    let mut app = TestApp::start(Backend::Sqlite).await.unwrap();
+    let w = app.world().await;
+    let mut requests = Vec::new();
+    for i in 0..6 {
+        let (_, request_id) = app
+            .share(
+                &w,
+                "lab",
+                "application/pdf",
+                format!("lab {i} Achieng").as_bytes(),
+            )
+            .await;
+        requests.push(request_id);
+    }
+    // ...reach it together once it is on.
+    let mut vars = chain_vars(&node);
+    vars.extend(deployed);
+    app.restart("TERM", &vars);
+    wait_events(&app, "ConsentGrantedOnChain", 6).await;
+
+    let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
+    let granted = registry
+        .ConsentGranted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 6, "one grant per approval");
+    let mut ids: Vec<B256> = granted.iter().map(|(e, _)| e.grantId).collect();
+    ids.sort();
+    let mut expected: Vec<B256> = requests
+        .iter()
+        .map(|r| chain_adapter::chain::event_id(uuid::Uuid::parse_str(r).unwrap()))
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let mut transactions: Vec<B256> = granted
+        .iter()
+        .map(|(_, log)| log.transaction_hash.unwrap())
+        .collect();
+    transactions.dedup();
+    assert!(
+        transactions.len() < granted.len(),
+        "{} transactions for {} grants",
+        transactions.len(),
+        granted.len()
+    );
+    // Each approval records the transaction that carried it.
+    let events = app.raw_events().await;
+    let recorded: Vec<&str> = events
+        .lines()
+        .filter(|l| l.starts_with("ConsentGrantedOnChain"))
+        .collect();
+    assert_eq!(recorded.len(), 6);
+    for payload in recorded {
+        let tx = transactions
+            .iter()
+            .find(|t| payload.contains(&t.to_string()));
+        assert!(tx.is_some(), "{payload}");
+    }
+    app.stop().await;
+}
