@@ -42,7 +42,8 @@ pub struct Config {
     /// `ZKSYNC_PRIVATE_KEY` (or `ZKSYNC_PRIVATE_KEY_FILE`), `AFYA_CHAIN_MODE=evm|zksync`,
     /// the four contract addresses, `AFYA_CHAIN_CONFIRMATIONS` (1),
     /// `AFYA_CHAIN_RECEIPT_TIMEOUT_SECS` (120), `AFYA_CHAIN_POLL_MS` (1000),
-    /// `AFYA_CHAIN_ANCHOR_EVERY` (1000 events per audit anchor; 0: none).
+    /// `AFYA_CHAIN_ANCHOR_EVERY` (1000 events per audit anchor; 0: none),
+    /// `AFYA_CHAIN_BATCH_GRANTS` (32 grants per transaction at most; 1: one each).
     pub chain: Option<ChainSettings>,
 }
 
@@ -194,6 +195,10 @@ fn chain_settings() -> anyhow::Result<Option<ChainSettings>> {
         confirmations: number("AFYA_CHAIN_CONFIRMATIONS", 1)?,
         receipt_timeout: Duration::from_secs(number("AFYA_CHAIN_RECEIPT_TIMEOUT_SECS", 120)?),
         poll: Duration::from_millis(number("AFYA_CHAIN_POLL_MS", 1000)?.max(10)),
+        grants_per_transaction: match number("AFYA_CHAIN_BATCH_GRANTS", 32)? {
+            n @ 1..=64 => n,
+            _ => anyhow::bail!("AFYA_CHAIN_BATCH_GRANTS must be between 1 and 64"),
+        },
         anchor_every: match number("AFYA_CHAIN_ANCHOR_EVERY", 1000)? {
             // Each anchor is itself an event: one per event would never end.
             1 => anyhow::bail!("AFYA_CHAIN_ANCHOR_EVERY must be 0 (no anchors) or at least 2"),

@@ -1,7 +1,9 @@
 //! Throughput of the chain writer on anvil: `BENCH_GRANTS` approved access requests
-//! (default 200) become grants in the consent registry, one confirmed transaction
-//! each, and `ConsentGrantedOnChain` events. Reports grants/s (= transactions/s) and
-//! transactions per 1,000 grants.
+//! (default 1,000), waiting when the writer starts, become grants in the consent
+//! registry (up to 32 per `grantBatch` transaction) and `ConsentGrantedOnChain`
+//! events. Reports grants/s, transactions/s and transactions per 1,000 grants.
+//! `BENCH_LIVE=1` starts the writer before the approvals come in; `BENCH_BATCH=N` sets
+//! the grants per transaction (1: one transaction per grant).
 //!
 //! Run: `eval "$(scripts/tools)"; cargo bench -p tests --bench chain`.
 
@@ -32,7 +34,7 @@ fn main() {
     let grants: usize = std::env::var("BENCH_GRANTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(1000);
     actix_rt::System::new().block_on(run(grants));
 }
 
@@ -68,6 +70,10 @@ async fn run(grants: usize) {
         receipt_timeout: Duration::from_secs(60),
         poll: Duration::from_millis(5),
         anchor_every: 0,
+        grants_per_transaction: std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32),
     };
     let chain = Chain::connect(settings.clone()).await.unwrap();
     for (name, address) in chain.deploy().await.unwrap() {
@@ -107,6 +113,37 @@ async fn run(grants: usize) {
         .await
         .unwrap();
     let scope = Scope::new([Category::Lab].into(), BTreeSet::new()).unwrap();
+    // Live: the writer runs while the approvals come in one by one (small batches);
+    // otherwise they are all waiting when it starts (full batches).
+    let live = std::env::var("BENCH_LIVE").is_ok_and(|v| v == "1");
+    let operator = chain.operator;
+    let before = chain
+        .provider
+        .get_transaction_count(operator)
+        .await
+        .unwrap();
+
+    let start_writer = || async {
+        let settings = settings.clone();
+        let intake =
+            ConsumerActor::spawn(t.store.clone(), Arc::new(ChainIntake { anchor_every: 0 }))
+                .await
+                .unwrap();
+        let chain = Chain::connect(settings).await.unwrap();
+        let writer = ChainWriter::start(
+            t.store.clone(),
+            commands.clone(),
+            chain.clone(),
+            Some(intake.subscribe()),
+        )
+        .unwrap();
+        (intake, writer, chain)
+    };
+    let mut running = None;
+    if live {
+        running = Some(start_writer().await);
+    }
+    let mut started = Instant::now();
     for _ in 0..grants {
         let request = commands
             .request_access(
@@ -132,25 +169,13 @@ async fn run(grants: usize) {
             .await
             .unwrap();
     }
-    let operator = chain.operator;
-    let before = chain
-        .provider
-        .get_transaction_count(operator)
-        .await
-        .unwrap();
-
-    let started = Instant::now();
-    let intake = ConsumerActor::spawn(t.store.clone(), Arc::new(ChainIntake { anchor_every: 0 }))
-        .await
-        .unwrap();
-    let chain = Chain::connect(settings).await.unwrap();
-    let writer = ChainWriter::start(
-        t.store.clone(),
-        commands.clone(),
-        chain.clone(),
-        Some(intake.subscribe()),
-    )
-    .unwrap();
+    let (intake, writer, chain) = match running {
+        Some(running) => running,
+        None => {
+            started = Instant::now();
+            start_writer().await
+        }
+    };
     loop {
         let done: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE event_type = 'ConsentGrantedOnChain'",
@@ -177,8 +202,10 @@ async fn run(grants: usize) {
     let _ = writer.send(chain_adapter::chain::minter::Stop).await;
     intake.stop().await;
     println!(
-        "chain writer on anvil (automine, 1 confirmation): {grants} grants in {elapsed:.2} s = {:.1} grants/s; {sent} transactions = {:.0} per 1,000 grants",
+        "chain writer on anvil (automine, 1 confirmation, {}): {grants} grants in {elapsed:.2} s = {:.1} grants/s; {sent} transactions ({:.1} tx/s) = {:.0} per 1,000 grants",
+        if live { "approvals arriving live" } else { "approvals waiting" },
         grants as f64 / elapsed,
+        sent as f64 / elapsed,
         sent as f64 * 1000.0 / grants as f64
     );
     t.cleanup().await.unwrap();

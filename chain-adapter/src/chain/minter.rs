@@ -220,8 +220,6 @@ pub struct Writer {
 const MIN_PAUSE: Duration = Duration::from_secs(1);
 /// Due jobs read per round.
 const JOBS_PER_ROUND: usize = 64;
-/// Grants sent together in one `grantBatch` transaction, at most.
-const GRANTS_PER_TRANSACTION: usize = 32;
 /// Replacements of a transaction not mined in time.
 const FEE_BUMPS: u32 = 3;
 /// After the last replacement, receipt timeouts waited before giving up on the nonce.
@@ -295,7 +293,10 @@ impl Writer {
         let mut grants: Option<usize> = None;
         for job in jobs {
             match grants {
-                Some(i) if job.kind == "grant" && units[i].len() < GRANTS_PER_TRANSACTION => {
+                Some(i)
+                    if job.kind == "grant"
+                        && units[i].len() < self.chain.settings.grants_per_transaction =>
+                {
                     units[i].push(job)
                 }
                 _ => {

@@ -80,6 +80,8 @@ pub struct ChainSettings {
     pub poll: Duration,
     /// Events per audit anchor (0: none).
     pub anchor_every: u64,
+    /// Grants sent together in one transaction, at most (1: one each).
+    pub grants_per_transaction: usize,
 }
 
 impl fmt::Debug for ChainSettings {
@@ -94,6 +96,7 @@ impl fmt::Debug for ChainSettings {
             .field("audit_anchor", &self.audit_anchor)
             .field("paymaster", &self.paymaster)
             .field("confirmations", &self.confirmations)
+            .field("grants_per_transaction", &self.grants_per_transaction)
             .finish()
     }
 }
