@@ -53,8 +53,9 @@ fn now_ms() -> i64 {
 
 /// Queues chain work from the log: a mint for each record's first `RecordStored`, a
 /// grant or revoke for each consent decision, and an anchor every `anchor_every`
-/// events (each event's Merkle leaf is kept by position, so a replay of the log adds
-/// no leaf twice).
+/// events. Every event's Merkle leaf is kept by position with its ordinal (its place
+/// in the log, from 1, as `audit verify` counts), anchoring on or off, so a replay of
+/// the log adds no leaf twice and turning anchoring on later numbers events the same.
 pub struct ChainIntake {
     /// Events per audit anchor; 0: no anchors.
     pub anchor_every: u64,
@@ -89,6 +90,11 @@ impl LogHandler for ChainIntake {
                 leaf TEXT NOT NULL
             )"
             .into(),
+            "CREATE TABLE IF NOT EXISTS chain_anchor_ranges (
+                to_ordinal BIGINT PRIMARY KEY,
+                from_ordinal BIGINT NOT NULL
+            )"
+            .into(),
         ]
     }
 
@@ -99,9 +105,7 @@ impl LogHandler for ChainIntake {
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
-        if self.anchor_every > 0 {
-            self.add_leaf(tx, event).await?;
-        }
+        self.add_leaf(tx, event).await?;
         let kind = match (event.aggregate_type.as_str(), event.event_type.as_str()) {
             ("medical_record", "RecordStored") => "mint",
             ("access_request", "AccessApproved") => "grant",
@@ -151,21 +155,43 @@ impl ChainIntake {
             .execute(&mut **tx)
             .await
             .context("keeping a log leaf")?;
+        if self.anchor_every == 0 {
+            return Ok(());
+        }
+        // The next range starts where the last one queued ended, whatever
+        // AFYA_CHAIN_ANCHOR_EVERY was then: ranges stay contiguous when it changes.
+        let last_end: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(to_ordinal) FROM chain_anchor_ranges")
+                .fetch_one(&mut **tx)
+                .await
+                .context("reading the last anchored range")?;
+        let mut from = last_end.unwrap_or(0) + 1;
         let every = i64::try_from(self.anchor_every).unwrap_or(i64::MAX);
-        if ordinal % every == 0 {
+        // Anchoring turned on after many events: their ranges all come now.
+        while ordinal - from + 1 >= every {
+            let to = from + every - 1;
+            sqlx::query(
+                "INSERT INTO chain_anchor_ranges (to_ordinal, from_ordinal) VALUES ($1, $2)",
+            )
+            .bind(to)
+            .bind(from)
+            .execute(&mut **tx)
+            .await
+            .context("keeping an anchored range")?;
             sqlx::query(
                 "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
                  next_attempt_at, last_error, updated_at) \
                  VALUES ('anchor', $1, $2, $3, 'pending', 0, 0, NULL, $4) \
                  ON CONFLICT (kind, subject) DO NOTHING",
             )
-            .bind(format!("{}-{}", ordinal - every + 1, ordinal))
+            .bind(format!("{from}-{to}"))
             .bind(event.event_id.to_string())
             .bind(event.position)
             .bind(now_text())
             .execute(&mut **tx)
             .await
             .context("queueing an anchor")?;
+            from = to + 1;
         }
         Ok(())
     }

@@ -992,3 +992,69 @@ async fn waiting_approvals_are_granted_together_in_one_transaction() {
     }
     app.stop().await;
 }
+
+/// Anchoring turned on after the log has grown, then its range size changed: the
+/// ranges on chain still start at 1 and follow each other without gap or overlap, and
+/// `audit verify` finds every one matching the local log.
+#[actix_rt::test]
+async fn anchor_ranges_stay_contiguous_when_anchoring_starts_late_or_changes_size() {
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    let anchor_address = address_of(&deployed, "AFYA_AUDIT_ANCHOR_ADDRESS");
+    let with = |every: &str| {
+        let mut vars = chain_vars(&node);
+        vars.extend(deployed.clone());
+        vars.push(("AFYA_CHAIN_ANCHOR_EVERY".into(), every.into()));
+        vars
+    };
+    let mut app = TestApp::start_with(Backend::Sqlite, &refs(&with("0")))
+        .await
+        .unwrap();
+    let _w = app.world().await;
+    let before = app.event_count().await;
+    assert!(before > 8);
+    app.restart("TERM", &with("4"));
+    patient(&app).await;
+    wait_until_anchored(&app, before / 4).await;
+    app.restart("TERM", &with("3"));
+    let anchored = app
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'LogRangeAnchored'")
+        .await;
+    patient(&app).await;
+    patient(&app).await;
+    wait_until_anchored(&app, anchored + 2).await;
+
+    let anchor = chain_adapter::chain::AuditAnchor::new(anchor_address, reader(&node));
+    let count: u64 = anchor.anchorCount().call().await.unwrap().to();
+    let mut next = 1;
+    let mut sizes = Vec::new();
+    for i in 0..count {
+        let a = anchor.anchorAt(U256::from(i)).call().await.unwrap();
+        assert_eq!(
+            a.fromPosition, next,
+            "range {i} does not follow the one before"
+        );
+        sizes.push(a.toPosition - a.fromPosition + 1);
+        next = a.toPosition + 1;
+    }
+    assert!(sizes.contains(&4) && sizes.contains(&3), "{sizes:?}");
+    assert!(sizes.iter().all(|s| *s == 4 || *s == 3), "{sizes:?}");
+    let (ok, out, err) = app.env.run_with(
+        &[
+            "audit",
+            "verify",
+            "--from",
+            "1",
+            "--to",
+            &(next - 1).to_string(),
+        ],
+        &with("3"),
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok")).count() as u64,
+        count,
+        "{out}"
+    );
+    app.stop().await;
+}
