@@ -249,15 +249,17 @@ impl KeyStore {
         Ok(())
     }
 
-    /// A keyed hash of a normalised phone number, to find an account by phone without
-    /// storing the number.
     /// A 32-byte secret of the subject's own, derived from its key: the seed of a
-    /// patient's custodial chain address. Gone when the subject is shredded.
-    pub async fn custodial_seed(&self, subject: &str) -> anyhow::Result<[u8; 32]> {
-        let key = self.existing_subject_key(subject).await?;
-        Ok(derive(&key, b"afyachain custodial address v1").0)
+    /// patient's custodial chain address. `None` once the subject is shredded.
+    pub async fn custodial_seed(&self, subject: &str) -> anyhow::Result<Option<[u8; 32]>> {
+        Ok(self
+            .stored_key(subject)
+            .await?
+            .map(|key| derive(&key, b"afyachain custodial address v1").0))
     }
 
+    /// A keyed hash of a normalised phone number, to find an account by phone without
+    /// storing the number.
     pub fn phone_index(&self, msisdn: &str) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.index_key.0)
             .unwrap_or_else(|_| unreachable_hmac());

@@ -513,13 +513,11 @@ impl Writer {
         else {
             return Err(Failure::Job("the record has no content".into()));
         };
-        let seed = self
-            .commands
-            .keys()
-            .custodial_seed(&patient.to_string())
-            .await
-            .map_err(|_| Failure::Job("the patient's key is gone (erased)".into()))?;
-        let holder = custodial_address(seed);
+        let Some(holder) = self.custodial(&patient.to_string()).await? else {
+            // Erased: no address of theirs is left to mint to, and nothing is owed.
+            tracing::info!(record_id = %record_id, "the patient was erased; no token minted");
+            return Ok(());
+        };
         let token = token_id(record_id.as_uuid(), category.chain_bit());
         let hash = B256::from_str(sha256.as_str())
             .map_err(|_| Failure::Job("the record's hash is not 32 bytes".into()))?;
@@ -572,14 +570,15 @@ impl Writer {
 }
 
 impl Writer {
-    async fn custodial(&self, subject: &str) -> Result<Address, Failure> {
+    /// A party's custodial address; `None` once the party is erased.
+    async fn custodial(&self, subject: &str) -> Result<Option<Address>, Failure> {
         let seed = self
             .commands
             .keys()
             .custodial_seed(subject)
             .await
-            .map_err(|_| Failure::Job("a party's key is gone (erased)".into()))?;
-        Ok(custodial_address(seed))
+            .map_err(Failure::Node)?;
+        Ok(seed.map(custodial_address))
     }
 
     fn registry(
@@ -886,8 +885,13 @@ impl Writer {
         ) else {
             return Err(Failure::Job("the request is incomplete".into()));
         };
-        let patient_address = self.custodial(&patient.to_string()).await?;
-        let doctor_address = self.custodial(&doctor.to_string()).await?;
+        let (Some(patient_address), Some(doctor_address)) = (
+            self.custodial(&patient.to_string()).await?,
+            self.custodial(&doctor.to_string()).await?,
+        ) else {
+            tracing::info!(request_id = %request_id, "a party was erased; no grant sent");
+            return Ok(None);
+        };
         let scope = request.scope();
         let categories = scope
             .categories

@@ -1058,3 +1058,71 @@ async fn anchor_ranges_stay_contiguous_when_anchoring_starts_late_or_changes_siz
     );
     app.stop().await;
 }
+
+/// A record stored for a patient who is erased before the chain adapter reaches it:
+/// no token is minted (no address of theirs is left), and the work is done, not
+/// retried into the dead letters.
+#[actix_rt::test]
+async fn no_token_is_minted_for_a_patient_erased_before_the_mint() {
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    let mut vars = s3.vars();
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let mut app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let p = patient(&app).await;
+    app.upload(
+        &p.token,
+        &p.id,
+        "category=lab",
+        "application/pdf",
+        b"lab Achieng",
+    )
+    .await
+    .ok(201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&app, &p).await[0]["storage_status"] != "stored" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Erased (crypto-shredded) under a fresh server that never read the key, then the
+    // chain adapter starts.
+    app.restart("TERM", &[]);
+    {
+        use sqlx::Connection;
+        let db = app.env.data_dir.join("afyachain.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let gone = sqlx::query("DELETE FROM subject_keys WHERE subject_id = $1")
+            .bind(&p.id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(gone.rows_affected(), 1);
+    }
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed);
+    app.restart("TERM", &vars);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !app
+        .server
+        .logs()
+        .contains("the patient was erased; no token minted")
+    {
+        assert!(Instant::now() < deadline, "{}", app.server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.scalar("SELECT count(*) FROM chain_jobs").await, 0);
+    assert_eq!(minted_on_chain(&node, token_address).await, 0);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'RecordTokenMinted'")
+            .await,
+        0
+    );
+    app.stop().await;
+}
