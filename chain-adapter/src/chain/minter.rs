@@ -286,7 +286,11 @@ impl Writer {
             }
         }
         if !state.checked {
-            match self.preflight().await {
+            let checked = tokio::select! {
+                checked = self.preflight() => checked,
+                _ = stop.wait_for(|s| *s) => return Ok(false),
+            };
+            match checked {
                 Ok(()) => state.checked = true,
                 Err(Failure::Job(reason)) => {
                     tracing::error!(error = %reason, "chain writer cannot start; no transaction is sent");
@@ -348,6 +352,9 @@ impl Writer {
                 outcomes = self.run_unit(unit) => outcomes,
                 _ = stop.wait_for(|s| *s) => return Ok(false),
             };
+            // Whether the node is down is asked once per unit, and every job of the
+            // unit is settled before the writer pauses.
+            let mut node_down: Option<bool> = None;
             for (job, result) in outcomes {
                 match result {
                     Ok(()) => {
@@ -359,14 +366,16 @@ impl Writer {
                             .context("finishing a chain job")?;
                         state.pause = MIN_PAUSE;
                     }
-                    Err(Failure::Node(error)) if !self.node_answers().await => {
+                    Err(Failure::Node(error))
+                        if match node_down {
+                            Some(down) => down,
+                            None => *node_down.insert(!self.node_answers().await),
+                        } =>
+                    {
                         let error = one_line(&format!("{error:#}"));
                         tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
                         self.put_off(&job, now_ms() + millis(state.pause), &error, false)
                             .await?;
-                        state.paused_until = Some(Instant::now() + state.pause);
-                        state.pause = (state.pause * 2).min(MAX_PAUSE);
-                        return Ok(false);
                     }
                     Err(Failure::Node(error)) => {
                         self.count(&job, &one_line(&format!("{error:#}"))).await?;
@@ -378,6 +387,11 @@ impl Writer {
                             .await?;
                     }
                 }
+            }
+            if node_down == Some(true) {
+                state.paused_until = Some(Instant::now() + state.pause);
+                state.pause = (state.pause * 2).min(MAX_PAUSE);
+                return Ok(false);
             }
         }
         Ok(full)
@@ -646,12 +660,12 @@ impl Writer {
         let mut fees = match chain.settings.mode {
             ChainMode::Evm => {
                 let estimate = provider.estimate_eip1559_fees().await.map_err(node)?;
-                let gas = call
-                    .estimate_gas()
-                    .await
-                    .map_err(|e| Failure::Node(e.into()))?;
+                let gas = call.estimate_gas().await.map_err(|e| match e {
+                    alloy::contract::Error::TransportError(e) => estimate_failure(e),
+                    other => Failure::Node(other.into()),
+                })?;
                 Fees {
-                    gas_limit: gas + gas / 5,
+                    gas_limit: gas.saturating_add(gas / 5),
                     max_fee_per_gas: estimate.max_fee_per_gas,
                     max_priority_fee_per_gas: estimate.max_priority_fee_per_gas,
                     gas_per_pubdata: 0,
@@ -661,9 +675,9 @@ impl Writer {
                 let estimate = chain
                     .zksync_fee(to, data.clone())
                     .await
-                    .map_err(Failure::Node)?;
+                    .map_err(estimate_failure)?;
                 Fees {
-                    gas_limit: estimate.gas_limit + estimate.gas_limit / 5,
+                    gas_limit: estimate.gas_limit.saturating_add(estimate.gas_limit / 5),
                     max_fee_per_gas: estimate.max_fee_per_gas,
                     max_priority_fee_per_gas: estimate.max_priority_fee_per_gas,
                     gas_per_pubdata: estimate.gas_per_pubdata_limit.saturating_to(),
@@ -673,8 +687,12 @@ impl Writer {
         let mut sent: Vec<B256> = Vec::new();
         for bump in 0..=FEE_BUMPS {
             if bump > 0 {
-                fees.max_fee_per_gas += fees.max_fee_per_gas / 4 + 1;
-                fees.max_priority_fee_per_gas += fees.max_priority_fee_per_gas / 4 + 1;
+                fees.max_fee_per_gas = fees
+                    .max_fee_per_gas
+                    .saturating_add(fees.max_fee_per_gas / 4 + 1);
+                fees.max_priority_fee_per_gas = fees
+                    .max_priority_fee_per_gas
+                    .saturating_add(fees.max_priority_fee_per_gas / 4 + 1);
                 tracing::warn!(
                     nonce,
                     bump,
@@ -836,6 +854,14 @@ impl Writer {
                     outcomes.push((job, result));
                 }
             }
+            Err(Failure::Node(error)) if self.node_answers().await => {
+                let error = one_line(&format!("{error:#}"));
+                tracing::warn!(%error, grants = ready.len(), "a batch of grants failed; sending them one at a time");
+                for (job, _) in ready {
+                    let result = self.grant(&job).await;
+                    outcomes.push((job, result));
+                }
+            }
             Err(Failure::Node(error) | Failure::Wait(error)) => {
                 let error = format!("{error:#}");
                 for (job, _) in ready {
@@ -954,7 +980,8 @@ impl Writer {
             // there (sent by a run that died before recording it) is recorded now and
             // revoked below; none means nothing to revoke.
             let pending: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM chain_jobs WHERE kind = 'grant' AND subject = $1",
+                "SELECT COUNT(*) FROM chain_jobs \
+                 WHERE kind = 'grant' AND subject = $1 AND state = 'pending'",
             )
             .bind(job.subject.clone())
             .fetch_one(self.store.any_pool())
@@ -1118,6 +1145,26 @@ impl Writer {
         // Seen at the head, it may still be reorganised away: confirmed like a new one.
         self.buried(block).await?;
         Ok((log.transaction_hash.unwrap_or_default(), block))
+    }
+}
+
+/// A failed estimate: the node saying the call would revert (JSON-RPC code 3, or a
+/// message naming a revert or the paymaster) is the job's fault; anything else, the
+/// node's.
+fn estimate_failure(error: alloy::transports::TransportError) -> Failure {
+    match error {
+        alloy::transports::RpcError::ErrorResp(payload)
+            if payload.code == 3 || {
+                let message = payload.message.to_ascii_lowercase();
+                message.contains("revert") || message.contains("paymaster")
+            } =>
+        {
+            Failure::Job(one_line(&format!(
+                "the call would fail: {} (code {})",
+                payload.message, payload.code
+            )))
+        }
+        other => Failure::Node(other.into()),
     }
 }
 

@@ -191,9 +191,11 @@ impl Chain {
 
     /// zkSync's fee estimate (`zks_estimateFee`) for calling `to` with `data` as the
     /// operator through the paymaster: gas limit, fees and gas per pubdata byte.
-    pub async fn zksync_fee(&self, to: Address, data: Bytes) -> anyhow::Result<Eip712Fee> {
+    pub async fn zksync_fee(&self, to: Address, data: Bytes) -> Result<Eip712Fee, TransportError> {
         use alloy::network::TransactionBuilder;
-        let (paymaster, input) = self.paymaster_params()?;
+        let (paymaster, input) = self
+            .paymaster_params()
+            .map_err(|e| TransportError::local_usage_str(&e.to_string()))?;
         let request = alloy_zksync::network::transaction_request::TransactionRequest::default()
             .with_from(self.operator)
             .with_to(to)
@@ -206,7 +208,6 @@ impl Chain {
         self.provider
             .raw_request("zks_estimateFee".into(), (request,))
             .await
-            .context("estimating a zkSync fee (zks_estimateFee)")
     }
 
     /// Signs a call to `to` as a 0x71 transaction through the paymaster and sends it;

@@ -313,7 +313,8 @@ async fn estimate_fee(state: &State, params: &Value) -> Result<Value, Value> {
         .unwrap_or(0);
     Ok(json!({
         "gas_limit": gas,
-        "gas_per_pubdata_limit": quantity(50_000u64),
+        // Not the default (50,000) the request carries: the adapter must use this.
+        "gas_per_pubdata_limit": quantity(800u64),
         "max_fee_per_gas": quantity(price * 2),
         "max_priority_fee_per_gas": "0x0",
     }))
