@@ -28,6 +28,7 @@ use crate::routes::{access, accounts, audit, ops, records};
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
         accounts::sign_up_patient, accounts::sign_up_doctor, accounts::verify_doctor,
         accounts::sign_in, accounts::current_session, accounts::sign_out,
+        accounts::wallet, accounts::register_wallet,
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log,

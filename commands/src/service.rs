@@ -17,7 +17,7 @@ use domain::clock::Clock;
 use domain::doctor::{Doctor, DoctorCommand};
 use domain::error::{Rule, RuleKind, ServiceError};
 use domain::ids::{AccessRequestId, DoctorId, PatientId, RecordId, StaffId};
-use domain::patient::{Patient, PatientCommand};
+use domain::patient::{Patient, PatientCommand, PatientError};
 use domain::record::{MedicalRecord, RecordCommand, RecordServices};
 use domain::session::{Session, SessionCommand, SessionError};
 use domain::staff::{Staff, StaffCommand};
@@ -1081,6 +1081,76 @@ impl Commands {
 
     /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record
     /// has one token, and a repeat records nothing. Only the chain adapter calls it.
+    /// The patient's own wallet is to hold their record tokens (`WalletRegistered`,
+    /// the address sealed under their key). The caller has checked the patient's proof
+    /// of holding it. Refused once the custodial address is in use on chain.
+    pub async fn register_wallet(
+        &self,
+        patient_id: PatientId,
+        address: &str,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        let wallet = self.seal_text(&patient_id.to_string(), address).await?;
+        self.store
+            .execute::<Patient>(
+                &self.patients,
+                &patient_id.to_string(),
+                PatientCommand::RegisterWallet { wallet },
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)
+    }
+
+    /// A patient as the event store holds it now (`None`: no such patient).
+    pub async fn patient(&self, patient_id: PatientId) -> anyhow::Result<Option<Patient>> {
+        let patient = self
+            .patients
+            .load_aggregate(&patient_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading a patient: {e}"))?
+            .aggregate;
+        Ok(patient.id().map(|_| patient))
+    }
+
+    /// Where the patient's record tokens are held: their registered wallet's address,
+    /// or `None` for their custodial address, which from this call on is theirs for
+    /// good (`CustodialAddressInUse`, once). Only the chain adapter calls it, before it
+    /// puts the patient's address on chain.
+    pub async fn patient_chain_wallet(
+        &self,
+        patient_id: PatientId,
+    ) -> Result<Option<String>, CommandError> {
+        let meta = CommandMeta::new(Actor::System.reference());
+        self.store
+            .execute::<Patient>(
+                &self.patients,
+                &patient_id.to_string(),
+                PatientCommand::UseChainAddress,
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)?;
+        let patient = self
+            .patient(patient_id)
+            .await?
+            .ok_or_else(|| CommandError::rule(PatientError::NotRegistered))?;
+        match patient.wallet() {
+            None => Ok(None),
+            Some(sealed) => self
+                .open_text(&patient_id.to_string(), sealed.as_str())
+                .await
+                .map(Some)
+                .ok_or_else(|| {
+                    CommandError::from(anyhow::anyhow!(
+                        "the patient's wallet cannot be opened (erased?)"
+                    ))
+                }),
+        }
+    }
+
     pub async fn mark_minted(
         &self,
         record_id: RecordId,

@@ -19,6 +19,15 @@ pub enum PatientCommand {
     UpdateProfile {
         personal: Sealed,
     },
+    /// The patient's own wallet (its address sealed under the patient's key) is to hold
+    /// their record tokens. Only before the platform has used their custodial address
+    /// on chain, and once.
+    RegisterWallet {
+        wallet: Sealed,
+    },
+    /// The chain adapter is about to use the patient's chain address: without a
+    /// registered wallet, the custodial one is from now on theirs for good.
+    UseChainAddress,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,6 +41,13 @@ pub enum PatientEvent {
         patient_id: PatientId,
         personal: Sealed,
     },
+    WalletRegistered {
+        patient_id: PatientId,
+        wallet: Sealed,
+    },
+    CustodialAddressInUse {
+        patient_id: PatientId,
+    },
 }
 
 impl DomainEvent for PatientEvent {
@@ -39,6 +55,8 @@ impl DomainEvent for PatientEvent {
         match self {
             PatientEvent::PatientRegistered { .. } => "PatientRegistered",
             PatientEvent::PatientProfileUpdated { .. } => "PatientProfileUpdated",
+            PatientEvent::WalletRegistered { .. } => "WalletRegistered",
+            PatientEvent::CustodialAddressInUse { .. } => "CustodialAddressInUse",
         }
         .to_owned()
     }
@@ -53,6 +71,10 @@ pub enum PatientError {
     AlreadyRegistered,
     #[error("no such patient")]
     NotRegistered,
+    #[error("a wallet is already registered for this patient")]
+    WalletAlreadyRegistered,
+    #[error("the patient's records are already held at their custodial address")]
+    CustodialAddressInUse,
 }
 
 impl Rule for PatientError {
@@ -60,12 +82,17 @@ impl Rule for PatientError {
         match self {
             PatientError::AlreadyRegistered => RuleKind::Conflict,
             PatientError::NotRegistered => RuleKind::NotFound,
+            PatientError::WalletAlreadyRegistered | PatientError::CustodialAddressInUse => {
+                RuleKind::Conflict
+            }
         }
     }
     fn code(&self) -> &'static str {
         match self {
             PatientError::AlreadyRegistered => "patient_already_registered",
             PatientError::NotRegistered => "patient_not_found",
+            PatientError::WalletAlreadyRegistered => "wallet_already_registered",
+            PatientError::CustodialAddressInUse => "custodial_address_in_use",
         }
     }
 }
@@ -73,11 +100,25 @@ impl Rule for PatientError {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Patient {
     id: Option<PatientId>,
+    #[serde(default)]
+    wallet: Option<Sealed>,
+    #[serde(default)]
+    custodial_in_use: bool,
 }
 
 impl Patient {
     pub fn id(&self) -> Option<PatientId> {
         self.id
+    }
+
+    /// The registered wallet's address, sealed under the patient's key.
+    pub fn wallet(&self) -> Option<&Sealed> {
+        self.wallet.as_ref()
+    }
+
+    /// Whether the custodial address holds (or is about to hold) their tokens.
+    pub fn custodial_in_use(&self) -> bool {
+        self.custodial_in_use
     }
 }
 
@@ -118,13 +159,34 @@ impl Aggregate for Patient {
                 };
                 sink.write(event, self).await;
             }
+            PatientCommand::RegisterWallet { wallet } => {
+                let patient_id = self.id.ok_or(PatientError::NotRegistered)?;
+                if self.wallet.is_some() {
+                    return Err(PatientError::WalletAlreadyRegistered);
+                }
+                if self.custodial_in_use {
+                    return Err(PatientError::CustodialAddressInUse);
+                }
+                let event = PatientEvent::WalletRegistered { patient_id, wallet };
+                sink.write(event, self).await;
+            }
+            PatientCommand::UseChainAddress => {
+                let patient_id = self.id.ok_or(PatientError::NotRegistered)?;
+                if self.wallet.is_none() && !self.custodial_in_use {
+                    let event = PatientEvent::CustodialAddressInUse { patient_id };
+                    sink.write(event, self).await;
+                }
+            }
         }
         Ok(())
     }
 
     fn apply(&mut self, event: PatientEvent) {
-        if let PatientEvent::PatientRegistered { patient_id, .. } = event {
-            self.id = Some(patient_id);
+        match event {
+            PatientEvent::PatientRegistered { patient_id, .. } => self.id = Some(patient_id),
+            PatientEvent::PatientProfileUpdated { .. } => {}
+            PatientEvent::WalletRegistered { wallet, .. } => self.wallet = Some(wallet),
+            PatientEvent::CustodialAddressInUse { .. } => self.custodial_in_use = true,
         }
     }
 }
@@ -162,6 +224,65 @@ mod tests {
                 phone_index: "ab".into(),
             })
             .then_expect_error(PatientError::AlreadyRegistered);
+    }
+
+    fn sealed(text: &str) -> Sealed {
+        Sealed::from_ciphertext(text.into())
+    }
+
+    #[test]
+    fn a_wallet_is_registered_once_and_only_before_the_custodial_address_is_used() {
+        let id = PatientId::new();
+        TestFramework::<Patient>::with(())
+            .given(vec![registered(id)])
+            .when(PatientCommand::RegisterWallet {
+                wallet: sealed("v1.w"),
+            })
+            .then_expect_events(vec![PatientEvent::WalletRegistered {
+                patient_id: id,
+                wallet: sealed("v1.w"),
+            }]);
+        let with_wallet = vec![
+            registered(id),
+            PatientEvent::WalletRegistered {
+                patient_id: id,
+                wallet: sealed("v1.w"),
+            },
+        ];
+        TestFramework::<Patient>::with(())
+            .given(with_wallet.clone())
+            .when(PatientCommand::RegisterWallet {
+                wallet: sealed("v1.v"),
+            })
+            .then_expect_error(PatientError::WalletAlreadyRegistered);
+        // With a wallet, using the chain address changes nothing.
+        TestFramework::<Patient>::with(())
+            .given(with_wallet)
+            .when(PatientCommand::UseChainAddress)
+            .then_expect_events(vec![]);
+        // Without, the custodial address is in use, once; a wallet comes too late.
+        TestFramework::<Patient>::with(())
+            .given(vec![registered(id)])
+            .when(PatientCommand::UseChainAddress)
+            .then_expect_events(vec![PatientEvent::CustodialAddressInUse { patient_id: id }]);
+        let in_use = vec![
+            registered(id),
+            PatientEvent::CustodialAddressInUse { patient_id: id },
+        ];
+        TestFramework::<Patient>::with(())
+            .given(in_use.clone())
+            .when(PatientCommand::UseChainAddress)
+            .then_expect_events(vec![]);
+        TestFramework::<Patient>::with(())
+            .given(in_use)
+            .when(PatientCommand::RegisterWallet {
+                wallet: sealed("v1.w"),
+            })
+            .then_expect_error(PatientError::CustodialAddressInUse);
+        TestFramework::<Patient>::with(())
+            .given_no_previous_events()
+            .when(PatientCommand::UseChainAddress)
+            .then_expect_error(PatientError::NotRegistered);
     }
 
     #[test]

@@ -108,7 +108,8 @@ impl LogHandler for Directory {
                     )
                     .await?;
                 }
-                PatientEvent::PatientProfileUpdated { patient_id, .. } => {
+                PatientEvent::PatientProfileUpdated { patient_id, .. }
+                | PatientEvent::WalletRegistered { patient_id, .. } => {
                     exec(
                         tx,
                         "UPDATE rm_patients SET updated_at = $1 WHERE patient_id = $2",
@@ -116,6 +117,8 @@ impl LogHandler for Directory {
                     )
                     .await?;
                 }
+                // The chain adapter's bookkeeping: nothing a read model shows.
+                PatientEvent::CustodialAddressInUse { .. } => {}
             }
         } else if event.aggregate_type == Doctor::TYPE {
             match event.decode::<DoctorEvent>(&self.upcasters.0)? {

@@ -1,19 +1,20 @@
 //! Sign-up of patients and doctors, verification of doctors by a registrar, sign-in
 //! and sign-out.
 
+use actix_web::http::StatusCode;
 use actix_web::web::{Data, Path};
 use actix_web::{HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use commands::CommandError;
-use domain::ids::DoctorId;
+use domain::ids::{DoctorId, PatientId};
 use domain::value::{BirthDate, LicenceNumber, Msisdn, Password, PersonName};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::extract::{command_meta, phone_meta, without_password, Body, Caller};
-use crate::problem::{checked, Problem, Validation};
-use crate::routes::{path_id, registrar};
+use crate::problem::{checked, Details, Problem, Validation};
+use crate::routes::{own_patient, path_id, registrar};
 use crate::server::AppState;
 
 // Bodies and answers that hold a password or a token derive no `Debug`: they cannot be
@@ -297,4 +298,121 @@ pub async fn sign_out(
         .sign_out(caller.0.session_id, caller.actor(), meta)
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// A patient's own wallet, to hold their record tokens instead of their custodial
+/// address.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WalletRegistration {
+    /// The wallet's address, 0x and 40 hex digits.
+    #[schema(example = "0x52908400098527886E0F7030069857D2E4169EE7")]
+    pub address: String,
+    /// The wallet's EIP-191 `personal_sign` (65 bytes, hex) of the message `GET` on this
+    /// resource gives, with `{address}` replaced by the checksummed address.
+    pub signature: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WalletState {
+    /// The registered wallet (checksummed), or null.
+    pub wallet: Option<String>,
+    /// Whether the platform already uses the patient's custodial address on chain
+    /// (then no wallet can be registered any more).
+    pub custodial_in_use: bool,
+    /// What to sign to register a wallet, `{address}` standing for its checksummed
+    /// address.
+    pub message: String,
+}
+
+async fn wallet_state(state: &AppState, patient_id: PatientId) -> Result<WalletState, Problem> {
+    let patient = state
+        .commands
+        .patient(patient_id)
+        .await
+        .map_err(|e| Problem::internal(&e))?
+        .ok_or_else(|| Problem::not_found("patient_not_found", "no such patient"))?;
+    let wallet = match patient.wallet() {
+        Some(sealed) => {
+            state
+                .commands
+                .open_text(&patient_id.to_string(), sealed.as_str())
+                .await
+        }
+        None => None,
+    };
+    let template = chain_adapter::chain::wallet_message(
+        &patient_id.to_string(),
+        chain_adapter::chain::ChainAddress::ZERO,
+    )
+    .replace(
+        &chain_adapter::chain::ChainAddress::ZERO.to_checksum(None),
+        "{address}",
+    );
+    Ok(WalletState {
+        wallet,
+        custodial_in_use: patient.custodial_in_use(),
+        message: template,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/wallet", tag = "accounts",
+    params(("patient_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The patient's wallet, if any (the patient)", body = WalletState)))]
+#[tracing::instrument(skip_all)]
+pub async fn wallet(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    own_patient(&caller, patient_id)?;
+    Ok(HttpResponse::Ok().json(wallet_state(&state, patient_id).await?))
+}
+
+#[utoipa::path(put, path = "/v1/patients/{patient_id}/wallet", tag = "accounts",
+    params(("patient_id" = Uuid, Path)),
+    request_body = WalletRegistration,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Registered: the patient's record tokens go to it", body = WalletState),
+        (status = 409, description = "A wallet is registered already, or the custodial address is in use on chain", body = Details),
+        (status = 422, description = "Not an address, or the signature does not prove holding it", body = Details)))]
+#[tracing::instrument(skip_all)]
+pub async fn register_wallet(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    own_patient(&caller, patient_id)?;
+    let input: WalletRegistration = body.json()?;
+    let address: chain_adapter::chain::ChainAddress = input
+        .address
+        .trim()
+        .parse()
+        .ok()
+        .filter(|a: &chain_adapter::chain::ChainAddress| !a.is_zero())
+        .ok_or_else(|| Problem::field("address", "must be an address: 0x and 40 hex digits"))?;
+    if !chain_adapter::chain::proves_wallet(&patient_id.to_string(), address, &input.signature) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wallet_proof_invalid",
+            format!(
+                "signature must be this wallet's personal_sign of: {}",
+                chain_adapter::chain::wallet_message(&patient_id.to_string(), address)
+            ),
+        )
+        .at("signature"));
+    }
+    let meta = command_meta(&req, Some(caller.actor()), body.bytes())?;
+    let outcome = state
+        .commands
+        .register_wallet(patient_id, &address.to_checksum(None), meta)
+        .await?;
+    state.settle.settle(&outcome).await;
+    Ok(HttpResponse::Ok().json(wallet_state(&state, patient_id).await?))
 }

@@ -19,12 +19,17 @@ pub mod records;
 /// Every route of the server; the OpenAPI document lists the same ones
 /// (`the_openapi_document_lists_exactly_the_served_routes`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    use web::{delete, get, post};
+    use web::{delete, get, post, put};
     cfg.service(resource("/healthz").route(get().to(ops::healthz)))
         .service(resource("/readyz").route(get().to(ops::readyz)))
         .service(resource("/metrics").route(get().to(ops::metrics)))
         .service(resource("/v1/openapi.json").route(get().to(ops::openapi)))
         .service(resource("/v1/patients").route(post().to(accounts::sign_up_patient)))
+        .service(
+            resource("/v1/patients/{patient_id}/wallet")
+                .route(get().to(accounts::wallet))
+                .route(put().to(accounts::register_wallet)),
+        )
         .service(resource("/v1/doctors").route(post().to(accounts::sign_up_doctor)))
         .service(
             resource("/v1/doctors/{doctor_id}/verification")

@@ -527,7 +527,7 @@ impl Writer {
         else {
             return Err(Failure::Job("the record has no content".into()));
         };
-        let Some(holder) = self.custodial(&patient.to_string()).await? else {
+        let Some(holder) = self.patient_address(patient).await? else {
             // Erased: no address of theirs is left to mint to, and nothing is owed.
             tracing::info!(record_id = %record_id, "the patient was erased; no token minted");
             return Ok(());
@@ -584,6 +584,31 @@ impl Writer {
 }
 
 impl Writer {
+    /// Where a patient's tokens are held, and so the patient in their grants: the
+    /// wallet they registered, else their custodial address (which the patient record
+    /// then keeps for good, so a wallet registered later cannot split their tokens).
+    /// `None` once the patient is erased.
+    async fn patient_address(
+        &self,
+        patient: domain::ids::PatientId,
+    ) -> Result<Option<Address>, Failure> {
+        let Some(custodial) = self.custodial(&patient.to_string()).await? else {
+            return Ok(None);
+        };
+        let wallet = self
+            .commands
+            .patient_chain_wallet(patient)
+            .await
+            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+        match wallet {
+            None => Ok(Some(custodial)),
+            Some(wallet) => wallet
+                .parse()
+                .map(Some)
+                .map_err(|_| Failure::Job("the patient's wallet is not an address".into())),
+        }
+    }
+
     /// A party's custodial address; `None` once the party is erased.
     async fn custodial(&self, subject: &str) -> Result<Option<Address>, Failure> {
         let seed = self
@@ -912,7 +937,7 @@ impl Writer {
             return Err(Failure::Job("the request is incomplete".into()));
         };
         let (Some(patient_address), Some(doctor_address)) = (
-            self.custodial(&patient.to_string()).await?,
+            self.patient_address(patient).await?,
             self.custodial(&doctor.to_string()).await?,
         ) else {
             tracing::info!(request_id = %request_id, "a party was erased; no grant sent");

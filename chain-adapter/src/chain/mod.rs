@@ -306,6 +306,26 @@ pub fn custodial_address(seed: [u8; 32]) -> Address {
     }
 }
 
+/// What a patient signs (EIP-191 `personal_sign`) with the wallet they register, to
+/// show they hold it: names the address (checksummed) and the patient.
+pub fn wallet_message(patient_id: &str, address: Address) -> String {
+    format!(
+        "AfyaChain: I hold {} and ask that my medical record tokens be minted to it. Patient {patient_id}.",
+        address.to_checksum(None)
+    )
+}
+
+/// Whether `signature` (65 bytes, hex) is `address`'s `personal_sign` of
+/// [`wallet_message`] for this patient.
+pub fn proves_wallet(patient_id: &str, address: Address, signature: &str) -> bool {
+    let Ok(signature) = signature.trim().parse::<alloy::primitives::Signature>() else {
+        return false;
+    };
+    signature
+        .recover_address_from_msg(wallet_message(patient_id, address))
+        .is_ok_and(|signer| signer == address)
+}
+
 /// A record's token id: its UUID shifted left by 8 bits, its category's chain bit in
 /// the low byte.
 pub fn token_id(record: uuid::Uuid, category_bit: u8) -> U256 {

@@ -1213,3 +1213,171 @@ async fn a_batch_with_a_grant_that_cannot_be_made_goes_one_grant_at_a_time() {
     );
     app.stop().await;
 }
+
+/// A patient's own wallet holds their tokens and is the patient in their grants, once
+/// they prove they hold it; a patient whose custodial address is in use cannot switch.
+#[actix_rt::test]
+async fn a_registered_wallet_holds_the_patients_tokens() {
+    use alloy::signers::local::PrivateKeySigner;
+    use alloy::signers::SignerSync;
+    use chain_adapter::chain::wallet_message;
+    use reqwest::Method;
+
+    let node = anvil();
+    let s3 = S3Server::start();
+    let deployed = deploy(&node).await;
+    let token_address = address_of(&deployed, "AFYA_RECORD_TOKEN_ADDRESS");
+    let registry_address = address_of(&deployed, "AFYA_CONSENT_REGISTRY_ADDRESS");
+    let mut vars = s3.vars();
+    vars.extend(chain_vars(&node));
+    vars.extend(deployed);
+    vars.push(("AFYA_STORAGE_POLL_MS".into(), "100".into()));
+    let app = TestApp::start_with(Backend::Sqlite, &refs(&vars))
+        .await
+        .unwrap();
+    let w = app.world().await;
+    let path = format!("/v1/patients/{}/wallet", w.patient.id);
+    let put = |token: &str, body: Value| {
+        let app = &app;
+        let path = path.clone();
+        let token = token.to_owned();
+        async move {
+            app.send(
+                Method::PUT,
+                &path,
+                Some(&token),
+                &[("content-type", "application/json")],
+                Some(serde_json::to_vec(&body).unwrap()),
+            )
+            .await
+        }
+    };
+    let before = app.get(&path, Some(&w.patient.token)).await.ok(200);
+    assert_eq!(before["wallet"], Value::Null);
+    assert_eq!(before["custodial_in_use"], false);
+    let template = before["message"].as_str().unwrap().to_owned();
+    assert!(template.contains("{address}") && template.contains(&w.patient.id));
+
+    let wallet = PrivateKeySigner::random();
+    let address = wallet.address();
+    let message = template.replace("{address}", &address.to_checksum(None));
+    assert_eq!(message, wallet_message(&w.patient.id, address));
+    let signature = wallet.sign_message_sync(message.as_bytes()).unwrap();
+    let proof =
+        serde_json::json!({"address": address.to_string(), "signature": signature.to_string()});
+    // Refused: not an address, a signature by another key, one for another patient,
+    // another patient or a doctor asking.
+    put(
+        &w.patient.token,
+        serde_json::json!({"address": "0x12", "signature": signature.to_string()}),
+    )
+    .await
+    .problem(422, "invalid_request");
+    let stranger = PrivateKeySigner::random()
+        .sign_message_sync(message.as_bytes())
+        .unwrap();
+    put(
+        &w.patient.token,
+        serde_json::json!({"address": address.to_string(), "signature": stranger.to_string()}),
+    )
+    .await
+    .problem(422, "wallet_proof_invalid");
+    let for_other = wallet
+        .sign_message_sync(wallet_message(&w.other_patient.id, address).as_bytes())
+        .unwrap();
+    put(
+        &w.patient.token,
+        serde_json::json!({"address": address.to_string(), "signature": for_other.to_string()}),
+    )
+    .await
+    .problem(422, "wallet_proof_invalid");
+    put(&w.other_patient.token, proof.clone())
+        .await
+        .problem(403, "not_your_data");
+    put(&w.doctor.token, proof.clone())
+        .await
+        .problem(403, "role_forbidden");
+    assert_eq!(
+        app.get(&path, Some(&w.patient.token)).await.ok(200)["wallet"],
+        Value::Null
+    );
+    // Registered; once.
+    let registered = put(&w.patient.token, proof.clone()).await.ok(200);
+    assert_eq!(registered["wallet"], address.to_checksum(None));
+    put(&w.patient.token, proof)
+        .await
+        .problem(409, "wallet_already_registered");
+    // The address is sealed in the log, like other personal data.
+    let raw = app.raw_events().await.to_lowercase();
+    assert!(raw.contains("walletregistered"));
+    assert!(
+        !raw.contains(&format!("{address:x}")[2..]),
+        "the wallet address is in the log in clear"
+    );
+
+    // The patient's token goes to the wallet, and the grant names it.
+    let (_, _) = app
+        .share(&w, "lab", "application/pdf", b"%PDF lab Achieng")
+        .await;
+    let items = all_minted(&app, &w.patient, 1).await;
+    let token: U256 = items[0]["token_id"].as_str().unwrap().parse().unwrap();
+    let holder = RecordToken::new(token_address, reader(&node))
+        .ownerOf(token)
+        .call()
+        .await
+        .unwrap();
+    assert_eq!(holder, address);
+    wait_events(&app, "ConsentGrantedOnChain", 1).await;
+    let registry = chain_adapter::chain::ConsentRegistry::new(registry_address, reader(&node));
+    let granted = registry
+        .ConsentGranted_filter()
+        .from_block(0)
+        .query()
+        .await
+        .unwrap();
+    assert_eq!(granted[0].0.patient, address);
+    let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap();
+    assert!(registry
+        .hasAccess(granted[0].0.grantee, token, now)
+        .call()
+        .await
+        .unwrap());
+
+    // The other patient's token went to their custodial address: too late to switch.
+    app.upload(
+        &w.other_patient.token,
+        &w.other_patient.id,
+        "category=lab",
+        "application/pdf",
+        b"lab Wanjiru",
+    )
+    .await
+    .ok(201);
+    all_minted(&app, &w.other_patient, 1).await;
+    let other_path = format!("/v1/patients/{}/wallet", w.other_patient.id);
+    let state = app
+        .get(&other_path, Some(&w.other_patient.token))
+        .await
+        .ok(200);
+    assert_eq!(state["custodial_in_use"], true);
+    let late = PrivateKeySigner::random();
+    let signature = late
+        .sign_message_sync(wallet_message(&w.other_patient.id, late.address()).as_bytes())
+        .unwrap();
+    app.send(
+        Method::PUT,
+        &other_path,
+        Some(&w.other_patient.token),
+        &[("content-type", "application/json")],
+        Some(
+            serde_json::to_vec(&serde_json::json!({
+                "address": late.address().to_string(),
+                "signature": signature.to_string()
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .problem(409, "custodial_address_in_use");
+    app.stop().await;
+}
