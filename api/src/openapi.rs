@@ -57,6 +57,12 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
         &[401, 403, 404, 409, 422],
     ),
     ("/v1/sessions", "post", &[400, 401, 409, 413, 415, 422, 429]),
+    ("/v1/patients/{patient_id}/wallet", "get", &[401, 403, 404]),
+    (
+        "/v1/patients/{patient_id}/wallet",
+        "put",
+        &[400, 401, 403, 404, 409, 413, 415, 422],
+    ),
     ("/v1/sessions/current", "get", &[401]),
     ("/v1/sessions/current", "delete", &[401, 409]),
     (

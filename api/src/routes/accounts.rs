@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::extract::{command_meta, phone_meta, without_password, Body, Caller};
-use crate::problem::{checked, Details, Problem, Validation};
+use crate::problem::{checked, Problem, Validation};
 use crate::routes::{own_patient, path_id, registrar};
 use crate::server::AppState;
 
@@ -375,10 +375,7 @@ pub async fn wallet(
     params(("patient_id" = Uuid, Path)),
     request_body = WalletRegistration,
     security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Registered: the patient's record tokens go to it", body = WalletState),
-        (status = 409, description = "A wallet is registered already, or the custodial address is in use on chain", body = Details),
-        (status = 422, description = "Not an address, or the signature does not prove holding it", body = Details)))]
+    responses((status = 200, description = "Registered: the patient's record tokens go to it (409: a wallet is registered already, or the custodial address is in use on chain; 422: not an address, or the signature does not prove holding it)", body = WalletState)))]
 #[tracing::instrument(skip_all)]
 pub async fn register_wallet(
     req: HttpRequest,
