@@ -1079,11 +1079,16 @@ impl Commands {
             .map_err(map)
     }
 
-    /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record
-    /// has one token, and a repeat records nothing. Only the chain adapter calls it.
+    /// The opaque index of a wallet address (a keyed hash of its checksummed form), to
+    /// find who registered it without keeping it in clear.
+    pub fn wallet_index(&self, address: &str) -> String {
+        crate::keys::hex(&self.keys.tag("wallet-index", address.as_bytes()))
+    }
+
     /// The patient's own wallet is to hold their record tokens (`WalletRegistered`,
     /// the address sealed under their key). The caller has checked the patient's proof
-    /// of holding it. Refused once the custodial address is in use on chain.
+    /// of holding it, and that no other patient registered it. Refused once the
+    /// custodial address is in use on chain.
     pub async fn register_wallet(
         &self,
         patient_id: PatientId,
@@ -1091,11 +1096,15 @@ impl Commands {
         meta: CommandMeta,
     ) -> Result<CommandOutcome, CommandError> {
         let wallet = self.seal_text(&patient_id.to_string(), address).await?;
+        let wallet_index = self.wallet_index(address);
         self.store
             .execute::<Patient>(
                 &self.patients,
                 &patient_id.to_string(),
-                PatientCommand::RegisterWallet { wallet },
+                PatientCommand::RegisterWallet {
+                    wallet,
+                    wallet_index,
+                },
                 &(),
                 &meta,
             )
@@ -1151,6 +1160,8 @@ impl Commands {
         }
     }
 
+    /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record
+    /// has one token, and a repeat records nothing. Only the chain adapter calls it.
     pub async fn mark_minted(
         &self,
         record_id: RecordId,

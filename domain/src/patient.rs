@@ -24,6 +24,8 @@ pub enum PatientCommand {
     /// on chain, and once.
     RegisterWallet {
         wallet: Sealed,
+        /// Keyed hash of the address (opaque), so a wallet is one patient's only.
+        wallet_index: String,
     },
     /// The chain adapter is about to use the patient's chain address: without a
     /// registered wallet, the custodial one is from now on theirs for good.
@@ -44,6 +46,7 @@ pub enum PatientEvent {
     WalletRegistered {
         patient_id: PatientId,
         wallet: Sealed,
+        wallet_index: String,
     },
     CustodialAddressInUse {
         patient_id: PatientId,
@@ -75,6 +78,8 @@ pub enum PatientError {
     WalletAlreadyRegistered,
     #[error("the patient's records are already held at their custodial address")]
     CustodialAddressInUse,
+    #[error("this wallet is registered for another patient")]
+    WalletTaken,
 }
 
 impl Rule for PatientError {
@@ -82,9 +87,9 @@ impl Rule for PatientError {
         match self {
             PatientError::AlreadyRegistered => RuleKind::Conflict,
             PatientError::NotRegistered => RuleKind::NotFound,
-            PatientError::WalletAlreadyRegistered | PatientError::CustodialAddressInUse => {
-                RuleKind::Conflict
-            }
+            PatientError::WalletAlreadyRegistered
+            | PatientError::CustodialAddressInUse
+            | PatientError::WalletTaken => RuleKind::Conflict,
         }
     }
     fn code(&self) -> &'static str {
@@ -93,6 +98,7 @@ impl Rule for PatientError {
             PatientError::NotRegistered => "patient_not_found",
             PatientError::WalletAlreadyRegistered => "wallet_already_registered",
             PatientError::CustodialAddressInUse => "custodial_address_in_use",
+            PatientError::WalletTaken => "wallet_taken",
         }
     }
 }
@@ -159,7 +165,10 @@ impl Aggregate for Patient {
                 };
                 sink.write(event, self).await;
             }
-            PatientCommand::RegisterWallet { wallet } => {
+            PatientCommand::RegisterWallet {
+                wallet,
+                wallet_index,
+            } => {
                 let patient_id = self.id.ok_or(PatientError::NotRegistered)?;
                 if self.wallet.is_some() {
                     return Err(PatientError::WalletAlreadyRegistered);
@@ -167,7 +176,11 @@ impl Aggregate for Patient {
                 if self.custodial_in_use {
                     return Err(PatientError::CustodialAddressInUse);
                 }
-                let event = PatientEvent::WalletRegistered { patient_id, wallet };
+                let event = PatientEvent::WalletRegistered {
+                    patient_id,
+                    wallet,
+                    wallet_index,
+                };
                 sink.write(event, self).await;
             }
             PatientCommand::UseChainAddress => {
@@ -237,22 +250,26 @@ mod tests {
             .given(vec![registered(id)])
             .when(PatientCommand::RegisterWallet {
                 wallet: sealed("v1.w"),
+                wallet_index: "wi".into(),
             })
             .then_expect_events(vec![PatientEvent::WalletRegistered {
                 patient_id: id,
                 wallet: sealed("v1.w"),
+                wallet_index: "wi".into(),
             }]);
         let with_wallet = vec![
             registered(id),
             PatientEvent::WalletRegistered {
                 patient_id: id,
                 wallet: sealed("v1.w"),
+                wallet_index: "wi".into(),
             },
         ];
         TestFramework::<Patient>::with(())
             .given(with_wallet.clone())
             .when(PatientCommand::RegisterWallet {
                 wallet: sealed("v1.v"),
+                wallet_index: "wj".into(),
             })
             .then_expect_error(PatientError::WalletAlreadyRegistered);
         // With a wallet, using the chain address changes nothing.
@@ -277,6 +294,7 @@ mod tests {
             .given(in_use)
             .when(PatientCommand::RegisterWallet {
                 wallet: sealed("v1.w"),
+                wallet_index: "wi".into(),
             })
             .then_expect_error(PatientError::CustodialAddressInUse);
         TestFramework::<Patient>::with(())

@@ -74,6 +74,11 @@ impl LogHandler for Directory {
             )"
             .into(),
             "CREATE INDEX IF NOT EXISTS rm_patients_phone ON rm_patients (phone_index)".into(),
+            "CREATE TABLE IF NOT EXISTS rm_patient_wallets (
+                wallet_index TEXT PRIMARY KEY,
+                patient_id TEXT NOT NULL
+            )"
+            .into(),
             "CREATE TABLE IF NOT EXISTS rm_doctors (
                 doctor_id TEXT PRIMARY KEY,
                 phone_index TEXT NOT NULL,
@@ -88,7 +93,11 @@ impl LogHandler for Directory {
     }
 
     fn tables(&self) -> Vec<String> {
-        vec!["rm_patients".into(), "rm_doctors".into()]
+        vec![
+            "rm_patients".into(),
+            "rm_patient_wallets".into(),
+            "rm_doctors".into(),
+        ]
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
@@ -108,8 +117,26 @@ impl LogHandler for Directory {
                     )
                     .await?;
                 }
-                PatientEvent::PatientProfileUpdated { patient_id, .. }
-                | PatientEvent::WalletRegistered { patient_id, .. } => {
+                PatientEvent::PatientProfileUpdated { patient_id, .. } => {
+                    exec(
+                        tx,
+                        "UPDATE rm_patients SET updated_at = $1 WHERE patient_id = $2",
+                        vec![Text(at), Text(patient_id.to_string())],
+                    )
+                    .await?;
+                }
+                PatientEvent::WalletRegistered {
+                    patient_id,
+                    wallet_index,
+                    ..
+                } => {
+                    exec(
+                        tx,
+                        "INSERT INTO rm_patient_wallets (wallet_index, patient_id) VALUES ($1, $2) \
+                         ON CONFLICT (wallet_index) DO NOTHING",
+                        vec![Text(wallet_index), Text(patient_id.to_string())],
+                    )
+                    .await?;
                     exec(
                         tx,
                         "UPDATE rm_patients SET updated_at = $1 WHERE patient_id = $2",

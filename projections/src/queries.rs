@@ -293,6 +293,18 @@ pub async fn patient_by_phone_index(pool: &AnyPool, index: &str) -> anyhow::Resu
         .context("finding a patient by phone")
 }
 
+/// The patient who registered the wallet with this index, if any.
+pub async fn patient_by_wallet_index(
+    pool: &AnyPool,
+    index: &str,
+) -> anyhow::Result<Option<String>> {
+    sqlx::query_scalar("SELECT patient_id FROM rm_patient_wallets WHERE wallet_index = $1")
+        .bind(index.to_owned())
+        .fetch_optional(pool)
+        .await
+        .context("finding a patient by wallet")
+}
+
 /// Every row of a read-model table, as text, in a stable order (rebuild checks).
 pub async fn dump_table(pool: &AnyPool, table: &str) -> anyhow::Result<Vec<Vec<Option<String>>>> {
     let rows = sqlx::query(&format!("SELECT * FROM {table} ORDER BY 1"))

@@ -387,11 +387,10 @@ pub async fn register_wallet(
     let patient_id: PatientId = path_id(&path, "patient")?;
     own_patient(&caller, patient_id)?;
     let input: WalletRegistration = body.json()?;
-    let address: chain_adapter::chain::ChainAddress = input
-        .address
-        .trim()
-        .parse()
-        .ok()
+    let raw = input.address.trim();
+    let address: chain_adapter::chain::ChainAddress = Some(raw)
+        .filter(|a| a.len() == 42 && a.starts_with("0x"))
+        .and_then(|a| a.parse().ok())
         .filter(|a: &chain_adapter::chain::ChainAddress| !a.is_zero())
         .ok_or_else(|| Problem::field("address", "must be an address: 0x and 40 hex digits"))?;
     if !chain_adapter::chain::proves_wallet(&patient_id.to_string(), address, &input.signature) {
@@ -405,10 +404,25 @@ pub async fn register_wallet(
         )
         .at("signature"));
     }
+    let checksummed = address.to_checksum(None);
+    // The same wallet again (a retry): as it is.
+    let now = wallet_state(&state, patient_id).await?;
+    if now.wallet.as_deref() == Some(checksummed.as_str()) {
+        return Ok(HttpResponse::Ok().json(now));
+    }
+    // One patient's only: a wallet shared by two patients would let a grant of one
+    // cover the other's tokens on chain.
+    let index = state.commands.wallet_index(&checksummed);
+    let holder = projections::queries::patient_by_wallet_index(state.store.any_pool(), &index)
+        .await
+        .map_err(|e| Problem::internal(&e))?;
+    if holder.is_some_and(|h| h != patient_id.to_string()) {
+        return Err(CommandError::rule(domain::patient::PatientError::WalletTaken).into());
+    }
     let meta = command_meta(&req, Some(caller.actor()), body.bytes())?;
     let outcome = state
         .commands
-        .register_wallet(patient_id, &address.to_checksum(None), meta)
+        .register_wallet(patient_id, &checksummed, meta)
         .await?;
     state.settle.settle(&outcome).await;
     Ok(HttpResponse::Ok().json(wallet_state(&state, patient_id).await?))

@@ -310,7 +310,7 @@ impl Writer {
         let jobs: Vec<Job> = sqlx::query_as(
             "SELECT kind, subject, event_id, attempts FROM chain_jobs \
              WHERE state = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at, position LIMIT $2",
+             ORDER BY next_attempt_at, position, LENGTH(subject), subject LIMIT $2",
         )
         .bind(now_ms())
         .bind(JOBS_PER_ROUND as i64)

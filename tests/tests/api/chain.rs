@@ -1301,12 +1301,47 @@ async fn a_registered_wallet_holds_the_patients_tokens() {
         app.get(&path, Some(&w.patient.token)).await.ok(200)["wallet"],
         Value::Null
     );
-    // Registered; once.
+    put(
+        &w.patient.token,
+        serde_json::json!({"address": format!("{address:x}")[2..].to_owned(), "signature": signature.to_string()}),
+    )
+    .await
+    .problem(422, "invalid_request");
+    // Registered; the same again is a retry; another wallet is refused.
     let registered = put(&w.patient.token, proof.clone()).await.ok(200);
     assert_eq!(registered["wallet"], address.to_checksum(None));
-    put(&w.patient.token, proof)
-        .await
-        .problem(409, "wallet_already_registered");
+    let again = put(&w.patient.token, proof).await.ok(200);
+    assert_eq!(again, registered);
+    let second = PrivateKeySigner::random();
+    let second_proof = second
+        .sign_message_sync(wallet_message(&w.patient.id, second.address()).as_bytes())
+        .unwrap();
+    put(
+        &w.patient.token,
+        serde_json::json!({"address": second.address().to_string(), "signature": second_proof.to_string()}),
+    )
+    .await
+    .problem(409, "wallet_already_registered");
+    // One patient's only: another patient may not register the same wallet (a grant
+    // of one would cover the other's tokens on chain).
+    let shared = wallet
+        .sign_message_sync(wallet_message(&w.other_patient.id, address).as_bytes())
+        .unwrap();
+    app.send(
+        Method::PUT,
+        &format!("/v1/patients/{}/wallet", w.other_patient.id),
+        Some(&w.other_patient.token),
+        &[("content-type", "application/json")],
+        Some(
+            serde_json::to_vec(&serde_json::json!({
+                "address": address.to_string(),
+                "signature": shared.to_string()
+            }))
+            .unwrap(),
+        ),
+    )
+    .await
+    .problem(409, "wallet_taken");
     // The address is sealed in the log, like other personal data.
     let raw = app.raw_events().await.to_lowercase();
     assert!(raw.contains("walletregistered"));
