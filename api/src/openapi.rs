@@ -136,6 +136,7 @@ fn operation<'a>(
     match method {
         "get" => item.get.as_mut(),
         "post" => item.post.as_mut(),
+        "put" => item.put.as_mut(),
         "delete" => item.delete.as_mut(),
         _ => None,
     }
