@@ -43,6 +43,7 @@ async fn wait_all(handles: &[ConsumerHandle], target: LogCursor) {
     }
 }
 
+const WALLET: &str = "0x52908400098527886E0F7030069857D2E4169EE7";
 const NAME: &str = "Achieng Otieno";
 const PHONE: &str = "254712345678";
 const BIRTH: &str = "1987-03-14";
@@ -86,6 +87,8 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .await
             .unwrap()
             .id;
+        // The patient's own wallet (its address sealed; its index in rm_patient_wallets).
+        cmds.register_wallet(patient, WALLET, meta()).await.unwrap();
         let doctor = cmds
             .register_doctor(
                 &PersonName::parse("Dr Kamau").unwrap(),
@@ -447,6 +450,8 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             "HbA1c",
             PASSWORD,
             "$argon2id",
+            WALLET,
+            &WALLET[2..].to_lowercase(),
         ] {
             assert!(
                 !raw.contains(secret),
