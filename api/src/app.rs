@@ -25,6 +25,11 @@ pub struct App {
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
     replicator: Option<actix::Addr<Replicator>>,
     chain_writer: Option<actix::Addr<chain_adapter::chain::ChainWriter>>,
+    /// The M-Pesa worker's stop switch and task.
+    mpesa: Option<(
+        tokio::sync::watch::Sender<bool>,
+        actix_rt::task::JoinHandle<()>,
+    )>,
 }
 
 /// Where blobs are kept, as configured (nothing is contacted yet).
@@ -103,6 +108,27 @@ impl App {
             }
             None => None,
         };
+        let mpesa = match &config.mpesa {
+            Some(settings) => {
+                let daraja = Arc::new(mpesa_adapter::daraja::Daraja::new(settings.daraja.clone())?);
+                let intake: Arc<dyn eventstore::LogHandler> =
+                    Arc::new(mpesa_adapter::worker::PaymentIntake);
+                let handle = ConsumerActor::spawn(store.clone(), intake).await?;
+                let wake = Some(handle.subscribe());
+                consumers.push(("mpesa_intake".to_owned(), handle));
+                let worker = mpesa_adapter::worker::Worker::new(
+                    store.clone(),
+                    commands.clone(),
+                    daraja,
+                    settings.worker.clone(),
+                );
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let running = actix_rt::spawn(worker.run(stopped, wake));
+                tracing::info!(base_url = %settings.daraja.base_url, "M-Pesa payments on");
+                Some((stop, running))
+            }
+            None => None,
+        };
         Ok(App {
             config,
             store,
@@ -112,12 +138,17 @@ impl App {
             expiry,
             replicator,
             chain_writer,
+            mpesa,
         })
     }
 
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
+        if let Some((stop, running)) = self.mpesa {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(15), running).await;
+        }
         if let Some(writer) = &self.chain_writer {
             let _ = writer.send(chain_adapter::chain::minter::Stop).await;
         }

@@ -45,6 +45,98 @@ pub struct Config {
     /// `AFYA_CHAIN_ANCHOR_EVERY` (1000 events per audit anchor; 0: none),
     /// `AFYA_CHAIN_BATCH_GRANTS` (32 grants per transaction at most; 1: one each).
     pub chain: Option<ChainSettings>,
+    /// `MPESA_CONSUMER_KEY` turns M-Pesa payments on: `MPESA_CONSUMER_SECRET`,
+    /// `MPESA_SHORTCODE`, `MPESA_PASSKEY`, `MPESA_CALLBACK_URL` (ending
+    /// `/v1/mpesa/callbacks/{path_token}/stk`), `MPESA_BASE_URL` (the sandbox),
+    /// `MPESA_TRANSACTION_TYPE` (`paybill` or `buygoods`), `MPESA_RECONCILE_AFTER_SECS`
+    /// (120), `MPESA_TIMEOUT_SECS` (15), `MPESA_POLL_MS` (1000).
+    pub mpesa: Option<MpesaSettings>,
+}
+
+/// M-Pesa through Daraja.
+#[derive(Clone)]
+pub struct MpesaSettings {
+    pub daraja: mpesa_adapter::daraja::DarajaConfig,
+    /// The unguessable part of the callback path (never logged).
+    pub path_token: String,
+    pub worker: mpesa_adapter::worker::WorkerSettings,
+}
+
+impl std::fmt::Debug for MpesaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpesaSettings")
+            .field("daraja", &self.daraja)
+            .field("path_token", &"<redacted>")
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+fn secret(name: &str) -> anyhow::Result<String> {
+    match var(&format!("{name}_FILE")) {
+        Some(path) => Ok(std::fs::read_to_string(path.trim())
+            .with_context(|| format!("reading {name}_FILE={path}"))?
+            .trim()
+            .to_owned()),
+        None => var(name)
+            .map(|v| v.trim().to_owned())
+            .with_context(|| format!("{name} must be set with MPESA_CONSUMER_KEY")),
+    }
+}
+
+fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
+    let Some(consumer_key) = var("MPESA_CONSUMER_KEY") else {
+        return Ok(None);
+    };
+    let callback_url = var("MPESA_CALLBACK_URL")
+        .context("MPESA_CALLBACK_URL must be set with MPESA_CONSUMER_KEY")?
+        .trim()
+        .to_owned();
+    let path_token = callback_url
+        .strip_suffix("/stk")
+        .and_then(|rest| rest.rsplit_once("/v1/mpesa/callbacks/"))
+        .map(|(_, token)| token.to_owned())
+        .filter(|t| {
+            t.len() >= 16 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .filter(|_| callback_url.starts_with("https://") || callback_url.starts_with("http://"))
+        .context(
+            "MPESA_CALLBACK_URL must be the full public URL ending /v1/mpesa/callbacks/{path_token}/stk, \
+             the token at least 16 letters, digits, - or _",
+        )?;
+    let transaction_type = match var("MPESA_TRANSACTION_TYPE").as_deref().map(str::trim) {
+        None | Some("paybill") => mpesa_adapter::daraja::TransactionType::PayBill,
+        Some("buygoods") => mpesa_adapter::daraja::TransactionType::BuyGoods,
+        Some(other) => anyhow::bail!("MPESA_TRANSACTION_TYPE={other} is not paybill or buygoods"),
+    };
+    let shortcode = var("MPESA_SHORTCODE")
+        .context("MPESA_SHORTCODE must be set with MPESA_CONSUMER_KEY")?
+        .trim()
+        .to_owned();
+    if shortcode.is_empty() || !shortcode.bytes().all(|b| b.is_ascii_digit()) {
+        anyhow::bail!("MPESA_SHORTCODE must be digits");
+    }
+    Ok(Some(MpesaSettings {
+        daraja: mpesa_adapter::daraja::DarajaConfig {
+            base_url: var("MPESA_BASE_URL")
+                .map(|u| u.trim().trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| mpesa_adapter::daraja::SANDBOX_URL.to_owned()),
+            consumer_key: consumer_key.trim().to_owned(),
+            consumer_secret: secret("MPESA_CONSUMER_SECRET")?,
+            shortcode,
+            passkey: secret("MPESA_PASSKEY")?,
+            callback_url,
+            transaction_type,
+            timeout: Duration::from_secs(number("MPESA_TIMEOUT_SECS", 15)?.max(1)),
+            attempts: 3,
+            backoff: Duration::from_millis(500),
+        },
+        path_token,
+        worker: mpesa_adapter::worker::WorkerSettings {
+            poll: Duration::from_millis(number("MPESA_POLL_MS", 1000)?.max(10)),
+            reconcile_after: Duration::from_secs(number("MPESA_RECONCILE_AFTER_SECS", 120)?),
+        },
+    }))
 }
 
 /// Limits on failed sign-ins.
@@ -239,6 +331,7 @@ impl Config {
             s3: s3_settings()?,
             replication: replication_settings()?,
             chain: chain_settings()?,
+            mpesa: mpesa_settings()?,
         })
     }
 }

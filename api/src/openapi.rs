@@ -10,7 +10,7 @@ use utoipa::openapi::{
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::{Details, FieldError};
-use crate::routes::{access, accounts, audit, ops, records};
+use crate::routes::{access, accounts, audit, ops, payments, records};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +29,8 @@ use crate::routes::{access, accounts, audit, ops, records};
         accounts::sign_up_patient, accounts::sign_up_doctor, accounts::verify_doctor,
         accounts::sign_in, accounts::current_session, accounts::sign_out,
         accounts::wallet, accounts::register_wallet,
+        payments::create, payments::get, payments::of_patient, payments::of_doctor,
+        payments::stk_callback,
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log,
@@ -41,6 +43,7 @@ use crate::routes::{access, accounts, audit, ops, records};
         (name = "records", description = "Encrypted medical records"),
         (name = "consent", description = "Access requests, grants and the access log"),
         (name = "audit", description = "The audit trail anchored on chain"),
+        (name = "payments", description = "M-Pesa payments (STK Push) and Daraja's callbacks"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -62,6 +65,27 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
         "/v1/patients/{patient_id}/wallet",
         "put",
         &[400, 401, 403, 404, 409, 413, 415, 422],
+    ),
+    (
+        "/v1/payments",
+        "post",
+        &[400, 401, 403, 409, 413, 415, 422, 503],
+    ),
+    ("/v1/payments/{payment_id}", "get", &[401, 404]),
+    (
+        "/v1/patients/{patient_id}/payments",
+        "get",
+        &[401, 403, 404, 422],
+    ),
+    (
+        "/v1/doctors/{doctor_id}/payments",
+        "get",
+        &[401, 403, 404, 422],
+    ),
+    (
+        "/v1/mpesa/callbacks/{path_token}/stk",
+        "post",
+        &[400, 404, 413, 415],
     ),
     ("/v1/sessions/current", "get", &[401]),
     ("/v1/sessions/current", "delete", &[401, 409]),

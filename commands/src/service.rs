@@ -16,7 +16,7 @@ use domain::actor::Actor;
 use domain::clock::Clock;
 use domain::doctor::{Doctor, DoctorCommand};
 use domain::error::{Rule, RuleKind, ServiceError};
-use domain::ids::{AccessRequestId, DoctorId, PatientId, RecordId, StaffId};
+use domain::ids::{AccessRequestId, DoctorId, PatientId, PaymentId, RecordId, StaffId};
 use domain::patient::{Patient, PatientCommand, PatientError};
 use domain::record::{MedicalRecord, RecordCommand, RecordServices};
 use domain::session::{Session, SessionCommand, SessionError};
@@ -242,6 +242,8 @@ pub struct Commands {
     records: AggregateStore<MedicalRecord>,
     access: AggregateStore<AccessRequest>,
     anchors: AggregateStore<domain::anchor::LogAnchor>,
+    payments: AggregateStore<domain::payment::Payment>,
+    rejected_callbacks: AggregateStore<domain::payment::RejectedCallback>,
     access_services: <AccessRequest as Aggregate>::Services,
     record_services: <MedicalRecord as Aggregate>::Services,
 }
@@ -272,6 +274,8 @@ impl Commands {
             records: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
             anchors: store.aggregate_store(domain::upcast::upcasters()),
+            payments: store.aggregate_store(domain::upcast::upcasters()),
+            rejected_callbacks: store.aggregate_store(domain::upcast::upcasters()),
             access_services: ports.clone(),
             record_services: ports,
             store,
@@ -1158,6 +1162,129 @@ impl Commands {
                     ))
                 }),
         }
+    }
+
+    /// A patient or doctor asks for an M-Pesa payment (`PaymentRequested`); the phone
+    /// is sealed under the payer's key, with its keyed hash to match the callback's.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn request_payment(
+        &self,
+        payer: Actor,
+        purpose: domain::payment::Purpose,
+        amount_kes: u64,
+        phone: &Msisdn,
+        doctor_id: Option<DoctorId>,
+        access_request_id: Option<AccessRequestId>,
+        meta: CommandMeta,
+    ) -> Result<Done<PaymentId>, CommandError> {
+        if let Some(outcome) = self
+            .store
+            .earlier_outcome::<domain::payment::PaymentError>(&meta)
+            .await
+            .map_err(map)?
+        {
+            return Ok(Done {
+                id: id_of(&outcome, None)?,
+                outcome,
+            });
+        }
+        let payment_id = PaymentId::new();
+        let command = domain::payment::PaymentCommand::Request {
+            payment_id,
+            payer,
+            purpose,
+            amount_kes,
+            phone: self.seal_text(&payer.id_string(), phone.as_str()).await?,
+            phone_index: self.keys.phone_index(phone.as_str()),
+            doctor_id,
+            access_request_id,
+        };
+        let outcome = self
+            .store
+            .execute::<domain::payment::Payment>(
+                &self.payments,
+                &payment_id.to_string(),
+                command,
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)?;
+        Ok(Done {
+            id: id_of(&outcome, Some(payment_id))?,
+            outcome,
+        })
+    }
+
+    /// A payment as the event store holds it now (`None`: no such payment).
+    pub async fn payment(
+        &self,
+        payment_id: PaymentId,
+    ) -> anyhow::Result<Option<domain::payment::Payment>> {
+        let payment = self
+            .payments
+            .load_aggregate(&payment_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading a payment: {e}"))?
+            .aggregate;
+        Ok(payment.id().map(|_| payment))
+    }
+
+    /// Seals a personal field under a subject's key (for the callback's paying number).
+    pub async fn seal_for(&self, subject: &str, text: &str) -> anyhow::Result<Sealed> {
+        self.seal_text(subject, text).await
+    }
+
+    /// The number a payment is pushed to (opened from the payer's seal).
+    pub async fn payment_phone(&self, payment_id: PaymentId) -> anyhow::Result<String> {
+        let payment = self
+            .payment(payment_id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no such payment"))?;
+        let sealed = payment
+            .phone()
+            .ok_or_else(|| anyhow::anyhow!("the payment has no phone"))?;
+        self.open_text(payment.payer_subject(), sealed.as_str())
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the payment's phone cannot be opened (payer erased?)"))
+    }
+
+    /// The M-Pesa adapter's record of a payment's STK Push or its outcome. Only the
+    /// adapter and the callback handler call it (as the platform).
+    pub async fn payment_command(
+        &self,
+        payment_id: PaymentId,
+        command: domain::payment::PaymentCommand,
+    ) -> Result<CommandOutcome, CommandError> {
+        let meta = CommandMeta::new(Actor::System.reference());
+        self.store
+            .execute::<domain::payment::Payment>(
+                &self.payments,
+                &payment_id.to_string(),
+                command,
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)
+    }
+
+    /// Keeps a callback that settled nothing for operators (`MpesaCallbackRejected`).
+    pub async fn reject_callback(
+        &self,
+        command: domain::payment::RejectedCallbackCommand,
+    ) -> Result<CommandOutcome, CommandError> {
+        let meta = CommandMeta::new(Actor::System.reference());
+        self.store
+            .execute::<domain::payment::RejectedCallback>(
+                &self.rejected_callbacks,
+                &uuid::Uuid::new_v4().to_string(),
+                command,
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)
     }
 
     /// Records the record's token on chain (`RecordTokenMinted`). Idempotent: a record

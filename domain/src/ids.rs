@@ -81,6 +81,11 @@ id_type!(
     AccessRequestId,
     "request_id"
 );
+id_type!(
+    /// A payment by M-Pesa.
+    PaymentId,
+    "payment_id"
+);
 
 #[cfg(test)]
 mod tests {

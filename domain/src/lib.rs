@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod error;
 pub mod ids;
 pub mod patient;
+pub mod payment;
 pub mod record;
 pub mod sealed;
 pub mod session;

@@ -12,8 +12,8 @@ pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, Directory, DoctorGrants, LogAnchors, PatientRecords, RecordStorage,
-    RecordTokens,
+    AccessLog, AccessRequests, Directory, DoctorGrants, LogAnchors, PatientRecords, Payments,
+    RecordStorage, RecordTokens,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -27,5 +27,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(RecordStorage::default()),
         Arc::new(RecordTokens::default()),
         Arc::new(LogAnchors::default()),
+        Arc::new(Payments::default()),
     ]
 }

@@ -818,3 +818,210 @@ impl LogHandler for LogAnchors {
         .await
     }
 }
+
+type PaymentEvent = <domain::payment::Payment as Aggregate>::Event;
+
+/// Payments with their status, for the payer's lists and the callback's lookup by
+/// CheckoutRequestID; and callbacks that settled nothing, for operators. No phone
+/// numbers: those stay sealed in the events.
+#[derive(Default)]
+pub struct Payments {
+    upcasters: Upcasters,
+}
+
+#[async_trait]
+impl LogHandler for Payments {
+    fn name(&self) -> &str {
+        "payments"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_payments (
+                payment_id TEXT PRIMARY KEY,
+                payer TEXT NOT NULL,
+                patient_id TEXT,
+                doctor_id TEXT,
+                access_request_id TEXT,
+                purpose TEXT NOT NULL,
+                amount_kes BIGINT NOT NULL,
+                status TEXT NOT NULL,
+                checkout_request_id TEXT,
+                merchant_request_id TEXT,
+                mpesa_receipt TEXT,
+                result_code BIGINT,
+                result_desc TEXT,
+                requested_at TEXT NOT NULL,
+                pushed_at TEXT,
+                settled_at TEXT,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_payments_checkout ON rm_payments (checkout_request_id)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_payments_patient ON rm_payments (patient_id, position)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_payments_doctor ON rm_payments (doctor_id, position)"
+                .into(),
+            "CREATE TABLE IF NOT EXISTS rm_mpesa_rejected_callbacks (
+                position BIGINT PRIMARY KEY,
+                checkout_request_id TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                result_code BIGINT NOT NULL,
+                mpesa_receipt TEXT,
+                amount_kes BIGINT,
+                payment_id TEXT,
+                recorded_at TEXT NOT NULL
+            )"
+            .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_payments".into(), "rm_mpesa_rejected_callbacks".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        let at = time(&event.recorded_at);
+        if event.aggregate_type == domain::payment::RejectedCallback::TYPE {
+            let domain::payment::RejectedCallbackEvent::MpesaCallbackRejected {
+                reason,
+                checkout_request_id,
+                result_code,
+                mpesa_receipt,
+                amount_kes,
+                payment_id,
+            } = event.decode::<domain::payment::RejectedCallbackEvent>(&self.upcasters.0)?;
+            let amount = amount_kes.map(i64::try_from).transpose()?;
+            let mut query = sqlx::query(
+                "INSERT INTO rm_mpesa_rejected_callbacks (position, checkout_request_id, reason, \
+                 result_code, mpesa_receipt, amount_kes, payment_id, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            );
+            query = query
+                .bind(event.position)
+                .bind(checkout_request_id)
+                .bind(reason)
+                .bind(result_code)
+                .bind(mpesa_receipt)
+                .bind(amount)
+                .bind(payment_id.map(|p| p.to_string()))
+                .bind(at);
+            query.execute(&mut **tx).await?;
+            return Ok(());
+        }
+        if event.aggregate_type != domain::payment::Payment::TYPE {
+            return Ok(());
+        }
+        match event.decode::<PaymentEvent>(&self.upcasters.0)? {
+            PaymentEvent::PaymentRequested {
+                payment_id,
+                payer,
+                purpose,
+                amount_kes,
+                doctor_id,
+                access_request_id,
+                ..
+            } => {
+                let patient_id = payer.strip_prefix("patient:").map(str::to_owned);
+                let doctor_id = doctor_id
+                    .map(|d| d.to_string())
+                    .or_else(|| payer.strip_prefix("doctor:").map(str::to_owned));
+                exec(
+                    tx,
+                    "INSERT INTO rm_payments (payment_id, payer, patient_id, doctor_id, \
+                     access_request_id, purpose, amount_kes, status, requested_at, position) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9)",
+                    vec![
+                        Text(payment_id.to_string()),
+                        Text(payer),
+                        OptText(patient_id),
+                        OptText(doctor_id),
+                        OptText(access_request_id.map(|a| a.to_string())),
+                        Text(purpose.as_str().to_owned()),
+                        Int(i64::try_from(amount_kes)?),
+                        Text(at),
+                        Int(event.position),
+                    ],
+                )
+                .await?;
+            }
+            PaymentEvent::StkPushAccepted {
+                payment_id,
+                merchant_request_id,
+                checkout_request_id,
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_payments SET checkout_request_id = $1, merchant_request_id = $2, \
+                     pushed_at = $3 WHERE payment_id = $4",
+                    vec![
+                        Text(checkout_request_id),
+                        Text(merchant_request_id),
+                        Text(at),
+                        Text(payment_id.to_string()),
+                    ],
+                )
+                .await?;
+            }
+            PaymentEvent::StkPushFailed {
+                payment_id,
+                error_code,
+                error_message,
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_payments SET status = 'failed', result_desc = $1, settled_at = $2 \
+                     WHERE payment_id = $3",
+                    vec![
+                        Text(format!("STK Push failed: {error_code} {error_message}")),
+                        Text(at),
+                        Text(payment_id.to_string()),
+                    ],
+                )
+                .await?;
+            }
+            PaymentEvent::PaymentConfirmed {
+                payment_id,
+                receipt,
+                ..
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_payments SET status = 'confirmed', result_code = 0, \
+                     mpesa_receipt = $1, settled_at = $2 WHERE payment_id = $3",
+                    vec![
+                        OptText(receipt.map(|r| r.receipt)),
+                        Text(at),
+                        Text(payment_id.to_string()),
+                    ],
+                )
+                .await?;
+            }
+            PaymentEvent::PaymentFailed {
+                payment_id,
+                result_code,
+                result_desc,
+                status,
+                ..
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_payments SET status = $1, result_code = $2, result_desc = $3, \
+                     settled_at = $4 WHERE payment_id = $5",
+                    vec![
+                        Text(status.as_str().to_owned()),
+                        Int(result_code),
+                        Text(result_desc),
+                        Text(at),
+                        Text(payment_id.to_string()),
+                    ],
+                )
+                .await?;
+            }
+            PaymentEvent::PaymentReconciled { .. }
+            | PaymentEvent::PaymasterBudgetCredited { .. } => {}
+        }
+        Ok(())
+    }
+}

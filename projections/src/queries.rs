@@ -353,3 +353,102 @@ pub async fn anchors(pool: &AnyPool, after: i64, limit: i64) -> anyhow::Result<P
     .context("reading audit anchors")?;
     Ok(page(rows, limit, |r| r.position))
 }
+
+/// A payment as its payer sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct PaymentRow {
+    pub payment_id: String,
+    pub payer: String,
+    pub patient_id: Option<String>,
+    pub doctor_id: Option<String>,
+    pub access_request_id: Option<String>,
+    pub purpose: String,
+    pub amount_kes: i64,
+    pub status: String,
+    pub checkout_request_id: Option<String>,
+    pub mpesa_receipt: Option<String>,
+    pub result_code: Option<i64>,
+    pub result_desc: Option<String>,
+    pub requested_at: String,
+    pub settled_at: Option<String>,
+    pub position: i64,
+}
+
+const PAYMENT_COLUMNS: &str = "payment_id, payer, patient_id, doctor_id, access_request_id, \
+     purpose, amount_kes, status, checkout_request_id, mpesa_receipt, result_code, result_desc, \
+     requested_at, settled_at, position";
+
+/// One payment.
+pub async fn payment(pool: &AnyPool, payment_id: &str) -> anyhow::Result<Option<PaymentRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE payment_id = $1"
+    ))
+    .bind(payment_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("reading a payment")
+}
+
+/// The payment Daraja knows by this CheckoutRequestID.
+pub async fn payment_by_checkout(
+    pool: &AnyPool,
+    checkout_request_id: &str,
+) -> anyhow::Result<Option<PaymentRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE checkout_request_id = $1"
+    ))
+    .bind(checkout_request_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("finding a payment by CheckoutRequestID")
+}
+
+/// The payments of a patient (`patient_id`) or of a doctor (`doctor_id`), oldest first.
+pub async fn payments_of(
+    pool: &AnyPool,
+    column: PaymentParty,
+    id: &str,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<PaymentRow>> {
+    let column = match column {
+        PaymentParty::Patient => "patient_id",
+        PaymentParty::Doctor => "doctor_id",
+    };
+    let rows: Vec<PaymentRow> = sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE {column} = $1 AND position > $2 \
+         ORDER BY position LIMIT $3"
+    ))
+    .bind(id.to_owned())
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading payments")?;
+    Ok(page(rows, limit, |r| r.position))
+}
+
+/// Whose payments to list.
+#[derive(Clone, Copy, Debug)]
+pub enum PaymentParty {
+    Patient,
+    Doctor,
+}
+
+/// Payments pushed but not settled since before `pushed_before` (oldest first): the
+/// reconciler's work.
+pub async fn unsettled_payments(
+    pool: &AnyPool,
+    pushed_before: &str,
+    limit: i64,
+) -> anyhow::Result<Vec<PaymentRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE status = 'pending' \
+         AND checkout_request_id IS NOT NULL AND pushed_at < $1 ORDER BY position LIMIT $2"
+    ))
+    .bind(pushed_before.to_owned())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading unsettled payments")
+}

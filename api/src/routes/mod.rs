@@ -14,6 +14,7 @@ pub mod access;
 pub mod accounts;
 pub mod audit;
 pub mod ops;
+pub mod payments;
 pub mod records;
 
 /// Every route of the server; the OpenAPI document lists the same ones
@@ -25,6 +26,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/metrics").route(get().to(ops::metrics)))
         .service(resource("/v1/openapi.json").route(get().to(ops::openapi)))
         .service(resource("/v1/patients").route(post().to(accounts::sign_up_patient)))
+        .service(resource("/v1/payments").route(post().to(payments::create)))
+        .service(resource("/v1/payments/{payment_id}").route(get().to(payments::get)))
+        .service(
+            resource("/v1/patients/{patient_id}/payments").route(get().to(payments::of_patient)),
+        )
+        .service(resource("/v1/doctors/{doctor_id}/payments").route(get().to(payments::of_doctor)))
+        .service(
+            resource("/v1/mpesa/callbacks/{path_token}/stk")
+                .route(post().to(payments::stk_callback)),
+        )
         .service(
             resource("/v1/patients/{patient_id}/wallet")
                 .route(get().to(accounts::wallet))

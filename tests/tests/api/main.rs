@@ -12,5 +12,6 @@ mod chain;
 mod idempotency;
 mod matrix;
 mod openapi;
+mod payments;
 mod storage;
 mod story;

@@ -1,0 +1,398 @@
+//! M-Pesa payments: asked for by a patient or doctor, pushed to the phone by the M-Pesa
+//! worker, settled by Daraja's callback (or a reconciling query), and listed.
+
+use actix_web::http::StatusCode;
+use actix_web::web::{Data, Path, Query};
+use actix_web::{HttpRequest, HttpResponse};
+use domain::actor::Actor;
+use domain::ids::{AccessRequestId, DoctorId, PatientId, PaymentId};
+use domain::payment::{PaymentCommand, Purpose, Receipt, RejectedCallbackCommand, SettledBy};
+use domain::value::Msisdn;
+use projections::queries::{self, PaymentParty, PaymentRow};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::extract::{command_meta, Body, Caller};
+use crate::problem::{checked, Problem, Validation};
+use crate::routes::{own_patient, path_id, PageQuery};
+use crate::server::AppState;
+
+/// A payment asked for.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPayment {
+    /// `consultation_fee` or `access_fee`.
+    pub purpose: String,
+    /// Whole shillings, 1 to 250000.
+    pub amount_kes: u64,
+    /// The M-Pesa number to ask: 2547XXXXXXXX, 07…, +254….
+    #[schema(example = "254712345678")]
+    pub phone: String,
+    /// The doctor the fee is for (a patient paying a doctor).
+    pub doctor_id: Option<String>,
+    /// The access request the fee is for.
+    pub access_request_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PaymentCreated {
+    pub payment_id: Uuid,
+    /// `pending`.
+    pub status: String,
+}
+
+/// A payment as its parties see it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PaymentView {
+    pub payment_id: Uuid,
+    pub purpose: String,
+    pub amount_kes: i64,
+    /// `pending`, `confirmed`, `failed`, `cancelled` or `timed_out`.
+    pub status: String,
+    pub checkout_request_id: Option<String>,
+    pub mpesa_receipt: Option<String>,
+    pub result_code: Option<i64>,
+    pub result_desc: Option<String>,
+    pub patient_id: Option<Uuid>,
+    pub doctor_id: Option<Uuid>,
+    pub access_request_id: Option<Uuid>,
+    pub requested_at: String,
+    pub settled_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PaymentPage {
+    pub items: Vec<PaymentView>,
+    pub next_cursor: Option<i64>,
+}
+
+fn view(row: PaymentRow) -> PaymentView {
+    let uuid = |s: Option<String>| s.and_then(|s| Uuid::parse_str(&s).ok());
+    PaymentView {
+        payment_id: Uuid::parse_str(&row.payment_id).unwrap_or_default(),
+        purpose: row.purpose,
+        amount_kes: row.amount_kes,
+        status: row.status,
+        checkout_request_id: row.checkout_request_id,
+        mpesa_receipt: row.mpesa_receipt,
+        result_code: row.result_code,
+        result_desc: row.result_desc,
+        patient_id: uuid(row.patient_id),
+        doctor_id: uuid(row.doctor_id),
+        access_request_id: uuid(row.access_request_id),
+        requested_at: row.requested_at,
+        settled_at: row.settled_at,
+    }
+}
+
+fn unavailable() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "payments_unavailable",
+        "M-Pesa payments are not configured on this server",
+    )
+}
+
+#[utoipa::path(post, path = "/v1/payments", tag = "payments",
+    request_body = NewPayment,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the same payment and never push twice")),
+    security(("bearer" = [])),
+    responses((status = 202, description = "Asked for: the STK Push goes to the phone (patients and doctors)", body = PaymentCreated)))]
+#[tracing::instrument(skip_all)]
+pub async fn create(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let payer = caller.actor();
+    if !matches!(payer, Actor::Patient(_) | Actor::Doctor(_)) {
+        return Err(Problem::forbidden(
+            "role_forbidden",
+            "only patients and doctors may ask for a payment",
+        ));
+    }
+    let input: NewPayment = body.json()?;
+    let mut v = Validation::default();
+    let purpose = Purpose::parse(&input.purpose);
+    if purpose.is_none() {
+        v.fail("purpose", "must be consultation_fee or access_fee");
+    }
+    if !(1..=domain::payment::MAX_AMOUNT_KES).contains(&input.amount_kes) {
+        v.fail(
+            "amount_kes",
+            "must be a whole number of shillings, 1 to 250000",
+        );
+    }
+    let phone = v.check(Msisdn::parse(&input.phone));
+    let doctor_id = match input.doctor_id.as_deref().map(DoctorId::parse) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(_)) => {
+            v.fail("doctor_id", "must be a UUID");
+            None
+        }
+    };
+    let access_request_id = match input
+        .access_request_id
+        .as_deref()
+        .map(AccessRequestId::parse)
+    {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => {
+            v.fail("access_request_id", "must be a UUID");
+            None
+        }
+    };
+    v.finish()?;
+    if state.config.mpesa.is_none() {
+        return Err(unavailable());
+    }
+    let meta = command_meta(&req, Some(payer), body.bytes())?;
+    let done = state
+        .commands
+        .request_payment(
+            payer,
+            checked(purpose)?,
+            input.amount_kes,
+            &checked(phone)?,
+            doctor_id,
+            access_request_id,
+            meta,
+        )
+        .await?;
+    state.settle.settle(&done.outcome).await;
+    Ok(HttpResponse::Accepted().json(PaymentCreated {
+        payment_id: done.id.as_uuid(),
+        status: "pending".to_owned(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/payments/{payment_id}", tag = "payments",
+    params(("payment_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "A payment (its payer, or the patient or doctor it names)", body = PaymentView)))]
+#[tracing::instrument(skip_all)]
+pub async fn get(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let payment_id: PaymentId = path_id(&path, "payment")?;
+    let not_found = || Problem::not_found("payment_not_found", "no such payment");
+    let row = queries::payment(state.store.any_pool(), &payment_id.to_string())
+        .await?
+        .ok_or_else(not_found)?;
+    let allowed = match caller.actor() {
+        Actor::Patient(p) => {
+            row.payer == Actor::Patient(p).reference()
+                || row.patient_id.as_deref() == Some(&p.to_string())
+        }
+        Actor::Doctor(d) => {
+            row.payer == Actor::Doctor(d).reference()
+                || row.doctor_id.as_deref() == Some(&d.to_string())
+        }
+        _ => false,
+    };
+    if !allowed {
+        return Err(not_found());
+    }
+    Ok(HttpResponse::Ok().json(view(row)))
+}
+
+async fn list(
+    state: &AppState,
+    party: PaymentParty,
+    id: &str,
+    query: &PageQuery,
+) -> Result<HttpResponse, Problem> {
+    let (after, limit) = query.parse()?;
+    let page = queries::payments_of(state.store.any_pool(), party, id, after, limit).await?;
+    Ok(HttpResponse::Ok().json(PaymentPage {
+        items: page.items.into_iter().map(view).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/payments", tag = "payments",
+    params(("patient_id" = Uuid, Path), PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The patient's payments (the patient)", body = PaymentPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn of_patient(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    own_patient(&caller, patient_id)?;
+    list(
+        &state,
+        PaymentParty::Patient,
+        &patient_id.to_string(),
+        &query,
+    )
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/doctors/{doctor_id}/payments", tag = "payments",
+    params(("doctor_id" = Uuid, Path), PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The doctor's payments: asked by them or paid to them (the doctor)", body = PaymentPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn of_doctor(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    let doctor_id: DoctorId = path_id(&path, "doctor")?;
+    match caller.actor() {
+        Actor::Doctor(d) if d == doctor_id => {}
+        Actor::Doctor(_) => {
+            return Err(Problem::forbidden(
+                "not_your_data",
+                "a doctor may see only their own payments",
+            ))
+        }
+        _ => {
+            return Err(Problem::forbidden(
+                "role_forbidden",
+                "only the doctor may do this",
+            ))
+        }
+    }
+    list(&state, PaymentParty::Doctor, &doctor_id.to_string(), &query).await
+}
+
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn ack() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(mpesa_adapter::callback::ACK)
+}
+
+#[utoipa::path(post, path = "/v1/mpesa/callbacks/{path_token}/stk", tag = "payments",
+    params(("path_token" = String, Path, description = "The unguessable token of MPESA_CALLBACK_URL")),
+    responses((status = 200, description = "Daraja's acknowledgement `{\"ResultCode\":0,\"ResultDesc\":\"Accepted\"}`, whatever the callback settled")))]
+#[tracing::instrument(skip_all)]
+pub async fn stk_callback(
+    state: Data<AppState>,
+    path: Path<String>,
+    body: Body,
+) -> Result<HttpResponse, Problem> {
+    let Some(settings) = state.config.mpesa.as_ref() else {
+        return Err(Problem::not_found("route_not_found", "no such route"));
+    };
+    if !same(&path, &settings.path_token) {
+        return Err(Problem::not_found("route_not_found", "no such route"));
+    }
+    let callback = mpesa_adapter::callback::parse(body.bytes())
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_callback", e.to_string()))?;
+    let pool = state.store.any_pool();
+    let mut row = queries::payment_by_checkout(pool, &callback.checkout_request_id).await?;
+    // The push's acceptance may not have reached the read model yet: a moment's grace.
+    for _ in 0..20 {
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        row = queries::payment_by_checkout(pool, &callback.checkout_request_id).await?;
+    }
+    let reject = |reason: &str, payment_id: Option<PaymentId>| RejectedCallbackCommand::Record {
+        by: Actor::System,
+        reason: reason.to_owned(),
+        checkout_request_id: callback.checkout_request_id.clone(),
+        result_code: callback.result_code,
+        mpesa_receipt: callback.paid.as_ref().map(|p| p.receipt.clone()),
+        amount_kes: callback.paid.as_ref().map(|p| p.amount_kes),
+        payment_id,
+    };
+    let Some(row) = row else {
+        tracing::warn!(
+            result_code = callback.result_code,
+            "STK callback for an unknown CheckoutRequestID; kept as rejected"
+        );
+        state
+            .commands
+            .reject_callback(reject("unknown_checkout_request_id", None))
+            .await?;
+        return Ok(ack());
+    };
+    let payment_id: PaymentId = PaymentId::parse(&row.payment_id)
+        .map_err(|_| Problem::internal(&anyhow::anyhow!("a stored payment id is not an id")))?;
+    let payment = state
+        .commands
+        .payment(payment_id)
+        .await
+        .map_err(|e| Problem::internal(&e))?
+        .ok_or_else(|| Problem::internal(&anyhow::anyhow!("a listed payment is missing")))?;
+    let receipt = match &callback.paid {
+        Some(paid) => {
+            let phone_index = state.commands.keys().phone_index(&paid.phone);
+            let reason = if paid.amount_kes != payment.amount_kes() {
+                Some("amount_mismatch")
+            } else if phone_index != payment.phone_index() {
+                Some("phone_mismatch")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                tracing::warn!(payment_id = %payment_id, reason, "STK callback does not match its payment; kept as rejected");
+                state
+                    .commands
+                    .reject_callback(reject(reason, Some(payment_id)))
+                    .await?;
+                return Ok(ack());
+            }
+            Some(Receipt {
+                receipt: paid.receipt.clone(),
+                amount_kes: paid.amount_kes,
+                transaction_date: paid.transaction_date.clone(),
+                phone: state
+                    .commands
+                    .seal_for(payment.payer_subject(), &paid.phone)
+                    .await
+                    .map_err(|e| Problem::internal(&e))?,
+            })
+        }
+        None => None,
+    };
+    let settled = state
+        .commands
+        .payment_command(
+            payment_id,
+            PaymentCommand::Settle {
+                by: Actor::System,
+                result_code: callback.result_code,
+                result_desc: callback.result_desc.clone(),
+                receipt,
+                settled_by: SettledBy::Callback,
+            },
+        )
+        .await;
+    match settled {
+        Ok(outcome) => {
+            tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "payment settled by callback");
+            state.settle.settle(&outcome).await;
+        }
+        Err(commands::CommandError::Rejected {
+            code: "payment_already_settled",
+            ..
+        }) => {
+            tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "duplicate or late STK callback for a settled payment; nothing changed");
+        }
+        Err(other) => return Err(other.into()),
+    }
+    Ok(ack())
+}

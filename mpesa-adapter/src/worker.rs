@@ -1,0 +1,415 @@
+//! Payments from the log to the customer's phone, and back.
+//!
+//! [`PaymentIntake`] (log consumer `mpesa_intake`) lists every `PaymentRequested` in
+//! `mpesa_jobs`, in the transaction that moves its checkpoint. The [`Worker`] (one
+//! active instance, lock `mpesa_worker`) pushes each listed payment at most once:
+//!
+//! 1. the job is marked `sending` before the STK Push leaves, so a run killed while it
+//!    is out never sends it again;
+//! 2. Daraja's acceptance is recorded (`StkPushAccepted`), or its refusal
+//!    (`StkPushFailed` with Daraja's code and message);
+//! 3. Daraja down (no connection, a 5xx): the job waits with a growing pause and the
+//!    payment stays pending; nothing was pushed;
+//! 4. no answer to a push that may have reached Daraja, or a job found `sending` after
+//!    a restart: recorded as failed (`unknown_outcome`) and never sent again, so nobody
+//!    is asked to pay twice; a callback for it is kept as a rejected callback.
+//!
+//! The same worker reconciles: a payment pushed longer than `reconcile_after` ago and
+//! still pending is asked about (STK Push Query) and settled from the answer
+//! (`PaymentReconciled`), since callbacks can be late or never come.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use commands::Commands;
+use domain::actor::Actor;
+use domain::ids::PaymentId;
+use domain::payment::{PaymentCommand, SettledBy};
+use eventstore::consumer::ReadModelTx;
+use eventstore::{Backend, ConsumerLock, LogHandler, Store, StoredEvent};
+use tokio::sync::watch;
+
+use crate::daraja::{Daraja, DarajaError, StkPush, StkStatus};
+
+/// The worker's consumer lock.
+pub const LOCK_NAME: &str = "mpesa_worker";
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Lists requested payments for the worker.
+pub struct PaymentIntake;
+
+#[async_trait]
+impl LogHandler for PaymentIntake {
+    fn name(&self) -> &str {
+        "mpesa_intake"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec!["CREATE TABLE IF NOT EXISTS mpesa_jobs (
+                payment_id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                next_attempt_at BIGINT NOT NULL,
+                last_error TEXT,
+                position BIGINT NOT NULL
+            )"
+        .into()]
+    }
+
+    /// The work list is delivery state: a rebuild keeps it.
+    fn tables(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != "payment" || event.event_type != "PaymentRequested" {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO mpesa_jobs (payment_id, state, attempts, next_attempt_at, last_error, \
+             position) VALUES ($1, 'pending', 0, 0, NULL, $2) ON CONFLICT (payment_id) DO NOTHING",
+        )
+        .bind(event.aggregate_id.clone())
+        .bind(event.position)
+        .execute(&mut **tx)
+        .await
+        .context("listing a payment to push")?;
+        Ok(())
+    }
+}
+
+/// How the worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// How often it looks for work without being woken.
+    pub poll: Duration,
+    /// Pending payments pushed longer ago than this are asked about.
+    pub reconcile_after: Duration,
+}
+
+/// Pushes listed payments and reconciles late ones (see the module documentation).
+pub struct Worker {
+    store: Store,
+    commands: Arc<Commands>,
+    daraja: Arc<Daraja>,
+    settings: WorkerSettings,
+}
+
+const MIN_PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+#[derive(sqlx::FromRow)]
+struct Job {
+    payment_id: String,
+    attempts: i64,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        commands: Arc<Commands>,
+        daraja: Arc<Daraja>,
+        settings: WorkerSettings,
+    ) -> Worker {
+        Worker {
+            store,
+            commands,
+            daraja,
+            settings,
+        }
+    }
+
+    /// Runs until `stop` turns true; `wake` (the intake's progress) starts a round at
+    /// once. Only the holder of the lock works; others wait to take it over.
+    pub async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut wake: Option<watch::Receiver<eventstore::LogCursor>>,
+    ) {
+        let mut lock: Option<ConsumerLock> = None;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if lock.is_none() {
+                match ConsumerLock::try_take(&self.store, LOCK_NAME).await {
+                    Ok(Some(taken)) => {
+                        tracing::info!("M-Pesa worker active");
+                        lock = Some(taken);
+                        if let Err(error) = self.recover().await {
+                            tracing::warn!(error = %format!("{error:#}"), "recovering M-Pesa jobs failed");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"), "taking the M-Pesa worker lock failed")
+                    }
+                }
+            } else if let Some(held) = lock.as_mut() {
+                if !held.is_alive().await {
+                    tracing::warn!("M-Pesa worker lost its lock; standing by");
+                    lock = None;
+                }
+            }
+            if lock.is_some() {
+                let round = tokio::select! {
+                    round = self.round() => round,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                if let Err(error) = round {
+                    tracing::warn!(error = %format!("{error:#}"), "M-Pesa round failed");
+                }
+            }
+            let woken = async {
+                match wake.as_mut() {
+                    Some(w) => {
+                        if w.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll) => {}
+                _ = woken => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        if let Some(held) = lock {
+            held.release().await;
+        }
+    }
+
+    /// Jobs a killed run left `sending`: the push may have reached Daraja, so it is
+    /// never sent again; the payment is recorded as failed with an unknown outcome.
+    async fn recover(&self) -> anyhow::Result<()> {
+        let stuck: Vec<Job> =
+            sqlx::query_as("SELECT payment_id, attempts FROM mpesa_jobs WHERE state = 'sending'")
+                .fetch_all(self.store.any_pool())
+                .await
+                .context("reading jobs left sending")?;
+        for job in stuck {
+            tracing::warn!(payment_id = %job.payment_id, "an STK Push was out when the last run stopped; not sending it again");
+            self.fail_unknown(&job, "the last run stopped while the STK Push was out")
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn round(&self) -> anyhow::Result<()> {
+        let pool = self.store.any_pool();
+        let due: Vec<Job> = sqlx::query_as(
+            "SELECT payment_id, attempts FROM mpesa_jobs \
+             WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY position LIMIT 32",
+        )
+        .bind(now_ms())
+        .fetch_all(pool)
+        .await
+        .context("reading due payments")?;
+        for job in due {
+            if !self.push(&job).await? {
+                // Daraja is down: the rest waits too.
+                break;
+            }
+        }
+        self.reconcile().await
+    }
+
+    /// Pushes one payment; `false` when Daraja is unavailable.
+    async fn push(&self, job: &Job) -> anyhow::Result<bool> {
+        let pool = self.store.any_pool();
+        let payment_id = PaymentId::parse(&job.payment_id)
+            .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
+        let Some(payment) = self.commands.payment(payment_id).await? else {
+            self.finish(job).await?;
+            return Ok(true);
+        };
+        if payment.pushed() {
+            self.finish(job).await?;
+            return Ok(true);
+        }
+        let phone = self.commands.payment_phone(payment_id).await?;
+        // Out of the door: from here on, never again.
+        let marked = sqlx::query(
+            "UPDATE mpesa_jobs SET state = 'sending' WHERE payment_id = $1 AND state = 'pending'",
+        )
+        .bind(job.payment_id.clone())
+        .execute(pool)
+        .await
+        .context("marking a payment sending")?;
+        if marked.rows_affected() != 1 {
+            return Ok(true);
+        }
+        let reference = job.payment_id.replace('-', "");
+        let push = StkPush {
+            amount_kes: payment.amount_kes(),
+            phone,
+            account_reference: reference.chars().take(12).collect(),
+            description: "AfyaChain fee".into(),
+        };
+        match self.daraja.stk_push(&push).await {
+            Ok(accepted) => {
+                self.commands
+                    .payment_command(
+                        payment_id,
+                        PaymentCommand::AcceptPush {
+                            by: Actor::System,
+                            merchant_request_id: accepted.merchant_request_id,
+                            checkout_request_id: accepted.checkout_request_id,
+                        },
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                tracing::info!(payment_id = %payment_id, "STK Push accepted");
+                self.finish(job).await?;
+                Ok(true)
+            }
+            Err(DarajaError::Rejected {
+                status,
+                code,
+                message,
+            }) => {
+                tracing::warn!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refused the STK Push");
+                self.commands
+                    .payment_command(
+                        payment_id,
+                        PaymentCommand::FailPush {
+                            by: Actor::System,
+                            error_code: if code.is_empty() {
+                                status.to_string()
+                            } else {
+                                code
+                            },
+                            error_message: message,
+                        },
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                self.finish(job).await?;
+                Ok(true)
+            }
+            Err(DarajaError::Unavailable(error)) => {
+                let attempts = job.attempts + 1;
+                let pause = MIN_PAUSE
+                    .saturating_mul(1 << attempts.clamp(0, 6) as u32)
+                    .min(MAX_PAUSE);
+                tracing::warn!(payment_id = %payment_id, attempts, error = %error, ?pause, "Daraja unavailable; the payment stays pending");
+                sqlx::query(
+                    "UPDATE mpesa_jobs SET state = 'pending', attempts = $1, next_attempt_at = $2, \
+                     last_error = $3 WHERE payment_id = $4",
+                )
+                .bind(attempts)
+                .bind(now_ms() + i64::try_from(pause.as_millis()).unwrap_or(60_000))
+                .bind(error)
+                .bind(job.payment_id.clone())
+                .execute(pool)
+                .await
+                .context("putting a payment off")?;
+                Ok(false)
+            }
+            Err(DarajaError::Unknown(error)) => {
+                tracing::warn!(payment_id = %payment_id, error = %error, "no answer to an STK Push that may have gone out; not sending it again");
+                self.fail_unknown(job, &error).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn fail_unknown(&self, job: &Job, why: &str) -> anyhow::Result<()> {
+        let payment_id = PaymentId::parse(&job.payment_id)
+            .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
+        match self
+            .commands
+            .payment_command(
+                payment_id,
+                PaymentCommand::FailPush {
+                    by: Actor::System,
+                    error_code: "unknown_outcome".into(),
+                    error_message: why.to_owned(),
+                },
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Recorded already (accepted or failed): nothing to add.
+            Err(commands::CommandError::Rejected {
+                code: "payment_already_pushed",
+                ..
+            }) => {}
+            Err(other) => return Err(anyhow::anyhow!(other)),
+        }
+        self.finish(job).await
+    }
+
+    async fn finish(&self, job: &Job) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM mpesa_jobs WHERE payment_id = $1")
+            .bind(job.payment_id.clone())
+            .execute(self.store.any_pool())
+            .await
+            .context("finishing a payment job")?;
+        Ok(())
+    }
+
+    /// Asks Daraja about payments whose callback is overdue, and settles them.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(self.settings.reconcile_after)
+                .unwrap_or_else(|_| chrono::Duration::seconds(120));
+        let before = before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let overdue =
+            projections::queries::unsettled_payments(self.store.any_pool(), &before, 16).await?;
+        for row in overdue {
+            let (Ok(payment_id), Some(checkout)) = (
+                PaymentId::parse(&row.payment_id),
+                row.checkout_request_id.as_deref(),
+            ) else {
+                continue;
+            };
+            match self.daraja.stk_query(checkout).await {
+                Ok(StkStatus::Pending) => {}
+                Ok(StkStatus::Done {
+                    result_code,
+                    result_desc,
+                }) => {
+                    match self
+                        .commands
+                        .payment_command(
+                            payment_id,
+                            PaymentCommand::Settle {
+                                by: Actor::System,
+                                result_code,
+                                result_desc,
+                                receipt: None,
+                                settled_by: SettledBy::Query,
+                            },
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(payment_id = %payment_id, result_code, "payment reconciled by STK Push Query")
+                        }
+                        Err(commands::CommandError::Rejected {
+                            code: "payment_already_settled",
+                            ..
+                        }) => {}
+                        Err(other) => return Err(anyhow::anyhow!(other)),
+                    }
+                }
+                Err(DarajaError::Unavailable(error)) => {
+                    tracing::warn!(error = %error, "Daraja unavailable; reconciliation waits");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
