@@ -89,6 +89,53 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .id;
         // The patient's own wallet (its address sealed; its index in rm_patient_wallets).
         cmds.register_wallet(patient, WALLET, meta()).await.unwrap();
+        // A consultation fee paid by M-Pesa, and a callback that settled nothing.
+        let paid = cmds
+            .request_payment(
+                Actor::Patient(patient),
+                domain::payment::Purpose::ConsultationFee,
+                500,
+                &Msisdn::parse(PHONE).unwrap(),
+                None,
+                None,
+                meta(),
+            )
+            .await
+            .unwrap()
+            .id;
+        cmds.payment_command(
+            paid,
+            domain::payment::PaymentCommand::AcceptPush {
+                by: Actor::System,
+                merchant_request_id: "29115-34620561-1".into(),
+                checkout_request_id: "ws_CO_191220191020363925".into(),
+            },
+        )
+        .await
+        .unwrap();
+        cmds.payment_command(
+            paid,
+            domain::payment::PaymentCommand::Settle {
+                by: Actor::System,
+                result_code: 0,
+                result_desc: "The service request is processed successfully.".into(),
+                receipt: None,
+                settled_by: domain::payment::SettledBy::Query,
+            },
+        )
+        .await
+        .unwrap();
+        cmds.reject_callback(domain::payment::RejectedCallbackCommand::Record {
+            by: Actor::System,
+            reason: "unknown_checkout_request_id".into(),
+            checkout_request_id: "ws_CO_000".into(),
+            result_code: 1032,
+            mpesa_receipt: None,
+            amount_kes: None,
+            payment_id: None,
+        })
+        .await
+        .unwrap();
         let doctor = cmds
             .register_doctor(
                 &PersonName::parse("Dr Kamau").unwrap(),
