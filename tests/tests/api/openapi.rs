@@ -161,7 +161,9 @@ async fn the_openapi_document_describes_exactly_what_the_server_serves() {
                 )
                 .await;
             assert_ne!(resp.status, 405, "{method} {path}");
-            if resp.status == 404 {
+            // The STK callback answers a wrong path token exactly as a missing route,
+            // so that the route cannot be told from nothing.
+            if resp.status == 404 && !path.contains("{path_token}") {
                 assert_ne!(resp.json()["code"], "route_not_found", "{method} {path}");
             }
             documented(&doc, method, path, &resp);
