@@ -333,6 +333,25 @@ async fn a_missing_callback_is_reconciled_and_expired_tokens_are_refreshed() {
     let p = settled(&app, &w.patient, &id).await;
     assert_eq!(p["status"], "timed_out", "{p}");
     assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
+    // Its callback, late after all: acknowledged, logged, nothing changes.
+    let late = json!({"Body": {"stkCallback": {
+        "MerchantRequestID": "1-2-3",
+        "CheckoutRequestID": p["checkout_request_id"],
+        "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
+        "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": 500},
+            {"Name": "MpesaReceiptNumber", "Value": "LATE000001"},
+            {"Name": "TransactionDate", "Value": 20261125101010u64},
+            {"Name": "PhoneNumber", "Value": 254711000020u64}]}}}});
+    app.post(&format!("/v1/mpesa/callbacks/{TOKEN}/stk"), None, late)
+        .await
+        .ok(200);
+    assert_eq!(settled(&app, &w.patient, &id).await["status"], "timed_out");
+    assert_eq!(count(&app, "PaymentConfirmed", &id).await, 0);
+    assert!(app
+        .server
+        .logs()
+        .contains("duplicate or late STK callback for a settled payment"));
     // Tokens expire: the next push fetches a new one and goes through.
     let tokens = sb.token_requests();
     sb.expire_tokens();
@@ -355,6 +374,26 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
         return;
     };
     let w = app.world().await;
+    // Daraja not there at all: the payment waits, and goes once it is back.
+    let address: std::net::SocketAddr = sb.url.trim_start_matches("http://").parse().unwrap();
+    sb.stop().await;
+    let early = pay(&app, &w.patient, "254711000031", 650, "k0").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.get(&format!("/v1/payments/{early}"), Some(&w.patient.token))
+            .await
+            .ok(200)["status"],
+        "pending"
+    );
+    let mut config = SandboxConfig::public_sandbox();
+    config.callback_delay = Duration::from_millis(2500);
+    let sb = Sandbox::start_on(config, address).await.unwrap();
+    assert_eq!(
+        settled(&app, &w.patient, &early).await["status"],
+        "confirmed"
+    );
+    assert_eq!(sb.pushes().len(), 1);
+    // Daraja answering 503: likewise.
     sb.fail_next(503, 4);
     let id = pay(&app, &w.patient, "254711000030", 700, "k1").await;
     let p = app
@@ -364,7 +403,7 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
     assert_eq!(p["status"], "pending");
     // Pushed once Daraja is back.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sb.pushes().is_empty() {
+    while sb.pushes().len() < 2 {
         assert!(Instant::now() < deadline, "{}", app.server.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -379,7 +418,7 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
     let p = settled(&app, &w.patient, &id).await;
     assert_eq!(p["status"], "confirmed", "{p}\n{}", app.server.logs());
     assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
-    assert_eq!(sb.pushes().len(), 1, "pushed twice");
+    assert_eq!(sb.pushes().len(), 2, "pushed twice");
     app.stop().await;
     sb.stop().await;
 }
@@ -456,4 +495,35 @@ async fn bad_payment_requests_are_refused() {
         .problem(404, "route_not_found");
     assert_eq!(app.event_count().await, before);
     app.stop().await;
+}
+
+/// Daraja refusing the STK Push (a 4xx: here the server's passkey is wrong, so the
+/// Password is): the payment fails with Daraja's error code and message, pushed never.
+#[actix_rt::test]
+async fn a_refused_stk_push_fails_the_payment_with_darajas_code_and_message() {
+    let sb = sandbox(200).await;
+    let port = free_port();
+    let mut vars = vars(&sb, port, 120);
+    for (k, v) in vars.iter_mut() {
+        if k == "MPESA_PASSKEY" {
+            *v = "not-the-passkey".into();
+        }
+    }
+    let Some(app) = TestApp::start_with(Backend::Sqlite, &refs(&vars)).await else {
+        return;
+    };
+    let w = app.world().await;
+    let id = pay(&app, &w.patient, "254711000040", 800, "k1").await;
+    let p = settled(&app, &w.patient, &id).await;
+    assert_eq!(p["status"], "failed", "{p}");
+    let desc = p["result_desc"].as_str().unwrap();
+    assert!(
+        desc.contains("400.002.02") && desc.contains("Invalid Password"),
+        "{p}"
+    );
+    assert_eq!(p["checkout_request_id"], Value::Null);
+    assert!(sb.pushes().is_empty());
+    assert!(!app.server.logs().contains("not-the-passkey"));
+    app.stop().await;
+    sb.stop().await;
 }
