@@ -48,7 +48,8 @@ pub struct Config {
     /// `MPESA_CONSUMER_KEY` turns M-Pesa payments on: `MPESA_CONSUMER_SECRET`,
     /// `MPESA_SHORTCODE`, `MPESA_PASSKEY`, `MPESA_CALLBACK_URL` (ending
     /// `/v1/mpesa/callbacks/{path_token}/stk`), `MPESA_BASE_URL` (the sandbox),
-    /// `MPESA_TRANSACTION_TYPE` (`paybill` or `buygoods`), `MPESA_RECONCILE_AFTER_SECS`
+    /// `MPESA_TRANSACTION_TYPE` (`paybill` or `buygoods`, with `MPESA_TILL_NUMBER`),
+    /// `MPESA_RECONCILE_AFTER_SECS`
     /// (120), `MPESA_TIMEOUT_SECS` (15), `MPESA_POLL_MS` (1000).
     pub mpesa: Option<MpesaSettings>,
 }
@@ -124,6 +125,7 @@ fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
             consumer_key: consumer_key.trim().to_owned(),
             consumer_secret: secret("MPESA_CONSUMER_SECRET")?,
             shortcode,
+            till_number: var("MPESA_TILL_NUMBER").map(|t| t.trim().to_owned()),
             passkey: secret("MPESA_PASSKEY")?,
             callback_url,
             transaction_type,

@@ -3,11 +3,12 @@
 //! once on a 401), STK Push (`POST /mpesa/stkpush/v1/processrequest`) and STK Push
 //! Query (`POST /mpesa/stkpushquery/v1/query`).
 //!
-//! Each call is bounded by a timeout. A 5xx answer or a connection that could not be
-//! made is retried with a growing pause; a 4xx is Daraja refusing the request, returned
-//! with its error code and message. An STK Push whose request may have reached Daraja
-//! (it timed out, or the connection broke after sending) is never sent again: the
-//! customer could be asked to pay twice. It is reported as [`DarajaError::Unknown`].
+//! Each call is bounded by a timeout. A connection that could not be made, a 503, or a
+//! 5xx saying Daraja is busy is retried with a growing pause; a 4xx is Daraja refusing
+//! the request, returned with its error code and message. An STK Push whose request may
+//! have been processed (it timed out, the connection broke after sending, or another
+//! 5xx came back) is never sent again: the customer could be asked to pay twice. It is
+//! reported as [`DarajaError::Unknown`].
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -52,6 +53,8 @@ pub struct DarajaConfig {
     /// Never logged.
     pub consumer_secret: String,
     pub shortcode: String,
+    /// The till number paid into (PartyB) with `BuyGoods`; the shortcode if `None`.
+    pub till_number: Option<String>,
     /// Never logged.
     pub passkey: String,
     /// The full public URL Daraja posts STK callbacks to.
@@ -210,6 +213,10 @@ struct QueryReply {
 /// The error code Daraja gives a query whose transaction is still being processed.
 const STILL_PROCESSING: &str = "500.001.1001";
 
+/// Error codes with which Daraja turns a request away before processing it ("System is
+/// busy"); with a 503, the only 5xx after which an STK Push is sent again.
+const BUSY: &[&str] = &["500.003.02", "500.003.03"];
+
 /// A Daraja client. Cheap to share (`Arc`); the token is cached inside.
 pub struct Daraja {
     config: DarajaConfig,
@@ -358,10 +365,19 @@ impl Daraja {
                     {
                         return Ok((status, body));
                     }
-                    format!(
+                    let refused_unprocessed = status == StatusCode::SERVICE_UNAVAILABLE
+                        || reply
+                            .as_ref()
+                            .is_some_and(|r| BUSY.contains(&r.error_code.as_str()));
+                    let failure = format!(
                         "{status}: {}",
                         reply.map(|r| r.error_message).unwrap_or_default()
-                    )
+                    );
+                    // Any other 5xx to a push may come after Daraja processed it.
+                    if !repeatable && !refused_unprocessed {
+                        return Err(DarajaError::Unknown(failure));
+                    }
+                    failure
                 }
                 Answer::NotSent(e) => e,
                 Answer::Lost(e) if repeatable => e,
@@ -387,7 +403,10 @@ impl Daraja {
             transaction_type: c.transaction_type.as_str(),
             amount: push.amount_kes,
             party_a: &push.phone,
-            party_b: &c.shortcode,
+            party_b: match c.transaction_type {
+                TransactionType::BuyGoods => c.till_number.as_deref().unwrap_or(&c.shortcode),
+                TransactionType::PayBill => &c.shortcode,
+            },
             phone_number: &push.phone,
             callback_url: &c.callback_url,
             account_reference: &push.account_reference,
@@ -498,6 +517,7 @@ mod tests {
             consumer_key: "key-123".into(),
             consumer_secret: "secret-456".into(),
             shortcode: "174379".into(),
+            till_number: None,
             passkey: "passkey-789".into(),
             callback_url: "https://example.org/cb".into(),
             transaction_type: TransactionType::PayBill,

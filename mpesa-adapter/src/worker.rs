@@ -50,7 +50,8 @@ impl LogHandler for PaymentIntake {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec!["CREATE TABLE IF NOT EXISTS mpesa_jobs (
+        vec![
+            "CREATE TABLE IF NOT EXISTS mpesa_jobs (
                 payment_id TEXT PRIMARY KEY,
                 state TEXT NOT NULL,
                 attempts BIGINT NOT NULL,
@@ -58,7 +59,24 @@ impl LogHandler for PaymentIntake {
                 last_error TEXT,
                 position BIGINT NOT NULL
             )"
-        .into()]
+            .into(),
+            // Daraja's CheckoutRequestID of each accepted push, written before the
+            // acceptance is recorded: the callback finds its payment here at once, and a
+            // run that died before recording the acceptance records it after.
+            "CREATE TABLE IF NOT EXISTS mpesa_checkouts (
+                checkout_request_id TEXT PRIMARY KEY,
+                merchant_request_id TEXT NOT NULL,
+                payment_id TEXT NOT NULL UNIQUE
+            )"
+            .into(),
+            // When each overdue payment may be asked about again (STK Push Query).
+            "CREATE TABLE IF NOT EXISTS mpesa_queries (
+                payment_id TEXT PRIMARY KEY,
+                attempts BIGINT NOT NULL,
+                next_query_at BIGINT NOT NULL
+            )"
+            .into(),
+        ]
     }
 
     /// The work list is delivery state: a rebuild keeps it.
@@ -157,11 +175,9 @@ impl Worker {
                 }
             }
             if lock.is_some() {
-                let round = tokio::select! {
-                    round = self.round() => round,
-                    _ = stop.wait_for(|s| *s) => break,
-                };
-                if let Err(error) = round {
+                // Not cancelled mid-push: a push cut short would leave its fate unknown.
+                // The round looks at `stop` between payments.
+                if let Err(error) = self.round(&stop).await {
                     tracing::warn!(error = %format!("{error:#}"), "M-Pesa round failed");
                 }
             }
@@ -195,6 +211,9 @@ impl Worker {
                 .await
                 .context("reading jobs left sending")?;
         for job in stuck {
+            if self.record_known_checkout(&job).await? {
+                continue;
+            }
             tracing::warn!(payment_id = %job.payment_id, "an STK Push was out when the last run stopped; not sending it again");
             self.fail_unknown(&job, "the last run stopped while the STK Push was out")
                 .await?;
@@ -202,23 +221,116 @@ impl Worker {
         Ok(())
     }
 
-    async fn round(&self) -> anyhow::Result<()> {
+    async fn round(&self, stop: &watch::Receiver<bool>) -> anyhow::Result<()> {
         let pool = self.store.any_pool();
+        // Acceptances a failed write left unrecorded.
+        let accepted: Vec<Job> = sqlx::query_as(
+            "SELECT payment_id, attempts FROM mpesa_jobs WHERE state = 'sending' \
+             AND payment_id IN (SELECT payment_id FROM mpesa_checkouts)",
+        )
+        .fetch_all(pool)
+        .await
+        .context("reading unrecorded acceptances")?;
+        for job in accepted {
+            self.record_known_checkout(&job).await?;
+        }
         let due: Vec<Job> = sqlx::query_as(
             "SELECT payment_id, attempts FROM mpesa_jobs \
-             WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY position LIMIT 32",
+             WHERE state = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at, position LIMIT 32",
         )
         .bind(now_ms())
         .fetch_all(pool)
         .await
         .context("reading due payments")?;
         for job in due {
-            if !self.push(&job).await? {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            match self.push(&job).await {
+                Ok(true) => {}
                 // Daraja is down: the rest waits too.
-                break;
+                Ok(false) => break,
+                Err(error) => {
+                    // One payment's trouble holds up no other: it waits a while.
+                    let error = format!("{error:#}");
+                    tracing::warn!(payment_id = %job.payment_id, error = %error, "pushing a payment failed; it waits");
+                    self.put_off(&job, &error).await?;
+                }
             }
         }
+        if *stop.borrow() {
+            return Ok(());
+        }
         self.reconcile().await
+    }
+
+    async fn put_off(&self, job: &Job, error: &str) -> anyhow::Result<()> {
+        let attempts = job.attempts + 1;
+        let pause = MIN_PAUSE
+            .saturating_mul(1 << attempts.clamp(0, 6) as u32)
+            .min(MAX_PAUSE);
+        sqlx::query(
+            "UPDATE mpesa_jobs SET attempts = $1, next_attempt_at = $2, last_error = $3 \
+             WHERE payment_id = $4 AND state = 'pending'",
+        )
+        .bind(attempts)
+        .bind(now_ms() + i64::try_from(pause.as_millis()).unwrap_or(60_000))
+        .bind(error.to_owned())
+        .bind(job.payment_id.clone())
+        .execute(self.store.any_pool())
+        .await
+        .context("putting a payment off")?;
+        Ok(())
+    }
+
+    /// Records the acceptance of a push whose CheckoutRequestID was kept but not
+    /// recorded; `false` if none was kept.
+    async fn record_known_checkout(&self, job: &Job) -> anyhow::Result<bool> {
+        let kept: Option<(String, String)> = sqlx::query_as(
+            "SELECT checkout_request_id, merchant_request_id FROM mpesa_checkouts \
+             WHERE payment_id = $1",
+        )
+        .bind(job.payment_id.clone())
+        .fetch_optional(self.store.any_pool())
+        .await
+        .context("reading a kept CheckoutRequestID")?;
+        let Some((checkout_request_id, merchant_request_id)) = kept else {
+            return Ok(false);
+        };
+        let payment_id = PaymentId::parse(&job.payment_id)
+            .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
+        self.accept(payment_id, merchant_request_id, checkout_request_id)
+            .await?;
+        self.finish(job).await?;
+        Ok(true)
+    }
+
+    async fn accept(
+        &self,
+        payment_id: PaymentId,
+        merchant_request_id: String,
+        checkout_request_id: String,
+    ) -> anyhow::Result<()> {
+        match self
+            .commands
+            .payment_command(
+                payment_id,
+                PaymentCommand::AcceptPush {
+                    by: Actor::System,
+                    merchant_request_id,
+                    checkout_request_id,
+                },
+            )
+            .await
+        {
+            Ok(_)
+            | Err(commands::CommandError::Rejected {
+                code: "payment_already_pushed",
+                ..
+            }) => Ok(()),
+            Err(other) => Err(anyhow::anyhow!(other)),
+        }
     }
 
     /// Pushes one payment; `false` when Daraja is unavailable.
@@ -234,7 +346,22 @@ impl Worker {
             self.finish(job).await?;
             return Ok(true);
         }
-        let phone = self.commands.payment_phone(payment_id).await?;
+        let Ok(phone) = self.commands.payment_phone(payment_id).await else {
+            // The payer was erased: there is no number to ask any more.
+            self.commands
+                .payment_command(
+                    payment_id,
+                    PaymentCommand::FailPush {
+                        by: Actor::System,
+                        error_code: "phone_unavailable".into(),
+                        error_message: "the payer's number can no longer be read".into(),
+                    },
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            self.finish(job).await?;
+            return Ok(true);
+        };
         // Out of the door: from here on, never again.
         let marked = sqlx::query(
             "UPDATE mpesa_jobs SET state = 'sending' WHERE payment_id = $1 AND state = 'pending'",
@@ -255,17 +382,24 @@ impl Worker {
         };
         match self.daraja.stk_push(&push).await {
             Ok(accepted) => {
-                self.commands
-                    .payment_command(
-                        payment_id,
-                        PaymentCommand::AcceptPush {
-                            by: Actor::System,
-                            merchant_request_id: accepted.merchant_request_id,
-                            checkout_request_id: accepted.checkout_request_id,
-                        },
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))?;
+                // Kept first: if recording the acceptance fails, the next round (or
+                // run) records it from here rather than calling the push unknown.
+                sqlx::query(
+                    "INSERT INTO mpesa_checkouts (checkout_request_id, merchant_request_id, \
+                     payment_id) VALUES ($1, $2, $3) ON CONFLICT (checkout_request_id) DO NOTHING",
+                )
+                .bind(accepted.checkout_request_id.clone())
+                .bind(accepted.merchant_request_id.clone())
+                .bind(job.payment_id.clone())
+                .execute(pool)
+                .await
+                .context("keeping a CheckoutRequestID")?;
+                self.accept(
+                    payment_id,
+                    accepted.merchant_request_id,
+                    accepted.checkout_request_id,
+                )
+                .await?;
                 tracing::info!(payment_id = %payment_id, "STK Push accepted");
                 self.finish(job).await?;
                 Ok(true)
@@ -356,23 +490,51 @@ impl Worker {
         Ok(())
     }
 
-    /// Asks Daraja about payments whose callback is overdue, and settles them.
+    /// Asks Daraja about payments whose callback is overdue, and settles them. Each is
+    /// asked again only after a growing pause (still pending, or Daraja failing), and
+    /// no more once Daraja refuses the question (a 4xx), so a few old payments neither
+    /// crowd out newer ones nor flood Daraja.
     async fn reconcile(&self) -> anyhow::Result<()> {
+        let pool = self.store.any_pool();
         let before = chrono::Utc::now()
             - chrono::Duration::from_std(self.settings.reconcile_after)
                 .unwrap_or_else(|_| chrono::Duration::seconds(120));
         let before = before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let overdue =
-            projections::queries::unsettled_payments(self.store.any_pool(), &before, 16).await?;
+        let overdue = projections::queries::unsettled_payments(pool, &before, 256).await?;
+        let mut asked = 0;
         for row in overdue {
+            if asked >= 16 {
+                break;
+            }
             let (Ok(payment_id), Some(checkout)) = (
                 PaymentId::parse(&row.payment_id),
                 row.checkout_request_id.as_deref(),
             ) else {
                 continue;
             };
-            match self.daraja.stk_query(checkout).await {
-                Ok(StkStatus::Pending) => {}
+            let last: Option<(i64, i64)> = sqlx::query_as(
+                "SELECT attempts, next_query_at FROM mpesa_queries WHERE payment_id = $1",
+            )
+            .bind(row.payment_id.clone())
+            .fetch_optional(pool)
+            .await
+            .context("reading when a payment was last asked about")?;
+            let attempts = last.map_or(0, |(a, _)| a);
+            if last.is_some_and(|(_, next)| next > now_ms()) {
+                continue;
+            }
+            asked += 1;
+            let again = |attempts: i64| {
+                let pause = self
+                    .settings
+                    .poll
+                    .max(MIN_PAUSE)
+                    .saturating_mul(1 << attempts.clamp(0, 8) as u32)
+                    .min(Duration::from_secs(300));
+                now_ms() + i64::try_from(pause.as_millis()).unwrap_or(300_000)
+            };
+            let next = match self.daraja.stk_query(checkout).await {
+                Ok(StkStatus::Pending) => again(attempts),
                 Ok(StkStatus::Done {
                     result_code,
                     result_desc,
@@ -400,15 +562,38 @@ impl Worker {
                         }) => {}
                         Err(other) => return Err(anyhow::anyhow!(other)),
                     }
+                    sqlx::query("DELETE FROM mpesa_queries WHERE payment_id = $1")
+                        .bind(row.payment_id.clone())
+                        .execute(pool)
+                        .await
+                        .context("forgetting a settled payment's queries")?;
+                    continue;
                 }
-                Err(DarajaError::Unavailable(error)) => {
-                    tracing::warn!(error = %error, "Daraja unavailable; reconciliation waits");
-                    break;
+                Err(DarajaError::Rejected {
+                    status,
+                    code,
+                    message,
+                }) => {
+                    tracing::error!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refuses to say how this payment ended; it is not asked again");
+                    i64::MAX / 2
                 }
                 Err(error) => {
-                    tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed");
+                    tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed; asking again later");
+                    again(attempts)
                 }
-            }
+            };
+            sqlx::query(
+                "INSERT INTO mpesa_queries (payment_id, attempts, next_query_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (payment_id) DO UPDATE SET attempts = $4, next_query_at = $5",
+            )
+            .bind(row.payment_id.clone())
+            .bind(attempts + 1)
+            .bind(next)
+            .bind(attempts + 1)
+            .bind(next)
+            .execute(pool)
+            .await
+            .context("noting when to ask about a payment again")?;
         }
         Ok(())
     }

@@ -411,15 +411,17 @@ pub async fn payments_of(
     after: i64,
     limit: i64,
 ) -> anyhow::Result<Page<PaymentRow>> {
-    let column = match column {
-        PaymentParty::Patient => "patient_id",
-        PaymentParty::Doctor => "doctor_id",
+    // A payment names its payer, and the patient or doctor it concerns.
+    let (column, payer) = match column {
+        PaymentParty::Patient => ("patient_id", format!("patient:{id}")),
+        PaymentParty::Doctor => ("doctor_id", format!("doctor:{id}")),
     };
     let rows: Vec<PaymentRow> = sqlx::query_as(&format!(
-        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE {column} = $1 AND position > $2 \
-         ORDER BY position LIMIT $3"
+        "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE ({column} = $1 OR payer = $2) \
+         AND position > $3 ORDER BY position LIMIT $4"
     ))
     .bind(id.to_owned())
+    .bind(payer)
     .bind(after)
     .bind(limit + 1)
     .fetch_all(pool)

@@ -147,6 +147,41 @@ pub async fn create(
         }
     };
     v.finish()?;
+    // A retry without the key would be a second payment, and a second push.
+    if req.headers().get("idempotency-key").is_none() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "send an Idempotency-Key header: a retry with the same key is the same payment",
+        )
+        .at("Idempotency-Key"));
+    }
+    if let Some(doctor_id) = doctor_id {
+        if queries::doctor(state.store.any_pool(), &doctor_id.to_string())
+            .await?
+            .is_none()
+        {
+            return Err(Problem::field("doctor_id", "no such doctor"));
+        }
+    }
+    if let Some(request_id) = access_request_id {
+        let request = state
+            .commands
+            .access_request(request_id)
+            .await
+            .map_err(|e| Problem::internal(&e))?;
+        let involves_payer = request.is_some_and(|r| match payer {
+            Actor::Patient(p) => r.patient_id() == Some(p),
+            Actor::Doctor(d) => r.doctor_id() == Some(d),
+            _ => false,
+        });
+        if !involves_payer {
+            return Err(Problem::field(
+                "access_request_id",
+                "no such access request of yours",
+            ));
+        }
+    }
     if state.config.mpesa.is_none() {
         return Err(unavailable());
     }
@@ -300,15 +335,20 @@ pub async fn stk_callback(
     let callback = mpesa_adapter::callback::parse(body.bytes())
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_callback", e.to_string()))?;
     let pool = state.store.any_pool();
-    let mut row = queries::payment_by_checkout(pool, &callback.checkout_request_id).await?;
-    // The push's acceptance may not have reached the read model yet: a moment's grace.
-    for _ in 0..20 {
-        if row.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        row = queries::payment_by_checkout(pool, &callback.checkout_request_id).await?;
-    }
+    // The M-Pesa worker keeps each CheckoutRequestID before it records the acceptance,
+    // so the payment is found here even before the read models have caught up.
+    let kept: Option<String> =
+        sqlx::query_scalar("SELECT payment_id FROM mpesa_checkouts WHERE checkout_request_id = $1")
+            .bind(callback.checkout_request_id.clone())
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| Problem::internal(&e.into()))?;
+    let row = match kept {
+        Some(payment_id) => Some(payment_id),
+        None => queries::payment_by_checkout(pool, &callback.checkout_request_id)
+            .await?
+            .map(|r| r.payment_id),
+    };
     let reject = |reason: &str, payment_id: Option<PaymentId>| RejectedCallbackCommand::Record {
         by: Actor::System,
         reason: reason.to_owned(),
@@ -329,7 +369,7 @@ pub async fn stk_callback(
             .await?;
         return Ok(ack());
     };
-    let payment_id: PaymentId = PaymentId::parse(&row.payment_id)
+    let payment_id: PaymentId = PaymentId::parse(&row)
         .map_err(|_| Problem::internal(&anyhow::anyhow!("a stored payment id is not an id")))?;
     let payment = state
         .commands
@@ -368,23 +408,37 @@ pub async fn stk_callback(
         }
         None => None,
     };
-    let settled = state
-        .commands
-        .payment_command(
+    let settle = || {
+        state.commands.payment_command(
             payment_id,
             PaymentCommand::Settle {
                 by: Actor::System,
                 result_code: callback.result_code,
                 result_desc: callback.result_desc.clone(),
-                receipt,
+                receipt: receipt.clone(),
                 settled_by: SettledBy::Callback,
             },
         )
-        .await;
+    };
+    let mut settled = settle().await;
+    // Kept, but the acceptance not recorded yet: a moment's grace.
+    for _ in 0..20 {
+        if !matches!(
+            settled,
+            Err(commands::CommandError::Rejected {
+                code: "payment_not_pushed",
+                ..
+            })
+        ) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        settled = settle().await;
+    }
+    // Daraja is answered at once: read models catch up on their own.
     match settled {
-        Ok(outcome) => {
+        Ok(_) => {
             tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "payment settled by callback");
-            state.settle.settle(&outcome).await;
         }
         Err(commands::CommandError::Rejected {
             code: "payment_already_settled",

@@ -411,7 +411,17 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
         .server
         .logs()
         .contains("Daraja unavailable; the payment stays pending"));
-    // Killed before the callback (2.5 s after the push) arrives.
+    // The acceptance recorded, then killed before the callback (2.5 s after the push).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .get(&format!("/v1/payments/{id}"), Some(&w.patient.token))
+        .await
+        .ok(200)["checkout_request_id"]
+        .is_null()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.restart("KILL", &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     app.restart("TERM", &vars);
@@ -482,13 +492,37 @@ async fn bad_payment_requests_are_refused() {
     )
     .await
     .problem(401, "unauthenticated");
-    app.post(
-        "/v1/payments",
-        Some(&w.patient.token),
-        json!({"purpose": "access_fee", "amount_kes": 10, "phone": "254711000001"}),
-    )
-    .await
-    .problem(503, "payments_unavailable");
+    let fine = json!({"purpose": "access_fee", "amount_kes": 10, "phone": "254711000001"});
+    // Without an Idempotency-Key a retry would be a second payment: refused.
+    app.post("/v1/payments", Some(&w.patient.token), fine.clone())
+        .await
+        .problem(400, "idempotency_key_required");
+    // References must name what exists, and concern the payer.
+    let p = app
+        .post_keyed(
+            "/v1/payments",
+            Some(&w.patient.token),
+            Some("k-doctor"),
+            json!({"purpose": "consultation_fee", "amount_kes": 10, "phone": "254711000001",
+                   "doctor_id": "00000000-0000-4000-8000-000000000000"}),
+        )
+        .await
+        .problem(422, "invalid_request");
+    assert!(p.to_string().contains("doctor_id"), "{p}");
+    let p = app
+        .post_keyed(
+            "/v1/payments",
+            Some(&w.patient.token),
+            Some("k-request"),
+            json!({"purpose": "access_fee", "amount_kes": 10, "phone": "254711000001",
+                   "access_request_id": "00000000-0000-4000-8000-000000000000"}),
+        )
+        .await
+        .problem(422, "invalid_request");
+    assert!(p.to_string().contains("access_request_id"), "{p}");
+    app.post_keyed("/v1/payments", Some(&w.patient.token), Some("k-503"), fine)
+        .await
+        .problem(503, "payments_unavailable");
     // Nobody's callback route without M-Pesa configured.
     app.post(&format!("/v1/mpesa/callbacks/{TOKEN}/stk"), None, json!({}))
         .await
