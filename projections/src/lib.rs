@@ -12,8 +12,8 @@ pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, Directory, DoctorGrants, LogAnchors, PatientRecords, Payments,
-    RecordStorage, RecordTokens,
+    AccessLog, AccessRequests, AuditEvents, Directory, DoctorGrants, LogAnchors, PatientRecords,
+    Payments, RecordStorage, RecordTokens,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -28,5 +28,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(RecordTokens::default()),
         Arc::new(LogAnchors::default()),
         Arc::new(Payments::default()),
+        Arc::new(AuditEvents),
     ]
 }

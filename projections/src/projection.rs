@@ -1025,3 +1025,87 @@ impl LogHandler for Payments {
         Ok(())
     }
 }
+
+/// The whole event history for auditors, one row per event in log order (`ordinal`,
+/// 1-based, the order the log is consumed in, so a cursor never skips an event that
+/// committed late), with its metadata lifted into columns to filter on. Payloads are
+/// kept as stored: personal fields stay sealed.
+#[derive(Default)]
+pub struct AuditEvents;
+
+#[async_trait]
+impl LogHandler for AuditEvents {
+    fn name(&self) -> &str {
+        "audit_events"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_audit_events (
+                ordinal BIGINT PRIMARY KEY,
+                position BIGINT NOT NULL UNIQUE,
+                event_id TEXT NOT NULL,
+                recorded_at TEXT NOT NULL,
+                aggregate_type TEXT NOT NULL,
+                aggregate_id TEXT NOT NULL,
+                sequence BIGINT NOT NULL,
+                event_type TEXT NOT NULL,
+                event_version TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                correlation_id TEXT,
+                causation_id TEXT,
+                payload TEXT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_events_aggregate ON rm_audit_events \
+             (aggregate_type, aggregate_id, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_events_type ON rm_audit_events (event_type, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_events_actor ON rm_audit_events (actor, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_events_time ON rm_audit_events (recorded_at)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_audit_events".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        let field = |name: &str| {
+            event
+                .metadata
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(ordinal) FROM rm_audit_events")
+            .fetch_one(&mut **tx)
+            .await?;
+        exec(
+            tx,
+            "INSERT INTO rm_audit_events (ordinal, position, event_id, recorded_at, \
+             aggregate_type, aggregate_id, sequence, event_type, event_version, actor, \
+             correlation_id, causation_id, payload) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            vec![
+                Int(last.unwrap_or(0) + 1),
+                Int(event.position),
+                Text(event.event_id.to_string()),
+                Text(time(&event.recorded_at)),
+                Text(event.aggregate_type.clone()),
+                Text(event.aggregate_id.clone()),
+                Int(event.sequence),
+                Text(event.event_type.clone()),
+                Text(event.event_version.clone()),
+                Text(field("actor").unwrap_or_default()),
+                OptText(field("correlation_id")),
+                OptText(field("causation_id")),
+                Text(event.payload.to_string()),
+            ],
+        )
+        .await
+    }
+}

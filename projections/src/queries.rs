@@ -454,3 +454,73 @@ pub async fn unsettled_payments(
     .await
     .context("reading unsettled payments")
 }
+
+/// One event of the audit history.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct AuditEventRow {
+    pub ordinal: i64,
+    pub position: i64,
+    pub event_id: String,
+    pub recorded_at: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub actor: String,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub payload: String,
+}
+
+/// Filters of the audit history; `None` leaves a field unfiltered.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub actor: Option<String>,
+    pub from_time: Option<DateTime<Utc>>,
+    pub to_time: Option<DateTime<Utc>>,
+    pub from_position: Option<i64>,
+}
+
+/// The events matching `filter` after ordinal `after`, in log order.
+pub async fn audit_events(
+    pool: &AnyPool,
+    filter: &AuditFilter,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AuditEventRow>> {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let from_time = filter.from_time.as_ref().map(time).unwrap_or_default();
+    let to_time = filter.to_time.as_ref().map(time).unwrap_or_default();
+    let rows: Vec<AuditEventRow> = sqlx::query_as(
+        "SELECT ordinal, position, event_id, recorded_at, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, actor, correlation_id, causation_id, payload \
+         FROM rm_audit_events WHERE ordinal > $1 \
+         AND ($2 = '' OR aggregate_type = $3) AND ($4 = '' OR aggregate_id = $5) \
+         AND ($6 = '' OR event_type = $7) AND ($8 = '' OR actor = $9) \
+         AND ($10 = '' OR recorded_at >= $11) AND ($12 = '' OR recorded_at < $13) \
+         AND position >= $14 ORDER BY ordinal LIMIT $15",
+    )
+    .bind(after)
+    .bind(text(&filter.aggregate_type))
+    .bind(text(&filter.aggregate_type))
+    .bind(text(&filter.aggregate_id))
+    .bind(text(&filter.aggregate_id))
+    .bind(text(&filter.event_type))
+    .bind(text(&filter.event_type))
+    .bind(text(&filter.actor))
+    .bind(text(&filter.actor))
+    .bind(from_time.clone())
+    .bind(from_time)
+    .bind(to_time.clone())
+    .bind(to_time)
+    .bind(filter.from_position.unwrap_or(0))
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading the audit history")?;
+    Ok(page(rows, limit, |r| r.ordinal))
+}

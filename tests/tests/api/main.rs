@@ -7,6 +7,7 @@ mod support;
 
 mod accounts;
 mod app;
+mod audit;
 mod bad_input;
 mod chain;
 mod idempotency;
