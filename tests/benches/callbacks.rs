@@ -42,7 +42,7 @@ async fn run() {
         .port();
     let dir = std::env::temp_dir().join(format!("afya-bench-{}", uuid::Uuid::new_v4()));
     let callback_url = format!("http://127.0.0.1:{port}/v1/mpesa/callbacks/{TOKEN}/stk");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_afyachain-under-test"))
+    let server = Command::new(env!("CARGO_BIN_EXE_afyachain-under-test"))
         .arg("serve")
         .env("AFYA_DATA_DIR", &dir)
         .env("AFYA_LISTEN", format!("127.0.0.1:{port}"))
@@ -59,6 +59,8 @@ async fn run() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Stopped however the bench ends, a failed assertion included.
+    let _server = Stopped(server);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
@@ -178,8 +180,6 @@ async fn run() {
         pct(1.0),
     );
     assert_eq!(confirmed, payments);
-    let _ = server.kill();
-    let _ = server.wait();
     sandbox.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -211,5 +211,14 @@ async fn count_confirmed(http: &reqwest::Client, base: &str, subject: &str, toke
             Some(c) => cursor = Some(c),
             None => return confirmed,
         }
+    }
+}
+
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
