@@ -34,7 +34,7 @@ use crate::routes::{access, accounts, audit, ops, payments, records};
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log,
-        audit::anchors, audit::events,
+        audit::anchors, audit::events, audit::disclosures,
     ),
     components(schemas(Details, FieldError)),
     modifiers(&Security, &Errors),
@@ -102,6 +102,11 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ("/v1/records/{record_id}", "get", &[401, 403, 404]),
     ("/v1/audit/anchors", "get", &[401, 403, 422]),
     ("/v1/audit/events", "get", &[401, 403, 422]),
+    (
+        "/v1/audit/patients/{patient_id}/disclosures",
+        "get",
+        &[401, 403, 404, 422],
+    ),
     (
         "/v1/records/{record_id}/content",
         "get",

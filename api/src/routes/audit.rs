@@ -208,3 +208,83 @@ pub async fn events(
         next_cursor: page.next_cursor,
     }))
 }
+
+/// One disclosure: a read of the patient's record by someone else.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Disclosure {
+    pub doctor_id: Option<String>,
+    /// The doctor's licence number, as registered.
+    pub doctor_licence: Option<String>,
+    pub record_id: String,
+    pub category: String,
+    /// The access request (grant) the read was made under.
+    pub request_id: Option<String>,
+    /// The purpose the doctor gave for that request.
+    pub purpose: Option<String>,
+    pub at: String,
+    /// Log position of the `RecordAccessed` event.
+    pub position: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DisclosurePage {
+    pub items: Vec<Disclosure>,
+    pub next_cursor: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/audit/patients/{patient_id}/disclosures", tag = "audit",
+    params(("patient_id" = uuid::Uuid, Path), PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every read of the patient's records by others: doctor, licence, record, category, request, purpose, time (auditors)", body = DisclosurePage)))]
+#[tracing::instrument(skip_all)]
+pub async fn disclosures(
+    state: Data<AppState>,
+    caller: Caller,
+    path: actix_web::web::Path<String>,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    if !matches!(caller.actor(), Actor::Auditor(_)) {
+        return Err(Problem::forbidden(
+            "role_forbidden",
+            "only auditors see a patient's disclosures",
+        ));
+    }
+    let patient_id: domain::ids::PatientId = crate::routes::path_id(&path, "patient")?;
+    let (after, limit) = query.parse()?;
+    let pool = state.store.any_pool();
+    let page = queries::access_log_of_patient(pool, &patient_id.to_string(), after, limit).await?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for row in page.items {
+        let doctor_id = row.accessor.strip_prefix("doctor:").map(str::to_owned);
+        let doctor_licence = match &doctor_id {
+            Some(d) => queries::doctor(pool, d).await?.map(|d| d.licence),
+            None => None,
+        };
+        let purpose = match &row.request_id {
+            Some(r) => match queries::access_request(pool, r).await? {
+                Some(request) => {
+                    state
+                        .commands
+                        .open_text(&request.patient_id, &request.purpose_sealed)
+                        .await
+                }
+                None => None,
+            },
+            None => None,
+        };
+        items.push(Disclosure {
+            doctor_id,
+            doctor_licence,
+            record_id: row.record_id,
+            category: row.category,
+            request_id: row.request_id,
+            purpose,
+            at: row.accessed_at,
+            position: row.position,
+        });
+    }
+    Ok(HttpResponse::Ok().json(DisclosurePage {
+        items,
+        next_cursor: page.next_cursor,
+    }))
+}

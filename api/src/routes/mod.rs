@@ -61,6 +61,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/records/{record_id}/content").route(get().to(records::content)))
         .service(resource("/v1/audit/anchors").route(get().to(audit::anchors)))
         .service(resource("/v1/audit/events").route(get().to(audit::events)))
+        .service(
+            resource("/v1/audit/patients/{patient_id}/disclosures")
+                .route(get().to(audit::disclosures)),
+        )
         .service(resource("/v1/access-requests").route(post().to(access::request)))
         .service(
             resource("/v1/patients/{patient_id}/access-requests")

@@ -151,6 +151,42 @@ async fn history(backend: Backend) {
         assert!(!text.contains(secret), "{secret} in the audit history");
     }
 
+    // The patient's disclosures: the doctor's read, with licence, request and purpose.
+    let disclosures = app
+        .get(
+            &format!("/v1/audit/patients/{}/disclosures", w.patient.id),
+            Some(&auditor),
+        )
+        .await
+        .ok(200);
+    let items = disclosures["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{disclosures}");
+    let d = &items[0];
+    assert_eq!(d["doctor_id"], w.doctor.id.as_str());
+    assert_eq!(d["doctor_licence"], "KMPDC-0042");
+    assert_eq!(d["record_id"], record_id.as_str());
+    assert_eq!(d["category"], "lab");
+    assert_eq!(d["request_id"], request_id.as_str());
+    assert_eq!(d["purpose"], "Diabetes follow-up");
+    assert_eq!(d["position"], reads[0]["position"]);
+    // Nobody else's: another patient has none; only auditors may ask.
+    let other = app
+        .get(
+            &format!("/v1/audit/patients/{}/disclosures", w.other_patient.id),
+            Some(&auditor),
+        )
+        .await
+        .ok(200);
+    assert_eq!(other["items"].as_array().unwrap().len(), 0);
+    for who in [&w.patient, &w.doctor, &w.registrar] {
+        app.get(
+            &format!("/v1/audit/patients/{}/disclosures", w.patient.id),
+            Some(&who.token),
+        )
+        .await
+        .problem(403, "role_forbidden");
+    }
+
     // Only auditors; bad filters are refused.
     for who in [&w.patient, &w.doctor, &w.registrar] {
         app.get("/v1/audit/events", Some(&who.token))
