@@ -255,7 +255,7 @@ impl Worker {
                     // One payment's trouble holds up no other: it waits a while.
                     let error = format!("{error:#}");
                     tracing::warn!(payment_id = %job.payment_id, error = %error, "pushing a payment failed; it waits");
-                    self.put_off(&job, &error).await?;
+                    self.put_off(&job, &error, "pending").await?;
                 }
             }
         }
@@ -265,23 +265,26 @@ impl Worker {
         self.reconcile().await
     }
 
-    async fn put_off(&self, job: &Job, error: &str) -> anyhow::Result<()> {
+    /// Puts a job in state `from` back to `pending`, due after a pause that grows with
+    /// its attempts; returns the pause. A job in another state is left alone.
+    async fn put_off(&self, job: &Job, error: &str, from: &str) -> anyhow::Result<Duration> {
         let attempts = job.attempts + 1;
         let pause = MIN_PAUSE
             .saturating_mul(1 << attempts.clamp(0, 6) as u32)
             .min(MAX_PAUSE);
         sqlx::query(
-            "UPDATE mpesa_jobs SET attempts = $1, next_attempt_at = $2, last_error = $3 \
-             WHERE payment_id = $4 AND state = 'pending'",
+            "UPDATE mpesa_jobs SET state = 'pending', attempts = $1, next_attempt_at = $2, \
+             last_error = $3 WHERE payment_id = $4 AND state = $5",
         )
         .bind(attempts)
         .bind(now_ms() + i64::try_from(pause.as_millis()).unwrap_or(60_000))
         .bind(error.to_owned())
         .bind(job.payment_id.clone())
+        .bind(from.to_owned())
         .execute(self.store.any_pool())
         .await
         .context("putting a payment off")?;
-        Ok(())
+        Ok(pause)
     }
 
     /// Records the acceptance of a push whose CheckoutRequestID was kept but not
@@ -348,17 +351,12 @@ impl Worker {
         }
         let Ok(phone) = self.commands.payment_phone(payment_id).await else {
             // The payer was erased: there is no number to ask any more.
-            self.commands
-                .payment_command(
-                    payment_id,
-                    PaymentCommand::FailPush {
-                        by: Actor::System,
-                        error_code: "phone_unavailable".into(),
-                        error_message: "the payer's number can no longer be read".into(),
-                    },
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
+            self.fail_push(
+                payment_id,
+                "phone_unavailable".into(),
+                "the payer's number can no longer be read".into(),
+            )
+            .await?;
             self.finish(job).await?;
             return Ok(true);
         };
@@ -410,41 +408,19 @@ impl Worker {
                 message,
             }) => {
                 tracing::warn!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refused the STK Push");
-                self.commands
-                    .payment_command(
-                        payment_id,
-                        PaymentCommand::FailPush {
-                            by: Actor::System,
-                            error_code: if code.is_empty() {
-                                status.to_string()
-                            } else {
-                                code
-                            },
-                            error_message: message,
-                        },
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))?;
+                let code = if code.is_empty() {
+                    status.to_string()
+                } else {
+                    code
+                };
+                self.fail_push(payment_id, code, message).await?;
                 self.finish(job).await?;
                 Ok(true)
             }
             Err(DarajaError::Unavailable(error)) => {
-                let attempts = job.attempts + 1;
-                let pause = MIN_PAUSE
-                    .saturating_mul(1 << attempts.clamp(0, 6) as u32)
-                    .min(MAX_PAUSE);
-                tracing::warn!(payment_id = %payment_id, attempts, error = %error, ?pause, "Daraja unavailable; the payment stays pending");
-                sqlx::query(
-                    "UPDATE mpesa_jobs SET state = 'pending', attempts = $1, next_attempt_at = $2, \
-                     last_error = $3 WHERE payment_id = $4",
-                )
-                .bind(attempts)
-                .bind(now_ms() + i64::try_from(pause.as_millis()).unwrap_or(60_000))
-                .bind(error)
-                .bind(job.payment_id.clone())
-                .execute(pool)
-                .await
-                .context("putting a payment off")?;
+                // Nothing was pushed: the job goes back from `sending` to wait.
+                let pause = self.put_off(job, &error, "sending").await?;
+                tracing::warn!(payment_id = %payment_id, attempts = job.attempts + 1, error = %error, ?pause, "Daraja unavailable; the payment stays pending");
                 Ok(false)
             }
             Err(DarajaError::Unknown(error)) => {
@@ -458,27 +434,38 @@ impl Worker {
     async fn fail_unknown(&self, job: &Job, why: &str) -> anyhow::Result<()> {
         let payment_id = PaymentId::parse(&job.payment_id)
             .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
+        self.fail_push(payment_id, "unknown_outcome".into(), why.to_owned())
+            .await?;
+        self.finish(job).await
+    }
+
+    /// Records that the STK Push could not be made (`StkPushFailed`).
+    async fn fail_push(
+        &self,
+        payment_id: PaymentId,
+        error_code: String,
+        error_message: String,
+    ) -> anyhow::Result<()> {
         match self
             .commands
             .payment_command(
                 payment_id,
                 PaymentCommand::FailPush {
                     by: Actor::System,
-                    error_code: "unknown_outcome".into(),
-                    error_message: why.to_owned(),
+                    error_code,
+                    error_message,
                 },
             )
             .await
         {
-            Ok(_) => {}
             // Recorded already (accepted or failed): nothing to add.
-            Err(commands::CommandError::Rejected {
+            Ok(_)
+            | Err(commands::CommandError::Rejected {
                 code: "payment_already_pushed",
                 ..
-            }) => {}
-            Err(other) => return Err(anyhow::anyhow!(other)),
+            }) => Ok(()),
+            Err(other) => Err(anyhow::anyhow!(other)),
         }
-        self.finish(job).await
     }
 
     async fn finish(&self, job: &Job) -> anyhow::Result<()> {

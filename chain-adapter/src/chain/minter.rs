@@ -535,9 +535,7 @@ impl Writer {
         let token = token_id(record_id.as_uuid(), category.chain_bit());
         let hash = B256::from_str(sha256.as_str())
             .map_err(|_| Failure::Job("the record's hash is not 32 bytes".into()))?;
-        let origin = uuid::Uuid::parse_str(&job.event_id)
-            .map_err(|_| Failure::Job("the job's event id is not valid".into()))?;
-        let eid = event_id(origin);
+        let eid = self.origin(job)?;
         let contract = RecordToken::new(self.token, self.chain.provider.clone());
         let already = contract
             .processed(eid)
@@ -546,21 +544,8 @@ impl Writer {
             .map_err(|e| Failure::Node(e.into()))?;
         let (tx_hash, block) = if already {
             // Done by an earlier run (killed before recording it): find that mint.
-            let found = contract
-                .RecordMinted_filter()
-                .topic3(eid)
-                .from_block(0)
-                .query()
-                .await
-                .map_err(|e| Failure::Node(e.into()))?;
-            let Some((_, log)) = found.into_iter().next() else {
-                return Err(Failure::Job(
-                    "the event was processed on chain but its mint is not found".into(),
-                ));
-            };
-            let block = log.block_number.unwrap_or_default();
-            self.buried(block).await?;
-            (log.transaction_hash.unwrap_or_default(), block)
+            self.find(contract.RecordMinted_filter().topic3(eid))
+                .await?
         } else {
             self.confirmed(contract.mint(holder, token, hash, eid))
                 .await?
@@ -834,7 +819,7 @@ impl Writer {
                 grant.eventId,
             ))
             .await?;
-        self.granted(request_id, tx_hash, block).await
+        self.record_consent(request_id, false, tx_hash, block).await
     }
 
     /// Several approvals in one transaction (`grantBatch`); each job's outcome. A batch
@@ -868,7 +853,7 @@ impl Writer {
             Ok((tx_hash, block)) => {
                 tracing::info!(grants = ready.len(), tx = %tx_hash, "consents granted on chain in one transaction");
                 for (job, (request_id, _)) in ready {
-                    let result = self.granted(request_id, tx_hash, block).await;
+                    let result = self.record_consent(request_id, false, tx_hash, block).await;
                     outcomes.push((job, result));
                 }
             }
@@ -922,7 +907,8 @@ impl Writer {
             let (tx_hash, block) = self
                 .find(registry.ConsentGranted_filter().topic1(grant_id))
                 .await?;
-            self.granted(request_id, tx_hash, block).await?;
+            self.record_consent(request_id, false, tx_hash, block)
+                .await?;
             return Ok(None);
         }
         if request.status() != AccessStatus::Approved {
@@ -973,10 +959,12 @@ impl Writer {
         )))
     }
 
-    /// Records a grant's transaction (`ConsentGrantedOnChain`).
-    async fn granted(
+    /// Records a grant's or a revoke's transaction (`ConsentGrantedOnChain`,
+    /// `ConsentRevokedOnChain`).
+    async fn record_consent(
         &self,
         request_id: AccessRequestId,
+        revoked: bool,
         tx_hash: B256,
         block: u64,
     ) -> Result<(), Failure> {
@@ -984,12 +972,16 @@ impl Writer {
         self.commands
             .mark_consent_on_chain(
                 request_id,
-                false,
+                revoked,
                 self.receipt(*registry.address(), tx_hash, block),
             )
             .await
             .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
-        tracing::info!(request_id = %request_id, tx = %tx_hash, "consent granted on chain");
+        if revoked {
+            tracing::info!(request_id = %request_id, tx = %tx_hash, "consent revoked on chain");
+        } else {
+            tracing::info!(request_id = %request_id, tx = %tx_hash, "consent granted on chain");
+        }
         Ok(())
     }
 
@@ -1030,14 +1022,8 @@ impl Writer {
             let (tx_hash, block) = self
                 .find(registry.ConsentGranted_filter().topic1(grant_id))
                 .await?;
-            self.commands
-                .mark_consent_on_chain(
-                    request_id,
-                    false,
-                    self.receipt(*registry.address(), tx_hash, block),
-                )
-                .await
-                .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
+            self.record_consent(request_id, false, tx_hash, block)
+                .await?;
         }
         let grant_id = event_id(request_id.as_uuid());
         let eid = self.origin(job)?;
@@ -1053,16 +1039,7 @@ impl Writer {
         } else {
             self.confirmed(registry.revoke(grant_id, eid)).await?
         };
-        self.commands
-            .mark_consent_on_chain(
-                request_id,
-                true,
-                self.receipt(*registry.address(), tx_hash, block),
-            )
-            .await
-            .map_err(|e| Failure::Node(anyhow::anyhow!(e)))?;
-        tracing::info!(request_id = %request_id, tx = %tx_hash, "consent revoked on chain");
-        Ok(())
+        self.record_consent(request_id, true, tx_hash, block).await
     }
 
     /// Publishes the Merkle root of a range of log ordinals.
