@@ -34,7 +34,8 @@ use crate::routes::{access, accounts, audit, ops, payments, records};
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log,
-        audit::anchors, audit::events, audit::disclosures,
+        audit::anchors, audit::events, audit::disclosures, audit::export, audit::verify,
+        audit::uncovered_reads, audit::reads_after_revocation,
     ),
     components(schemas(Details, FieldError)),
     modifiers(&Security, &Errors),
@@ -42,7 +43,7 @@ use crate::routes::{access, accounts, audit, ops, payments, records};
         (name = "accounts", description = "Sign-up, verification, sessions"),
         (name = "records", description = "Encrypted medical records"),
         (name = "consent", description = "Access requests, grants and the access log"),
-        (name = "audit", description = "The audit trail anchored on chain"),
+        (name = "audit", description = "The audit trail: event history, export, hash-chain verification, findings and chain anchors"),
         (name = "payments", description = "M-Pesa payments (STK Push) and Daraja's callbacks"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -102,6 +103,18 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ("/v1/records/{record_id}", "get", &[401, 403, 404]),
     ("/v1/audit/anchors", "get", &[401, 403, 422]),
     ("/v1/audit/events", "get", &[401, 403, 422]),
+    ("/v1/audit/events/export", "get", &[401, 403, 422]),
+    ("/v1/audit/verify", "get", &[401, 403, 422]),
+    (
+        "/v1/audit/findings/uncovered-reads",
+        "get",
+        &[401, 403, 422],
+    ),
+    (
+        "/v1/audit/findings/reads-after-revocation",
+        "get",
+        &[401, 403, 422],
+    ),
     (
         "/v1/audit/patients/{patient_id}/disclosures",
         "get",

@@ -226,6 +226,38 @@ impl Store {
         }
     }
 
+    /// The committed events at `positions` (any order; absent positions are left out),
+    /// for checks that re-read what a read model recorded.
+    pub async fn events_at(&self, positions: &[i64]) -> anyhow::Result<Vec<StoredEvent>> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Integers only, so the list is safe to inline.
+        let list = positions
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        match &self.typed {
+            Typed::Postgres(pool) => {
+                let sql = format!("SELECT {PG_COLUMNS} FROM events WHERE position IN ({list})");
+                let rows = sqlx::query(&sql)
+                    .fetch_all(pool)
+                    .await
+                    .context("reading events by position")?;
+                rows.iter().map(pg_row).collect()
+            }
+            Typed::Sqlite(pool) => {
+                let sql = format!("SELECT {SQLITE_COLUMNS} FROM events WHERE position IN ({list})");
+                let rows = sqlx::query(&sql)
+                    .fetch_all(pool)
+                    .await
+                    .context("reading events by position")?;
+                rows.iter().map(sqlite_row).collect()
+            }
+        }
+    }
+
     /// Where an aggregate's event sits in the log, once committed: a consumer whose
     /// cursor is at or past it has processed it (read-your-writes).
     pub async fn cursor_of(

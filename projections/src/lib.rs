@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use eventstore::LogHandler;
 
+pub mod audit;
 mod codec;
 pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, AuditEvents, Directory, DoctorGrants, LogAnchors, PatientRecords,
+    AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, LogAnchors, PatientRecords,
     Payments, RecordStorage, RecordTokens,
 };
 
@@ -28,6 +29,6 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(RecordTokens::default()),
         Arc::new(LogAnchors::default()),
         Arc::new(Payments::default()),
-        Arc::new(AuditEvents),
+        Arc::new(AuditTrail),
     ]
 }

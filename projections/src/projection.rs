@@ -1030,18 +1030,23 @@ impl LogHandler for Payments {
 /// 1-based, the order the log is consumed in, so a cursor never skips an event that
 /// committed late), with its metadata lifted into columns to filter on. Payloads are
 /// kept as stored: personal fields stay sealed.
+///
+/// Each row also carries `hash`, SHA-256 over the previous row's hash and the event as
+/// stored ([`crate::audit::chain_hash`]): a hash chain that
+/// [`crate::audit::verify`] recomputes from the event log, so an event modified or
+/// deleted after it was recorded here is detected.
 #[derive(Default)]
-pub struct AuditEvents;
+pub struct AuditTrail;
 
 #[async_trait]
-impl LogHandler for AuditEvents {
+impl LogHandler for AuditTrail {
     fn name(&self) -> &str {
-        "audit_events"
+        "audit_trail"
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
         vec![
-            "CREATE TABLE IF NOT EXISTS rm_audit_events (
+            "CREATE TABLE IF NOT EXISTS rm_audit_trail (
                 ordinal BIGINT PRIMARY KEY,
                 position BIGINT NOT NULL UNIQUE,
                 event_id TEXT NOT NULL,
@@ -1054,23 +1059,24 @@ impl LogHandler for AuditEvents {
                 actor TEXT NOT NULL,
                 correlation_id TEXT,
                 causation_id TEXT,
-                payload TEXT NOT NULL
+                payload TEXT NOT NULL,
+                hash TEXT NOT NULL
             )"
             .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_events_aggregate ON rm_audit_events \
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_aggregate ON rm_audit_trail \
              (aggregate_type, aggregate_id, ordinal)"
                 .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_events_type ON rm_audit_events (event_type, ordinal)"
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_type ON rm_audit_trail (event_type, ordinal)"
                 .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_events_actor ON rm_audit_events (actor, ordinal)"
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_actor ON rm_audit_trail (actor, ordinal)"
                 .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_events_time ON rm_audit_events (recorded_at)"
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_time ON rm_audit_trail (recorded_at)"
                 .into(),
         ]
     }
 
     fn tables(&self) -> Vec<String> {
-        vec!["rm_audit_events".into()]
+        vec!["rm_audit_trail".into()]
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
@@ -1081,17 +1087,24 @@ impl LogHandler for AuditEvents {
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         };
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(ordinal) FROM rm_audit_events")
-            .fetch_one(&mut **tx)
-            .await?;
+        let last: Option<(i64, String)> = sqlx::query_as(
+            "SELECT ordinal, hash FROM rm_audit_trail ORDER BY ordinal DESC LIMIT 1",
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
+        let (ordinal, prev) = match last {
+            Some((ordinal, hash)) => (ordinal + 1, crate::audit::parse_hash(&hash)?),
+            None => (1, crate::audit::GENESIS),
+        };
+        let hash = crate::audit::chain_hash(&prev, event);
         exec(
             tx,
-            "INSERT INTO rm_audit_events (ordinal, position, event_id, recorded_at, \
+            "INSERT INTO rm_audit_trail (ordinal, position, event_id, recorded_at, \
              aggregate_type, aggregate_id, sequence, event_type, event_version, actor, \
-             correlation_id, causation_id, payload) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             correlation_id, causation_id, payload, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             vec![
-                Int(last.unwrap_or(0) + 1),
+                Int(ordinal),
                 Int(event.position),
                 Text(event.event_id.to_string()),
                 Text(time(&event.recorded_at)),
@@ -1104,6 +1117,7 @@ impl LogHandler for AuditEvents {
                 OptText(field("correlation_id")),
                 OptText(field("causation_id")),
                 Text(event.payload.to_string()),
+                Text(crate::audit::hex(&hash)),
             ],
         )
         .await

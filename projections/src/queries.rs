@@ -15,7 +15,7 @@ pub struct Page<T> {
     pub next_cursor: Option<i64>,
 }
 
-fn page<T>(mut items: Vec<T>, limit: i64, position: impl Fn(&T) -> i64) -> Page<T> {
+pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, position: impl Fn(&T) -> i64) -> Page<T> {
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(position)
@@ -471,6 +471,8 @@ pub struct AuditEventRow {
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
     pub payload: String,
+    /// This event's link in the trail's hash chain (hex).
+    pub hash: String,
 }
 
 /// Filters of the audit history; `None` leaves a field unfiltered.
@@ -497,8 +499,8 @@ pub async fn audit_events(
     let to_time = filter.to_time.as_ref().map(time).unwrap_or_default();
     let rows: Vec<AuditEventRow> = sqlx::query_as(
         "SELECT ordinal, position, event_id, recorded_at, aggregate_type, aggregate_id, \
-         sequence, event_type, event_version, actor, correlation_id, causation_id, payload \
-         FROM rm_audit_events WHERE ordinal > $1 \
+         sequence, event_type, event_version, actor, correlation_id, causation_id, payload, \
+         hash FROM rm_audit_trail WHERE ordinal > $1 \
          AND ($2 = '' OR aggregate_type = $3) AND ($4 = '' OR aggregate_id = $5) \
          AND ($6 = '' OR event_type = $7) AND ($8 = '' OR actor = $9) \
          AND ($10 = '' OR recorded_at >= $11) AND ($12 = '' OR recorded_at < $13) \

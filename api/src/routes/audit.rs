@@ -89,15 +89,17 @@ pub struct AuditQuery {
     pub to_time: Option<String>,
     /// Events at or after this log position.
     pub from_position: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (an ordinal).
     pub cursor: Option<String>,
-    /// 1 to 100 (default 50).
+    /// 1 to 100 (default 50); for the export, any number (default: no limit).
     pub limit: Option<String>,
 }
 
 /// One event with its metadata. The payload is as stored: personal fields sealed.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditEvent {
+    /// Place in log order (1-based): the cursor of this list and of `/v1/audit/verify`.
+    pub ordinal: i64,
     pub position: i64,
     pub event_id: String,
     pub recorded_at: String,
@@ -111,6 +113,9 @@ pub struct AuditEvent {
     pub causation_id: Option<String>,
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
+    /// SHA-256 link of the trail's hash chain (hex), over the previous link and this
+    /// event as stored.
+    pub hash: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -123,20 +128,39 @@ pub struct AuditEventPage {
 #[utoipa::path(get, path = "/v1/audit/events", tag = "audit",
     params(AuditQuery),
     security(("bearer" = [])),
-    responses((status = 200, description = "The event history in log order, with who did what and when; personal fields stay sealed (auditors)", body = AuditEventPage)))]
+    responses((status = 200, description = "The event history in log order, with who did what and when; personal fields stay sealed (auditors). All actions of one doctor in a period: `actor=doctor:<id>&from_time=…&to_time=…`", body = AuditEventPage)))]
 #[tracing::instrument(skip_all)]
 pub async fn events(
     state: Data<AppState>,
     caller: Caller,
     query: Query<AuditQuery>,
 ) -> Result<HttpResponse, Problem> {
-    if !matches!(caller.actor(), Actor::Auditor(_)) {
-        return Err(Problem::forbidden(
-            "role_forbidden",
-            "only auditors see the event history",
-        ));
-    }
+    auditor_only(&caller, "only auditors see the event history")?;
     let mut v = Validation::default();
+    let filter = filter_of(&query, &mut v);
+    let (after, limit) = PageQuery {
+        cursor: query.cursor.clone(),
+        limit: query.limit.clone(),
+    }
+    .parse()?;
+    v.finish()?;
+    let page = queries::audit_events(state.store.any_pool(), &filter, after, limit).await?;
+    Ok(HttpResponse::Ok().json(AuditEventPage {
+        items: page.items.into_iter().map(AuditEvent::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+fn auditor_only(caller: &Caller, detail: &'static str) -> Result<(), Problem> {
+    if matches!(caller.actor(), Actor::Auditor(_)) {
+        Ok(())
+    } else {
+        Err(Problem::forbidden("role_forbidden", detail))
+    }
+}
+
+/// The filters of `query`, each failure noted in `v`.
+fn filter_of(query: &AuditQuery, v: &mut Validation) -> queries::AuditFilter {
     let mut at = |field: &str, raw: &Option<String>| match raw.as_deref() {
         None | Some("") => None,
         Some(t) => match chrono::DateTime::parse_from_rfc3339(t) {
@@ -149,17 +173,7 @@ pub async fn events(
     };
     let from_time = at("from_time", &query.from_time);
     let to_time = at("to_time", &query.to_time);
-    let from_position = match query.from_position.as_deref() {
-        None | Some("") => None,
-        Some(p) => match p.parse::<i64>() {
-            Ok(p) if p >= 0 => Some(p),
-            _ => {
-                v.fail("from_position", "must be a whole number, 0 or more");
-                None
-            }
-        },
-    };
-    let short = |raw: &Option<String>| raw.clone().filter(|s| !s.is_empty());
+    let from_position = whole(v, "from_position", &query.from_position);
     for (name, value) in [
         ("aggregate_type", &query.aggregate_type),
         ("aggregate_id", &query.aggregate_id),
@@ -170,13 +184,8 @@ pub async fn events(
             v.fail(name, "must be at most 200 characters");
         }
     }
-    let (after, limit) = PageQuery {
-        cursor: query.cursor.clone(),
-        limit: query.limit.clone(),
-    }
-    .parse()?;
-    v.finish()?;
-    let filter = queries::AuditFilter {
+    let short = |raw: &Option<String>| raw.clone().filter(|s| !s.is_empty());
+    queries::AuditFilter {
         aggregate_type: short(&query.aggregate_type),
         aggregate_id: short(&query.aggregate_id),
         event_type: short(&query.event_type),
@@ -184,25 +193,284 @@ pub async fn events(
         from_time,
         to_time,
         from_position,
+    }
+}
+
+/// An optional whole number, 0 or more.
+fn whole(v: &mut Validation, field: &str, raw: &Option<String>) -> Option<i64> {
+    match raw.as_deref() {
+        None | Some("") => None,
+        Some(p) => match p.parse::<i64>() {
+            Ok(p) if p >= 0 => Some(p),
+            _ => {
+                v.fail(field, "must be a whole number, 0 or more");
+                None
+            }
+        },
+    }
+}
+
+impl From<queries::AuditEventRow> for AuditEvent {
+    fn from(e: queries::AuditEventRow) -> AuditEvent {
+        AuditEvent {
+            ordinal: e.ordinal,
+            position: e.position,
+            event_id: e.event_id,
+            recorded_at: e.recorded_at,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            sequence: e.sequence,
+            event_type: e.event_type,
+            event_version: e.event_version,
+            actor: e.actor,
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            payload: serde_json::from_str(&e.payload).unwrap_or(serde_json::Value::Null),
+            hash: e.hash,
+        }
+    }
+}
+
+/// Rows fetched per query while exporting.
+const EXPORT_BATCH: i64 = 1000;
+
+#[utoipa::path(get, path = "/v1/audit/events/export", tag = "audit",
+    params(AuditQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The filtered event history as NDJSON (`application/x-ndjson`), one event per line in log order, streamed however long the range: `cursor` resumes after an ordinal, `limit` (optional, any size) stops after that many events (auditors)", content_type = "application/x-ndjson", body = AuditEvent)))]
+#[tracing::instrument(skip_all)]
+pub async fn export(
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<AuditQuery>,
+) -> Result<HttpResponse, Problem> {
+    auditor_only(&caller, "only auditors export the event history")?;
+    let mut v = Validation::default();
+    let filter = filter_of(&query, &mut v);
+    let after = whole(&mut v, "cursor", &query.cursor).unwrap_or(0);
+    let limit = match whole(&mut v, "limit", &query.limit) {
+        Some(0) => {
+            v.fail("limit", "must be 1 or more");
+            None
+        }
+        other => other,
     };
-    let page = queries::audit_events(state.store.any_pool(), &filter, after, limit).await?;
-    Ok(HttpResponse::Ok().json(AuditEventPage {
+    v.finish()?;
+    let pool = state.store.any_pool().clone();
+    struct Export {
+        after: i64,
+        left: Option<i64>,
+        rows: std::vec::IntoIter<queries::AuditEventRow>,
+        done: bool,
+    }
+    let start = Export {
+        after,
+        left: limit,
+        rows: Vec::new().into_iter(),
+        done: false,
+    };
+    // Pulled by the connection as it drains: at most one batch is held in memory.
+    let lines = futures::stream::unfold(start, move |mut at| {
+        let pool = pool.clone();
+        let filter = filter.clone();
+        async move {
+            loop {
+                if at.left == Some(0) {
+                    return None;
+                }
+                if let Some(row) = at.rows.next() {
+                    at.after = row.ordinal;
+                    at.left = at.left.map(|n| n - 1);
+                    let mut line = match serde_json::to_vec(&AuditEvent::from(row)) {
+                        Ok(line) => line,
+                        Err(e) => return Some((Err(export_failed(e.into())), at)),
+                    };
+                    line.push(b'\n');
+                    return Some((Ok(actix_web::web::Bytes::from(line)), at));
+                }
+                if at.done {
+                    return None;
+                }
+                let want = at.left.map_or(EXPORT_BATCH, |n| n.min(EXPORT_BATCH));
+                match queries::audit_events(&pool, &filter, at.after, want).await {
+                    Ok(page) => {
+                        at.done = page.next_cursor.is_none();
+                        at.rows = page.items.into_iter();
+                    }
+                    Err(e) => {
+                        at.done = true;
+                        at.left = Some(0);
+                        return Some((Err(export_failed(e)), at));
+                    }
+                }
+            }
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .streaming(lines))
+}
+
+/// An export that fails part-way ends the stream early (the status is already sent):
+/// the client sees a truncated body, and the log says why.
+fn export_failed(error: anyhow::Error) -> actix_web::Error {
+    tracing::error!(error = format!("{error:#}"), "audit export failed");
+    actix_web::error::ErrorInternalServerError("export failed")
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VerifyQuery {
+    /// First ordinal to check (default 1).
+    pub from: Option<String>,
+    /// Last ordinal to check (default: the end of the trail).
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChainProblem {
+    pub ordinal: i64,
+    pub position: i64,
+    pub event_id: String,
+    /// `modified` (the event no longer hashes to its link), `missing` (deleted from the
+    /// log), `replaced` (another event at its position) or `gap` (trail rows removed).
+    pub problem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChainReport {
+    pub from: i64,
+    /// The last ordinal checked (0: nothing to check).
+    pub to: i64,
+    pub checked: u64,
+    /// True when every link holds.
+    pub intact: bool,
+    pub problems_total: u64,
+    /// The first 100 problems, in log order.
+    pub problems: Vec<ChainProblem>,
+    /// The recorded hash of the last event checked (commits to all before it).
+    pub head: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
+    params(VerifyQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Recomputes the audit trail's hash chain over log ordinals `from..=to` from the event log: a modified or deleted event is reported (auditors)", body = ChainReport)))]
+#[tracing::instrument(skip_all)]
+pub async fn verify(
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<VerifyQuery>,
+) -> Result<HttpResponse, Problem> {
+    auditor_only(&caller, "only auditors verify the audit trail")?;
+    let mut v = Validation::default();
+    let from = whole(&mut v, "from", &query.from).unwrap_or(1);
+    let to = whole(&mut v, "to", &query.to);
+    if to.is_some_and(|to| to < from) {
+        v.fail("to", "must not be before from");
+    }
+    v.finish()?;
+    let report = projections::audit::verify(&state.store, from, to).await?;
+    Ok(HttpResponse::Ok().json(ChainReport {
+        from: report.from,
+        to: report.to,
+        checked: report.checked,
+        intact: report.intact,
+        problems_total: report.problems_total,
+        problems: report
+            .problems
+            .into_iter()
+            .map(|p| ChainProblem {
+                ordinal: p.ordinal,
+                position: p.position,
+                event_id: p.event_id,
+                problem: serde_json::to_value(&p.problem)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        head: report.head,
+    }))
+}
+
+/// A doctor's read that no active grant covered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UncoveredRead {
+    pub position: i64,
+    pub event_id: String,
+    pub patient_id: String,
+    pub record_id: String,
+    /// `doctor:<id>`.
+    pub accessor: String,
+    pub request_id: Option<String>,
+    pub category: String,
+    pub accessed_at: String,
+    /// `no_request`, `unknown_request`, `other_party`, `not_approved`,
+    /// `before_approval`, `after_revocation`, `after_expiry` or `out_of_scope`.
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UncoveredReadPage {
+    pub items: Vec<UncoveredRead>,
+    pub next_cursor: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/audit/findings/uncovered-reads", tag = "audit",
+    params(PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Doctors' reads that no active grant covered at the time, with the reason; must be empty (auditors)", body = UncoveredReadPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn uncovered_reads(
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    findings(state, caller, query, false).await
+}
+
+#[utoipa::path(get, path = "/v1/audit/findings/reads-after-revocation", tag = "audit",
+    params(PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Reads made under a grant already revoked or expired; must be empty (auditors)", body = UncoveredReadPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn reads_after_revocation(
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, Problem> {
+    findings(state, caller, query, true).await
+}
+
+async fn findings(
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<PageQuery>,
+    after_end_only: bool,
+) -> Result<HttpResponse, Problem> {
+    auditor_only(&caller, "only auditors see audit findings")?;
+    let (after, limit) = query.parse()?;
+    let page =
+        projections::audit::uncovered_reads(state.store.any_pool(), after, limit, after_end_only)
+            .await?;
+    Ok(HttpResponse::Ok().json(UncoveredReadPage {
         items: page
             .items
             .into_iter()
-            .map(|e| AuditEvent {
-                position: e.position,
-                event_id: e.event_id,
-                recorded_at: e.recorded_at,
-                aggregate_type: e.aggregate_type,
-                aggregate_id: e.aggregate_id,
-                sequence: e.sequence,
-                event_type: e.event_type,
-                event_version: e.event_version,
-                actor: e.actor,
-                correlation_id: e.correlation_id,
-                causation_id: e.causation_id,
-                payload: serde_json::from_str(&e.payload).unwrap_or(serde_json::Value::Null),
+            .map(|r| UncoveredRead {
+                position: r.position,
+                event_id: r.event_id,
+                patient_id: r.patient_id,
+                record_id: r.record_id,
+                accessor: r.accessor,
+                request_id: r.request_id,
+                category: r.category,
+                accessed_at: r.accessed_at,
+                reason: serde_json::to_value(r.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
             })
             .collect(),
         next_cursor: page.next_cursor,
@@ -243,12 +511,7 @@ pub async fn disclosures(
     path: actix_web::web::Path<String>,
     query: Query<PageQuery>,
 ) -> Result<HttpResponse, Problem> {
-    if !matches!(caller.actor(), Actor::Auditor(_)) {
-        return Err(Problem::forbidden(
-            "role_forbidden",
-            "only auditors see a patient's disclosures",
-        ));
-    }
+    auditor_only(&caller, "only auditors see a patient's disclosures")?;
     let patient_id: domain::ids::PatientId = crate::routes::path_id(&path, "patient")?;
     let (after, limit) = query.parse()?;
     let pool = state.store.any_pool();

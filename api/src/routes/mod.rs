@@ -61,6 +61,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/records/{record_id}/content").route(get().to(records::content)))
         .service(resource("/v1/audit/anchors").route(get().to(audit::anchors)))
         .service(resource("/v1/audit/events").route(get().to(audit::events)))
+        .service(resource("/v1/audit/events/export").route(get().to(audit::export)))
+        .service(resource("/v1/audit/verify").route(get().to(audit::verify)))
+        .service(
+            resource("/v1/audit/findings/uncovered-reads").route(get().to(audit::uncovered_reads)),
+        )
+        .service(
+            resource("/v1/audit/findings/reads-after-revocation")
+                .route(get().to(audit::reads_after_revocation)),
+        )
         .service(
             resource("/v1/audit/patients/{patient_id}/disclosures")
                 .route(get().to(audit::disclosures)),

@@ -409,11 +409,26 @@ impl TestApp {
 
     /// A connection to the store the server uses, beside it (read-only on SQLite).
     async fn store_connection(&self) -> sqlx::AnyConnection {
+        self.connect_store("ro").await
+    }
+
+    /// Runs `sql` on the store behind the server's back: a tamperer, or a bug that
+    /// bypassed the domain. Returns the rows it changed.
+    pub async fn tamper(&self, sql: &str) -> u64 {
+        let mut conn = self.connect_store("rw").await;
+        sqlx::query(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap()
+            .rows_affected()
+    }
+
+    async fn connect_store(&self, mode: &str) -> sqlx::AnyConnection {
         sqlx::any::install_default_drivers();
         let url = match &self.env.database_url {
             Some(url) => url.clone(),
             None => format!(
-                "sqlite://{}?mode=ro",
+                "sqlite://{}?mode={mode}",
                 self.env.data_dir.join("afyachain.db").display()
             ),
         };

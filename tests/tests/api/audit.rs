@@ -209,3 +209,298 @@ async fn history(backend: Backend) {
     }
     app.stop().await;
 }
+
+/// Waits until the audit trail and the access log hold everything in the log.
+async fn settled(app: &TestApp) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let total = app.event_count().await;
+        let trail = app.scalar("SELECT count(*) FROM rm_audit_trail").await;
+        if trail == total {
+            return total;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit trail stays at {trail} of {total} events"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn export_lines(app: &TestApp, token: &str, query: &str) -> Vec<Value> {
+    let resp = app
+        .get(&format!("/v1/audit/events/export?{query}"), Some(token))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("content-type").as_deref(),
+        Some("application/x-ndjson")
+    );
+    resp.text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[actix_rt::test]
+async fn the_trail_detects_tampering_exports_and_answers_the_auditors_questions() {
+    for backend in eventstore::testing::BACKENDS {
+        tamper_evidence(backend).await;
+    }
+}
+
+async fn tamper_evidence(backend: Backend) {
+    let Some(app) = TestApp::start(backend).await else {
+        return;
+    };
+    let w = app.world().await;
+    let (record_id, request_id) = app
+        .share(&w, "lab", "application/pdf", b"%PDF lipid panel")
+        .await;
+    let read = app
+        .get(
+            &format!("/v1/records/{record_id}/content?request_id={request_id}"),
+            Some(&w.doctor.token),
+        )
+        .await;
+    assert_eq!(read.status, 200);
+    app.post_empty(
+        &format!("/v1/access-requests/{request_id}/revocation"),
+        Some(&w.patient.token),
+    )
+    .await
+    .ok(200);
+    // After the revocation the domain refuses the read; nothing is logged.
+    let refused = app
+        .get(
+            &format!("/v1/records/{record_id}/content?request_id={request_id}"),
+            Some(&w.doctor.token),
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let auditor = w.auditor.token.clone();
+    let total = settled(&app).await;
+
+    // A sound history: the chain holds and the auditor's questions find nothing.
+    let report = app.get("/v1/audit/verify", Some(&auditor)).await.ok(200);
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["checked"], total);
+    assert_eq!(report["from"], 1);
+    assert_eq!(report["to"], total);
+    for path in [
+        "/v1/audit/findings/uncovered-reads",
+        "/v1/audit/findings/reads-after-revocation",
+    ] {
+        let found = app.get(path, Some(&auditor)).await.ok(200);
+        assert_eq!(found["items"], serde_json::json!([]), "{path}: {found}");
+    }
+
+    // The export is the history, one event per line; a filter, a cursor and a limit
+    // narrow it.
+    let whole = all_pages(&app, &auditor, "", 100).await;
+    let exported = export_lines(&app, &auditor, "").await;
+    assert_eq!(exported, whole);
+    assert_eq!(whole.last().unwrap()["hash"], report["head"]);
+    let reads = export_lines(&app, &auditor, "event_type=RecordAccessed").await;
+    assert_eq!(reads.len(), 1);
+    let read_position = reads[0]["position"].as_i64().unwrap();
+    let tail = export_lines(&app, &auditor, "cursor=3&limit=4").await;
+    assert_eq!(tail, whole[3..7].to_vec());
+    // All actions of one doctor in a period: the history filtered by actor and time.
+    let doctor = export_lines(
+        &app,
+        &auditor,
+        &format!(
+            "actor=doctor:{}&from_time=2000-01-01T00:00:00Z&to_time=2999-01-01T00:00:00Z",
+            w.doctor.id
+        ),
+    )
+    .await;
+    let types: BTreeSet<&str> = doctor
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains("AccessRequested") && types.contains("RecordAccessed"),
+        "{types:?}"
+    );
+    assert!(doctor
+        .iter()
+        .all(|e| e["actor"] == format!("doctor:{}", w.doctor.id)));
+
+    // Reads that bypassed the domain (written straight into the log): one after the
+    // revocation, one naming no request. The questions find exactly those.
+    let (after_revocation, no_request) = match backend {
+        Backend::Postgres => (
+            "jsonb_set(payload::jsonb, '{RecordAccessed,accessed_at}', '\"2999-01-01T00:00:00.000000Z\"')::json",
+            "(payload::jsonb #- '{RecordAccessed,request_id}')::json",
+        ),
+        Backend::Sqlite => (
+            "json_set(payload, '$.RecordAccessed.accessed_at', '2999-01-01T00:00:00.000000Z')",
+            "json_remove(payload, '$.RecordAccessed.request_id')",
+        ),
+    };
+    let strip_key = match backend {
+        Backend::Postgres => "(metadata::jsonb - 'idempotency_key')::json",
+        Backend::Sqlite => "json_remove(metadata, '$.idempotency_key')",
+    };
+    for (offset, payload) in [(100, after_revocation), (101, no_request)] {
+        let forged = app
+            .tamper(&format!(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata) SELECT aggregate_type, aggregate_id, \
+                 sequence + {offset}, event_type, event_version, {payload}, {strip_key} \
+                 FROM events WHERE position = {read_position}"
+            ))
+            .await;
+        assert_eq!(forged, 1);
+    }
+    let total = settled(&app).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let uncovered = loop {
+        let found = app
+            .get("/v1/audit/findings/uncovered-reads", Some(&auditor))
+            .await
+            .ok(200);
+        if found["items"].as_array().unwrap().len() >= 2 || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let reasons: Vec<&str> = uncovered["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["after_revocation", "no_request"], "{uncovered}");
+    assert_eq!(uncovered["items"][0]["request_id"], request_id.as_str());
+    assert_eq!(
+        uncovered["items"][0]["accessor"],
+        format!("doctor:{}", w.doctor.id)
+    );
+    let after_end = app
+        .get("/v1/audit/findings/reads-after-revocation", Some(&auditor))
+        .await
+        .ok(200);
+    assert_eq!(
+        after_end["items"].as_array().unwrap().len(),
+        1,
+        "{after_end}"
+    );
+    assert_eq!(after_end["items"][0]["reason"], "after_revocation");
+    let page = app
+        .get("/v1/audit/findings/uncovered-reads?limit=1", Some(&auditor))
+        .await
+        .ok(200);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let next = page["next_cursor"].as_i64().unwrap();
+    let rest = app
+        .get(
+            &format!("/v1/audit/findings/uncovered-reads?limit=1&cursor={next}"),
+            Some(&auditor),
+        )
+        .await
+        .ok(200);
+    assert_eq!(rest["items"][0]["reason"], "no_request");
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    // Inserted events are chained like any other: still intact.
+    let report = app.get("/v1/audit/verify", Some(&auditor)).await.ok(200);
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["checked"], total);
+
+    // Tampering: one event's payload edited, another deleted. Each is reported at its
+    // place, and only there; a range that excludes both still verifies.
+    let whole = all_pages(&app, &auditor, "", 100).await;
+    let edited = &whole[4];
+    let deleted = &whole[6];
+    let edit = match backend {
+        Backend::Postgres => "(payload::jsonb || '{\"tampered\": true}'::jsonb)::json",
+        Backend::Sqlite => "json_set(payload, '$.tampered', json('true'))",
+    };
+    let changed = app
+        .tamper(&format!(
+            "UPDATE events SET payload = {edit} WHERE position = {}",
+            edited["position"]
+        ))
+        .await;
+    assert_eq!(changed, 1);
+    let removed = app
+        .tamper(&format!(
+            "DELETE FROM events WHERE position = {}",
+            deleted["position"]
+        ))
+        .await;
+    assert_eq!(removed, 1);
+    let report = app.get("/v1/audit/verify", Some(&auditor)).await.ok(200);
+    assert_eq!(report["intact"], false, "{report}");
+    assert_eq!(report["problems_total"], 2, "{report}");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems[0]["problem"], "modified");
+    assert_eq!(problems[0]["ordinal"], edited["ordinal"]);
+    assert_eq!(problems[0]["event_id"], edited["event_id"]);
+    assert_eq!(problems[1]["problem"], "missing");
+    assert_eq!(problems[1]["position"], deleted["position"]);
+    let range = app
+        .get("/v1/audit/verify?from=1&to=4", Some(&auditor))
+        .await
+        .ok(200);
+    assert_eq!(range["intact"], true, "{range}");
+    assert_eq!(range["checked"], 4);
+    let later = app
+        .get("/v1/audit/verify?from=8", Some(&auditor))
+        .await
+        .ok(200);
+    assert_eq!(later["intact"], true, "{later}");
+    // Rewriting the recorded link to cover the edit breaks the next link instead.
+    let recomputed = app
+        .tamper(&format!(
+            "UPDATE rm_audit_trail SET hash = '{}' WHERE ordinal = {}",
+            "0".repeat(64),
+            edited["ordinal"]
+        ))
+        .await;
+    assert_eq!(recomputed, 1);
+    let report = app
+        .get("/v1/audit/verify?from=1&to=6", Some(&auditor))
+        .await
+        .ok(200);
+    let at: Vec<i64> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ordinal"].as_i64().unwrap())
+        .collect();
+    let o = edited["ordinal"].as_i64().unwrap();
+    assert_eq!(at, [o, o + 1], "{report}");
+
+    // Only auditors; bad ranges and limits are refused.
+    for path in [
+        "/v1/audit/verify",
+        "/v1/audit/events/export",
+        "/v1/audit/findings/uncovered-reads",
+        "/v1/audit/findings/reads-after-revocation",
+    ] {
+        for who in [&w.patient, &w.doctor, &w.registrar] {
+            app.get(path, Some(&who.token))
+                .await
+                .problem(403, "role_forbidden");
+        }
+        app.get(path, None).await.problem(401, "unauthenticated");
+    }
+    for bad in [
+        "/v1/audit/verify?from=-1",
+        "/v1/audit/verify?from=5&to=2",
+        "/v1/audit/verify?to=x",
+        "/v1/audit/events/export?limit=0",
+        "/v1/audit/events/export?cursor=-3",
+        "/v1/audit/events/export?from_time=noon",
+        "/v1/audit/findings/uncovered-reads?limit=1000",
+    ] {
+        app.get(bad, Some(&auditor))
+            .await
+            .problem(422, "invalid_request");
+    }
+    app.stop().await;
+}

@@ -1,0 +1,410 @@
+//! Tamper evidence for the audit trail: a hash chain over the event log.
+//!
+//! The audit projection ([`crate::AuditTrail`]) gives every event, in log order, the
+//! hash `SHA-256(previous hash ‖ event)` where the event is encoded field by field,
+//! each length-prefixed (its id, position, aggregate, sequence, type, version, time,
+//! payload and metadata as stored). [`verify`] re-reads the events from the log and
+//! checks every link against the hashes recorded: an event modified or deleted after it
+//! was recorded breaks its link, and so does a recorded hash rewritten to cover it up
+//! (the next link then fails). The same trail's Merkle roots can also be anchored on
+//! chain (`afyachain audit verify`), which covers a rewrite of the whole tail.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use eventstore::{Store, StoredEvent};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::codec::time;
+
+/// The "previous hash" of the first event.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// How many rows a verification reads at once.
+const BATCH: i64 = 1000;
+
+/// At most this many problems are listed (all are counted).
+const MAX_LISTED: usize = 100;
+
+/// The chain link of `event` after `prev`.
+pub fn chain_hash(prev: &[u8; 32], event: &StoredEvent) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(prev);
+    let mut field = |data: &[u8]| {
+        hasher.update((data.len() as u64).to_be_bytes());
+        hasher.update(data);
+    };
+    field(event.event_id.as_bytes());
+    field(&event.position.to_be_bytes());
+    field(event.aggregate_type.as_bytes());
+    field(event.aggregate_id.as_bytes());
+    field(&event.sequence.to_be_bytes());
+    field(event.event_type.as_bytes());
+    field(event.event_version.as_bytes());
+    field(time(&event.recorded_at).as_bytes());
+    field(event.payload.to_string().as_bytes());
+    field(event.metadata.to_string().as_bytes());
+    hasher.finalize().into()
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A recorded hash back as bytes.
+pub fn parse_hash(text: &str) -> anyhow::Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 || !text.is_ascii() {
+        anyhow::bail!("a recorded chain hash is not 64 hex digits");
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+            .context("a recorded chain hash is not hex")?;
+    }
+    Ok(out)
+}
+
+/// What is wrong at one place of the trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChainProblemKind {
+    /// The event no longer hashes to its link: it (or the link) was changed.
+    Modified,
+    /// The event the trail recorded is no longer in the log.
+    Missing,
+    /// The log holds another event at that position.
+    Replaced,
+    /// Ordinals are not contiguous: rows of the trail itself were removed.
+    Gap,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainProblem {
+    pub ordinal: i64,
+    pub position: i64,
+    pub event_id: String,
+    pub problem: ChainProblemKind,
+}
+
+/// The outcome of one verification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// First and last ordinal checked (`to` is 0 when nothing was there to check).
+    pub from: i64,
+    pub to: i64,
+    pub checked: u64,
+    /// True when every link in the range holds.
+    pub intact: bool,
+    pub problems_total: u64,
+    /// The first problems found (at most 100), in log order.
+    pub problems: Vec<ChainProblem>,
+    /// The recorded hash of the last event checked: a value to keep (or compare with an
+    /// earlier report) that commits to everything before it.
+    pub head: Option<String>,
+}
+
+/// Rechecks the links of ordinals `from..=to` (`to` `None`: to the end of the trail)
+/// against the events in the log.
+pub async fn verify(store: &Store, from: i64, to: Option<i64>) -> anyhow::Result<ChainReport> {
+    let from = from.max(1);
+    let to = to.unwrap_or(i64::MAX);
+    let pool = store.any_pool();
+    let mut report = ChainReport {
+        from,
+        to: 0,
+        checked: 0,
+        intact: true,
+        problems_total: 0,
+        problems: Vec::new(),
+        head: None,
+    };
+    let mut prev = if from == 1 {
+        GENESIS
+    } else {
+        let hash: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM rm_audit_trail WHERE ordinal = $1")
+                .bind(from - 1)
+                .fetch_optional(pool)
+                .await
+                .context("reading the audit trail")?;
+        match hash {
+            Some(hash) => parse_hash(&hash)?,
+            None => GENESIS,
+        }
+    };
+    let mut expected = from;
+    let mut after = from - 1;
+    loop {
+        let rows: Vec<(i64, i64, String, String)> = sqlx::query_as(
+            "SELECT ordinal, position, event_id, hash FROM rm_audit_trail \
+             WHERE ordinal > $1 AND ordinal <= $2 ORDER BY ordinal LIMIT $3",
+        )
+        .bind(after)
+        .bind(to)
+        .bind(BATCH)
+        .fetch_all(pool)
+        .await
+        .context("reading the audit trail")?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.0;
+        let positions: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let events: HashMap<i64, StoredEvent> = store
+            .events_at(&positions)
+            .await?
+            .into_iter()
+            .map(|e| (e.position, e))
+            .collect();
+        for (ordinal, position, event_id, hash) in rows {
+            let recorded = parse_hash(&hash)?;
+            let mut found = |problem| {
+                report.problems_total += 1;
+                if report.problems.len() < MAX_LISTED {
+                    report.problems.push(ChainProblem {
+                        ordinal,
+                        position,
+                        event_id: event_id.clone(),
+                        problem,
+                    });
+                }
+            };
+            if ordinal != expected {
+                found(ChainProblemKind::Gap);
+            }
+            match events.get(&position) {
+                None => found(ChainProblemKind::Missing),
+                Some(event) if event.event_id.to_string() != event_id => {
+                    found(ChainProblemKind::Replaced)
+                }
+                Some(event) if chain_hash(&prev, event) != recorded => {
+                    found(ChainProblemKind::Modified)
+                }
+                Some(_) => {}
+            }
+            // Each link is checked on its own against the recorded hash before it, so
+            // one changed event is reported once, not for the whole tail.
+            prev = recorded;
+            expected = ordinal + 1;
+            report.checked += 1;
+            report.to = ordinal;
+            report.head = Some(hash);
+        }
+    }
+    report.intact = report.problems_total == 0;
+    Ok(report)
+}
+
+/// Why a read was not covered by an active grant at the time it was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UncoveredReason {
+    /// The read names no access request.
+    NoRequest,
+    /// The request it names is unknown.
+    UnknownRequest,
+    /// The request is another doctor's or another patient's.
+    OtherParty,
+    /// The request was never approved (pending or rejected).
+    NotApproved,
+    /// Read before the approval.
+    BeforeApproval,
+    /// Read at or after the grant was revoked.
+    AfterRevocation,
+    /// Read at or after the grant expired.
+    AfterExpiry,
+    /// The grant does not cover the record's category or the record.
+    OutOfScope,
+}
+
+impl UncoveredReason {
+    /// A grant was used after it had ended.
+    pub fn is_after_end(self) -> bool {
+        matches!(
+            self,
+            UncoveredReason::AfterRevocation | UncoveredReason::AfterExpiry
+        )
+    }
+}
+
+/// A doctor's read of a record that no active grant covered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UncoveredRead {
+    /// Log position of the `RecordAccessed` event.
+    pub position: i64,
+    pub event_id: String,
+    pub patient_id: String,
+    pub record_id: String,
+    /// `doctor:<id>`.
+    pub accessor: String,
+    pub request_id: Option<String>,
+    pub category: String,
+    pub accessed_at: String,
+    pub reason: UncoveredReason,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReadWithGrant {
+    position: i64,
+    event_id: String,
+    patient_id: String,
+    record_id: String,
+    accessor: String,
+    request_id: Option<String>,
+    category: String,
+    accessed_at: String,
+    grant_patient: Option<String>,
+    grant_doctor: Option<String>,
+    grant_status: Option<String>,
+    grant_scope: Option<String>,
+    decided_at: Option<String>,
+    expires_at: Option<String>,
+    closed_at: Option<String>,
+}
+
+impl ReadWithGrant {
+    fn uncovered(&self) -> Option<UncoveredReason> {
+        use UncoveredReason::*;
+        if self.request_id.is_none() {
+            return Some(NoRequest);
+        }
+        let (Some(patient), Some(doctor), Some(status)) =
+            (&self.grant_patient, &self.grant_doctor, &self.grant_status)
+        else {
+            return Some(UnknownRequest);
+        };
+        if Some(doctor.as_str()) != self.accessor.strip_prefix("doctor:")
+            || *patient != self.patient_id
+        {
+            return Some(OtherParty);
+        }
+        // `expires_at` is set by the approval only.
+        let (Some(approved_at), Some(expires_at)) = (&self.decided_at, &self.expires_at) else {
+            return Some(NotApproved);
+        };
+        if status == "rejected" || status == "pending" {
+            return Some(NotApproved);
+        }
+        // Times are all written in one fixed RFC 3339 form, so they compare as text.
+        let at = self.accessed_at.as_str();
+        if at < approved_at.as_str() {
+            return Some(BeforeApproval);
+        }
+        if let Some(closed_at) = &self.closed_at {
+            if at >= closed_at.as_str() {
+                return Some(if status == "revoked" {
+                    AfterRevocation
+                } else {
+                    AfterExpiry
+                });
+            }
+        }
+        if at >= expires_at.as_str() {
+            return Some(AfterExpiry);
+        }
+        let scope: serde_json::Value = self
+            .grant_scope
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        let lists = |key: &str, wanted: &str| {
+            scope
+                .get(key)
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|items| items.iter().any(|v| v.as_str() == Some(wanted)))
+        };
+        if !lists("categories", &self.category) && !lists("record_ids", &self.record_id) {
+            return Some(OutOfScope);
+        }
+        None
+    }
+}
+
+/// Doctors' reads after log position `after` that no active grant covered at the time
+/// (`after_end_only`: only those made under a grant already revoked or expired), at
+/// most `limit`, in log order. Both lists must be empty on a sound system.
+pub async fn uncovered_reads(
+    pool: &sqlx::AnyPool,
+    after: i64,
+    limit: i64,
+    after_end_only: bool,
+) -> anyhow::Result<crate::queries::Page<UncoveredRead>> {
+    let mut found = Vec::new();
+    let mut scanned = after;
+    while (found.len() as i64) <= limit {
+        let rows: Vec<ReadWithGrant> = sqlx::query_as(
+            "SELECT l.position, l.event_id, l.patient_id, l.record_id, l.accessor, \
+             l.request_id, l.category, l.accessed_at, r.patient_id AS grant_patient, \
+             r.doctor_id AS grant_doctor, r.status AS grant_status, r.scope AS grant_scope, \
+             r.decided_at, r.expires_at, r.closed_at \
+             FROM rm_access_log l LEFT JOIN rm_access_requests r ON r.request_id = l.request_id \
+             WHERE l.position > $1 AND l.accessor LIKE 'doctor:%' ORDER BY l.position LIMIT $2",
+        )
+        .bind(scanned)
+        .bind(BATCH)
+        .fetch_all(pool)
+        .await
+        .context("reading the access log")?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        scanned = last.position;
+        for row in rows {
+            let Some(reason) = row.uncovered() else {
+                continue;
+            };
+            if after_end_only && !reason.is_after_end() {
+                continue;
+            }
+            found.push(UncoveredRead {
+                position: row.position,
+                event_id: row.event_id,
+                patient_id: row.patient_id,
+                record_id: row.record_id,
+                accessor: row.accessor,
+                request_id: row.request_id,
+                category: row.category,
+                accessed_at: row.accessed_at,
+                reason,
+            });
+        }
+    }
+    Ok(crate::queries::page(found, limit, |r| r.position))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn event(payload: serde_json::Value) -> StoredEvent {
+        StoredEvent {
+            position: 7,
+            tx: 7,
+            event_id: uuid::Uuid::nil(),
+            recorded_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            aggregate_type: "session".into(),
+            aggregate_id: "a".into(),
+            sequence: 1,
+            event_type: "SessionEnded".into(),
+            event_version: "1.0".into(),
+            payload,
+            metadata: serde_json::json!({"actor": "system"}),
+        }
+    }
+
+    #[test]
+    fn a_link_depends_on_the_event_and_the_previous_hash() {
+        let a = event(serde_json::json!({"x": 1}));
+        let b = event(serde_json::json!({"x": 2}));
+        let h = chain_hash(&GENESIS, &a);
+        assert_eq!(h, chain_hash(&GENESIS, &a));
+        assert_ne!(h, chain_hash(&GENESIS, &b));
+        assert_ne!(h, chain_hash(&[1; 32], &a));
+        assert_eq!(parse_hash(&hex(&h)).unwrap(), h);
+        assert!(parse_hash("zz").is_err());
+        assert!(parse_hash(&"g".repeat(64)).is_err());
+    }
+}
