@@ -504,3 +504,97 @@ async fn tamper_evidence(backend: Backend) {
     }
     app.stop().await;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A million events exported through one request: every line arrives, in order, and
+/// the server's memory stays flat (the export holds one batch at a time, however
+/// long the range). On the embedded default; the query is the same on PostgreSQL.
+#[actix_rt::test]
+async fn a_million_events_export_with_flat_memory() {
+    const EVENTS: i64 = 1_000_000;
+    let Some(app) = TestApp::start(Backend::Sqlite).await else {
+        return;
+    };
+    let w = app.world().await;
+    // A million sign-outs, written straight into the log (the domain would take an
+    // hour to sign that many people out; the export does not care how they came).
+    let inserted = app
+        .tamper(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {EVENTS}) \
+             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) \
+             SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
+             '1.0', json_object('SessionEnded', json_object('session_id', \
+             printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
+             json_object('actor', 'system', 'correlation_id', \
+             printf('00000000-0000-4000-9000-%012d', i)) FROM n"
+        ))
+        .await;
+    assert_eq!(inserted as i64, EVENTS);
+    let total = app.event_count().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1200);
+    while app.scalar("SELECT count(*) FROM rm_audit_trail").await < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trail did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let pid = app.server.child.id();
+    let before = rss_kib(pid);
+    let mut resp = app
+        .http
+        .get(app.server.url("/v1/audit/events/export"))
+        .bearer_auth(&w.auditor.token)
+        .timeout(std::time::Duration::from_secs(1200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut lines, mut bytes, mut peak) = (0i64, 0u64, before);
+    let mut last_position = 0i64;
+    let mut partial: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        bytes += chunk.len() as u64;
+        partial.extend_from_slice(&chunk);
+        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=end).collect();
+            lines += 1;
+            if lines % 50_000 == 0 || lines == total {
+                let event: Value = serde_json::from_slice(&line).unwrap();
+                let position = event["position"].as_i64().unwrap();
+                assert!(position > last_position);
+                last_position = position;
+                peak = peak.max(rss_kib(pid));
+            }
+        }
+    }
+    assert!(partial.is_empty());
+    assert_eq!(lines, total);
+    let growth = peak.saturating_sub(before);
+    println!(
+        "exported {lines} events, {} MiB; server RSS {} MiB before, peak {} MiB (+{} MiB)",
+        bytes >> 20,
+        before >> 10,
+        peak >> 10,
+        growth >> 10
+    );
+    assert!(
+        bytes > 300 << 20,
+        "the export is larger than the memory bound it is held to"
+    );
+    assert!(
+        growth < 64 << 10,
+        "the server grew by {growth} KiB while exporting"
+    );
+    app.stop().await;
+}
