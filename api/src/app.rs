@@ -25,6 +25,10 @@ pub struct App {
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
     replicator: Option<actix::Addr<Replicator>>,
     chain_writer: Option<actix::Addr<chain_adapter::chain::ChainWriter>>,
+    /// The live tail the event streams follow.
+    pub live: crate::live::LiveLog,
+    /// One deliverer per registered webhook.
+    pub webhooks: Arc<crate::webhooks::WebhookSupervisor>,
     /// The M-Pesa worker's stop switch and task.
     mpesa: Option<(
         tokio::sync::watch::Sender<bool>,
@@ -108,6 +112,32 @@ impl App {
             }
             None => None,
         };
+        let live =
+            crate::live::LiveLog::start(store.clone(), config.integrations.live_buffer).await?;
+        let webhooks_read = consumers
+            .iter()
+            .find(|(name, _)| name == "webhooks")
+            .map(|(_, handle)| handle.subscribe());
+        let webhooks = crate::webhooks::WebhookSupervisor::start(
+            store.clone(),
+            commands.clone(),
+            config.integrations.delivery.clone(),
+            webhooks_read,
+        )
+        .await?;
+        if let Some(settings) = &config.nats {
+            // Integrators at scale: every event's public view (the same as webhooks and
+            // the stream carry) on a subject per type; who may subscribe to what is the
+            // NATS operator's to configure.
+            let mapper: nats_publisher::Mapper = Arc::new(|event| {
+                serde_json::to_vec(&integrations::public_view(event)).unwrap_or_default()
+            });
+            let publisher =
+                nats_publisher::NatsPublisher::connect(settings.clone(), mapper).await?;
+            let handle = ConsumerActor::spawn(store.clone(), Arc::new(publisher)).await?;
+            consumers.push((nats_publisher::CONSUMER_NAME.to_owned(), handle));
+            tracing::info!(stream = %settings.stream, "publishing events to NATS JetStream");
+        }
         let mpesa = match &config.mpesa {
             Some(settings) => {
                 let daraja = Arc::new(mpesa_adapter::daraja::Daraja::new(settings.daraja.clone())?);
@@ -138,6 +168,8 @@ impl App {
             expiry,
             replicator,
             chain_writer,
+            live,
+            webhooks,
             mpesa,
         })
     }
@@ -145,6 +177,8 @@ impl App {
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
+        self.live.stop();
+        self.webhooks.shutdown().await;
         if let Some((stop, running)) = self.mpesa {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(15), running).await;

@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: StaffCommand,
     },
+    /// Integrators: systems that receive events through an API key.
+    Integrator {
+        #[command(subcommand)]
+        command: IntegratorCommand,
+    },
     /// Log consumers: projections and the storage replicator with its dead letters.
     Consumers {
         #[command(subcommand)]
@@ -111,6 +116,20 @@ enum StaffCommand {
 }
 
 #[derive(Subcommand)]
+enum IntegratorCommand {
+    /// Add an integrator whose key may receive the given event types. Prints the
+    /// integrator id, then the API key as the last line (shown once: keep it).
+    Add {
+        /// The integrator's (organisation's) name.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated event types the key may receive, or `all`.
+        #[arg(long)]
+        events: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ProjectionsCommand {
     /// List projections with their checkpoints.
     List,
@@ -169,6 +188,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (store, commands, _storage) = open(&config).await?;
             let result = add_staff(&commands, &role, &phone, &name).await;
+            store.close().await;
+            result
+        }
+        Command::Integrator {
+            command: IntegratorCommand::Add { name, events },
+        } => {
+            let (store, commands, _storage) = open(&config).await?;
+            let result = add_integrator(&commands, &name, &events).await;
             store.close().await;
             result
         }
@@ -382,6 +409,27 @@ async fn add_staff(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", done.id);
+    Ok(())
+}
+
+async fn add_integrator(
+    commands: &commands::Commands,
+    name: &str,
+    events: &str,
+) -> anyhow::Result<()> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        anyhow::bail!("--name must be 1 to 100 characters");
+    }
+    let types = crate::routes::events::parse_types(events, integrations::event_types())
+        .map_err(|e| anyhow::anyhow!("--events: {e}"))?;
+    let meta = eventstore::CommandMeta::new("operator:cli");
+    let (id, key) = commands
+        .add_integrator(name, types, meta)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{id}");
+    println!("{key}");
     Ok(())
 }
 

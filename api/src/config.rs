@@ -52,6 +52,63 @@ pub struct Config {
     /// `MPESA_RECONCILE_AFTER_SECS`
     /// (120), `MPESA_TIMEOUT_SECS` (15), `MPESA_POLL_MS` (1000).
     pub mpesa: Option<MpesaSettings>,
+    /// Integrators: webhook deliveries and the live stream (see [`IntegrationSettings`]).
+    pub integrations: IntegrationSettings,
+    /// `AFYA_NATS_URL` turns the JetStream publisher on: `AFYA_NATS_STREAM` (default
+    /// `AFYACHAIN_EVENTS`), `AFYA_NATS_SUBJECT_PREFIX` (default `afyachain.events`).
+    pub nats: Option<nats_publisher::NatsSettings>,
+}
+
+/// What integrators receive and how.
+#[derive(Clone, Debug)]
+pub struct IntegrationSettings {
+    /// `AFYA_WEBHOOK_MAX_ATTEMPTS` (5), `AFYA_WEBHOOK_BACKOFF_MS` (500, doubling up to
+    /// a minute), `AFYA_WEBHOOK_TIMEOUT_SECS` (10).
+    pub delivery: integrations::DeliverySettings,
+    /// `AFYA_SSE_HEARTBEAT_SECS` (15): a comment line when nothing else was sent.
+    pub heartbeat: Duration,
+    /// `AFYA_SSE_BUFFER` (4096): events the live stream keeps for clients that fall
+    /// behind; a client further behind than that is disconnected (it resumes with
+    /// `Last-Event-ID`), so a slow client never holds the others back or grows memory.
+    pub live_buffer: usize,
+}
+
+fn integration_settings() -> anyhow::Result<IntegrationSettings> {
+    let defaults = integrations::DeliverySettings::default();
+    let max_attempts: u32 = number("AFYA_WEBHOOK_MAX_ATTEMPTS", defaults.max_attempts)?;
+    if !(1..=50).contains(&max_attempts) {
+        anyhow::bail!("AFYA_WEBHOOK_MAX_ATTEMPTS must be between 1 and 50");
+    }
+    let heartbeat: u64 = number("AFYA_SSE_HEARTBEAT_SECS", 15)?;
+    if !(1..=300).contains(&heartbeat) {
+        anyhow::bail!("AFYA_SSE_HEARTBEAT_SECS must be between 1 and 300");
+    }
+    let live_buffer: usize = number("AFYA_SSE_BUFFER", 4096)?;
+    if !(16..=1_000_000).contains(&live_buffer) {
+        anyhow::bail!("AFYA_SSE_BUFFER must be between 16 and 1000000");
+    }
+    Ok(IntegrationSettings {
+        delivery: integrations::DeliverySettings {
+            max_attempts,
+            base_backoff: Duration::from_millis(number("AFYA_WEBHOOK_BACKOFF_MS", 500)?.max(1)),
+            timeout: Duration::from_secs(number("AFYA_WEBHOOK_TIMEOUT_SECS", 10)?.max(1)),
+            ..defaults
+        },
+        heartbeat: Duration::from_secs(heartbeat),
+        live_buffer,
+    })
+}
+
+fn nats_settings() -> Option<nats_publisher::NatsSettings> {
+    let url = var("AFYA_NATS_URL")?;
+    let mut settings = nats_publisher::NatsSettings::new(url.trim());
+    if let Some(stream) = var("AFYA_NATS_STREAM") {
+        settings.stream = stream;
+    }
+    if let Some(prefix) = var("AFYA_NATS_SUBJECT_PREFIX") {
+        settings.subject_prefix = prefix;
+    }
+    Some(settings)
 }
 
 /// M-Pesa through Daraja.
@@ -334,6 +391,8 @@ impl Config {
             replication: replication_settings()?,
             chain: chain_settings()?,
             mpesa: mpesa_settings()?,
+            integrations: integration_settings()?,
+            nats: nats_settings(),
         })
     }
 }

@@ -10,7 +10,7 @@ use utoipa::openapi::{
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::{Details, FieldError};
-use crate::routes::{access, accounts, audit, ops, payments, records};
+use crate::routes::{access, accounts, audit, events, ops, payments, records, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -36,6 +36,7 @@ use crate::routes::{access, accounts, audit, ops, payments, records};
         access::revoke, access::grants, access::access_log,
         audit::anchors, audit::events, audit::disclosures, audit::export, audit::verify,
         audit::uncovered_reads, audit::reads_after_revocation,
+        events::stream, webhooks::register, webhooks::list, webhooks::failures, webhooks::replay,
     ),
     components(schemas(Details, FieldError)),
     modifiers(&Security, &Errors),
@@ -44,6 +45,7 @@ use crate::routes::{access, accounts, audit, ops, payments, records};
         (name = "records", description = "Encrypted medical records"),
         (name = "consent", description = "Access requests, grants and the access log"),
         (name = "audit", description = "The audit trail: event history, export, hash-chain verification, findings and chain anchors"),
+        (name = "integrators", description = "Event stream and signed webhooks for integrators' API keys"),
         (name = "payments", description = "M-Pesa payments (STK Push) and Daraja's callbacks"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -89,7 +91,7 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
         &[400, 404, 413, 415],
     ),
     ("/v1/sessions/current", "get", &[401]),
-    ("/v1/sessions/current", "delete", &[401, 409]),
+    ("/v1/sessions/current", "delete", &[401, 403, 409]),
     (
         "/v1/patients/{patient_id}/records",
         "post",
@@ -104,6 +106,15 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ("/v1/audit/anchors", "get", &[401, 403, 422]),
     ("/v1/audit/events", "get", &[401, 403, 422]),
     ("/v1/audit/events/export", "get", &[401, 403, 422]),
+    ("/v1/events/stream", "get", &[401, 403, 422]),
+    ("/v1/webhooks", "post", &[400, 401, 403, 409, 413, 415, 422]),
+    ("/v1/webhooks", "get", &[401, 403]),
+    (
+        "/v1/webhooks/{webhook_id}/failures",
+        "get",
+        &[401, 403, 404, 422],
+    ),
+    ("/v1/webhooks/{webhook_id}/replay", "post", &[401, 403, 404]),
     ("/v1/audit/verify", "get", &[401, 403, 422]),
     (
         "/v1/audit/findings/uncovered-reads",

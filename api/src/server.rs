@@ -33,6 +33,10 @@ pub struct AppState {
     pub consumers: Vec<(String, ConsumerHandle)>,
     /// Where blobs are kept (for `storage_status` and `/readyz`).
     pub storage: Storage,
+    /// The live tail of the event streams.
+    pub live: crate::live::LiveLog,
+    /// The webhook deliverers (woken after a replay request).
+    pub webhooks: Arc<crate::webhooks::WebhookSupervisor>,
 }
 
 impl AppState {
@@ -53,6 +57,8 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
             storage: app.storage.clone(),
+            live: app.live.clone(),
+            webhooks: app.webhooks.clone(),
         }
     }
 }
@@ -90,12 +96,15 @@ pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
         .listen(listener)?
         .run();
     let handle = server.handle();
+    let live = app.live.clone();
     actix_rt::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
         tracing::info!("stop signal received");
+        // Event streams never end by themselves: end them so the shutdown is graceful.
+        live.stop();
         handle.stop(true).await;
     });
     tracing::info!(%addr, backend = app.store.backend().as_str(), "afyachain listening");

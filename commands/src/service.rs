@@ -16,7 +16,9 @@ use domain::actor::Actor;
 use domain::clock::Clock;
 use domain::doctor::{Doctor, DoctorCommand};
 use domain::error::{Rule, RuleKind, ServiceError};
-use domain::ids::{AccessRequestId, DoctorId, PatientId, PaymentId, RecordId, StaffId};
+use domain::ids::{
+    AccessRequestId, DoctorId, IntegratorId, PatientId, PaymentId, RecordId, StaffId, WebhookId,
+};
 use domain::patient::{Patient, PatientCommand, PatientError};
 use domain::record::{MedicalRecord, RecordCommand, RecordServices};
 use domain::session::{Session, SessionCommand, SessionError};
@@ -160,6 +162,9 @@ pub struct Uploaded {
 /// forged or foreign token is refused at once), then against its session.
 const TOKEN_PREFIX: &str = "afy1.";
 const TOKEN_TAG: &str = "session token";
+/// Integrators' API keys: `afyk1.<integrator id>.<tag>`.
+const KEY_PREFIX: &str = "afyk1.";
+const KEY_TAG: &str = "integrator key";
 
 /// The result of a command: the id it acted on and where its events are.
 #[derive(Clone, Debug)]
@@ -239,6 +244,7 @@ pub struct Commands {
     staff: AggregateStore<Staff>,
     accounts: AggregateStore<Account>,
     sessions: AggregateStore<Session>,
+    integrators: AggregateStore<domain::integrator::Integrator>,
     records: AggregateStore<MedicalRecord>,
     access: AggregateStore<AccessRequest>,
     anchors: AggregateStore<domain::anchor::LogAnchor>,
@@ -271,6 +277,7 @@ impl Commands {
             sessions: store
                 .aggregate_store(domain::upcast::upcasters())
                 .with_cache_limit(0),
+            integrators: store.aggregate_store(domain::upcast::upcasters()),
             records: store.aggregate_store(domain::upcast::upcasters()),
             access: store.aggregate_store(domain::upcast::upcasters()),
             anchors: store.aggregate_store(domain::upcast::upcasters()),
@@ -715,6 +722,9 @@ impl Commands {
     /// Who a bearer token speaks for: its tag must verify (no database needed to refuse
     /// a forged or foreign token), then its session must be active now.
     pub async fn authenticate(&self, token: &str) -> Result<Authenticated, AuthError> {
+        if let Some(key) = token.strip_prefix(KEY_PREFIX) {
+            return self.authenticate_key(key).await;
+        }
         let (id, tag) = token
             .strip_prefix(TOKEN_PREFIX)
             .and_then(|rest| rest.split_once('.'))
@@ -736,6 +746,105 @@ impl Commands {
             // A tag that verifies names a session this deployment started.
             Err(_) => Err(AuthError::Forged),
         }
+    }
+
+    /// An integrator's API key: its tag must verify, then the integrator must exist.
+    /// A key does not expire; `expires_at` is a year ahead, for clients that ask.
+    async fn authenticate_key(&self, key: &str) -> Result<Authenticated, AuthError> {
+        let (id, tag) = key.split_once('.').ok_or(AuthError::Malformed)?;
+        let integrator_id = Uuid::try_parse(id).map_err(|_| AuthError::Malformed)?;
+        let tag = B64URL.decode(tag).map_err(|_| AuthError::Malformed)?;
+        if id.len() != 32 || !self.keys.verify_tag(KEY_TAG, id.as_bytes(), &tag) {
+            return Err(AuthError::Forged);
+        }
+        let integrator = self
+            .integrator(IntegratorId::from_uuid(integrator_id))
+            .await?;
+        match integrator.id() {
+            Some(id) => Ok(Authenticated {
+                session_id: integrator_id,
+                actor: Actor::Integrator(id),
+                expires_at: self.now() + chrono::Duration::days(365),
+            }),
+            None => Err(AuthError::Forged),
+        }
+    }
+
+    fn key_for(&self, integrator_id: IntegratorId) -> String {
+        let id = integrator_id.as_uuid().simple().to_string();
+        let tag = self.keys.tag(KEY_TAG, id.as_bytes());
+        format!("{KEY_PREFIX}{id}.{}", B64URL.encode(tag))
+    }
+
+    /// An integrator as the event store holds it (an empty one when unknown).
+    pub async fn integrator(
+        &self,
+        integrator_id: IntegratorId,
+    ) -> anyhow::Result<domain::integrator::Integrator> {
+        Ok(self
+            .integrators
+            .load_aggregate(&integrator_id.to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading an integrator: {e}"))?
+            .aggregate)
+    }
+
+    /// Adds an integrator whose key may receive `event_types` (operators only, from
+    /// the command line). Returns its id and its API key, which is shown once.
+    pub async fn add_integrator(
+        &self,
+        name: &str,
+        event_types: std::collections::BTreeSet<String>,
+        meta: CommandMeta,
+    ) -> Result<(IntegratorId, String), CommandError> {
+        let integrator_id = IntegratorId::new();
+        self.store
+            .execute::<domain::integrator::Integrator>(
+                &self.integrators,
+                &integrator_id.to_string(),
+                domain::integrator::IntegratorCommand::Add {
+                    integrator_id,
+                    name: name.to_owned(),
+                    event_types,
+                    at: self.now(),
+                },
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)?;
+        Ok((integrator_id, self.key_for(integrator_id)))
+    }
+
+    /// Registers a webhook of an integrator; its URL and secret are sealed under the
+    /// integrator's key.
+    pub async fn register_webhook(
+        &self,
+        integrator_id: IntegratorId,
+        webhook_id: WebhookId,
+        url: &str,
+        types: std::collections::BTreeSet<String>,
+        secret: &str,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        let subject = integrator_id.to_string();
+        let command = domain::integrator::IntegratorCommand::RegisterWebhook {
+            webhook_id,
+            url: self.seal_text(&subject, url).await?,
+            types,
+            secret: self.seal_text(&subject, secret).await?,
+            at: self.now(),
+        };
+        self.store
+            .execute::<domain::integrator::Integrator>(
+                &self.integrators,
+                &subject,
+                command,
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)
     }
 
     /// Ends a session (sign-out): its token is refused from then on, by every instance.

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DoctorId, PatientId, StaffId};
+use crate::ids::{DoctorId, IntegratorId, PatientId, StaffId};
 
 /// The authenticated party behind a command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +12,8 @@ pub enum Actor {
     Doctor(DoctorId),
     Registrar(StaffId),
     Auditor(StaffId),
+    /// A system receiving events through an API key (never acts on records).
+    Integrator(IntegratorId),
     /// The platform itself (expiry sweeps, adapters).
     System,
 }
@@ -23,6 +25,7 @@ impl Actor {
             Actor::Doctor(_) => "doctor",
             Actor::Registrar(_) => "registrar",
             Actor::Auditor(_) => "auditor",
+            Actor::Integrator(_) => "integrator",
             Actor::System => "system",
         }
     }
@@ -32,6 +35,7 @@ impl Actor {
             Actor::Patient(id) => id.to_string(),
             Actor::Doctor(id) => id.to_string(),
             Actor::Registrar(id) | Actor::Auditor(id) => id.to_string(),
+            Actor::Integrator(id) => id.to_string(),
             Actor::System => "system".to_owned(),
         }
     }

@@ -72,6 +72,16 @@ id_type!(
     "staff_id"
 );
 id_type!(
+    /// An integrator (a system that receives events through its API key).
+    IntegratorId,
+    "integrator_id"
+);
+id_type!(
+    /// One of an integrator's webhooks.
+    WebhookId,
+    "webhook_id"
+);
+id_type!(
     /// A medical record.
     RecordId,
     "record_id"

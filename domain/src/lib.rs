@@ -14,6 +14,7 @@ pub mod clock;
 pub mod doctor;
 pub mod error;
 pub mod ids;
+pub mod integrator;
 pub mod patient;
 pub mod payment;
 pub mod record;

@@ -192,6 +192,36 @@ impl Store {
         }
     }
 
+    /// The cursor just after the event at `position` in log order (resuming after an
+    /// event a client last saw), or, when there is no such event, the cursor from which
+    /// reading yields the events after `position`.
+    pub async fn cursor_after_position(&self, position: i64) -> anyhow::Result<LogCursor> {
+        if position <= 0 {
+            return Ok(LogCursor::START);
+        }
+        match &self.typed {
+            Typed::Postgres(pool) => {
+                let tx: Option<String> =
+                    sqlx::query_scalar("SELECT tx_id::text FROM events WHERE position = $1")
+                        .bind(position)
+                        .fetch_optional(pool)
+                        .await
+                        .context("looking up a log position")?;
+                match tx {
+                    Some(tx) => Ok(LogCursor {
+                        tx: parse_tx(&tx)?,
+                        position,
+                    }),
+                    None => self.cursor_at_position(position + 1).await,
+                }
+            }
+            Typed::Sqlite(_) => Ok(LogCursor {
+                tx: position,
+                position,
+            }),
+        }
+    }
+
     /// The cursor after the last event currently readable.
     pub async fn log_end(&self) -> anyhow::Result<LogCursor> {
         match &self.typed {

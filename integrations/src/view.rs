@@ -172,6 +172,9 @@ pub fn event_types() -> &'static [&'static str] {
         "MpesaCallbackRejected",
         // anchor
         "LogRangeAnchored",
+        // integrator
+        "IntegratorAdded",
+        "WebhookRegistered",
     ]
 }
 

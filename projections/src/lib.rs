@@ -14,7 +14,7 @@ pub mod queries;
 
 pub use projection::{
     AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, LogAnchors, PatientRecords,
-    Payments, RecordStorage, RecordTokens,
+    Payments, RecordStorage, RecordTokens, Webhooks,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -29,6 +29,7 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(RecordTokens::default()),
         Arc::new(LogAnchors::default()),
         Arc::new(Payments::default()),
+        Arc::new(Webhooks::default()),
         Arc::new(AuditTrail),
     ]
 }

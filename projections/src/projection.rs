@@ -1123,3 +1123,73 @@ impl LogHandler for AuditTrail {
         .await
     }
 }
+
+/// Integrators' webhooks as registered, with where in the log each was registered
+/// (its deliveries start after that event). URLs and secrets stay sealed.
+#[derive(Default)]
+pub struct Webhooks {
+    upcasters: Upcasters,
+}
+
+#[async_trait]
+impl LogHandler for Webhooks {
+    fn name(&self) -> &str {
+        "webhooks"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_webhooks (
+                webhook_id TEXT PRIMARY KEY,
+                integrator_id TEXT NOT NULL,
+                url_sealed TEXT NOT NULL,
+                types TEXT NOT NULL,
+                secret_sealed TEXT NOT NULL,
+                registered_at TEXT NOT NULL,
+                tx BIGINT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_webhooks_integrator ON rm_webhooks (integrator_id, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_webhooks".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != domain::integrator::Integrator::TYPE {
+            return Ok(());
+        }
+        if let domain::integrator::IntegratorEvent::WebhookRegistered {
+            integrator_id,
+            webhook_id,
+            url,
+            types,
+            secret,
+            registered_at,
+        } = event.decode(&self.upcasters.0)?
+        {
+            exec(
+                tx,
+                "INSERT INTO rm_webhooks (webhook_id, integrator_id, url_sealed, types, \
+                 secret_sealed, registered_at, tx, position) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                vec![
+                    Text(webhook_id.to_string()),
+                    Text(integrator_id.to_string()),
+                    Text(url.as_str().to_owned()),
+                    Text(json(&types)?),
+                    Text(secret.as_str().to_owned()),
+                    Text(time(&registered_at)),
+                    Int(event.tx),
+                    Int(event.position),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -526,3 +526,42 @@ pub async fn audit_events(
     .context("reading the audit history")?;
     Ok(page(rows, limit, |r| r.ordinal))
 }
+
+/// A registered webhook (URL and secret sealed under the integrator's key).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct WebhookRow {
+    pub webhook_id: String,
+    pub integrator_id: String,
+    pub url_sealed: String,
+    /// JSON array of event types.
+    pub types: String,
+    pub secret_sealed: String,
+    pub registered_at: String,
+    /// The log place of its registration: deliveries start after it.
+    pub tx: i64,
+    pub position: i64,
+}
+
+const WEBHOOK_COLUMNS: &str =
+    "webhook_id, integrator_id, url_sealed, types, secret_sealed, registered_at, tx, position";
+
+/// Every registered webhook, oldest first.
+pub async fn webhooks(pool: &AnyPool) -> anyhow::Result<Vec<WebhookRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM rm_webhooks ORDER BY position"
+    ))
+    .fetch_all(pool)
+    .await
+    .context("reading webhooks")
+}
+
+/// One integrator's webhooks, oldest first.
+pub async fn webhooks_of(pool: &AnyPool, integrator_id: &str) -> anyhow::Result<Vec<WebhookRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM rm_webhooks WHERE integrator_id = $1 ORDER BY position"
+    ))
+    .bind(integrator_id.to_owned())
+    .fetch_all(pool)
+    .await
+    .context("reading an integrator's webhooks")
+}

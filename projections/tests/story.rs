@@ -89,6 +89,25 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .id;
         // The patient's own wallet (its address sealed; its index in rm_patient_wallets).
         cmds.register_wallet(patient, WALLET, meta()).await.unwrap();
+        // An integrator with a webhook (its URL and secret sealed; in rm_webhooks).
+        let (integrator, _key) = cmds
+            .add_integrator(
+                "Claims Co",
+                ["RecordUploaded".to_owned()].into_iter().collect(),
+                meta(),
+            )
+            .await
+            .unwrap();
+        cmds.register_webhook(
+            integrator,
+            domain::ids::WebhookId::new(),
+            "https://claims.example/hooks/afya?token=hook-url-token",
+            ["RecordUploaded".to_owned()].into_iter().collect(),
+            "hook signing secret value",
+            meta(),
+        )
+        .await
+        .unwrap();
         // A consultation fee paid by M-Pesa, and a callback that settled nothing.
         let paid = cmds
             .request_payment(
@@ -499,6 +518,8 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             "$argon2id",
             WALLET,
             &WALLET[2..].to_lowercase(),
+            "hook-url-token",
+            "hook signing secret value",
         ] {
             assert!(
                 !raw.contains(secret),

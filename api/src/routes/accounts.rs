@@ -292,6 +292,12 @@ pub async fn sign_out(
     state: Data<AppState>,
     caller: Caller,
 ) -> Result<HttpResponse, Problem> {
+    if matches!(caller.actor(), domain::actor::Actor::Integrator(_)) {
+        return Err(Problem::forbidden(
+            "api_key_not_a_session",
+            "an API key is not a session; an operator withdraws keys",
+        ));
+    }
     let meta = command_meta(&req, Some(caller.actor()), b"")?;
     state
         .commands

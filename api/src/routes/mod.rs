@@ -13,9 +13,11 @@ use crate::problem::Problem;
 pub mod access;
 pub mod accounts;
 pub mod audit;
+pub mod events;
 pub mod ops;
 pub mod payments;
 pub mod records;
+pub mod webhooks;
 
 /// Every route of the server; the OpenAPI document lists the same ones
 /// (`the_openapi_document_lists_exactly_the_served_routes`).
@@ -60,6 +62,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/records/{record_id}").route(get().to(records::get)))
         .service(resource("/v1/records/{record_id}/content").route(get().to(records::content)))
         .service(resource("/v1/audit/anchors").route(get().to(audit::anchors)))
+        .service(resource("/v1/events/stream").route(get().to(events::stream)))
+        .service(
+            resource("/v1/webhooks")
+                .route(post().to(webhooks::register))
+                .route(get().to(webhooks::list)),
+        )
+        .service(resource("/v1/webhooks/{webhook_id}/failures").route(get().to(webhooks::failures)))
+        .service(resource("/v1/webhooks/{webhook_id}/replay").route(post().to(webhooks::replay)))
         .service(resource("/v1/audit/events").route(get().to(audit::events)))
         .service(resource("/v1/audit/events/export").route(get().to(audit::export)))
         .service(resource("/v1/audit/verify").route(get().to(audit::verify)))

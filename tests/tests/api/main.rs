@@ -11,6 +11,7 @@ mod audit;
 mod bad_input;
 mod chain;
 mod idempotency;
+mod integrators;
 mod matrix;
 mod openapi;
 mod payments;

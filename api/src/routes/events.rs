@@ -1,0 +1,264 @@
+//! Integrators: the live event stream (Server-Sent Events) and which event types a key
+//! may receive.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header;
+use actix_web::web::{Bytes, Data, Query};
+use actix_web::{HttpRequest, HttpResponse};
+use domain::actor::Actor;
+use domain::ids::IntegratorId;
+use eventstore::{LogCursor, Store, StoredEvent};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use utoipa::IntoParams;
+
+use crate::extract::Caller;
+use crate::problem::{Problem, Validation};
+use crate::server::AppState;
+
+/// Events read from the store per query while catching up.
+const CATCH_UP_BATCH: i64 = 200;
+
+/// `all`, or comma-separated event types, each one of `known`.
+pub fn parse_types(raw: &str, known: &[&str]) -> Result<BTreeSet<String>, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("all") {
+        return Ok(known.iter().map(|t| (*t).to_owned()).collect());
+    }
+    let mut types = BTreeSet::new();
+    for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !known.contains(&name) {
+            return Err(format!("{name} is not an event type"));
+        }
+        types.insert(name.to_owned());
+    }
+    if types.is_empty() {
+        return Err("name at least one event type, or all".to_owned());
+    }
+    Ok(types)
+}
+
+/// The integrator behind the key, with the types it may receive.
+pub async fn integrator(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<(IntegratorId, BTreeSet<String>), Problem> {
+    let Actor::Integrator(id) = caller.actor() else {
+        return Err(Problem::forbidden(
+            "role_forbidden",
+            "only integrators (API keys) may do this",
+        ));
+    };
+    let integrator = state.commands.integrator(id).await?;
+    Ok((id, integrator.event_types().clone()))
+}
+
+/// `types` narrowed to those the key allows: unknown names are 422, names the key does
+/// not allow 403. Absent: everything the key allows.
+pub fn narrow(raw: Option<&str>, allowed: &BTreeSet<String>) -> Result<BTreeSet<String>, Problem> {
+    let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+        return Ok(allowed.clone());
+    };
+    let asked =
+        parse_types(raw, integrations::event_types()).map_err(|e| Problem::field("types", e))?;
+    if !asked.is_subset(allowed) {
+        return Err(Problem::forbidden(
+            "event_types_not_allowed",
+            "the key does not allow some of these event types",
+        ));
+    }
+    Ok(asked)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Start with the event at this log position (0: the whole log). Default: only
+    /// events from now on. A `Last-Event-ID` header (the last `id:` received) takes
+    /// precedence: the stream resumes right after that event.
+    pub from_position: Option<String>,
+    /// Comma-separated event types (default: all the key allows).
+    pub types: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/events/stream", tag = "integrators",
+    params(StreamQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Server-Sent Events (`text/event-stream`): each event's public view (no personal data or medical content) as `data:`, its type as `event:`, its log position as `id:`; catch-up, then live; a `: heartbeat` comment when idle; resumable with `Last-Event-ID`. A client that falls too far behind is disconnected and resumes (integrators)", content_type = "text/event-stream", body = String)))]
+#[tracing::instrument(skip_all)]
+pub async fn stream(
+    req: HttpRequest,
+    state: Data<AppState>,
+    caller: Caller,
+    query: Query<StreamQuery>,
+) -> Result<HttpResponse, Problem> {
+    let (_, allowed) = integrator(&state, &caller).await?;
+    let mut v = Validation::default();
+    let last_event_id = match req.headers().get("last-event-id") {
+        None => None,
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+        {
+            Some(p) if p >= 0 => Some(p),
+            _ => {
+                v.fail(
+                    "Last-Event-ID",
+                    "must be a log position: a whole number, 0 or more",
+                );
+                None
+            }
+        },
+    };
+    let from_position = match query.from_position.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(p) => match p.parse::<i64>() {
+            Ok(p) if p >= 0 => Some(p),
+            _ => {
+                v.fail("from_position", "must be a whole number, 0 or more");
+                None
+            }
+        },
+    };
+    v.finish()?;
+    let types = narrow(query.types.as_deref(), &allowed)?;
+    let store = state.store.clone();
+    let cursor = match (last_event_id, from_position) {
+        (Some(last), _) => store.cursor_after_position(last).await?,
+        (None, Some(from)) => store.cursor_at_position(from).await?,
+        (None, None) => store.log_end().await?,
+    };
+    let sse = Sse {
+        stopped: state.live.stopped(),
+        store,
+        live: state.live.clone(),
+        rx: None,
+        cursor,
+        types: Arc::new(types),
+        phase: Phase::CatchUp,
+        pending: std::collections::VecDeque::new(),
+        heartbeat: state.config.integrations.heartbeat,
+        last_sent: Instant::now(),
+    };
+    let body = futures::stream::unfold(sse, |mut sse| async move {
+        sse.next()
+            .await
+            .map(|bytes| (Ok::<_, actix_web::Error>(bytes), sse))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading from the store, not yet following the live tail.
+    CatchUp,
+    /// Following the live tail, reading the store once more to close the gap.
+    Closing,
+    /// Taking events from the live tail only.
+    Live,
+}
+
+/// One client's stream.
+struct Sse {
+    /// The server is stopping: end the stream.
+    stopped: tokio::sync::watch::Receiver<bool>,
+    store: Store,
+    live: crate::live::LiveLog,
+    rx: Option<broadcast::Receiver<Arc<StoredEvent>>>,
+    /// The last event considered (sent or filtered out).
+    cursor: LogCursor,
+    types: Arc<BTreeSet<String>>,
+    phase: Phase,
+    pending: std::collections::VecDeque<Bytes>,
+    heartbeat: Duration,
+    last_sent: Instant,
+}
+
+impl Sse {
+    /// The next chunk to send; `None` ends the stream (the client reconnects).
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if *self.stopped.borrow() {
+                return None;
+            }
+            if let Some(chunk) = self.pending.pop_front() {
+                self.last_sent = Instant::now();
+                return Some(chunk);
+            }
+            if self.phase != Phase::Live {
+                let events = match self.store.read_log(self.cursor, CATCH_UP_BATCH).await {
+                    Ok(events) => events,
+                    Err(error) => {
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            "event stream could not read the log"
+                        );
+                        return None;
+                    }
+                };
+                if events.is_empty() {
+                    // Subscribing before the last read means every event after that
+                    // read's end comes through the tail (none is missed in between).
+                    if self.phase == Phase::CatchUp {
+                        self.rx = Some(self.live.subscribe());
+                        self.phase = Phase::Closing;
+                    } else {
+                        self.phase = Phase::Live;
+                    }
+                    continue;
+                }
+                for event in &events {
+                    self.take(event);
+                }
+                if self.pending.is_empty() && self.last_sent.elapsed() >= self.heartbeat {
+                    self.pending
+                        .push_back(Bytes::from_static(b": heartbeat\n\n"));
+                }
+                continue;
+            }
+            let rx = self.rx.as_mut()?;
+            let wait = self.heartbeat.saturating_sub(self.last_sent.elapsed());
+            let received = tokio::select! {
+                received = tokio::time::timeout(wait, rx.recv()) => received,
+                _ = self.stopped.changed() => return None,
+            };
+            match received {
+                Err(_) => self
+                    .pending
+                    .push_back(Bytes::from_static(b": heartbeat\n\n")),
+                Ok(Ok(event)) => self.take(&event),
+                Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    tracing::info!(missed, "event stream client too slow; disconnecting it");
+                    return None;
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+            }
+        }
+    }
+
+    /// Queues `event` if it is past the cursor and of a wanted type.
+    fn take(&mut self, event: &StoredEvent) {
+        if event.cursor() <= self.cursor {
+            return;
+        }
+        self.cursor = event.cursor();
+        if !self.types.contains(&event.event_type) {
+            return;
+        }
+        match serde_json::to_string(&integrations::public_view(event)) {
+            Ok(data) => self.pending.push_back(Bytes::from(format!(
+                "id: {}\nevent: {}\ndata: {data}\n\n",
+                event.position, event.event_type
+            ))),
+            Err(error) => tracing::error!(%error, "could not encode an event for the stream"),
+        }
+    }
+}
