@@ -67,10 +67,13 @@ pub struct IntegrationSettings {
     pub delivery: integrations::DeliverySettings,
     /// `AFYA_SSE_HEARTBEAT_SECS` (15): a comment line when nothing else was sent.
     pub heartbeat: Duration,
-    /// `AFYA_SSE_BUFFER` (4096): events the live stream keeps for clients that fall
-    /// behind; a client further behind than that is disconnected (it resumes with
-    /// `Last-Event-ID`), so a slow client never holds the others back or grows memory.
+    /// `AFYA_SSE_BUFFER` (4096): events the shared live tail keeps; a client further
+    /// behind than that reads the missed events from the store again.
     pub live_buffer: usize,
+    /// `AFYA_SSE_SLOW_CLIENT_SECS` (30): a client that accepts nothing for this long
+    /// (its socket buffers full) is disconnected; it resumes with `Last-Event-ID`. So a
+    /// slow client never holds others back, and what waits for it is bounded.
+    pub slow_client: Duration,
 }
 
 fn integration_settings() -> anyhow::Result<IntegrationSettings> {
@@ -96,6 +99,9 @@ fn integration_settings() -> anyhow::Result<IntegrationSettings> {
         },
         heartbeat: Duration::from_secs(heartbeat),
         live_buffer,
+        slow_client: Duration::from_secs(
+            number::<u64>("AFYA_SSE_SLOW_CLIENT_SECS", 30)?.clamp(1, 3600),
+        ),
     })
 }
 

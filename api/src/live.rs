@@ -3,8 +3,8 @@
 //! One task follows the log (woken on commits) and broadcasts each event once into a
 //! fixed ring of [`IntegrationSettings::live_buffer`] events. A client catches up from
 //! the store on its own, then takes events from the ring; a client that falls further
-//! behind than the ring is disconnected (it resumes with `Last-Event-ID`), so no client
-//! holds up another and memory does not grow with slow readers.
+//! behind than the ring reads what it missed from the store again, so no client holds
+//! up another and the ring's size bounds what the tail keeps.
 //!
 //! [`IntegrationSettings::live_buffer`]: crate::config::IntegrationSettings
 

@@ -21,6 +21,8 @@ use crate::server::AppState;
 
 /// Events read from the store per query while catching up.
 const CATCH_UP_BATCH: i64 = 200;
+/// Chunks (events or heartbeats) waiting for one client's socket.
+const CHANNEL_CHUNKS: usize = 16;
 
 /// `all`, or comma-separated event types, each one of `known`.
 pub fn parse_types(raw: &str, known: &[&str]) -> Result<BTreeSet<String>, String> {
@@ -87,7 +89,7 @@ pub struct StreamQuery {
 #[utoipa::path(get, path = "/v1/events/stream", tag = "integrators",
     params(StreamQuery),
     security(("bearer" = [])),
-    responses((status = 200, description = "Server-Sent Events (`text/event-stream`): each event's public view (no personal data or medical content) as `data:`, its type as `event:`, its log position as `id:`; catch-up, then live; a `: heartbeat` comment when idle; resumable with `Last-Event-ID`. A client that falls too far behind is disconnected and resumes (integrators)", content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = "Server-Sent Events (`text/event-stream`): each event's public view (no personal data or medical content) as `data:`, its type as `event:`, its log position as `id:`; catch-up, then live; a `: heartbeat` comment when idle; resumable with `Last-Event-ID`. A client that accepts nothing for `AFYA_SSE_SLOW_CLIENT_SECS` is disconnected and resumes (integrators)", content_type = "text/event-stream", body = String)))]
 #[tracing::instrument(skip_all)]
 pub async fn stream(
     req: HttpRequest,
@@ -144,10 +146,30 @@ pub async fn stream(
         heartbeat: state.config.integrations.heartbeat,
         last_sent: Instant::now(),
     };
-    let body = futures::stream::unfold(sse, |mut sse| async move {
-        sse.next()
-            .await
-            .map(|bytes| (Ok::<_, actix_web::Error>(bytes), sse))
+    // The stream is produced on its own task into a small channel: a client that
+    // accepts nothing for `slow_client` (its socket buffers full) is disconnected, and
+    // one that merely falls behind the live tail catches up from the store instead.
+    let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let slow_client = state.config.integrations.slow_client;
+    actix_rt::spawn(async move {
+        let mut sse = sse;
+        while let Some(chunk) = sse.next().await {
+            match chunks.send_timeout(chunk, slow_client).await {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    tracing::info!(
+                        position = sse.cursor.position,
+                        "event stream client accepted nothing for too long; disconnecting it"
+                    );
+                    return;
+                }
+                // The client went away.
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
+            }
+        }
+    });
+    let body = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|chunk| chunk.map(Ok::<_, actix_web::Error>))
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -236,8 +258,10 @@ impl Sse {
                     .push_back(Bytes::from_static(b": heartbeat\n\n")),
                 Ok(Ok(event)) => self.take(&event),
                 Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
-                    tracing::info!(missed, "event stream client too slow; disconnecting it");
-                    return None;
+                    // Behind the ring: read the missed events from the store again.
+                    tracing::debug!(missed, "event stream client behind the live tail; catching up");
+                    self.rx = None;
+                    self.phase = Phase::CatchUp;
                 }
                 Ok(Err(broadcast::error::RecvError::Closed)) => return None,
             }

@@ -40,6 +40,8 @@ struct Frame {
 struct SseClient {
     resp: reqwest::Response,
     buf: String,
+    /// The server ended the stream.
+    ended: bool,
 }
 
 impl SseClient {
@@ -61,6 +63,7 @@ impl SseClient {
         SseClient {
             resp,
             buf: String::new(),
+            ended: false,
         }
     }
 
@@ -87,7 +90,11 @@ impl SseClient {
             let left = deadline.checked_duration_since(Instant::now())?;
             match tokio::time::timeout(left, self.resp.chunk()).await {
                 Ok(Ok(Some(chunk))) => self.buf.push_str(std::str::from_utf8(&chunk).unwrap()),
-                _ => return None,
+                Ok(_) => {
+                    self.ended = true;
+                    return None;
+                }
+                Err(_) => return None,
             }
         }
     }
@@ -727,4 +734,55 @@ async fn nats_receives_each_event_once() {
     assert_no_personal_data(&w, &text);
     js.delete_stream(&stream).await.unwrap();
     app.stop().await;
+}
+
+/// A client that stops reading is disconnected once it has accepted nothing for a
+/// while; a client that reads gets every event, even when the burst outruns the live
+/// tail's ring (it catches up from the store).
+#[actix_rt::test]
+async fn a_slow_stream_client_is_disconnected_without_holding_others_back() {
+    const EVENTS: usize = 60_000;
+    let vars = [
+        ("AFYA_SSE_SLOW_CLIENT_SECS", "2"),
+        ("AFYA_SSE_BUFFER", "64"),
+    ];
+    let Some(app) = TestApp::start_with(Backend::Sqlite, &vars).await else {
+        return;
+    };
+    let key = add_integrator(&app, "all");
+    let mut slow = SseClient::open(&app, &key, "types=SessionEnded", None).await;
+    let mut fast = SseClient::open(&app, &key, "types=SessionEnded", None).await;
+    // A burst far larger than the socket buffers between the server and the slow
+    // client (about 20 MiB of stream).
+    app.tamper(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {EVENTS}) \
+         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, payload, metadata) \
+         SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
+         '1.0', json_object('SessionEnded', json_object('session_id', \
+         printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
+         json_object('actor', 'system') FROM n"
+    ))
+    .await;
+    let got = fast.events(EVENTS).await;
+    let ids: Vec<i64> = got.iter().map(|f| f.id.unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|p| p[0] < p[1]),
+        "in log order, once each"
+    );
+    // The slow client: what it had in its buffers, then the end of the stream.
+    let mut received = 0;
+    while let Some(frame) = slow.next(Duration::from_secs(10)).await {
+        if !frame.comment {
+            received += 1;
+        }
+    }
+    assert!(slow.ended, "the slow client was not disconnected");
+    assert!(
+        received < EVENTS,
+        "the slow client got everything ({received})"
+    );
+    println!("the slow client received {received} of {EVENTS} events before it was disconnected");
+    let logs = app.stop().await;
+    assert!(logs.contains("accepted nothing for too long"), "{logs}");
 }
