@@ -224,21 +224,7 @@ impl Runner {
             .begin()
             .await
             .context("starting a consumer transaction")?;
-        let moved = sqlx::query(
-            "UPDATE consumer_checkpoints SET tx = $1, position = $2, updated_at = $3 \
-             WHERE name = $4 AND tx = $5 AND position = $6",
-        )
-        .bind(last.tx)
-        .bind(last.position)
-        .bind(now_text())
-        .bind(self.handler.name().to_owned())
-        .bind(self.cursor.tx)
-        .bind(self.cursor.position)
-        .execute(&mut *tx)
-        .await
-        .context("moving a consumer checkpoint")?
-        .rows_affected();
-        if moved != 1 {
+        if !move_checkpoint(&mut tx, self.handler.name(), self.cursor, last).await? {
             tx.rollback().await.ok();
             tracing::warn!(
                 consumer = self.handler.name(),
@@ -319,9 +305,36 @@ impl Runner {
     }
 }
 
-fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
-    let safe: String = name
-        .chars()
+/// Moves checkpoint `name` from `from` to `to` inside `tx`, only if it still is at
+/// `from` (what this instance last saw). `false`: another instance moved it meanwhile;
+/// the caller rolls back and reloads.
+pub async fn move_checkpoint(
+    tx: &mut ReadModelTx,
+    name: &str,
+    from: LogCursor,
+    to: LogCursor,
+) -> anyhow::Result<bool> {
+    let moved = sqlx::query(
+        "UPDATE consumer_checkpoints SET tx = $1, position = $2, updated_at = $3 \
+         WHERE name = $4 AND tx = $5 AND position = $6",
+    )
+    .bind(to.tx)
+    .bind(to.position)
+    .bind(now_text())
+    .bind(name.to_owned())
+    .bind(from.tx)
+    .bind(from.position)
+    .execute(&mut **tx)
+    .await
+    .context("moving a consumer checkpoint")?
+    .rows_affected();
+    Ok(moved == 1)
+}
+
+/// `name` as one safe token (a file name part, a NATS subject token): letters, digits,
+/// `_` and `-` are kept, anything else becomes `_`.
+pub fn safe_token(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                 c
@@ -329,9 +342,12 @@ fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
                 '_'
             }
         })
-        .collect();
+        .collect()
+}
+
+fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
     let mut file = db_path.as_os_str().to_owned();
-    file.push(format!(".consumer-{safe}.lock"));
+    file.push(format!(".consumer-{}.lock", safe_token(name)));
     PathBuf::from(file)
 }
 

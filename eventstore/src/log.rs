@@ -59,6 +59,31 @@ impl StoredEvent {
         }
     }
 
+    /// The event as stored, for hashing: its id, position, aggregate type and id,
+    /// sequence, type, version, payload and metadata, each prefixed with its length
+    /// (8 bytes, big-endian). The audit anchors' Merkle leaves and the audit trail's
+    /// hash chain are taken over these bytes.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(256);
+        let payload = self.payload.to_string();
+        let metadata = self.metadata.to_string();
+        for field in [
+            self.event_id.as_bytes().as_slice(),
+            &self.position.to_be_bytes(),
+            self.aggregate_type.as_bytes(),
+            self.aggregate_id.as_bytes(),
+            &self.sequence.to_be_bytes(),
+            self.event_type.as_bytes(),
+            self.event_version.as_bytes(),
+            payload.as_bytes(),
+            metadata.as_bytes(),
+        ] {
+            bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
+            bytes.extend_from_slice(field);
+        }
+        bytes
+    }
+
     /// A metadata field (actor, correlation_id, causation_id, command_id, …).
     pub fn meta(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).and_then(Value::as_str)

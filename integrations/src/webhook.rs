@@ -620,21 +620,9 @@ impl Deliverer {
             .begin()
             .await
             .context("starting a webhook checkpoint transaction")?;
-        let moved = sqlx::query(
-            "UPDATE consumer_checkpoints SET tx = $1, position = $2, updated_at = $3 \
-             WHERE name = $4 AND tx = $5 AND position = $6",
-        )
-        .bind(to.tx)
-        .bind(to.position)
-        .bind(now_text())
-        .bind(self.name())
-        .bind(self.cursor.tx)
-        .bind(self.cursor.position)
-        .execute(&mut *tx)
-        .await
-        .context("moving a webhook checkpoint")?
-        .rows_affected();
-        if moved != 1 {
+        let moved =
+            eventstore::consumer::move_checkpoint(&mut tx, &self.name(), self.cursor, to).await?;
+        if !moved {
             tx.rollback().await.ok();
             tracing::warn!(webhook = %self.spec.id, "checkpoint moved by another instance; continuing from it");
             return Ok(false);

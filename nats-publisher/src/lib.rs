@@ -235,16 +235,7 @@ impl NatsPublisher {
 /// `event_type` as one subject token: characters other than letters, digits, `_` and
 /// `-` become `_`.
 fn subject_token(event_type: &str) -> String {
-    let token: String = event_type
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let token = eventstore::consumer::safe_token(event_type);
     if token.is_empty() {
         "_".to_owned()
     } else {

@@ -1,9 +1,9 @@
 //! Tamper evidence for the audit trail: a hash chain over the event log.
 //!
 //! The audit projection ([`crate::AuditTrail`]) gives every event, in log order, the
-//! hash `SHA-256(previous hash ‖ event)` where the event is encoded field by field,
-//! each length-prefixed (its id, position, aggregate, sequence, type, version, time,
-//! payload and metadata as stored). [`verify`] re-reads the events from the log and
+//! hash `SHA-256(previous hash ‖ event ‖ time)` where the event is encoded field by
+//! field, each length-prefixed (its id, position, aggregate, sequence, type, version,
+//! payload and metadata as stored), then its recorded time. [`verify`] re-reads the events from the log and
 //! checks every link against the hashes recorded: an event modified or deleted after it
 //! was recorded breaks its link, and so does a recorded hash rewritten to cover it up
 //! (the next link then fails). The same trail's Merkle roots can also be anchored on
@@ -17,6 +17,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::codec::time;
+use crate::queries::AccessLogRow;
 
 /// The "previous hash" of the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -27,24 +28,15 @@ const BATCH: i64 = 1000;
 /// At most this many problems are listed (all are counted).
 const MAX_LISTED: usize = 100;
 
-/// The chain link of `event` after `prev`.
+/// The chain link of `event` after `prev`: SHA-256 over `prev`, the event as stored
+/// ([`StoredEvent::canonical_bytes`]) and its recorded time, length-prefixed.
 pub fn chain_hash(prev: &[u8; 32], event: &StoredEvent) -> [u8; 32] {
+    let time = time(&event.recorded_at);
     let mut hasher = Sha256::new();
     hasher.update(prev);
-    let mut field = |data: &[u8]| {
-        hasher.update((data.len() as u64).to_be_bytes());
-        hasher.update(data);
-    };
-    field(event.event_id.as_bytes());
-    field(&event.position.to_be_bytes());
-    field(event.aggregate_type.as_bytes());
-    field(event.aggregate_id.as_bytes());
-    field(&event.sequence.to_be_bytes());
-    field(event.event_type.as_bytes());
-    field(event.event_version.as_bytes());
-    field(time(&event.recorded_at).as_bytes());
-    field(event.payload.to_string().as_bytes());
-    field(event.metadata.to_string().as_bytes());
+    hasher.update(event.canonical_bytes());
+    hasher.update((time.len() as u64).to_be_bytes());
+    hasher.update(time.as_bytes());
     hasher.finalize().into()
 }
 
@@ -230,31 +222,17 @@ impl UncoveredReason {
 }
 
 /// A doctor's read of a record that no active grant covered.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct UncoveredRead {
-    /// Log position of the `RecordAccessed` event.
-    pub position: i64,
-    pub event_id: String,
-    pub patient_id: String,
-    pub record_id: String,
-    /// `doctor:<id>`.
-    pub accessor: String,
-    pub request_id: Option<String>,
-    pub category: String,
-    pub accessed_at: String,
+    #[serde(flatten)]
+    pub read: AccessLogRow,
     pub reason: UncoveredReason,
 }
 
 #[derive(sqlx::FromRow)]
 struct ReadWithGrant {
-    position: i64,
-    event_id: String,
-    patient_id: String,
-    record_id: String,
-    accessor: String,
-    request_id: Option<String>,
-    category: String,
-    accessed_at: String,
+    #[sqlx(flatten)]
+    read: AccessLogRow,
     grant_patient: Option<String>,
     grant_doctor: Option<String>,
     grant_status: Option<String>,
@@ -267,7 +245,7 @@ struct ReadWithGrant {
 impl ReadWithGrant {
     fn uncovered(&self) -> Option<UncoveredReason> {
         use UncoveredReason::*;
-        if self.request_id.is_none() {
+        if self.read.request_id.is_none() {
             return Some(NoRequest);
         }
         let (Some(patient), Some(doctor), Some(status)) =
@@ -275,8 +253,8 @@ impl ReadWithGrant {
         else {
             return Some(UnknownRequest);
         };
-        if Some(doctor.as_str()) != self.accessor.strip_prefix("doctor:")
-            || *patient != self.patient_id
+        if Some(doctor.as_str()) != self.read.accessor.strip_prefix("doctor:")
+            || *patient != self.read.patient_id
         {
             return Some(OtherParty);
         }
@@ -288,7 +266,7 @@ impl ReadWithGrant {
             return Some(NotApproved);
         }
         // Times are all written in one fixed RFC 3339 form, so they compare as text.
-        let at = self.accessed_at.as_str();
+        let at = self.read.accessed_at.as_str();
         if at < approved_at.as_str() {
             return Some(BeforeApproval);
         }
@@ -315,7 +293,7 @@ impl ReadWithGrant {
                 .and_then(serde_json::Value::as_array)
                 .is_some_and(|items| items.iter().any(|v| v.as_str() == Some(wanted)))
         };
-        if !lists("categories", &self.category) && !lists("record_ids", &self.record_id) {
+        if !lists("categories", &self.read.category) && !lists("record_ids", &self.read.record_id) {
             return Some(OutOfScope);
         }
         None
@@ -350,7 +328,7 @@ pub async fn uncovered_reads(
         let Some(last) = rows.last() else {
             break;
         };
-        scanned = last.position;
+        scanned = last.read.position;
         for row in rows {
             let Some(reason) = row.uncovered() else {
                 continue;
@@ -359,19 +337,12 @@ pub async fn uncovered_reads(
                 continue;
             }
             found.push(UncoveredRead {
-                position: row.position,
-                event_id: row.event_id,
-                patient_id: row.patient_id,
-                record_id: row.record_id,
-                accessor: row.accessor,
-                request_id: row.request_id,
-                category: row.category,
-                accessed_at: row.accessed_at,
+                read: row.read,
                 reason,
             });
         }
     }
-    Ok(crate::queries::page(found, limit, |r| r.position))
+    Ok(crate::queries::page(found, limit, |r| r.read.position))
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ pub struct Page<T> {
     pub next_cursor: Option<i64>,
 }
 
-pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, position: impl Fn(&T) -> i64) -> Page<T> {
+/// `items` (fetched with one more than `limit`) as a page: the extra one, if there,
+/// only says a next page exists.
+pub fn page<T>(mut items: Vec<T>, limit: i64, position: impl Fn(&T) -> i64) -> Page<T> {
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(position)

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use mpesa_adapter::sandbox::{Outcome, Sandbox, SandboxConfig};
 use serde_json::{json, Value};
 
+mod common;
+use common::{patient_session, wait_healthy, Stopped};
+
 const TOKEN: &str = "bench-callback-token-0001";
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -66,26 +69,9 @@ async fn run() {
         .build()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&http, &base).await;
     let phone = "254712345678";
-    http.post(format!("{base}/v1/patients"))
-        .json(&json!({"phone": phone, "password": "bench password 123", "name": "Bench Patient", "birth_date": "1990-01-01"}))
-        .send()
-        .await
-        .unwrap();
-    let session: Value = http
-        .post(format!("{base}/v1/sessions"))
-        .json(&json!({"phone": phone, "password": "bench password 123"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (session, _) = patient_session(&http, &base, phone).await;
     let token = session["token"].as_str().unwrap().to_owned();
     for i in 0..payments {
         let reply = http
@@ -211,14 +197,5 @@ async fn count_confirmed(http: &reqwest::Client, base: &str, subject: &str, toke
             Some(c) => cursor = Some(c),
             None => return confirmed,
         }
-    }
-}
-
-struct Stopped(std::process::Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

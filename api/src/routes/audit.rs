@@ -459,14 +459,14 @@ async fn findings(
             .items
             .into_iter()
             .map(|r| UncoveredRead {
-                position: r.position,
-                event_id: r.event_id,
-                patient_id: r.patient_id,
-                record_id: r.record_id,
-                accessor: r.accessor,
-                request_id: r.request_id,
-                category: r.category,
-                accessed_at: r.accessed_at,
+                position: r.read.position,
+                event_id: r.read.event_id,
+                patient_id: r.read.patient_id,
+                record_id: r.read.record_id,
+                accessor: r.read.accessor,
+                request_id: r.read.request_id,
+                category: r.read.category,
+                accessed_at: r.read.accessed_at,
                 reason: serde_json::to_value(r.reason)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))

@@ -169,7 +169,8 @@ pub async fn stream(
         }
     });
     let body = futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|chunk| chunk.map(Ok::<_, actix_web::Error>))
+        rx.poll_recv(cx)
+            .map(|chunk| chunk.map(Ok::<_, actix_web::Error>))
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -259,7 +260,10 @@ impl Sse {
                 Ok(Ok(event)) => self.take(&event),
                 Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
                     // Behind the ring: read the missed events from the store again.
-                    tracing::debug!(missed, "event stream client behind the live tail; catching up");
+                    tracing::debug!(
+                        missed,
+                        "event stream client behind the live tail; catching up"
+                    );
                     self.rx = None;
                     self.phase = Phase::CatchUp;
                 }

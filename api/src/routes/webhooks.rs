@@ -235,16 +235,12 @@ pub async fn failures(
 ) -> Result<HttpResponse, Problem> {
     let id = own_webhook(&state, &caller, &path).await?;
     let (after, limit) = query.parse()?;
-    let mut rows =
+    let rows =
         integrations::webhook::failures(state.store.any_pool(), id, after, limit + 1).await?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|f| f.position)
-    } else {
-        None
-    };
+    let page = projections::queries::page(rows, limit, |f| f.position);
     Ok(HttpResponse::Ok().json(FailurePage {
-        items: rows
+        items: page
+            .items
             .into_iter()
             .map(|f| Failure {
                 position: f.position,
@@ -258,7 +254,7 @@ pub async fn failures(
                 replay_requested: f.replay_requested,
             })
             .collect(),
-        next_cursor,
+        next_cursor: page.next_cursor,
     }))
 }
 

@@ -4,23 +4,10 @@
 use alloy::primitives::{keccak256, B256};
 use eventstore::StoredEvent;
 
-/// The leaf of one event: keccak-256 over its fields, each length-prefixed.
+/// The leaf of one event: keccak-256 over its fields, each length-prefixed
+/// ([`StoredEvent::canonical_bytes`]).
 pub fn leaf(event: &StoredEvent) -> B256 {
-    let mut bytes = Vec::with_capacity(256);
-    let mut field = |data: &[u8]| {
-        bytes.extend_from_slice(&(data.len() as u64).to_be_bytes());
-        bytes.extend_from_slice(data);
-    };
-    field(event.event_id.as_bytes());
-    field(&event.position.to_be_bytes());
-    field(event.aggregate_type.as_bytes());
-    field(event.aggregate_id.as_bytes());
-    field(&event.sequence.to_be_bytes());
-    field(event.event_type.as_bytes());
-    field(event.event_version.as_bytes());
-    field(event.payload.to_string().as_bytes());
-    field(event.metadata.to_string().as_bytes());
-    keccak256(&bytes)
+    keccak256(event.canonical_bytes())
 }
 
 /// The root over `leaves` in order: pairs hashed together level by level, an odd

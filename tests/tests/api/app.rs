@@ -402,6 +402,26 @@ impl TestApp {
         (record["record_id"].as_str().unwrap().to_owned(), request_id)
     }
 
+    /// A lab record shared with `w.doctor`, read once by the doctor, then the access
+    /// revoked by the patient: (record id, request id).
+    pub async fn share_read_revoke(&self, w: &World, content: &[u8]) -> (String, String) {
+        let (record_id, request_id) = self.share(w, "lab", "application/pdf", content).await;
+        let read = self
+            .get(
+                &format!("/v1/records/{record_id}/content?request_id={request_id}"),
+                Some(&w.doctor.token),
+            )
+            .await;
+        assert_eq!(read.status, 200);
+        self.post_empty(
+            &format!("/v1/access-requests/{request_id}/revocation"),
+            Some(&w.patient.token),
+        )
+        .await
+        .ok(200);
+        (record_id, request_id)
+    }
+
     /// How many events the store holds (read directly, beside the server).
     pub async fn event_count(&self) -> i64 {
         self.scalar("SELECT count(*) FROM events").await

@@ -39,22 +39,7 @@ async fn history(backend: Backend) {
         return;
     };
     let w = app.world().await;
-    let (record_id, request_id) = app
-        .share(&w, "lab", "application/pdf", b"%PDF HbA1c Achieng")
-        .await;
-    let read = app
-        .get(
-            &format!("/v1/records/{record_id}/content?request_id={request_id}"),
-            Some(&w.doctor.token),
-        )
-        .await;
-    assert_eq!(read.status, 200);
-    app.post_empty(
-        &format!("/v1/access-requests/{request_id}/revocation"),
-        Some(&w.patient.token),
-    )
-    .await
-    .ok(200);
+    let (record_id, request_id) = app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     let auditor = w.auditor.token.clone();
 
     // Everything, in log order, with its metadata; pages add up to the whole.
@@ -254,22 +239,7 @@ async fn tamper_evidence(backend: Backend) {
         return;
     };
     let w = app.world().await;
-    let (record_id, request_id) = app
-        .share(&w, "lab", "application/pdf", b"%PDF lipid panel")
-        .await;
-    let read = app
-        .get(
-            &format!("/v1/records/{record_id}/content?request_id={request_id}"),
-            Some(&w.doctor.token),
-        )
-        .await;
-    assert_eq!(read.status, 200);
-    app.post_empty(
-        &format!("/v1/access-requests/{request_id}/revocation"),
-        Some(&w.patient.token),
-    )
-    .await
-    .ok(200);
+    let (record_id, request_id) = app.share_read_revoke(&w, b"%PDF lipid panel").await;
     // After the revocation the domain refuses the read; nothing is logged.
     let refused = app
         .get(

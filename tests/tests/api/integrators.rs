@@ -174,26 +174,6 @@ fn assert_no_personal_data(w: &World, text: &str) {
     }
 }
 
-async fn some_activity(app: &TestApp, w: &World) -> (String, String) {
-    let (record_id, request_id) = app
-        .share(w, "lab", "application/pdf", b"%PDF HbA1c Achieng")
-        .await;
-    let read = app
-        .get(
-            &format!("/v1/records/{record_id}/content?request_id={request_id}"),
-            Some(&w.doctor.token),
-        )
-        .await;
-    assert_eq!(read.status, 200);
-    app.post_empty(
-        &format!("/v1/access-requests/{request_id}/revocation"),
-        Some(&w.patient.token),
-    )
-    .await
-    .ok(200);
-    (record_id, request_id)
-}
-
 #[actix_rt::test]
 async fn integrators_stream_events_and_resume_without_loss_or_duplicates() {
     for backend in eventstore::testing::BACKENDS {
@@ -271,7 +251,7 @@ async fn stream(backend: Backend) {
     let start = app
         .scalar("SELECT coalesce(max(position), 0) FROM events")
         .await;
-    some_activity(&app, &w).await;
+    app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     let want = expected(&app, &w.auditor.token, TYPES, start).await;
     assert_eq!(want.len(), 5, "{want:?}");
 
@@ -279,7 +259,7 @@ async fn stream(backend: Backend) {
     let first = all.events(3).await;
     drop(all);
     let last_id = first.last().unwrap().id.unwrap();
-    let (record_id, _) = some_activity(&app, &w).await;
+    let (record_id, _) = app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     let want = expected(&app, &w.auditor.token, TYPES, start).await;
     assert_eq!(want.len(), 10);
     let mut resumed = SseClient::open(&app, &key, "", Some(last_id)).await;
@@ -487,8 +467,8 @@ async fn webhooks(backend: Backend) {
         .scalar("SELECT coalesce(max(position), 0) FROM events")
         .await;
 
-    some_activity(&app, &w).await;
-    some_activity(&app, &w).await;
+    app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
+    app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     let want = expected(&app, &w.auditor.token, TYPES, start).await;
     assert_eq!(want.len(), 10);
     // Three 500s first, retried: then every event exactly once by id, in log order.
@@ -674,7 +654,7 @@ async fn nats_receives_each_event_once() {
         return;
     };
     let w = app.world().await;
-    some_activity(&app, &w).await;
+    app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     // A restart re-publishes nothing new: the checkpoint and JetStream's deduplication
     // by event id keep each event once.
     let owned: Vec<(String, String)> = vars
@@ -682,7 +662,7 @@ async fn nats_receives_each_event_once() {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     app.restart("TERM", &owned);
-    some_activity(&app, &w).await;
+    app.share_read_revoke(&w, b"%PDF HbA1c Achieng").await;
     let total = app.event_count().await as u64;
     let js = async_nats::jetstream::new(client);
     let deadline = Instant::now() + Duration::from_secs(30);
