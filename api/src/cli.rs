@@ -300,6 +300,20 @@ async fn projections_command(
                     .collect();
                 anyhow::bail!("no projection named {name}; known: {}", names.join(", "));
             }
+            if chosen.iter().any(|p| p.name() == "audit_trail") {
+                // A rebuild re-chains the log as it is now: refuse while the trail
+                // shows tampering, or the rebuild would launder it.
+                let report = projections::audit::verify(store, 1, None).await?;
+                if !report.intact {
+                    anyhow::bail!(
+                        "the audit trail does not verify ({} problems, the first at ordinal {}); \
+                         rebuilding it would re-chain a tampered log. Investigate with \
+                         GET /v1/audit/verify first",
+                        report.problems_total,
+                        report.problems.first().map_or(0, |p| p.ordinal)
+                    );
+                }
+            }
             for projection in chosen {
                 let mut runner = Runner::new(store.clone(), projection).await?;
                 let applied = runner.rebuild().await?;

@@ -65,6 +65,9 @@ pub struct IntegrationSettings {
     /// `AFYA_WEBHOOK_MAX_ATTEMPTS` (5), `AFYA_WEBHOOK_BACKOFF_MS` (500, doubling up to
     /// a minute), `AFYA_WEBHOOK_TIMEOUT_SECS` (10).
     pub delivery: integrations::DeliverySettings,
+    /// `AFYA_WEBHOOK_ALLOW_PRIVATE` (false): accept webhook URLs on loopback, private
+    /// and link-local addresses (a development receiver); otherwise refused (422).
+    pub allow_private_webhooks: bool,
     /// `AFYA_SSE_HEARTBEAT_SECS` (15): a comment line when nothing else was sent.
     pub heartbeat: Duration,
     /// `AFYA_SSE_BUFFER` (4096): events the shared live tail keeps; a client further
@@ -97,6 +100,10 @@ fn integration_settings() -> anyhow::Result<IntegrationSettings> {
             timeout: Duration::from_secs(number("AFYA_WEBHOOK_TIMEOUT_SECS", 10)?.max(1)),
             ..defaults
         },
+        allow_private_webhooks: matches!(
+            var("AFYA_WEBHOOK_ALLOW_PRIVATE").as_deref().map(str::trim),
+            Some("true" | "1" | "yes")
+        ),
         heartbeat: Duration::from_secs(heartbeat),
         live_buffer,
         slow_client: Duration::from_secs(

@@ -21,6 +21,9 @@ pub struct WebhookSupervisor {
     commands: Arc<Commands>,
     settings: DeliverySettings,
     running: Mutex<HashMap<Uuid, DelivererHandle>>,
+    /// Webhooks whose URL or secret cannot be opened (their integrator's key erased):
+    /// warned about once.
+    unopened: Mutex<std::collections::HashSet<Uuid>>,
     stop: watch::Sender<bool>,
 }
 
@@ -40,6 +43,7 @@ impl WebhookSupervisor {
             commands,
             settings,
             running: Mutex::new(HashMap::new()),
+            unopened: Mutex::new(std::collections::HashSet::new()),
             stop,
         });
         tokio::spawn(supervisor.clone().run(wake, stopped));
@@ -87,7 +91,7 @@ impl WebhookSupervisor {
             let Ok(id) = Uuid::parse_str(&row.webhook_id) else {
                 continue;
             };
-            if running.contains_key(&id) {
+            if running.contains_key(&id) || self.unopened.lock().await.contains(&id) {
                 continue;
             }
             let url = self
@@ -100,6 +104,7 @@ impl WebhookSupervisor {
                 .await;
             let (Some(url), Some(secret)) = (url, secret) else {
                 tracing::warn!(webhook_id = %id, "a webhook's URL or secret cannot be opened; not delivering");
+                self.unopened.lock().await.insert(id);
                 continue;
             };
             let types: BTreeSet<String> = serde_json::from_str(&row.types).unwrap_or_default();

@@ -224,15 +224,6 @@ impl Runner {
             .begin()
             .await
             .context("starting a consumer transaction")?;
-        if !move_checkpoint(&mut tx, self.handler.name(), self.cursor, last).await? {
-            tx.rollback().await.ok();
-            tracing::warn!(
-                consumer = self.handler.name(),
-                "checkpoint moved by another instance; continuing from it"
-            );
-            self.reload_checkpoint().await?;
-            return Ok(0);
-        }
         for event in &events {
             self.handler.apply(&mut tx, event).await.with_context(|| {
                 format!(
@@ -241,6 +232,18 @@ impl Runner {
                     event.position
                 )
             })?;
+        }
+        // The checkpoint moves last: a handler that writes nothing (a publisher waiting
+        // on acknowledgements) then holds no transaction id while it works, so it never
+        // holds back the log horizon every other consumer reads below.
+        if !move_checkpoint(&mut tx, self.handler.name(), self.cursor, last).await? {
+            tx.rollback().await.ok();
+            tracing::warn!(
+                consumer = self.handler.name(),
+                "checkpoint moved by another instance; continuing from it"
+            );
+            self.reload_checkpoint().await?;
+            return Ok(0);
         }
         tx.commit().await.context("committing a consumer batch")?;
         self.cursor = last;

@@ -237,7 +237,10 @@ impl Store {
                         tx: parse_tx(&tx)?,
                         position,
                     }),
-                    None => self.cursor_at_position(position + 1).await,
+                    None => match position.checked_add(1) {
+                        Some(next) => self.cursor_at_position(next).await,
+                        None => self.log_end().await,
+                    },
                 }
             }
             Typed::Sqlite(_) => Ok(LogCursor {

@@ -36,7 +36,13 @@ pub fn public_view(event: &StoredEvent) -> IntegratorEvent {
         event_id: event.event_id,
         event_type: event.event_type.clone(),
         aggregate_type: event.aggregate_type.clone(),
-        aggregate_id: event.aggregate_id.clone(),
+        // Some aggregates are keyed by a keyed hash (an account by its phone index):
+        // only opaque UUID ids are shown.
+        aggregate_id: if Uuid::parse_str(&event.aggregate_id).is_ok() {
+            event.aggregate_id.clone()
+        } else {
+            String::new()
+        },
         recorded_at: event.recorded_at,
         data: public_fields(&event.payload),
     }
@@ -217,6 +223,18 @@ mod tests {
             payload,
             metadata: json!({"actor": "test"}),
         }
+    }
+
+    #[test]
+    fn an_aggregate_keyed_by_a_phone_index_shows_no_id() {
+        let mut event = stored("AccountOpened", json!({"AccountOpened": {}}));
+        event.aggregate_type = "account".into();
+        event.aggregate_id = "9f2c4e".repeat(10);
+        let view = public_view(&event);
+        assert_eq!(view.aggregate_id, "");
+        assert!(!serde_json::to_string(&view).unwrap().contains("9f2c4e"));
+        let uuid = stored("RecordUploaded", json!({"RecordUploaded": {}}));
+        assert_eq!(public_view(&uuid).aggregate_id, uuid.aggregate_id);
     }
 
     fn view_of<E: Serialize>(event_type: &str, event: &E) -> IntegratorEvent {

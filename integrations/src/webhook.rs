@@ -499,6 +499,8 @@ impl Deliverer {
             ensure_checkpoint(&self.store, self.spec.id, LogCursor::START).await?;
             let client = reqwest::Client::builder()
                 .timeout(self.settings.timeout)
+                // A receiver's redirect is a failure, not a way to reach other hosts.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .context("building the webhook HTTP client")?;
             self.client = Some(client);

@@ -40,6 +40,40 @@ pub fn chain_hash(prev: &[u8; 32], event: &StoredEvent) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// What the trail keeps of an event besides its place and link: the columns auditors
+/// filter on and the payload, as the projection writes them and verification expects.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct TrailColumns {
+    pub recorded_at: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub actor: String,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+    pub payload: String,
+}
+
+impl TrailColumns {
+    pub(crate) fn of(event: &StoredEvent) -> TrailColumns {
+        let meta = |name: &str| event.meta(name).map(str::to_owned);
+        TrailColumns {
+            recorded_at: time(&event.recorded_at),
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            sequence: event.sequence,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            actor: meta("actor").unwrap_or_default(),
+            correlation_id: meta("correlation_id"),
+            causation_id: meta("causation_id"),
+            payload: event.payload.to_string(),
+        }
+    }
+}
+
 /// Lower-case hex of a hash.
 pub fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -70,6 +104,9 @@ pub enum ChainProblemKind {
     Replaced,
     /// Ordinals are not contiguous: rows of the trail itself were removed.
     Gap,
+    /// The trail's copy of the event (actor, time, type, aggregate, payload) differs
+    /// from the log: what auditors filter on was changed.
+    Altered,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -95,6 +132,16 @@ pub struct ChainReport {
     /// The recorded hash of the last event checked: a value to keep (or compare with an
     /// earlier report) that commits to everything before it.
     pub head: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TrailRow {
+    ordinal: i64,
+    position: i64,
+    event_id: String,
+    hash: String,
+    #[sqlx(flatten)]
+    columns: TrailColumns,
 }
 
 /// Rechecks the links of ordinals `from..=to` (`to` `None`: to the end of the trail)
@@ -123,14 +170,25 @@ pub async fn verify(store: &Store, from: i64, to: Option<i64>) -> anyhow::Result
                 .context("reading the audit trail")?;
         match hash {
             Some(hash) => parse_hash(&hash)?,
-            None => GENESIS,
+            None => {
+                report.problems_total += 1;
+                report.problems.push(ChainProblem {
+                    ordinal: from - 1,
+                    position: 0,
+                    event_id: String::new(),
+                    problem: ChainProblemKind::Gap,
+                });
+                GENESIS
+            }
         }
     };
     let mut expected = from;
     let mut after = from - 1;
     loop {
-        let rows: Vec<(i64, i64, String, String)> = sqlx::query_as(
-            "SELECT ordinal, position, event_id, hash FROM rm_audit_trail \
+        let rows: Vec<TrailRow> = sqlx::query_as(
+            "SELECT ordinal, position, event_id, hash, recorded_at, aggregate_type, \
+             aggregate_id, sequence, event_type, event_version, actor, correlation_id, \
+             causation_id, payload FROM rm_audit_trail \
              WHERE ordinal > $1 AND ordinal <= $2 ORDER BY ordinal LIMIT $3",
         )
         .bind(after)
@@ -142,15 +200,22 @@ pub async fn verify(store: &Store, from: i64, to: Option<i64>) -> anyhow::Result
         let Some(last) = rows.last() else {
             break;
         };
-        after = last.0;
-        let positions: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        after = last.ordinal;
+        let positions: Vec<i64> = rows.iter().map(|r| r.position).collect();
         let events: HashMap<i64, StoredEvent> = store
             .events_at(&positions)
             .await?
             .into_iter()
             .map(|e| (e.position, e))
             .collect();
-        for (ordinal, position, event_id, hash) in rows {
+        for TrailRow {
+            ordinal,
+            position,
+            event_id,
+            hash,
+            columns,
+        } in rows
+        {
             let recorded = parse_hash(&hash)?;
             let mut found = |problem| {
                 report.problems_total += 1;
@@ -173,6 +238,9 @@ pub async fn verify(store: &Store, from: i64, to: Option<i64>) -> anyhow::Result
                 }
                 Some(event) if chain_hash(&prev, event) != recorded => {
                     found(ChainProblemKind::Modified)
+                }
+                Some(event) if TrailColumns::of(event) != columns => {
+                    found(ChainProblemKind::Altered)
                 }
                 Some(_) => {}
             }

@@ -1080,13 +1080,7 @@ impl LogHandler for AuditTrail {
     }
 
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
-        let field = |name: &str| {
-            event
-                .metadata
-                .get(name)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
+        let columns = crate::audit::TrailColumns::of(event);
         let last: Option<(i64, String)> = sqlx::query_as(
             "SELECT ordinal, hash FROM rm_audit_trail ORDER BY ordinal DESC LIMIT 1",
         )
@@ -1107,16 +1101,16 @@ impl LogHandler for AuditTrail {
                 Int(ordinal),
                 Int(event.position),
                 Text(event.event_id.to_string()),
-                Text(time(&event.recorded_at)),
-                Text(event.aggregate_type.clone()),
-                Text(event.aggregate_id.clone()),
-                Int(event.sequence),
-                Text(event.event_type.clone()),
-                Text(event.event_version.clone()),
-                Text(field("actor").unwrap_or_default()),
-                OptText(field("correlation_id")),
-                OptText(field("causation_id")),
-                Text(event.payload.to_string()),
+                Text(columns.recorded_at),
+                Text(columns.aggregate_type),
+                Text(columns.aggregate_id),
+                Int(columns.sequence),
+                Text(columns.event_type),
+                Text(columns.event_version),
+                Text(columns.actor),
+                OptText(columns.correlation_id),
+                OptText(columns.causation_id),
+                Text(columns.payload),
                 Text(crate::audit::hex(&hash)),
             ],
         )

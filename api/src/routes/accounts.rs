@@ -295,7 +295,7 @@ pub async fn sign_out(
     if matches!(caller.actor(), domain::actor::Actor::Integrator(_)) {
         return Err(Problem::forbidden(
             "api_key_not_a_session",
-            "an API key is not a session; an operator withdraws keys",
+            "an API key is not a session and cannot be signed out",
         ));
     }
     let meta = command_meta(&req, Some(caller.actor()), b"")?;

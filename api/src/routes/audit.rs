@@ -333,7 +333,9 @@ pub struct ChainProblem {
     pub position: i64,
     pub event_id: String,
     /// `modified` (the event no longer hashes to its link), `missing` (deleted from the
-    /// log), `replaced` (another event at its position) or `gap` (trail rows removed).
+    /// log), `replaced` (another event at its position), `gap` (trail rows removed) or
+    /// `altered` (the trail's copy of actor, time, type, aggregate or payload differs
+    /// from the log).
     pub problem: String,
 }
 

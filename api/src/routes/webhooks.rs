@@ -45,13 +45,56 @@ pub struct WebhookList {
     pub items: Vec<Webhook>,
 }
 
-fn check_url(v: &mut Validation, url: &str) {
-    let ok = url.len() <= 2000
-        && reqwest::Url::parse(url).is_ok_and(|u| {
-            matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
-        });
-    if !ok {
+fn check_url(v: &mut Validation, url: &str, allow_private: bool) {
+    let parsed = reqwest::Url::parse(url).ok().filter(|u| {
+        url.len() <= 2000
+            && matches!(u.scheme(), "http" | "https")
+            && u.host_str().is_some_and(|h| !h.is_empty())
+    });
+    let Some(parsed) = parsed else {
         v.fail("url", "must be an http(s) URL of at most 2000 characters");
+        return;
+    };
+    if !allow_private && is_private(&parsed) {
+        v.fail(
+            "url",
+            "must not name a loopback, private or link-local address (AFYA_WEBHOOK_ALLOW_PRIVATE)",
+        );
+    }
+}
+
+/// Whether the URL names this machine or a private network by address or as
+/// `localhost` (names that resolve there are not caught here).
+fn is_private(url: &reqwest::Url) -> bool {
+    use std::net::IpAddr;
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            return name == "localhost" || name.ends_with(".localhost");
+        }
+        None => return true,
+    };
+    match ip {
+        IpAddr::V4(ip) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.octets()[0] == 100 && (64..128).contains(&ip.octets()[1])
+        }
+        IpAddr::V6(ip) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private() || v4.is_link_local())
+        }
     }
 }
 
@@ -69,7 +112,11 @@ pub async fn register(
     let (integrator_id, allowed) = integrator(&state, &caller).await?;
     let input: NewWebhook = body.json()?;
     let mut v = Validation::default();
-    check_url(&mut v, &input.url);
+    check_url(
+        &mut v,
+        &input.url,
+        state.config.integrations.allow_private_webhooks,
+    );
     if input.types.is_empty() || input.types.len() > 100 {
         v.fail("types", "name 1 to 100 event types");
     }

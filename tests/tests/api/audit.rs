@@ -445,6 +445,24 @@ async fn tamper_evidence(backend: Backend) {
     let o = edited["ordinal"].as_i64().unwrap();
     assert_eq!(at, [o, o + 1], "{report}");
 
+    // Rewriting who did something in the trail (to hide it from the actor filter) is
+    // caught too: the trail's copy no longer matches the log.
+    let hidden = app
+        .tamper("UPDATE rm_audit_trail SET actor = 'system' WHERE ordinal = 2")
+        .await;
+    assert_eq!(hidden, 1);
+    let report = app
+        .get("/v1/audit/verify?from=1&to=3", Some(&auditor))
+        .await
+        .ok(200);
+    assert_eq!(report["problems"][0]["problem"], "altered", "{report}");
+    assert_eq!(report["problems"][0]["ordinal"], 2);
+    assert_eq!(report["problems_total"], 1, "{report}");
+
+    // A rebuild would re-chain the tampered log: refused while the trail shows it.
+    let (ok, _, err) = app.env.run(&["projections", "rebuild", "audit_trail"]);
+    assert!(!ok && err.contains("does not verify"), "{err}");
+
     // Only auditors; bad ranges and limits are refused.
     for path in [
         "/v1/audit/verify",

@@ -232,6 +232,23 @@ async fn stream(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(bad_resume.status(), 422);
+    // Without AFYA_WEBHOOK_ALLOW_PRIVATE, receivers on this machine or a private
+    // network are refused.
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "https://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+    ] {
+        app.post(
+            "/v1/webhooks",
+            Some(&key),
+            serde_json::json!({"url": url, "types": ["RecordUploaded"]}),
+        )
+        .await
+        .problem(422, "invalid_request");
+    }
     // An unknown type on the command line is refused; so is a missing name.
     let (ok, _, err) = app
         .env
@@ -428,6 +445,8 @@ async fn webhooks(backend: Backend) {
     let vars = [
         ("AFYA_WEBHOOK_MAX_ATTEMPTS", "5"),
         ("AFYA_WEBHOOK_BACKOFF_MS", "20"),
+        // The receivers run on loopback.
+        ("AFYA_WEBHOOK_ALLOW_PRIVATE", "true"),
     ];
     let Some(app) = TestApp::start_with(backend, &vars).await else {
         return;
