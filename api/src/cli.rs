@@ -127,6 +127,13 @@ enum IntegratorCommand {
         #[arg(long)]
         events: String,
     },
+    /// Withdraw an integrator's key for good: it is refused from then on, its open
+    /// streams end and its webhooks stop.
+    Disable {
+        /// The integrator id `add` printed.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +205,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let result = add_integrator(&commands, &name, &events).await;
             store.close().await;
             result
+        }
+        Command::Integrator {
+            command: IntegratorCommand::Disable { id },
+        } => {
+            let id = domain::ids::IntegratorId::parse(id.trim())
+                .map_err(|_| anyhow::anyhow!("--id must be an integrator id (a UUID)"))?;
+            let (store, commands, _storage) = open(&config).await?;
+            let result = commands
+                .disable_integrator(id, eventstore::CommandMeta::new("operator:cli"))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"));
+            store.close().await;
+            result.map(|_| println!("{id}: key withdrawn"))
         }
         Command::Chain {
             command: ChainCommand::Deploy,

@@ -77,6 +77,9 @@ pub struct IntegrationSettings {
     /// (its socket buffers full) is disconnected; it resumes with `Last-Event-ID`. So a
     /// slow client never holds others back, and what waits for it is bounded.
     pub slow_client: Duration,
+    /// `AFYA_SSE_MAX_STREAMS_PER_KEY` (8): event streams one key may hold open at once
+    /// (more: 429), so one integrator cannot tie up the store with catch-ups.
+    pub max_streams_per_key: usize,
 }
 
 fn integration_settings() -> anyhow::Result<IntegrationSettings> {
@@ -106,6 +109,7 @@ fn integration_settings() -> anyhow::Result<IntegrationSettings> {
         ),
         heartbeat: Duration::from_secs(heartbeat),
         live_buffer,
+        max_streams_per_key: number::<usize>("AFYA_SSE_MAX_STREAMS_PER_KEY", 8)?.clamp(1, 10_000),
         slow_client: Duration::from_secs(
             number::<u64>("AFYA_SSE_SLOW_CLIENT_SECS", 30)?.clamp(1, 3600),
         ),

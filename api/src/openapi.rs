@@ -106,7 +106,7 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ("/v1/audit/anchors", "get", &[401, 403, 422]),
     ("/v1/audit/events", "get", &[401, 403, 422]),
     ("/v1/audit/events/export", "get", &[401, 403, 422]),
-    ("/v1/events/stream", "get", &[401, 403, 422]),
+    ("/v1/events/stream", "get", &[401, 403, 422, 429]),
     ("/v1/webhooks", "post", &[400, 401, 403, 409, 413, 415, 422]),
     ("/v1/webhooks", "get", &[401, 403]),
     (

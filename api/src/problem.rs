@@ -224,6 +224,9 @@ impl From<AuthError> for Problem {
             AuthError::Ended => {
                 Problem::unauthenticated("token_revoked", "the session has ended; sign in again")
             }
+            AuthError::Withdrawn => {
+                Problem::unauthenticated("key_withdrawn", "the API key was withdrawn")
+            }
             AuthError::Unexpected(error) => Problem::internal(&error),
         }
     }

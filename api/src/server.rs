@@ -37,6 +37,8 @@ pub struct AppState {
     pub live: crate::live::LiveLog,
     /// The webhook deliverers (woken after a replay request).
     pub webhooks: Arc<crate::webhooks::WebhookSupervisor>,
+    /// Open event streams per integrator key.
+    pub streams: Arc<std::sync::Mutex<std::collections::HashMap<domain::ids::IntegratorId, usize>>>,
 }
 
 impl AppState {
@@ -59,6 +61,7 @@ impl AppState {
             storage: app.storage.clone(),
             live: app.live.clone(),
             webhooks: app.webhooks.clone(),
+            streams: Arc::default(),
         }
     }
 }

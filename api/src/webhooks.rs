@@ -87,6 +87,20 @@ impl WebhookSupervisor {
     async fn sync(&self) -> anyhow::Result<()> {
         let rows = projections::queries::webhooks(self.store.any_pool()).await?;
         let mut running = self.running.lock().await;
+        // Webhooks no longer listed (their integrator's key withdrawn) stop.
+        let listed: std::collections::HashSet<&str> =
+            rows.iter().map(|r| r.webhook_id.as_str()).collect();
+        let gone: Vec<Uuid> = running
+            .keys()
+            .filter(|id| !listed.contains(id.to_string().as_str()))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(handle) = running.remove(&id) {
+                handle.stop().await;
+                tracing::info!(webhook_id = %id, "webhook stopped: its key was withdrawn");
+            }
+        }
         for row in rows {
             let Ok(id) = Uuid::parse_str(&row.webhook_id) else {
                 continue;

@@ -99,6 +99,8 @@ pub enum AuthError {
     Expired,
     #[error("the session has ended; sign in again")]
     Ended,
+    #[error("the API key was withdrawn")]
+    Withdrawn,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -761,6 +763,7 @@ impl Commands {
             .integrator(IntegratorId::from_uuid(integrator_id))
             .await?;
         match integrator.id() {
+            Some(_) if integrator.is_disabled() => Err(AuthError::Withdrawn),
             Some(id) => Ok(Authenticated {
                 session_id: integrator_id,
                 actor: Actor::Integrator(id),
@@ -814,6 +817,24 @@ impl Commands {
             .await
             .map_err(map)?;
         Ok((integrator_id, self.key_for(integrator_id)))
+    }
+
+    /// Withdraws an integrator's key (operators only, from the command line).
+    pub async fn disable_integrator(
+        &self,
+        integrator_id: IntegratorId,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        self.store
+            .execute::<domain::integrator::Integrator>(
+                &self.integrators,
+                &integrator_id.to_string(),
+                domain::integrator::IntegratorCommand::Disable { at: self.now() },
+                &(),
+                &meta,
+            )
+            .await
+            .map_err(map)
     }
 
     /// Registers a webhook of an integrator; its URL and secret are sealed under the

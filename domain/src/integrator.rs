@@ -34,6 +34,9 @@ pub enum IntegratorCommand {
         secret: Sealed,
         at: DateTime<Utc>,
     },
+    /// Withdraws the key for good: it is refused from then on, and the integrator's
+    /// webhooks stop.
+    Disable { at: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,6 +55,10 @@ pub enum IntegratorEvent {
         secret: Sealed,
         registered_at: DateTime<Utc>,
     },
+    IntegratorDisabled {
+        integrator_id: IntegratorId,
+        disabled_at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for IntegratorEvent {
@@ -59,6 +66,7 @@ impl DomainEvent for IntegratorEvent {
         match self {
             IntegratorEvent::IntegratorAdded { .. } => "IntegratorAdded",
             IntegratorEvent::WebhookRegistered { .. } => "WebhookRegistered",
+            IntegratorEvent::IntegratorDisabled { .. } => "IntegratorDisabled",
         }
         .to_owned()
     }
@@ -81,6 +89,8 @@ pub enum IntegratorError {
     WebhookExists,
     #[error("an integrator holds at most 20 webhooks")]
     TooManyWebhooks,
+    #[error("the integrator's key is withdrawn")]
+    Disabled,
 }
 
 impl Rule for IntegratorError {
@@ -88,7 +98,8 @@ impl Rule for IntegratorError {
         match self {
             IntegratorError::AlreadyAdded
             | IntegratorError::WebhookExists
-            | IntegratorError::TooManyWebhooks => RuleKind::Conflict,
+            | IntegratorError::TooManyWebhooks
+            | IntegratorError::Disabled => RuleKind::Conflict,
             IntegratorError::NotFound => RuleKind::NotFound,
             IntegratorError::TypesNotAllowed => RuleKind::Forbidden,
             IntegratorError::NoTypes => RuleKind::Unprocessable,
@@ -102,6 +113,7 @@ impl Rule for IntegratorError {
             IntegratorError::NoTypes => "event_types_missing",
             IntegratorError::WebhookExists => "webhook_exists",
             IntegratorError::TooManyWebhooks => "too_many_webhooks",
+            IntegratorError::Disabled => "integrator_disabled",
         }
     }
 }
@@ -111,9 +123,15 @@ pub struct Integrator {
     id: Option<IntegratorId>,
     event_types: BTreeSet<String>,
     webhooks: BTreeSet<WebhookId>,
+    #[serde(default)]
+    disabled: bool,
 }
 
 impl Integrator {
+    /// The key was withdrawn.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
     pub fn id(&self) -> Option<IntegratorId> {
         self.id
     }
@@ -169,6 +187,9 @@ impl Aggregate for Integrator {
                 let Some(integrator_id) = self.id else {
                     return Err(IntegratorError::NotFound);
                 };
+                if self.disabled {
+                    return Err(IntegratorError::Disabled);
+                }
                 if types.is_empty() {
                     return Err(IntegratorError::NoTypes);
                 }
@@ -190,6 +211,18 @@ impl Aggregate for Integrator {
                     registered_at: at,
                 }
             }
+            IntegratorCommand::Disable { at } => {
+                let Some(integrator_id) = self.id else {
+                    return Err(IntegratorError::NotFound);
+                };
+                if self.disabled {
+                    return Err(IntegratorError::Disabled);
+                }
+                IntegratorEvent::IntegratorDisabled {
+                    integrator_id,
+                    disabled_at: at,
+                }
+            }
         };
         sink.write(event, self).await;
         Ok(())
@@ -208,6 +241,7 @@ impl Aggregate for Integrator {
             IntegratorEvent::WebhookRegistered { webhook_id, .. } => {
                 self.webhooks.insert(webhook_id);
             }
+            IntegratorEvent::IntegratorDisabled { .. } => self.disabled = true,
         }
     }
 }
@@ -275,6 +309,27 @@ mod tests {
                 at: at(),
             })
             .then_expect_error(IntegratorError::NoTypes);
+    }
+
+    #[test]
+    fn a_withdrawn_key_registers_nothing_more_and_is_withdrawn_once() {
+        let id = IntegratorId::new();
+        let disabled = IntegratorEvent::IntegratorDisabled {
+            integrator_id: id,
+            disabled_at: at(),
+        };
+        TestFramework::<Integrator>::with(())
+            .given(vec![added(id)])
+            .when(IntegratorCommand::Disable { at: at() })
+            .then_expect_events(vec![disabled.clone()]);
+        TestFramework::<Integrator>::with(())
+            .given(vec![added(id), disabled.clone()])
+            .when(IntegratorCommand::Disable { at: at() })
+            .then_expect_error(IntegratorError::Disabled);
+        TestFramework::<Integrator>::with(())
+            .given(vec![added(id), disabled])
+            .when(webhook(WebhookId::new(), &["RecordUploaded"]))
+            .then_expect_error(IntegratorError::Disabled);
     }
 
     #[test]

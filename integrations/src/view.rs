@@ -181,6 +181,7 @@ pub fn event_types() -> &'static [&'static str] {
         // integrator
         "IntegratorAdded",
         "WebhookRegistered",
+        "IntegratorDisabled",
     ]
 }
 

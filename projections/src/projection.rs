@@ -1141,7 +1141,8 @@ impl LogHandler for Webhooks {
                 secret_sealed TEXT NOT NULL,
                 registered_at TEXT NOT NULL,
                 tx BIGINT NOT NULL,
-                position BIGINT NOT NULL
+                position BIGINT NOT NULL,
+                disabled_at TEXT
             )"
             .into(),
             "CREATE INDEX IF NOT EXISTS rm_webhooks_integrator ON rm_webhooks (integrator_id, position)"
@@ -1157,32 +1158,45 @@ impl LogHandler for Webhooks {
         if event.aggregate_type != domain::integrator::Integrator::TYPE {
             return Ok(());
         }
-        if let domain::integrator::IntegratorEvent::WebhookRegistered {
-            integrator_id,
-            webhook_id,
-            url,
-            types,
-            secret,
-            registered_at,
-        } = event.decode(&self.upcasters.0)?
-        {
-            exec(
-                tx,
-                "INSERT INTO rm_webhooks (webhook_id, integrator_id, url_sealed, types, \
-                 secret_sealed, registered_at, tx, position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                vec![
-                    Text(webhook_id.to_string()),
-                    Text(integrator_id.to_string()),
-                    Text(url.as_str().to_owned()),
-                    Text(json(&types)?),
-                    Text(secret.as_str().to_owned()),
-                    Text(time(&registered_at)),
-                    Int(event.tx),
-                    Int(event.position),
-                ],
-            )
-            .await?;
+        match event.decode(&self.upcasters.0)? {
+            domain::integrator::IntegratorEvent::WebhookRegistered {
+                integrator_id,
+                webhook_id,
+                url,
+                types,
+                secret,
+                registered_at,
+            } => {
+                exec(
+                    tx,
+                    "INSERT INTO rm_webhooks (webhook_id, integrator_id, url_sealed, types, \
+                     secret_sealed, registered_at, tx, position) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    vec![
+                        Text(webhook_id.to_string()),
+                        Text(integrator_id.to_string()),
+                        Text(url.as_str().to_owned()),
+                        Text(json(&types)?),
+                        Text(secret.as_str().to_owned()),
+                        Text(time(&registered_at)),
+                        Int(event.tx),
+                        Int(event.position),
+                    ],
+                )
+                .await?;
+            }
+            domain::integrator::IntegratorEvent::IntegratorDisabled {
+                integrator_id,
+                disabled_at,
+            } => {
+                exec(
+                    tx,
+                    "UPDATE rm_webhooks SET disabled_at = $1 WHERE integrator_id = $2",
+                    vec![Text(time(&disabled_at)), Text(integrator_id.to_string())],
+                )
+                .await?;
+            }
+            domain::integrator::IntegratorEvent::IntegratorAdded { .. } => {}
         }
         Ok(())
     }

@@ -547,10 +547,10 @@ pub struct WebhookRow {
 const WEBHOOK_COLUMNS: &str =
     "webhook_id, integrator_id, url_sealed, types, secret_sealed, registered_at, tx, position";
 
-/// Every registered webhook, oldest first.
+/// Every webhook that delivers (its integrator's key not withdrawn), oldest first.
 pub async fn webhooks(pool: &AnyPool) -> anyhow::Result<Vec<WebhookRow>> {
     sqlx::query_as(&format!(
-        "SELECT {WEBHOOK_COLUMNS} FROM rm_webhooks ORDER BY position"
+        "SELECT {WEBHOOK_COLUMNS} FROM rm_webhooks WHERE disabled_at IS NULL ORDER BY position"
     ))
     .fetch_all(pool)
     .await

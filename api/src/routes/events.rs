@@ -97,7 +97,7 @@ pub async fn stream(
     caller: Caller,
     query: Query<StreamQuery>,
 ) -> Result<HttpResponse, Problem> {
-    let (_, allowed) = integrator(&state, &caller).await?;
+    let (integrator_id, allowed) = integrator(&state, &caller).await?;
     let mut v = Validation::default();
     let last_event_id = match req.headers().get("last-event-id") {
         None => None,
@@ -128,6 +128,7 @@ pub async fn stream(
     };
     v.finish()?;
     let types = narrow(query.types.as_deref(), &allowed)?;
+    let slot = StreamSlot::take(&state, integrator_id)?;
     let store = state.store.clone();
     let cursor = match (last_event_id, from_position) {
         (Some(last), _) => store.cursor_after_position(last).await?,
@@ -135,6 +136,7 @@ pub async fn stream(
         (None, None) => store.log_end().await?,
     };
     let sse = Sse {
+        integrator_id: integrator_id.to_string(),
         stopped: state.live.stopped(),
         store,
         live: state.live.clone(),
@@ -168,7 +170,9 @@ pub async fn stream(
             }
         }
     });
+    // The slot is freed when the response body is dropped (the client went away).
     let body = futures::stream::poll_fn(move |cx| {
+        let _held = &slot;
         rx.poll_recv(cx)
             .map(|chunk| chunk.map(Ok::<_, actix_web::Error>))
     });
@@ -177,6 +181,49 @@ pub async fn stream(
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body))
+}
+
+/// One of a key's concurrent streams (at most `AFYA_SSE_MAX_STREAMS_PER_KEY`), given
+/// back when dropped.
+struct StreamSlot {
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<IntegratorId, usize>>>,
+    integrator_id: IntegratorId,
+}
+
+impl StreamSlot {
+    fn take(state: &AppState, integrator_id: IntegratorId) -> Result<StreamSlot, Problem> {
+        let max = state.config.integrations.max_streams_per_key;
+        let mut open = state
+            .streams
+            .lock()
+            .map_err(|_| Problem::internal(&anyhow::anyhow!("stream slots poisoned")))?;
+        let count = open.entry(integrator_id).or_insert(0);
+        if *count >= max {
+            return Err(Problem::new(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!("a key may hold {max} event streams at once; close one first"),
+            ));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            open: state.streams.clone(),
+            integrator_id,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock() {
+            if let Some(count) = open.get_mut(&self.integrator_id) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    open.remove(&self.integrator_id);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -191,6 +238,8 @@ enum Phase {
 
 /// One client's stream.
 struct Sse {
+    /// Whose key: the stream ends when that key is withdrawn.
+    integrator_id: String,
     /// The server is stopping: end the stream.
     stopped: tokio::sync::watch::Receiver<bool>,
     store: Store,
@@ -239,7 +288,9 @@ impl Sse {
                     continue;
                 }
                 for event in &events {
-                    self.take(event);
+                    if !self.take(event) {
+                        return None;
+                    }
                 }
                 if self.pending.is_empty() && self.last_sent.elapsed() >= self.heartbeat {
                     self.pending
@@ -257,7 +308,11 @@ impl Sse {
                 Err(_) => self
                     .pending
                     .push_back(Bytes::from_static(b": heartbeat\n\n")),
-                Ok(Ok(event)) => self.take(&event),
+                Ok(Ok(event)) => {
+                    if !self.take(&event) {
+                        return None;
+                    }
+                }
                 Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
                     // Behind the ring: read the missed events from the store again.
                     tracing::debug!(
@@ -272,14 +327,19 @@ impl Sse {
         }
     }
 
-    /// Queues `event` if it is past the cursor and of a wanted type.
-    fn take(&mut self, event: &StoredEvent) {
+    /// Queues `event` if it is past the cursor and of a wanted type; `false` when the
+    /// stream must end (its key was withdrawn).
+    fn take(&mut self, event: &StoredEvent) -> bool {
         if event.cursor() <= self.cursor {
-            return;
+            return true;
         }
         self.cursor = event.cursor();
+        if event.event_type == "IntegratorDisabled" && event.aggregate_id == self.integrator_id {
+            tracing::info!("event stream ended: its key was withdrawn");
+            return false;
+        }
         if !self.types.contains(&event.event_type) {
-            return;
+            return true;
         }
         match serde_json::to_string(&integrations::public_view(event)) {
             Ok(data) => self.pending.push_back(Bytes::from(format!(
@@ -288,5 +348,6 @@ impl Sse {
             ))),
             Err(error) => tracing::error!(%error, "could not encode an event for the stream"),
         }
+        true
     }
 }

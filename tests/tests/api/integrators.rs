@@ -785,3 +785,115 @@ async fn a_slow_stream_client_is_disconnected_without_holding_others_back() {
     let logs = app.stop().await;
     assert!(logs.contains("accepted nothing for too long"), "{logs}");
 }
+
+/// A key holds a bounded number of streams; withdrawn, it is refused, its open streams
+/// end and its webhooks deliver nothing more.
+#[actix_rt::test]
+async fn a_withdrawn_key_is_refused_its_streams_end_and_its_webhooks_stop() {
+    let vars = [
+        ("AFYA_SSE_MAX_STREAMS_PER_KEY", "2"),
+        ("AFYA_SSE_HEARTBEAT_SECS", "1"),
+        ("AFYA_WEBHOOK_ALLOW_PRIVATE", "true"),
+    ];
+    let Some(app) = TestApp::start_with(Backend::Sqlite, &vars).await else {
+        return;
+    };
+    let w = app.world().await;
+    let (ok, out, err) = app.env.run(&[
+        "integrator",
+        "add",
+        "--name",
+        "Lab Co",
+        "--events",
+        "RecordUploaded",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.lines().next().unwrap().trim().to_owned();
+    let key = out.lines().last().unwrap().trim().to_owned();
+
+    let mut first = SseClient::open(&app, &key, "", None).await;
+    let second = SseClient::open(&app, &key, "", None).await;
+    app.get("/v1/events/stream", Some(&key))
+        .await
+        .problem(429, "too_many_streams");
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _third = loop {
+        // Only the status: a stream that opens never ends by itself.
+        let resp = app
+            .http
+            .get(app.server.url("/v1/events/stream"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 || Instant::now() > deadline {
+            assert_eq!(
+                resp.status(),
+                200,
+                "a closed stream's slot was not given back"
+            );
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let (receiver, url) = Receiver::start(0, false);
+    app.post(
+        "/v1/webhooks",
+        Some(&key),
+        serde_json::json!({"url": url, "types": ["RecordUploaded"]}),
+    )
+    .await
+    .ok(201);
+    app.upload(
+        &w.patient.token,
+        &w.patient.id,
+        "category=lab",
+        "application/pdf",
+        b"%PDF a",
+    )
+    .await
+    .ok(201);
+    wait_until("the first delivery", || receiver.count() == 1).await;
+
+    let (ok, out, err) = app.env.run(&["integrator", "disable", "--id", &id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("withdrawn"), "{out}");
+    let (ok, _, err) = app.env.run(&["integrator", "disable", "--id", &id]);
+    assert!(!ok && err.contains("withdrawn"), "{err}");
+    let (ok, _, _) = app.env.run(&["integrator", "disable", "--id", "not-an-id"]);
+    assert!(!ok);
+    app.get("/v1/sessions/current", Some(&key))
+        .await
+        .problem(401, "key_withdrawn");
+    // The open stream ends.
+    while first.next(Duration::from_secs(10)).await.is_some() {}
+    assert!(first.ended, "the withdrawn key's stream did not end");
+    // Its webhooks stop: a later upload is not delivered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .scalar("SELECT count(*) FROM rm_webhooks WHERE disabled_at IS NOT NULL")
+        .await
+        < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook was not marked withdrawn"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.upload(
+        &w.patient.token,
+        &w.patient.id,
+        "category=lab",
+        "application/pdf",
+        b"%PDF b",
+    )
+    .await
+    .ok(201);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.count(), 1, "a withdrawn key's webhook delivered");
+    app.stop().await;
+}
