@@ -42,8 +42,8 @@ pub fn chain_hash(prev: &[u8; 32], event: &StoredEvent) -> [u8; 32] {
 
 /// What the trail keeps of an event besides its place and link: the columns auditors
 /// filter on and the payload, as the projection writes them and verification expects.
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub(crate) struct TrailColumns {
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct TrailColumns {
     pub recorded_at: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -57,7 +57,7 @@ pub(crate) struct TrailColumns {
 }
 
 impl TrailColumns {
-    pub(crate) fn of(event: &StoredEvent) -> TrailColumns {
+    pub fn of(event: &StoredEvent) -> TrailColumns {
         let meta = |name: &str| event.meta(name).map(str::to_owned);
         TrailColumns {
             recorded_at: time(&event.recorded_at),

@@ -463,16 +463,9 @@ pub struct AuditEventRow {
     pub ordinal: i64,
     pub position: i64,
     pub event_id: String,
-    pub recorded_at: String,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: i64,
-    pub event_type: String,
-    pub event_version: String,
-    pub actor: String,
-    pub correlation_id: Option<String>,
-    pub causation_id: Option<String>,
-    pub payload: String,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub event: crate::audit::TrailColumns,
     /// This event's link in the trail's hash chain (hex).
     pub hash: String,
 }
