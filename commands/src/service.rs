@@ -1474,6 +1474,14 @@ impl Commands {
 
     /// Opens a field sealed under a subject's key (a filename, a purpose) for someone
     /// entitled to see it; `None` once the subject's key has been shredded.
+    /// A doctor's name, opened from their sealed personal fields (never the phone).
+    pub async fn doctor_name(&self, doctor_id: &str, personal_sealed: &str) -> Option<String> {
+        let text = self.open_text(doctor_id, personal_sealed).await?;
+        serde_json::from_str::<DoctorPersonal>(&text)
+            .ok()
+            .map(|p| p.name)
+    }
+
     pub async fn open_text(&self, subject: &str, sealed: &str) -> Option<String> {
         let bytes = self.keys.open(subject, sealed).await.ok()?;
         String::from_utf8(bytes).ok()

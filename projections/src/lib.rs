@@ -14,7 +14,7 @@ pub mod queries;
 
 pub use projection::{
     AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, LogAnchors, PatientRecords,
-    Payments, RecordStorage, RecordTokens, Webhooks,
+    Payments, RecordStorage, RecordTokens, Webhooks, DoctorProfiles,
 };
 
 /// Every projection the server runs, in a stable order.
@@ -30,6 +30,7 @@ pub fn all() -> Vec<Arc<dyn LogHandler>> {
         Arc::new(LogAnchors::default()),
         Arc::new(Payments::default()),
         Arc::new(Webhooks::default()),
+        Arc::new(DoctorProfiles::default()),
         Arc::new(AuditTrail),
     ]
 }

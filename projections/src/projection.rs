@@ -1201,3 +1201,74 @@ impl LogHandler for Webhooks {
         Ok(())
     }
 }
+
+/// Doctors with their sealed personal fields (name and phone, under the doctor's own
+/// key), for the registrar's queue and the names patients see. Only the name is ever
+/// opened and shown; after the doctor's key is shredded it cannot be.
+#[derive(Default)]
+pub struct DoctorProfiles {
+    upcasters: Upcasters,
+}
+
+#[async_trait]
+impl LogHandler for DoctorProfiles {
+    fn name(&self) -> &str {
+        "doctor_profiles"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_doctor_profiles (
+                doctor_id TEXT PRIMARY KEY,
+                personal_sealed TEXT NOT NULL,
+                licence TEXT NOT NULL,
+                status TEXT NOT NULL,
+                registered_at TEXT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_doctor_profiles_status ON rm_doctor_profiles (status, position)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_doctor_profiles".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        if event.aggregate_type != Doctor::TYPE {
+            return Ok(());
+        }
+        let (doctor_id, status) = match event.decode::<DoctorEvent>(&self.upcasters.0)? {
+            DoctorEvent::DoctorRegistered {
+                doctor_id,
+                personal,
+                licence,
+                ..
+            } => {
+                return exec(
+                    tx,
+                    "INSERT INTO rm_doctor_profiles (doctor_id, personal_sealed, licence, status, \
+                     registered_at, position) VALUES ($1, $2, $3, 'unverified', $4, $5)",
+                    vec![
+                        Text(doctor_id.to_string()),
+                        Text(personal.as_str().to_owned()),
+                        Text(licence.as_str().to_owned()),
+                        Text(time(&event.recorded_at)),
+                        Int(event.position),
+                    ],
+                )
+                .await;
+            }
+            DoctorEvent::DoctorVerified { doctor_id, .. } => (doctor_id, "verified"),
+            DoctorEvent::DoctorSuspended { doctor_id, .. } => (doctor_id, "suspended"),
+        };
+        exec(
+            tx,
+            "UPDATE rm_doctor_profiles SET status = $1 WHERE doctor_id = $2",
+            vec![Text(status.to_owned()), Text(doctor_id.to_string())],
+        )
+        .await
+    }
+}

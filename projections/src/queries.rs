@@ -127,17 +127,42 @@ pub async fn access_requests_of_patient(
     after: i64,
     limit: i64,
 ) -> anyhow::Result<Page<AccessRequestRow>> {
+    access_requests_of(pool, "patient_id", patient_id, status, now, after, limit).await
+}
+
+/// A doctor's access requests, like [`access_requests_of_patient`].
+pub async fn access_requests_of_doctor(
+    pool: &AnyPool,
+    doctor_id: &str,
+    status: Option<&str>,
+    now: DateTime<Utc>,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AccessRequestRow>> {
+    access_requests_of(pool, "doctor_id", doctor_id, status, now, after, limit).await
+}
+
+/// `party` is the column (`patient_id` or `doctor_id`), never input.
+async fn access_requests_of(
+    pool: &AnyPool,
+    party: &'static str,
+    party_id: &str,
+    status: Option<&str>,
+    now: DateTime<Utc>,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AccessRequestRow>> {
     let now = time(&now);
     let rows: Vec<AccessRequestRow> = sqlx::query_as(&format!(
         "SELECT {ACCESS_COLUMNS} FROM rm_access_requests \
-         WHERE patient_id = $1 AND position > $2 AND ( \
+         WHERE {party} = $1 AND position > $2 AND ( \
            $3 = '' \
            OR ($3 = 'approved' AND status = 'approved' AND expires_at > $4) \
            OR ($3 = 'expired' AND (status = 'expired' OR (status = 'approved' AND expires_at <= $5))) \
            OR ($3 NOT IN ('approved', 'expired') AND status = $6)) \
          ORDER BY position LIMIT $7"
     ))
-    .bind(patient_id.to_owned())
+    .bind(party_id.to_owned())
     .bind(after)
     .bind(status.unwrap_or("").to_owned())
     .bind(now.clone())
@@ -146,7 +171,7 @@ pub async fn access_requests_of_patient(
     .bind(limit + 1)
     .fetch_all(pool)
     .await
-    .context("reading a patient's access requests")?;
+    .context("reading access requests")?;
     let rows = rows
         .into_iter()
         .map(|mut r| {
@@ -559,4 +584,54 @@ pub async fn webhooks_of(pool: &AnyPool, integrator_id: &str) -> anyhow::Result<
     .fetch_all(pool)
     .await
     .context("reading an integrator's webhooks")
+}
+
+/// A doctor with sealed personal fields.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DoctorProfileRow {
+    pub doctor_id: String,
+    pub personal_sealed: String,
+    pub licence: String,
+    /// unverified, verified or suspended.
+    pub status: String,
+    pub registered_at: String,
+    pub position: i64,
+}
+
+const PROFILE_COLUMNS: &str = "doctor_id, personal_sealed, licence, status, registered_at, position";
+
+/// Doctors (of one status, or all) after position `after`, oldest first.
+pub async fn doctor_profiles(
+    pool: &AnyPool,
+    status: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<DoctorProfileRow>> {
+    let status = status.unwrap_or("").to_owned();
+    let rows = sqlx::query_as(&format!(
+        "SELECT {PROFILE_COLUMNS} FROM rm_doctor_profiles \
+         WHERE position > $1 AND ($2 = '' OR status = $3) ORDER BY position LIMIT $4"
+    ))
+    .bind(after)
+    .bind(status.clone())
+    .bind(status)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading doctors")?;
+    Ok(page(rows, limit, |r: &DoctorProfileRow| r.position))
+}
+
+/// One doctor's profile.
+pub async fn doctor_profile(
+    pool: &AnyPool,
+    doctor_id: &str,
+) -> anyhow::Result<Option<DoctorProfileRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {PROFILE_COLUMNS} FROM rm_doctor_profiles WHERE doctor_id = $1"
+    ))
+    .bind(doctor_id.to_owned())
+    .fetch_optional(pool)
+    .await
+    .context("reading a doctor's profile")
 }

@@ -86,6 +86,9 @@ pub struct StatusQuery {
 pub struct AccessRequestItem {
     pub request_id: Uuid,
     pub doctor_id: Uuid,
+    pub patient_id: Uuid,
+    /// The doctor's name as registered (`null` once their key is erased).
+    pub doctor_name: Option<String>,
     pub doctor_licence: Option<String>,
     pub doctor_verified: bool,
     pub status: String,
@@ -256,27 +259,9 @@ pub async fn list_for_patient(
 ) -> Result<HttpResponse, Problem> {
     let patient_id: PatientId = path_id(&path, "patient")?;
     own_patient(&caller, patient_id)?;
-    let status = match query.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(
-            AccessStatus::parse(s)
-                .ok_or_else(|| {
-                    Problem::field(
-                        "status",
-                        "must be pending, approved, rejected, revoked or expired",
-                    )
-                })?
-                .as_str(),
-        ),
-    };
-    let (after, limit) = PageQuery {
-        cursor: query.cursor.clone(),
-        limit: query.limit.clone(),
-    }
-    .parse()?;
-    let pool = state.store.any_pool();
+    let (status, after, limit) = query.parse()?;
     let page = queries::access_requests_of_patient(
-        pool,
+        state.store.any_pool(),
         &patient_id.to_string(),
         status,
         state.commands.now(),
@@ -284,29 +269,117 @@ pub async fn list_for_patient(
         limit,
     )
     .await?;
-    let mut items = Vec::with_capacity(page.items.len());
-    // A page often names one doctor many times: look each up once.
+    Ok(HttpResponse::Ok().json(AccessRequestPage {
+        items: request_items(&state, page.items, true).await?,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/doctors/{doctor_id}/access-requests", tag = "consent",
+    params(("doctor_id" = Uuid, Path), StatusQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The doctor's own access requests and their status (the purpose, sealed for the patient, is not shown)", body = AccessRequestPage)))]
+#[tracing::instrument(skip_all)]
+pub async fn list_for_doctor(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+    query: Query<StatusQuery>,
+) -> Result<HttpResponse, Problem> {
+    let doctor_id: DoctorId = path_id(&path, "doctor")?;
+    if doctor(&caller)? != doctor_id {
+        return Err(Problem::forbidden(
+            "not_your_data",
+            "a doctor sees only their own requests",
+        ));
+    }
+    let (status, after, limit) = query.parse()?;
+    let page = queries::access_requests_of_doctor(
+        state.store.any_pool(),
+        &doctor_id.to_string(),
+        status,
+        state.commands.now(),
+        after,
+        limit,
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(AccessRequestPage {
+        items: request_items(&state, page.items, false).await?,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+impl StatusQuery {
+    /// The status filter and the page.
+    fn parse(&self) -> Result<(Option<&'static str>, i64, i64), Problem> {
+        let status = match self.status.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(
+                AccessStatus::parse(s)
+                    .ok_or_else(|| {
+                        Problem::field(
+                            "status",
+                            "must be pending, approved, rejected, revoked or expired",
+                        )
+                    })?
+                    .as_str(),
+            ),
+        };
+        let (after, limit) = PageQuery {
+            cursor: self.cursor.clone(),
+            limit: self.limit.clone(),
+        }
+        .parse()?;
+        Ok((status, after, limit))
+    }
+}
+
+/// The rows as the API shows them, with the doctor's name, licence and status (each
+/// doctor looked up once per page) and, for the patient, the purpose opened.
+async fn request_items(
+    state: &AppState,
+    rows: Vec<queries::AccessRequestRow>,
+    with_purpose: bool,
+) -> Result<Vec<AccessRequestItem>, Problem> {
+    let pool = state.store.any_pool();
+    let mut items = Vec::with_capacity(rows.len());
     let mut doctors = std::collections::HashMap::new();
-    for row in page.items {
+    for row in rows {
         if !doctors.contains_key(&row.doctor_id) {
-            let found = queries::doctor(pool, &row.doctor_id).await?;
+            let found = match queries::doctor_profile(pool, &row.doctor_id).await? {
+                Some(p) => {
+                    let name = state
+                        .commands
+                        .doctor_name(&p.doctor_id, &p.personal_sealed)
+                        .await;
+                    Some((p, name))
+                }
+                None => None,
+            };
             doctors.insert(row.doctor_id.clone(), found);
         }
         let doctor = doctors.get(&row.doctor_id).cloned().flatten();
         let scope: Scope = serde_json::from_str(&row.scope).unwrap_or_default();
         let (categories, record_ids) = scope_lists(&scope);
+        let purpose = if with_purpose {
+            state
+                .commands
+                .open_text(&row.patient_id, &row.purpose_sealed)
+                .await
+        } else {
+            None
+        };
         items.push(AccessRequestItem {
             request_id: Uuid::parse_str(&row.request_id).unwrap_or_default(),
             doctor_id: Uuid::parse_str(&row.doctor_id).unwrap_or_default(),
-            doctor_licence: doctor.as_ref().map(|d| d.licence.clone()),
-            doctor_verified: doctor.as_ref().is_some_and(|d| d.status == "verified"),
+            patient_id: Uuid::parse_str(&row.patient_id).unwrap_or_default(),
+            doctor_name: doctor.as_ref().and_then(|(_, name)| name.clone()),
+            doctor_licence: doctor.as_ref().map(|(p, _)| p.licence.clone()),
+            doctor_verified: doctor.as_ref().is_some_and(|(p, _)| p.status == "verified"),
             status: row.status,
             categories,
             record_ids,
-            purpose: state
-                .commands
-                .open_text(&row.patient_id, &row.purpose_sealed)
-                .await,
+            purpose,
             duration_days: row.duration_days,
             requested_at: row.requested_at,
             decided_at: row.decided_at,
@@ -314,10 +387,7 @@ pub async fn list_for_patient(
             closed_at: row.closed_at,
         });
     }
-    Ok(HttpResponse::Ok().json(AccessRequestPage {
-        items,
-        next_cursor: page.next_cursor,
-    }))
+    Ok(items)
 }
 
 #[utoipa::path(post, path = "/v1/access-requests/{request_id}/approval", tag = "consent",

@@ -13,6 +13,7 @@ use crate::problem::Problem;
 pub mod access;
 pub mod accounts;
 pub mod audit;
+pub mod doctors;
 pub mod events;
 pub mod ops;
 pub mod payments;
@@ -43,7 +44,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(get().to(accounts::wallet))
                 .route(put().to(accounts::register_wallet)),
         )
-        .service(resource("/v1/doctors").route(post().to(accounts::sign_up_doctor)))
+        .service(
+            resource("/v1/doctors")
+                .route(post().to(accounts::sign_up_doctor))
+                .route(get().to(doctors::list)),
+        )
         .service(
             resource("/v1/doctors/{doctor_id}/verification")
                 .route(post().to(accounts::verify_doctor)),
@@ -100,6 +105,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(post().to(access::revoke)),
         )
         .service(resource("/v1/doctors/{doctor_id}/grants").route(get().to(access::grants)))
+        .service(
+            resource("/v1/doctors/{doctor_id}/access-requests")
+                .route(get().to(access::list_for_doctor)),
+        )
         .service(
             resource("/v1/patients/{patient_id}/access-log").route(get().to(access::access_log)),
         );

@@ -10,6 +10,7 @@ mod app;
 mod audit;
 mod bad_input;
 mod chain;
+mod directory;
 mod idempotency;
 mod integrators;
 mod matrix;
