@@ -10,7 +10,9 @@ use utoipa::openapi::{
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::{Details, FieldError};
-use crate::routes::{access, accounts, audit, doctors, events, ops, payments, records, webhooks};
+use crate::routes::{
+    access, accounts, audit, doctors, events, ops, payments, records, share, webhooks,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,7 +36,7 @@ use crate::routes::{access, accounts, audit, doctors, events, ops, payments, rec
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log, access::list_for_doctor,
-        doctors::list,
+        doctors::list, share::issue, share::show, share::resolve,
         audit::anchors, audit::events, audit::disclosures, audit::export, audit::verify,
         audit::uncovered_reads, audit::reads_after_revocation,
         events::stream, webhooks::register, webhooks::list, webhooks::failures, webhooks::replay,
@@ -59,6 +61,17 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ("/v1/patients", "post", &[400, 409, 413, 415, 422, 429]),
     ("/v1/doctors", "post", &[400, 409, 413, 415, 422, 429]),
     ("/v1/doctors", "get", &[401, 403, 422]),
+    (
+        "/v1/patients/{patient_id}/share-code",
+        "post",
+        &[401, 403, 404],
+    ),
+    (
+        "/v1/patients/{patient_id}/share-code",
+        "get",
+        &[401, 403, 404],
+    ),
+    ("/v1/share-codes/{code}", "get", &[401, 403, 404]),
     (
         "/v1/doctors/{doctor_id}/access-requests",
         "get",

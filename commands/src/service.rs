@@ -164,6 +164,11 @@ pub struct Uploaded {
 /// forged or foreign token is refused at once), then against its session.
 const TOKEN_PREFIX: &str = "afy1.";
 const TOKEN_TAG: &str = "session token";
+/// Crockford's base32 alphabet (no I, L, O, U), for share codes.
+const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+const SHARE_CODE_TAG: &str = "share code";
+/// How long a share code is valid.
+pub const SHARE_CODE_DAYS: i64 = 30;
 /// Integrators' API keys: `afyk1.<integrator id>.<tag>`.
 const KEY_PREFIX: &str = "afyk1.";
 const KEY_TAG: &str = "integrator key";
@@ -1474,6 +1479,72 @@ impl Commands {
 
     /// Opens a field sealed under a subject's key (a filename, a purpose) for someone
     /// entitled to see it; `None` once the subject's key has been shredded.
+    /// Issues the patient a new share code (replacing any earlier one), valid for
+    /// [`SHARE_CODE_DAYS`] days: 10 characters of Crockford's base32 (50 random bits),
+    /// sealed under the patient's key in `ShareCodeIssued`, looked up by a keyed hash.
+    pub async fn issue_share_code(
+        &self,
+        patient_id: PatientId,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError> {
+        let bits = rand::random::<u64>() & ((1u64 << 50) - 1);
+        let code: String = (0..10)
+            .rev()
+            .map(|i| char::from(CROCKFORD[((bits >> (5 * i)) & 31) as usize]))
+            .collect();
+        let subject = patient_id.to_string();
+        let command = PatientCommand::IssueShareCode {
+            code: self.seal_text(&subject, &code).await?,
+            code_index: self.share_code_index(&code).unwrap_or_default(),
+            expires_at: self.now() + chrono::Duration::days(SHARE_CODE_DAYS),
+        };
+        self.store
+            .execute::<Patient>(&self.patients, &subject, command, &(), &meta)
+            .await
+            .map_err(map)
+    }
+
+    /// The patient's current share code (`XXXXX-XXXXX`) and its expiry, if any.
+    pub async fn share_code(
+        &self,
+        patient_id: PatientId,
+    ) -> anyhow::Result<Option<(String, DateTime<Utc>)>> {
+        let Some(patient) = self.patient(patient_id).await? else {
+            return Ok(None);
+        };
+        let Some((sealed, expires_at)) = patient.share_code() else {
+            return Ok(None);
+        };
+        let code = self
+            .open_text(&patient_id.to_string(), sealed.as_str())
+            .await
+            .ok_or_else(|| anyhow::anyhow!("a share code cannot be opened"))?;
+        let head: String = code.chars().take(5).collect();
+        let tail: String = code.chars().skip(5).collect();
+        Ok(Some((format!("{head}-{tail}"), *expires_at)))
+    }
+
+    /// The keyed hash a share code is looked up by, after reading it as people type
+    /// it (any case, with or without the dash or spaces; O read as 0, I and L as 1).
+    /// `None`: not a share code.
+    pub fn share_code_index(&self, typed: &str) -> Option<String> {
+        let code: String = typed
+            .chars()
+            .filter(|c| !matches!(c, '-' | ' '))
+            .map(|c| match c.to_ascii_uppercase() {
+                'O' => '0',
+                'I' | 'L' => '1',
+                other => other,
+            })
+            .collect();
+        if code.len() != 10 || !code.bytes().all(|b| CROCKFORD.contains(&b)) {
+            return None;
+        }
+        Some(crate::keys::hex(
+            &self.keys.tag(SHARE_CODE_TAG, code.as_bytes()),
+        ))
+    }
+
     /// A doctor's name, opened from their sealed personal fields (never the phone).
     pub async fn doctor_name(&self, doctor_id: &str, personal_sealed: &str) -> Option<String> {
         let text = self.open_text(doctor_id, personal_sealed).await?;

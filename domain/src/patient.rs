@@ -30,6 +30,13 @@ pub enum PatientCommand {
     /// The chain adapter is about to use the patient's chain address: without a
     /// registered wallet, the custodial one is from now on theirs for good.
     UseChainAddress,
+    /// A share code a doctor enters to find the patient (sealed under the patient's
+    /// key; looked up by its keyed hash). It replaces any earlier code.
+    IssueShareCode {
+        code: Sealed,
+        code_index: String,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +58,12 @@ pub enum PatientEvent {
     CustodialAddressInUse {
         patient_id: PatientId,
     },
+    ShareCodeIssued {
+        patient_id: PatientId,
+        code: Sealed,
+        code_index: String,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 impl DomainEvent for PatientEvent {
@@ -60,6 +73,7 @@ impl DomainEvent for PatientEvent {
             PatientEvent::PatientProfileUpdated { .. } => "PatientProfileUpdated",
             PatientEvent::WalletRegistered { .. } => "WalletRegistered",
             PatientEvent::CustodialAddressInUse { .. } => "CustodialAddressInUse",
+            PatientEvent::ShareCodeIssued { .. } => "ShareCodeIssued",
         }
         .to_owned()
     }
@@ -110,6 +124,9 @@ pub struct Patient {
     wallet: Option<Sealed>,
     #[serde(default)]
     custodial_in_use: bool,
+    /// The current share code (sealed) and its expiry.
+    #[serde(default)]
+    share_code: Option<(Sealed, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl Patient {
@@ -120,6 +137,11 @@ impl Patient {
     /// The registered wallet's address, sealed under the patient's key.
     pub fn wallet(&self) -> Option<&Sealed> {
         self.wallet.as_ref()
+    }
+
+    /// The current share code, sealed, and when it expires.
+    pub fn share_code(&self) -> Option<&(Sealed, chrono::DateTime<chrono::Utc>)> {
+        self.share_code.as_ref()
     }
 
     /// Whether the custodial address holds (or is about to hold) their tokens.
@@ -183,6 +205,20 @@ impl Aggregate for Patient {
                 };
                 sink.write(event, self).await;
             }
+            PatientCommand::IssueShareCode {
+                code,
+                code_index,
+                expires_at,
+            } => {
+                let patient_id = self.id.ok_or(PatientError::NotRegistered)?;
+                let event = PatientEvent::ShareCodeIssued {
+                    patient_id,
+                    code,
+                    code_index,
+                    expires_at,
+                };
+                sink.write(event, self).await;
+            }
             PatientCommand::UseChainAddress => {
                 let patient_id = self.id.ok_or(PatientError::NotRegistered)?;
                 if self.wallet.is_none() && !self.custodial_in_use {
@@ -200,6 +236,9 @@ impl Aggregate for Patient {
             PatientEvent::PatientProfileUpdated { .. } => {}
             PatientEvent::WalletRegistered { wallet, .. } => self.wallet = Some(wallet),
             PatientEvent::CustodialAddressInUse { .. } => self.custodial_in_use = true,
+            PatientEvent::ShareCodeIssued {
+                code, expires_at, ..
+            } => self.share_code = Some((code, expires_at)),
         }
     }
 }
@@ -216,6 +255,30 @@ mod tests {
             personal: Sealed::from_ciphertext("v1.x".into()),
             phone_index: "ab".into(),
         }
+    }
+
+    #[test]
+    fn a_registered_patient_is_issued_share_codes() {
+        let id = PatientId::new();
+        let expires_at = chrono::DateTime::from_timestamp(1_766_000_000, 0).unwrap_or_default();
+        let issue = || PatientCommand::IssueShareCode {
+            code: Sealed::from_ciphertext("v1.code".into()),
+            code_index: "cd".into(),
+            expires_at,
+        };
+        TestFramework::<Patient>::with(())
+            .given(vec![registered(id)])
+            .when(issue())
+            .then_expect_events(vec![PatientEvent::ShareCodeIssued {
+                patient_id: id,
+                code: Sealed::from_ciphertext("v1.code".into()),
+                code_index: "cd".into(),
+                expires_at,
+            }]);
+        TestFramework::<Patient>::with(())
+            .given_no_previous_events()
+            .when(issue())
+            .then_expect_error(PatientError::NotRegistered);
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub fn event_types() -> &'static [&'static str] {
         "IntegratorAdded",
         "WebhookRegistered",
         "IntegratorDisabled",
+        "ShareCodeIssued",
     ]
 }
 

@@ -13,8 +13,8 @@ pub mod projection;
 pub mod queries;
 
 pub use projection::{
-    AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, LogAnchors, PatientRecords,
-    Payments, RecordStorage, RecordTokens, Webhooks, DoctorProfiles,
+    AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, DoctorProfiles, LogAnchors,
+    PatientRecords, Payments, RecordStorage, RecordTokens, Webhooks,
 };
 
 /// Every projection the server runs, in a stable order.

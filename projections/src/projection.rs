@@ -89,6 +89,14 @@ impl LogHandler for Directory {
             )"
             .into(),
             "CREATE INDEX IF NOT EXISTS rm_doctors_phone ON rm_doctors (phone_index)".into(),
+            // A patient's current share code, by its keyed hash (never the code).
+            "CREATE TABLE IF NOT EXISTS rm_share_codes (
+                code_index TEXT PRIMARY KEY,
+                patient_id TEXT NOT NULL UNIQUE,
+                expires_at TEXT NOT NULL,
+                position BIGINT NOT NULL
+            )"
+            .into(),
         ]
     }
 
@@ -97,6 +105,7 @@ impl LogHandler for Directory {
             "rm_patients".into(),
             "rm_patient_wallets".into(),
             "rm_doctors".into(),
+            "rm_share_codes".into(),
         ]
     }
 
@@ -146,6 +155,32 @@ impl LogHandler for Directory {
                 }
                 // The chain adapter's bookkeeping: nothing a read model shows.
                 PatientEvent::CustodialAddressInUse { .. } => {}
+                PatientEvent::ShareCodeIssued {
+                    patient_id,
+                    code_index,
+                    expires_at,
+                    ..
+                } => {
+                    // A new code replaces the patient's earlier one.
+                    exec(
+                        tx,
+                        "DELETE FROM rm_share_codes WHERE patient_id = $1",
+                        vec![Text(patient_id.to_string())],
+                    )
+                    .await?;
+                    exec(
+                        tx,
+                        "INSERT INTO rm_share_codes (code_index, patient_id, expires_at, position) \
+                         VALUES ($1, $2, $3, $4)",
+                        vec![
+                            Text(code_index),
+                            Text(patient_id.to_string()),
+                            Text(time(&expires_at)),
+                            Int(event.position),
+                        ],
+                    )
+                    .await?;
+                }
             }
         } else if event.aggregate_type == Doctor::TYPE {
             match event.decode::<DoctorEvent>(&self.upcasters.0)? {

@@ -598,7 +598,8 @@ pub struct DoctorProfileRow {
     pub position: i64,
 }
 
-const PROFILE_COLUMNS: &str = "doctor_id, personal_sealed, licence, status, registered_at, position";
+const PROFILE_COLUMNS: &str =
+    "doctor_id, personal_sealed, licence, status, registered_at, position";
 
 /// Doctors (of one status, or all) after position `after`, oldest first.
 pub async fn doctor_profiles(
@@ -634,4 +635,20 @@ pub async fn doctor_profile(
     .fetch_optional(pool)
     .await
     .context("reading a doctor's profile")
+}
+
+/// The patient a share code's keyed hash names while it is valid at `now`.
+pub async fn patient_by_share_code(
+    pool: &AnyPool,
+    code_index: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Option<(String, String)>> {
+    sqlx::query_as(
+        "SELECT patient_id, expires_at FROM rm_share_codes WHERE code_index = $1 AND expires_at > $2",
+    )
+    .bind(code_index.to_owned())
+    .bind(time(&now))
+    .fetch_optional(pool)
+    .await
+    .context("looking up a share code")
 }

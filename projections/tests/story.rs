@@ -89,6 +89,9 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .id;
         // The patient's own wallet (its address sealed; its index in rm_patient_wallets).
         cmds.register_wallet(patient, WALLET, meta()).await.unwrap();
+        // A share code, then another replacing it (one row in rm_share_codes).
+        cmds.issue_share_code(patient, meta()).await.unwrap();
+        cmds.issue_share_code(patient, meta()).await.unwrap();
         // An integrator with a webhook (its URL and secret sealed; in rm_webhooks).
         let (integrator, _key) = cmds
             .add_integrator(

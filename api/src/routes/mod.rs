@@ -18,6 +18,7 @@ pub mod events;
 pub mod ops;
 pub mod payments;
 pub mod records;
+pub mod share;
 pub mod webhooks;
 
 /// Every route of the server; the OpenAPI document lists the same ones
@@ -67,6 +68,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/records/{record_id}").route(get().to(records::get)))
         .service(resource("/v1/records/{record_id}/content").route(get().to(records::content)))
         .service(resource("/v1/audit/anchors").route(get().to(audit::anchors)))
+        .service(
+            resource("/v1/patients/{patient_id}/share-code")
+                .route(post().to(share::issue))
+                .route(get().to(share::show)),
+        )
+        .service(resource("/v1/share-codes/{code}").route(get().to(share::resolve)))
         .service(resource("/v1/events/stream").route(get().to(events::stream)))
         .service(
             resource("/v1/webhooks")

@@ -129,3 +129,95 @@ async fn directory(backend: Backend) {
         .problem(422, "invalid_request");
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn patients_share_a_code_that_verified_doctors_resolve() {
+    for backend in eventstore::testing::BACKENDS {
+        share_codes(backend).await;
+    }
+}
+
+async fn share_codes(backend: Backend) {
+    let Some(app) = TestApp::start(backend).await else {
+        return;
+    };
+    let w = app.world().await;
+    let mine = format!("/v1/patients/{}/share-code", w.patient.id);
+    app.get(&mine, Some(&w.patient.token))
+        .await
+        .problem(404, "share_code_not_found");
+    let issued = app.post_empty(&mine, Some(&w.patient.token)).await.ok(201);
+    let code = issued["code"].as_str().unwrap().to_owned();
+    assert_eq!(code.len(), 11, "{code}");
+    assert_eq!(&code[5..6], "-");
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(issued["expires_at"].as_str().unwrap()).unwrap();
+    let days = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_days();
+    assert!((29..=30).contains(&days), "{days}");
+    assert_eq!(app.get(&mine, Some(&w.patient.token)).await.ok(200), issued);
+
+    // A verified doctor finds the patient by the code, however it is typed.
+    for typed in [
+        code.clone(),
+        code.to_lowercase(),
+        code.replace('-', ""),
+        code.replace('-', " "),
+    ] {
+        let found = app
+            .get(&format!("/v1/share-codes/{typed}"), Some(&w.doctor.token))
+            .await
+            .ok(200);
+        assert_eq!(found["patient_id"], w.patient.id.as_str());
+    }
+    // ... and asks for access with what it names.
+    app.request_access(&w.doctor, &w.patient.id, &["lab"])
+        .await
+        .ok(201);
+    // Only verified doctors; only the patient sees or renews their code.
+    app.get(
+        &format!("/v1/share-codes/{code}"),
+        Some(&w.unverified_doctor.token),
+    )
+    .await
+    .problem(403, "doctor_not_verified");
+    for who in [&w.patient, &w.registrar] {
+        app.get(&format!("/v1/share-codes/{code}"), Some(&who.token))
+            .await
+            .problem(403, "role_forbidden");
+    }
+    app.get(&mine, Some(&w.other_patient.token))
+        .await
+        .problem(403, "not_your_data");
+    app.post_empty(&mine, Some(&w.doctor.token))
+        .await
+        .problem(403, "role_forbidden");
+    for bad in ["ZZZZZ-ZZZZZ", "abc", "UUUUU-UUUUU", "%3Cscript%3E"] {
+        app.get(&format!("/v1/share-codes/{bad}"), Some(&w.doctor.token))
+            .await
+            .problem(404, "share_code_not_found");
+    }
+
+    // A new code replaces the old one.
+    let renewed = app.post_empty(&mine, Some(&w.patient.token)).await.ok(201);
+    let new_code = renewed["code"].as_str().unwrap().to_owned();
+    assert_ne!(new_code, code);
+    app.get(&format!("/v1/share-codes/{code}"), Some(&w.doctor.token))
+        .await
+        .problem(404, "share_code_not_found");
+    app.get(
+        &format!("/v1/share-codes/{new_code}"),
+        Some(&w.doctor.token),
+    )
+    .await
+    .ok(200);
+    // The code is sealed in the log, never in clear.
+    let raw = app.raw_events().await;
+    assert!(raw.contains("ShareCodeIssued"));
+    for c in [&code, &new_code] {
+        assert!(
+            !raw.contains(&c.replace('-', "")),
+            "a share code in clear in the log"
+        );
+    }
+    app.stop().await;
+}
