@@ -36,7 +36,7 @@ use crate::routes::{
         records::upload, records::list, records::get, records::content,
         access::request, access::list_for_patient, access::approve, access::reject,
         access::revoke, access::grants, access::access_log, access::list_for_doctor,
-        doctors::list, share::issue, share::show, share::resolve,
+        doctors::list, share::issue, share::show, share::qr, share::resolve,
         audit::anchors, audit::events, audit::disclosures, audit::export, audit::verify,
         audit::uncovered_reads, audit::reads_after_revocation,
         events::stream, webhooks::register, webhooks::list, webhooks::failures, webhooks::replay,
@@ -68,6 +68,11 @@ pub const ERRORS: &[(&str, &str, &[u16])] = &[
     ),
     (
         "/v1/patients/{patient_id}/share-code",
+        "get",
+        &[401, 403, 404],
+    ),
+    (
+        "/v1/patients/{patient_id}/share-code/qr",
         "get",
         &[401, 403, 404],
     ),

@@ -73,6 +73,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(post().to(share::issue))
                 .route(get().to(share::show)),
         )
+        .service(resource("/v1/patients/{patient_id}/share-code/qr").route(get().to(share::qr)))
         .service(resource("/v1/share-codes/{code}").route(get().to(share::resolve)))
         .service(resource("/v1/events/stream").route(get().to(events::stream)))
         .service(

@@ -80,6 +80,30 @@ pub async fn show(
     Ok(HttpResponse::Ok().json(current(&state, patient_id).await?))
 }
 
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/share-code/qr", tag = "consent",
+    params(("patient_id" = Uuid, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The current share code as a QR code (SVG) holding the code's text, for a doctor to scan (the patient)", content_type = "image/svg+xml", body = String)))]
+#[tracing::instrument(skip_all)]
+pub async fn qr(
+    state: Data<AppState>,
+    caller: Caller,
+    path: Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let patient_id: PatientId = path_id(&path, "patient")?;
+    own_patient(&caller, patient_id)?;
+    let code = current(&state, patient_id).await?.code;
+    let svg = qrcode::QrCode::new(code.as_bytes())
+        .map_err(|e| Problem::internal(&anyhow::anyhow!("encoding a QR code: {e}")))?
+        .render::<qrcode::render::svg::Color>()
+        .min_dimensions(240, 240)
+        .build();
+    Ok(HttpResponse::Ok()
+        .content_type("image/svg+xml")
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .body(svg))
+}
+
 #[utoipa::path(get, path = "/v1/share-codes/{code}", tag = "consent",
     params(("code" = String, Path)),
     security(("bearer" = [])),

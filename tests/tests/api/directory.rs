@@ -155,6 +155,17 @@ async fn share_codes(backend: Backend) {
     let days = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_days();
     assert!((29..=30).contains(&days), "{days}");
     assert_eq!(app.get(&mine, Some(&w.patient.token)).await.ok(200), issued);
+    let qr = app.get(&format!("{mine}/qr"), Some(&w.patient.token)).await;
+    assert_eq!(qr.status, 200);
+    assert_eq!(qr.header("content-type").as_deref(), Some("image/svg+xml"));
+    assert!(
+        qr.text().starts_with("<?xml") && qr.text().contains("<svg"),
+        "{}",
+        qr.text()
+    );
+    app.get(&format!("{mine}/qr"), Some(&w.doctor.token))
+        .await
+        .problem(403, "role_forbidden");
 
     // A verified doctor finds the patient by the code, however it is typed.
     for typed in [
