@@ -14,4 +14,5 @@ pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod web;
 pub mod webhooks;

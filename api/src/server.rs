@@ -88,6 +88,7 @@ pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
                     Problem::not_found("not_found", "no such resource").into()
                 }))
                 .configure(crate::routes::configure)
+                .configure(crate::web::configure)
                 .default_service(web::to(|| async {
                     Problem::not_found("route_not_found", "no such resource").error_response()
                 }))

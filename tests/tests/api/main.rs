@@ -18,3 +18,4 @@ mod openapi;
 mod payments;
 mod storage;
 mod story;
+mod web;
