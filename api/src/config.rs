@@ -20,6 +20,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// `AFYA_MAX_UPLOAD_BYTES`, default 25 MiB: larger uploads get 413.
     pub max_upload_bytes: usize,
+    /// `AFYA_EXPLORER_TX_URL`, e.g. `https://explorer.zksync.io/tx/`: the web app links
+    /// a record's token transaction to this prefix followed by the hash (unset: no link).
+    pub explorer_tx_url: Option<String>,
     /// `AFYA_SESSION_TTL_SECS`, default 8 hours: how long a sign-in lasts.
     pub session_lifetime: chrono::Duration,
     /// `AFYA_SIGNIN_MAX_FAILURES_PER_PHONE` (default 5) and `…_PER_IP` (default 20)
@@ -394,6 +397,7 @@ impl Config {
             listen,
             store,
             max_upload_bytes: number("AFYA_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)?,
+            explorer_tx_url: explorer_tx_url()?,
             session_lifetime: chrono::Duration::seconds(session_secs),
             sign_in_limits: SignInLimits {
                 per_phone: number("AFYA_SIGNIN_MAX_FAILURES_PER_PHONE", 5)?,
@@ -412,4 +416,15 @@ impl Config {
             nats: nats_settings(),
         })
     }
+}
+
+/// `AFYA_EXPLORER_TX_URL` must be an http(s) URL: the web app puts it in links.
+fn explorer_tx_url() -> anyhow::Result<Option<String>> {
+    let Some(url) = var("AFYA_EXPLORER_TX_URL") else {
+        return Ok(None);
+    };
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        anyhow::bail!("AFYA_EXPLORER_TX_URL must start with https:// or http://");
+    }
+    Ok(Some(url))
 }

@@ -27,7 +27,7 @@ use crate::routes::{
             checked and recorded anew."
     ),
     paths(
-        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+        ops::healthz, ops::readyz, ops::metrics, ops::openapi, ops::client_config,
         accounts::sign_up_patient, accounts::sign_up_doctor, accounts::verify_doctor,
         accounts::sign_in, accounts::current_session, accounts::sign_out,
         accounts::wallet, accounts::register_wallet,

@@ -1,6 +1,11 @@
 //! The web app's files, embedded in the binary (no front-end server, no build step),
 //! served at `/` and `/assets/…` with a strict Content-Security-Policy: scripts and
 //! styles from this origin only, no inline code, no framing, API calls to this origin.
+//! Clients that accept gzip get the files gzipped (made once, on first use); every
+//! answer carries an ETag, so a phone revalidates with a 304 instead of downloading.
+
+use std::io::Write;
+use std::sync::OnceLock;
 
 use actix_web::http::header;
 use actix_web::web::{self, Path, ServiceConfig};
@@ -30,6 +35,11 @@ macro_rules! asset {
 pub const ASSETS: &[Asset] = &[
     asset!("index.html", "text/html; charset=utf-8"),
     asset!("app.js", "text/javascript; charset=utf-8"),
+    asset!("core.js", "text/javascript; charset=utf-8"),
+    asset!("patient.js", "text/javascript; charset=utf-8"),
+    asset!("doctor.js", "text/javascript; charset=utf-8"),
+    asset!("payments.js", "text/javascript; charset=utf-8"),
+    asset!("staff.js", "text/javascript; charset=utf-8"),
     asset!("app.css", "text/css; charset=utf-8"),
     asset!("i18n/en.json", "application/json"),
     asset!("i18n/sw.json", "application/json"),
@@ -41,8 +51,16 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
      frame-ancestors 'none'";
 
 pub fn configure(cfg: &mut ServiceConfig) {
-    cfg.service(web::resource("/").route(web::get().to(index)))
-        .service(web::resource("/assets/{name:.+}").route(web::get().to(asset)));
+    cfg.service(
+        web::resource("/")
+            .route(web::get().to(index))
+            .route(web::head().to(index)),
+    )
+    .service(
+        web::resource("/assets/{name:.+}")
+            .route(web::get().to(asset))
+            .route(web::head().to(asset)),
+    );
 }
 
 fn find(name: &str) -> Option<&'static Asset> {
@@ -64,16 +82,54 @@ async fn asset(req: HttpRequest, name: Path<String>) -> HttpResponse {
     }
 }
 
+/// Each asset gzipped (or `None` where gzip does not make it smaller), in `ASSETS` order.
+fn gzipped() -> &'static [Option<Vec<u8>>] {
+    static GZIPPED: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
+    GZIPPED.get_or_init(|| {
+        ASSETS
+            .iter()
+            .map(|a| {
+                let mut encoder =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                encoder.write_all(a.bytes).ok()?;
+                let packed = encoder.finish().ok()?;
+                (packed.len() < a.bytes.len()).then_some(packed)
+            })
+            .collect()
+    })
+}
+
+fn accepts_gzip(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
 /// The file with its headers; 304 when the client holds this version.
 fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
+    let packed = ASSETS
+        .iter()
+        .position(|a| a.name == file.name)
+        .and_then(|i| gzipped().get(i))
+        .and_then(Option::as_ref)
+        .filter(|_| accepts_gzip(req));
     let digest = Sha256::digest(file.bytes);
-    let etag = format!(
-        "\"{}\"",
-        digest[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    let hex = digest[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    // Each encoding is its own representation, with its own tag.
+    let etag = match packed {
+        Some(_) => format!("\"{hex}-gz\""),
+        None => format!("\"{hex}\""),
+    };
     let fresh = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -86,6 +142,7 @@ fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
     };
     resp.insert_header((header::ETAG, etag))
         .insert_header((header::CACHE_CONTROL, cache))
+        .insert_header((header::VARY, "Accept-Encoding"))
         .insert_header((header::CONTENT_SECURITY_POLICY, CSP))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
@@ -94,9 +151,14 @@ fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
             "camera=(), geolocation=(), microphone=()",
         ));
     if fresh {
-        resp.finish()
-    } else {
-        resp.content_type(file.media_type).body(file.bytes)
+        return resp.finish();
+    }
+    resp.content_type(file.media_type);
+    match packed {
+        Some(bytes) => resp
+            .insert_header((header::CONTENT_ENCODING, "gzip"))
+            .body(bytes.as_slice()),
+        None => resp.body(file.bytes),
     }
 }
 
@@ -164,9 +226,140 @@ mod tests {
         assert_eq!(keys("i18n/en.json"), keys("i18n/sw.json"));
     }
 
+    fn words(lang: &str) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_slice(find(&format!("i18n/{lang}.json")).unwrap().bytes).unwrap()
+    }
+
+    /// The quoted `word.word` strings of the scripts: the sentence keys they use.
+    fn literal_keys(text: &str) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for piece in text.split('"').skip(1).step_by(2) {
+            let parts: Vec<&str> = piece.split('.').collect();
+            let wordy = parts.len() >= 2
+                && parts.iter().all(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                });
+            if wordy && !piece.ends_with(".js") && !piece.ends_with(".json") {
+                keys.insert(piece.to_owned());
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_sentence_the_scripts_use_is_in_the_dictionary() {
+        let en = words("en");
+        for file in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
+            let text = std::str::from_utf8(file.bytes).unwrap();
+            for key in literal_keys(text) {
+                assert!(
+                    en.contains_key(&key),
+                    "{} uses {key}, missing in en.json",
+                    file.name
+                );
+            }
+        }
+        // Keys made from values the API sends.
+        let families: &[(&str, &[&str])] = &[
+            (
+                "category",
+                &[
+                    "lab",
+                    "imaging",
+                    "prescription",
+                    "diagnosis",
+                    "immunization",
+                    "clinical_note",
+                    "other",
+                ],
+            ),
+            ("storage", &["local", "pending", "stored"]),
+            (
+                "payment.status",
+                &["pending", "confirmed", "failed", "cancelled", "timed_out"],
+            ),
+            ("payment.purpose", &["consultation_fee", "access_fee"]),
+            (
+                "request.status",
+                &["pending", "approved", "rejected", "revoked", "expired"],
+            ),
+            (
+                "role",
+                &["patient", "doctor", "registrar", "auditor", "integrator"],
+            ),
+            ("signup.title", &["patient", "doctor"]),
+            (
+                "patient.tab",
+                &["records", "requests", "log", "payments", "share"],
+            ),
+            ("doctor.tab", &["find", "requests", "payments"]),
+            ("registrar.tab", &["queue", "verified"]),
+            ("auditor.tab", &["history", "disclosures", "verify"]),
+        ];
+        for (family, values) in families {
+            for value in *values {
+                let key = format!("{family}.{value}");
+                assert!(en.contains_key(&key), "missing {key}");
+            }
+        }
+        for category in domain::value::Category::ALL {
+            assert!(en.contains_key(&format!("category.{}", category.as_str())));
+        }
+    }
+
+    #[test]
+    fn gzip_is_served_only_to_clients_that_accept_it() {
+        let req = |accept: Option<&str>| {
+            let mut r = actix_web::test::TestRequest::default();
+            if let Some(a) = accept {
+                r = r.insert_header((header::ACCEPT_ENCODING, a));
+            }
+            r.to_http_request()
+        };
+        assert!(accepts_gzip(&req(Some("gzip, deflate, br"))));
+        assert!(accepts_gzip(&req(Some("br;q=1.0, gzip;q=0.8"))));
+        assert!(!accepts_gzip(&req(Some("gzip;q=0, br"))));
+        assert!(!accepts_gzip(&req(Some("identity"))));
+        assert!(!accepts_gzip(&req(None)));
+        let app = find("app.js").unwrap();
+        let plain = serve(&req(None), app, "no-cache");
+        assert!(plain.headers().get(header::CONTENT_ENCODING).is_none());
+        let packed = serve(&req(Some("gzip")), app, "no-cache");
+        assert_eq!(
+            packed.headers().get(header::CONTENT_ENCODING).unwrap(),
+            "gzip"
+        );
+        assert_ne!(
+            plain.headers().get(header::ETAG),
+            packed.headers().get(header::ETAG)
+        );
+        // Every gzipped copy unpacks to the file.
+        for (file, packed) in ASSETS.iter().zip(gzipped()) {
+            if let Some(packed) = packed {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(packed.as_slice()),
+                    &mut out,
+                )
+                .unwrap();
+                assert_eq!(out, file.bytes, "{}", file.name);
+            }
+        }
+    }
+
     #[test]
     fn the_pages_stay_small() {
         let total: usize = ASSETS.iter().map(|a| a.bytes.len()).sum();
-        assert!(total <= 90 * 1024, "the web app weighs {total} bytes");
+        let packed: usize = ASSETS
+            .iter()
+            .zip(gzipped())
+            .map(|(a, p)| p.as_ref().map_or(a.bytes.len(), Vec::len))
+            .sum();
+        println!("the web app weighs {total} bytes, {packed} gzipped");
+        assert!(total <= 120 * 1024, "the web app weighs {total} bytes");
+        assert!(
+            packed <= 40 * 1024,
+            "the web app weighs {packed} bytes gzipped"
+        );
     }
 }

@@ -1,101 +1,171 @@
-// AfyaChain in the browser: plain ES modules, no library. Everything reaches the
-// page through h() (text only via textContent); the bearer token lives in this
-// module's memory only, never in storage or a URL.
+// AfyaChain in the browser: plain ES modules, no library, no build step. This module
+// is the shell: the language switch, signing up, in and out, and each role's tabs.
 
-const state = { token: null, lang: "en", words: {} };
+import {
+  state, h, t, api, loadLanguage, field, messageLine, busy, endView, button,
+} from "./core.js";
+import { patientTabs } from "./patient.js";
+import { doctorTabs } from "./doctor.js";
+import { registrarTabs, auditorTabs } from "./staff.js";
 
-/** An element with attributes and children (strings become text nodes). */
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value);
-  }
-  for (const child of children) {
-    el.append(typeof child === "string" ? document.createTextNode(child) : child);
-  }
-  return el;
-}
+const TABS = { patient: patientTabs, doctor: doctorTabs, registrar: registrarTabs, auditor: auditorTabs };
 
-/** The sentence for `key` in the chosen language, with {placeholders} filled. */
-function t(key, values = {}) {
-  const text = state.words[key] ?? key;
-  return text.replace(/\{(\w+)\}/g, (_, name) => values[name] ?? "");
-}
-
-async function loadLanguage(lang) {
-  const resp = await fetch(`/assets/i18n/${lang}.json`);
-  state.words = await resp.json();
-  state.lang = lang;
-  document.documentElement.lang = lang;
-  for (const el of document.querySelectorAll("[data-i18n]")) {
-    el.textContent = t(el.dataset.i18n);
-  }
-}
-
-/** A plain sentence for an API problem (never its raw JSON). */
-function problemText(problem, status) {
-  const byCode = problem && state.words[`errors.${problem.code}`];
-  return byCode ?? state.words[`errors.status.${status}`] ?? t("errors.generic");
-}
-
-async function api(method, path, body) {
-  const headers = {};
-  if (state.token) headers.Authorization = `Bearer ${state.token}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const data = resp.status === 204 ? null : await resp.json().catch(() => null);
-  if (!resp.ok) throw new Error(problemText(data, resp.status));
-  return data;
-}
-
+/** Replaces what the page shows; the previous view's timers end. */
 function show(...children) {
+  endView();
   const main = document.getElementById("main");
   main.replaceChildren(...children);
-  main.focus();
 }
 
-function signInPage(message) {
-  const phone = h("input", { id: "phone", name: "phone", type: "tel", autocomplete: "tel", required: "" });
-  const password = h("input", { id: "password", name: "password", type: "password", autocomplete: "current-password", required: "" });
-  const error = h("p", { class: "error", role: "alert" }, message ?? "");
+function focusHeading() {
+  const heading = document.querySelector("#main h1, #main h2");
+  if (heading) {
+    heading.setAttribute("tabindex", "-1");
+    heading.focus();
+  }
+}
+
+// ---- signing in and up ------------------------------------------------------------
+
+function passwordInput(autocomplete) {
+  return h("input", { type: "password", autocomplete, required: true, minlength: 10, maxlength: 128 });
+}
+
+function phoneInput() {
+  return h("input", { type: "tel", autocomplete: "tel", required: true, inputmode: "tel", placeholder: "07XX XXX XXX" });
+}
+
+async function signIn(phone, password) {
+  const session = await api("POST", "/v1/sessions", { phone, password });
+  state.token = session.token;
+  state.role = session.role;
+  state.subject = session.subject_id;
+  signedIn();
+}
+
+function signInPage(notice) {
+  state.redraw = () => signInPage();
+  const phone = phoneInput();
+  const password = passwordInput("current-password");
+  const message = messageLine("signin-message");
+  if (notice) message.showError(notice);
+  const submit = h("button", { type: "submit", id: "signin-submit" }, t("signin.submit"));
   const form = h("form", {
-    onsubmit: async (event) => {
+    id: "signin-form",
+    onsubmit: (event) => {
       event.preventDefault();
-      try {
-        const session = await api("POST", "/v1/sessions", { phone: phone.value, password: password.value });
-        state.token = session.token;
-        signedInPage(session.role);
-      } catch (e) {
-        error.textContent = e.message;
-      }
+      busy(submit, message, () => signIn(phone.value, password.value));
     },
   },
-    h("h1", {}, t("signin.title")),
-    h("label", { for: "phone" }, t("signin.phone")), phone,
-    h("label", { for: "password" }, t("signin.password")), password,
-    error,
-    h("button", { type: "submit" }, t("signin.submit")));
-  show(form);
+  h("h1", {}, t("signin.title")),
+  field("phone", "field.phone", phone),
+  field("password", "field.password", password),
+  message,
+  submit);
+  show(form,
+    h("p", { class: "alt" }, t("signup.prompt")),
+    h("div", { class: "row" },
+      button("signup.patient", () => signUpPage("patient"), { id: "signup-patient", class: "secondary" }),
+      button("signup.doctor", () => signUpPage("doctor"), { id: "signup-doctor", class: "secondary" })));
+  focusHeading();
 }
 
-function signedInPage(role) {
-  show(
-    h("p", { id: "who" }, t("signin.done", { role: t(`role.${role}`) })),
-    h("button", {
-      type: "button",
-      onclick: async () => {
-        try { await api("DELETE", "/v1/sessions/current"); } catch { /* signed out either way */ }
-        state.token = null;
-        signInPage();
-      },
-    }, t("signout.submit")));
+function signUpPage(role) {
+  state.redraw = () => signUpPage(role);
+  const phone = phoneInput();
+  const password = passwordInput("new-password");
+  const name = h("input", { type: "text", autocomplete: "name", required: true, maxlength: 100 });
+  const extra = role === "patient"
+    ? field("birth_date", "field.birth_date", h("input", { type: "date", required: true, max: new Date().toISOString().slice(0, 10) }))
+    : field("license_number", "field.license_number", h("input", { type: "text", required: true, maxlength: 32, autocomplete: "off" }), "signup.licence_hint");
+  const message = messageLine("signup-message");
+  const submit = h("button", { type: "submit", id: "signup-submit" }, t("signup.submit"));
+  const form = h("form", {
+    id: "signup-form",
+    onsubmit: (event) => {
+      event.preventDefault();
+      busy(submit, message, async () => {
+        const body = { phone: phone.value, password: password.value, name: name.value };
+        const value = extra.querySelector("input").value;
+        if (role === "patient") body.birth_date = value;
+        else body.license_number = value;
+        await api("POST", role === "patient" ? "/v1/patients" : "/v1/doctors", body);
+        await signIn(phone.value, password.value);
+      });
+    },
+  },
+  h("h1", {}, t(`signup.title.${role}`)),
+  field("name", "field.name", name),
+  field("phone", "field.phone", phone),
+  field("password", "field.password", password, "signup.password_hint"),
+  extra,
+  message,
+  submit);
+  show(form, h("p", { class: "alt" }, button("signup.back", () => signInPage(), { id: "signup-back", class: "link" })));
+  focusHeading();
 }
+
+async function signOut(notice) {
+  const token = state.token;
+  state.token = null;
+  state.role = null;
+  state.subject = null;
+  document.getElementById("account").replaceChildren();
+  if (token) {
+    // The server ends the session; the page forgets the token either way.
+    await fetch("/v1/sessions/current", { method: "DELETE", headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+  }
+  signInPage(notice);
+}
+
+state.onSignedOut = (sentence) => { if (state.token) signOut(sentence); };
+
+// ---- signed in --------------------------------------------------------------------
+
+function signedIn() {
+  document.getElementById("account").replaceChildren(
+    h("span", { id: "who" }, t(`role.${state.role}`)),
+    button("signout.submit", () => signOut(), { id: "signout", class: "secondary" }));
+  const tabs = TABS[state.role];
+  if (!tabs) {
+    show(h("p", { class: "message error", role: "alert" }, t("errors.no_web_role")));
+    return;
+  }
+  openTab(tabs(), 0);
+}
+
+function openTab(tabs, index) {
+  state.redraw = () => {
+    document.getElementById("who").textContent = t(`role.${state.role}`);
+    document.getElementById("signout").textContent = t("signout.submit");
+    openTab(tabs, index);
+  };
+  const nav = h("nav", { "aria-label": t("app.sections") },
+    h("ul", {}, tabs.map((tab, i) => h("li", {},
+      h("button", {
+        type: "button",
+        id: `tab-${tab.id}`,
+        class: "tab",
+        "aria-current": i === index ? "page" : null,
+        onclick: () => openTab(tabs, i),
+      }, t(tab.label))))));
+  const body = h("div", { id: "view" });
+  show(nav, body);
+  // A view may move to another tab (e.g. after a request is sent).
+  const go = (id) => openTab(tabs, Math.max(0, tabs.findIndex((x) => x.id === id)));
+  body.append(tabs[index].render(go));
+  focusHeading();
+}
+
+// ---- start ------------------------------------------------------------------------
 
 document.getElementById("lang").addEventListener("change", async (event) => {
   await loadLanguage(event.target.value);
-  if (state.token === null) signInPage();
+  if (state.redraw) state.redraw();
 });
 
-await loadLanguage("en");
+await loadLanguage(document.getElementById("lang").value);
+try {
+  state.config = await api("GET", "/v1/client-config");
+} catch { /* defaults */ }
 signInPage();

@@ -1310,6 +1310,7 @@ impl Commands {
         phone: &Msisdn,
         doctor_id: Option<DoctorId>,
         access_request_id: Option<AccessRequestId>,
+        patient_id: Option<PatientId>,
         meta: CommandMeta,
     ) -> Result<Done<PaymentId>, CommandError> {
         if let Some(outcome) = self
@@ -1333,6 +1334,7 @@ impl Commands {
             phone_index: self.keys.phone_index(phone.as_str()),
             doctor_id,
             access_request_id,
+            patient_id,
         };
         let outcome = self
             .store

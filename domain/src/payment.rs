@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actor::Actor;
 use crate::error::{Rule, RuleKind};
-use crate::ids::{AccessRequestId, DoctorId, PaymentId};
+use crate::ids::{AccessRequestId, DoctorId, PatientId, PaymentId};
 use crate::sealed::Sealed;
 
 /// What a payment is for.
@@ -105,6 +105,9 @@ pub enum PaymentCommand {
         phone_index: String,
         doctor_id: Option<DoctorId>,
         access_request_id: Option<AccessRequestId>,
+        /// The patient a doctor's fee is asked of (the patient of the access request);
+        /// ignored when the payer is a patient, who is then the patient.
+        patient_id: Option<PatientId>,
     },
     /// Daraja accepted the STK Push (the M-Pesa adapter only).
     AcceptPush {
@@ -140,6 +143,10 @@ pub enum PaymentEvent {
         phone_index: String,
         doctor_id: Option<DoctorId>,
         access_request_id: Option<AccessRequestId>,
+        /// The patient the payment concerns: the payer if a patient, else the patient
+        /// of the doctor's access request. Absent in events from before it was added.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        patient_id: Option<PatientId>,
     },
     StkPushAccepted {
         payment_id: PaymentId,
@@ -312,6 +319,7 @@ impl Aggregate for Payment {
                 phone_index,
                 doctor_id,
                 access_request_id,
+                patient_id,
             } => {
                 if self.id.is_some() {
                     return Err(PaymentError::AlreadyRequested);
@@ -331,6 +339,10 @@ impl Aggregate for Payment {
                     phone_index,
                     doctor_id,
                     access_request_id,
+                    patient_id: match payer {
+                        Actor::Patient(p) => Some(p),
+                        _ => patient_id,
+                    },
                 };
                 sink.write(event, self).await;
             }
@@ -488,6 +500,10 @@ mod tests {
             phone_index: "pi".into(),
             doctor_id: None,
             access_request_id: None,
+            patient_id: match payer {
+                Actor::Patient(p) => Some(p),
+                _ => None,
+            },
         }
     }
 
@@ -522,6 +538,7 @@ mod tests {
             phone_index: "pi".into(),
             doctor_id: None,
             access_request_id: None,
+            patient_id: None,
         };
         TestFramework::<Payment>::with(())
             .given_no_previous_events()

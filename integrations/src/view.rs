@@ -422,6 +422,7 @@ mod tests {
                 phone_index: PHONE_INDEX.into(),
                 doctor_id: None,
                 access_request_id: Some(AccessRequestId::new()),
+                patient_id: Some(PatientId::new()),
             },
         );
         assert_no_secrets(&requested);

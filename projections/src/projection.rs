@@ -956,9 +956,12 @@ impl LogHandler for Payments {
                 amount_kes,
                 doctor_id,
                 access_request_id,
+                patient_id,
                 ..
             } => {
-                let patient_id = payer.strip_prefix("patient:").map(str::to_owned);
+                let patient_id = patient_id
+                    .map(|p| p.to_string())
+                    .or_else(|| payer.strip_prefix("patient:").map(str::to_owned));
                 let doctor_id = doctor_id
                     .map(|d| d.to_string())
                     .or_else(|| payer.strip_prefix("doctor:").map(str::to_owned));

@@ -120,6 +120,7 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
                 &Msisdn::parse(PHONE).unwrap(),
                 None,
                 None,
+                None,
                 meta(),
             )
             .await

@@ -126,6 +126,8 @@ pub struct GrantList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AccessLogItem {
     pub doctor_id: Option<Uuid>,
+    /// The reading doctor's name (opened from the doctor's seal; absent once erased).
+    pub doctor_name: Option<String>,
     pub record_id: Uuid,
     pub request_id: Option<Uuid>,
     pub category: String,
@@ -609,20 +611,39 @@ pub async fn access_log(
         limit,
     )
     .await?;
-    let items = page
-        .items
-        .into_iter()
-        .map(|row| AccessLogItem {
-            doctor_id: row
-                .accessor
-                .strip_prefix("doctor:")
-                .and_then(|d| Uuid::parse_str(d).ok()),
+    let pool = state.store.any_pool();
+    let mut names: std::collections::HashMap<String, Option<String>> =
+        std::collections::HashMap::new();
+    let mut items = Vec::with_capacity(page.items.len());
+    for row in page.items {
+        let doctor = row.accessor.strip_prefix("doctor:").map(str::to_owned);
+        let doctor_name = match &doctor {
+            Some(d) => {
+                if !names.contains_key(d) {
+                    let name = match queries::doctor_profile(pool, d).await? {
+                        Some(p) => {
+                            state
+                                .commands
+                                .doctor_name(&p.doctor_id, &p.personal_sealed)
+                                .await
+                        }
+                        None => None,
+                    };
+                    names.insert(d.clone(), name);
+                }
+                names.get(d).cloned().flatten()
+            }
+            None => None,
+        };
+        items.push(AccessLogItem {
+            doctor_id: doctor.and_then(|d| Uuid::parse_str(&d).ok()),
+            doctor_name,
             record_id: Uuid::parse_str(&row.record_id).unwrap_or_default(),
             request_id: row.request_id.and_then(|r| Uuid::parse_str(&r).ok()),
             category: row.category,
             at: row.accessed_at,
-        })
-        .collect();
+        });
+    }
     Ok(HttpResponse::Ok().json(AccessLogPage {
         items,
         next_cursor: page.next_cursor,

@@ -29,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/readyz").route(get().to(ops::readyz)))
         .service(resource("/metrics").route(get().to(ops::metrics)))
         .service(resource("/v1/openapi.json").route(get().to(ops::openapi)))
+        .service(resource("/v1/client-config").route(get().to(ops::client_config)))
         .service(resource("/v1/patients").route(post().to(accounts::sign_up_patient)))
         .service(resource("/v1/payments").route(post().to(payments::create)))
         .service(resource("/v1/payments/{payment_id}").route(get().to(payments::get)))

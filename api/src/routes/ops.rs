@@ -13,6 +13,27 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
+/// What the web app needs to know of this server's settings.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ClientConfig {
+    /// The largest record upload in bytes; a larger one gets 413.
+    pub max_upload_bytes: usize,
+    /// Whether M-Pesa payments are configured (otherwise `POST /v1/payments` gets 503).
+    pub payments: bool,
+    /// Prefix of a block explorer's transaction page, if one is configured.
+    pub explorer_tx_url: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/client-config", tag = "operations",
+    responses((status = 200, description = "Settings the web app adapts to", body = ClientConfig)))]
+pub async fn client_config(state: Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(ClientConfig {
+        max_upload_bytes: state.config.max_upload_bytes,
+        payments: state.config.mpesa.is_some(),
+        explorer_tx_url: state.config.explorer_tx_url.clone(),
+    })
+}
+
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile."),
               (status = 503, description = "The event store does not answer", body = crate::problem::Details, content_type = "application/problem+json")))]

@@ -164,13 +164,15 @@ pub async fn create(
             return Err(Problem::field("doctor_id", "no such doctor"));
         }
     }
+    // The patient a doctor's fee is asked of is the patient of the access request.
+    let mut patient_id = None;
     if let Some(request_id) = access_request_id {
         let request = state
             .commands
             .access_request(request_id)
             .await
             .map_err(|e| Problem::internal(&e))?;
-        let involves_payer = request.is_some_and(|r| match payer {
+        let involves_payer = request.as_ref().is_some_and(|r| match payer {
             Actor::Patient(p) => r.patient_id() == Some(p),
             Actor::Doctor(d) => r.doctor_id() == Some(d),
             _ => false,
@@ -181,6 +183,7 @@ pub async fn create(
                 "no such access request of yours",
             ));
         }
+        patient_id = request.and_then(|r| r.patient_id());
     }
     if state.config.mpesa.is_none() {
         return Err(unavailable());
@@ -195,6 +198,7 @@ pub async fn create(
             &checked(phone)?,
             doctor_id,
             access_request_id,
+            patient_id,
             meta,
         )
         .await?;

@@ -13,7 +13,7 @@ use crate::app::{Party, TestApp};
 
 const TOKEN: &str = "cb-9f2c4e7a1b3d5f60";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -22,7 +22,11 @@ fn free_port() -> u16 {
 }
 
 /// The server's M-Pesa settings against `sandbox`, listening on `port`.
-fn vars(sandbox: &Sandbox, port: u16, reconcile_after_secs: u64) -> Vec<(String, String)> {
+pub(crate) fn vars(
+    sandbox: &Sandbox,
+    port: u16,
+    reconcile_after_secs: u64,
+) -> Vec<(String, String)> {
     let c = SandboxConfig::public_sandbox();
     [
         ("AFYA_LISTEN", format!("127.0.0.1:{port}")),
@@ -51,7 +55,7 @@ fn refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
     vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-async fn sandbox(delay_ms: u64) -> Sandbox {
+pub(crate) async fn sandbox(delay_ms: u64) -> Sandbox {
     let mut config = SandboxConfig::public_sandbox();
     config.callback_delay = Duration::from_millis(delay_ms);
     Sandbox::start(config).await.unwrap()

@@ -1,0 +1,287 @@
+// What every page shares: the state, the one way to put things on the page (h, text
+// only), the sentences of the chosen language, and the calls to the /v1 API. The
+// bearer token lives in this module's memory only: never in storage, a cookie or a URL.
+
+export const state = {
+  token: null,
+  role: null,
+  subject: null,
+  lang: "en",
+  words: {},
+  config: { max_upload_bytes: 0, payments: false, explorer_tx_url: null },
+  // Timers and object URLs of the view on screen, ended when it changes.
+  cleanups: [],
+  // Draws the view on screen again (after a language switch).
+  redraw: null,
+  // Called when the API says the session is over.
+  onSignedOut: null,
+};
+
+/** An element with attributes and children. Strings become text nodes; null, false
+ *  and undefined are skipped, as are attributes with those values. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (typeof value === "function") el.addEventListener(name.replace(/^on/, ""), value);
+    else el.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+/** The sentence for `key` in the chosen language, with {placeholders} filled. */
+export function t(key, values = {}) {
+  const text = state.words[key] ?? key;
+  return text.replace(/\{(\w+)\}/g, (_, name) => String(values[name] ?? ""));
+}
+
+/** `t(key)` if the dictionary has it, else `fallback`. */
+export function tOr(key, fallback) {
+  return key in state.words ? t(key) : fallback;
+}
+
+export async function loadLanguage(lang) {
+  const resp = await fetch(`/assets/i18n/${lang === "sw" ? "sw" : "en"}.json`);
+  if (!resp.ok) return;
+  state.words = await resp.json();
+  state.lang = lang;
+  document.documentElement.lang = lang;
+  for (const el of document.querySelectorAll("[data-i18n]")) {
+    el.textContent = t(el.dataset.i18n);
+  }
+}
+
+/** An error of the API as a sentence in the chosen language. */
+export class ApiError extends Error {
+  constructor(status, problem) {
+    super(problemText(status, problem));
+    this.status = status;
+    this.code = problem?.code ?? null;
+  }
+}
+
+function problemText(status, problem) {
+  const code = problem?.code;
+  if (code === "invalid_request" && problem.field) {
+    const field = problem.field.replace(/\[\d+\]$/, "");
+    return t("errors.field", { field: tOr(`field.${field}`, field) });
+  }
+  if (code && `errors.${code}` in state.words) return t(`errors.${code}`);
+  if (`errors.status.${status}` in state.words) return t(`errors.status.${status}`);
+  return t("errors.generic");
+}
+
+/** A fresh Idempotency-Key: a retry of the same action sends the same one. */
+export function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function authHeaders() {
+  return state.token ? { Authorization: `Bearer ${state.token}` } : {};
+}
+
+async function failed(resp) {
+  const problem = await resp.json().catch(() => null);
+  const error = new ApiError(resp.status, problem);
+  if (resp.status === 401 && state.token && state.onSignedOut) state.onSignedOut(error.message);
+  return error;
+}
+
+/** A JSON call to the API; throws an ApiError with a sentence on failure. */
+export async function api(method, path, body, key) {
+  const headers = authHeaders();
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["Idempotency-Key"] = key;
+  let resp;
+  try {
+    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    throw new ApiError(0, { code: "offline" });
+  }
+  if (!resp.ok) throw await failed(resp);
+  return resp.status === 204 ? null : resp.json();
+}
+
+/** Bytes from the API (a record, a QR code, an export) as a Blob. */
+export async function fetchBlob(path) {
+  let resp;
+  try {
+    resp = await fetch(path, { headers: authHeaders() });
+  } catch {
+    throw new ApiError(0, { code: "offline" });
+  }
+  if (!resp.ok) throw await failed(resp);
+  return resp.blob();
+}
+
+/** An object URL for `blob`, revoked when the view changes. */
+export function blobUrl(blob) {
+  const url = URL.createObjectURL(blob);
+  state.cleanups.push(() => URL.revokeObjectURL(url));
+  return url;
+}
+
+/** Saves `blob` as a file named `name` on the user's device. */
+export function saveBlob(blob, name) {
+  const a = h("a", { href: blobUrl(blob), download: name || "record" });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+/** Sends a file's raw bytes with its media type, reporting progress (0 to 1). */
+export function uploadFile(path, file, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    if (state.token) xhr.setRequestHeader("Authorization", `Bearer ${state.token}`);
+    xhr.setRequestHeader("Content-Type", file.type || "application/octet-stream");
+    xhr.setRequestHeader("Idempotency-Key", newKey());
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
+    xhr.onload = () => {
+      let data = null;
+      try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+      if (xhr.status >= 200 && xhr.status < 300) resolve(data);
+      else {
+        const error = new ApiError(xhr.status, data);
+        if (xhr.status === 401 && state.onSignedOut) state.onSignedOut(error.message);
+        reject(error);
+      }
+    };
+    xhr.onerror = () => reject(new ApiError(0, { code: "offline" }));
+    xhr.send(file);
+  });
+}
+
+/** Calls `fn` every `ms` until the view changes. */
+export function every(ms, fn) {
+  const id = setInterval(fn, ms);
+  state.cleanups.push(() => clearInterval(id));
+}
+
+export function endView() {
+  for (const cleanup of state.cleanups.splice(0)) cleanup();
+}
+
+// ---- formatting -------------------------------------------------------------------
+
+export function fmtBytes(n) {
+  if (n < 1024) return t("unit.bytes", { n });
+  if (n < 1024 * 1024) return t("unit.kb", { n: (n / 1024).toFixed(1) });
+  return t("unit.mb", { n: (n / 1024 / 1024).toFixed(1) });
+}
+
+export function fmtTime(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return iso;
+  return d.toLocaleString(state.lang === "sw" ? "sw-KE" : "en-KE", {
+    timeZone: "Africa/Nairobi", dateStyle: "medium", timeStyle: "short",
+  });
+}
+
+export function fmtDate(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return iso ?? "";
+  return d.toLocaleDateString(state.lang === "sw" ? "sw-KE" : "en-KE", { timeZone: "Africa/Nairobi", dateStyle: "medium" });
+}
+
+export const CATEGORIES = ["lab", "imaging", "prescription", "diagnosis", "immunization", "clinical_note", "other"];
+
+export function categoryName(c) {
+  return tOr(`category.${c}`, c);
+}
+
+// ---- building blocks --------------------------------------------------------------
+
+/** A labelled input: the label names the control for screen readers. */
+export function field(id, labelKey, control, hintKey) {
+  control.id = id;
+  if (!control.name) control.name = id;
+  const hint = hintKey ? h("p", { class: "hint", id: `${id}-hint` }, t(hintKey)) : null;
+  if (hint) control.setAttribute("aria-describedby", hint.id);
+  return h("div", { class: "field" }, h("label", { for: id }, t(labelKey)), control, hint);
+}
+
+/** A message line for a form: errors are announced (role=alert), notices politely. */
+export function messageLine(id) {
+  const el = h("p", { class: "message", id, role: "status", "aria-live": "polite" });
+  el.showError = (text) => { el.className = "message error"; el.setAttribute("role", "alert"); el.textContent = text; };
+  el.showNotice = (text) => { el.className = "message notice"; el.setAttribute("role", "status"); el.textContent = text; };
+  el.showEmpty = (text) => { el.className = "message empty"; el.setAttribute("role", "status"); el.textContent = text; };
+  el.clear = () => { el.className = "message"; el.textContent = ""; };
+  return el;
+}
+
+/** Runs `action` with `button` disabled (no double submits); errors go to `message`. */
+export async function busy(button, message, action) {
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  message?.clear();
+  try {
+    await action();
+  } catch (e) {
+    if (message) message.showError(e instanceof ApiError ? e.message : t("errors.generic"));
+    else throw e;
+  } finally {
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+  }
+}
+
+export function button(labelKey, onclick, attrs = {}) {
+  return h("button", { type: "button", ...attrs, onclick }, t(labelKey));
+}
+
+export function section(id, titleKey, ...children) {
+  return h("section", { id, "aria-labelledby": `${id}-title` }, h("h2", { id: `${id}-title` }, t(titleKey)), ...children);
+}
+
+/** A list loaded page by page: `load(cursor)` answers `{items, next_cursor}` and `item`
+ *  draws one. Shows "Loading…", the empty sentence, errors, and a "More" button. */
+export function pagedList(id, emptyKey, load, item) {
+  const list = h("ul", { class: "cards", id });
+  const message = messageLine(`${id}-message`);
+  const more = h("div", { class: "more" });
+  const holder = h("div", {}, list, message, more);
+  async function page(cursor) {
+    message.showNotice(t("app.loading"));
+    more.replaceChildren();
+    try {
+      const data = await load(cursor);
+      message.clear();
+      for (const row of data.items) list.append(item(row));
+      if (!list.children.length) message.showEmpty(t(emptyKey));
+      if (data.next_cursor !== null && data.next_cursor !== undefined) {
+        more.append(button("app.more", () => page(data.next_cursor), { id: `${id}-more` }));
+      }
+    } catch (e) {
+      message.showError(e.message);
+    }
+  }
+  page(null);
+  return holder;
+}
+
+export function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== null && v !== undefined && v !== "") q.set(k, v);
+  }
+  const s = q.toString();
+  return s ? `?${s}` : "";
+}
+
+/** A label: value line of a card. */
+export function line(labelKey, value, cls) {
+  return h("p", { class: cls ?? "line" }, h("span", { class: "k" }, t(labelKey)), " ", h("span", { class: "v" }, value));
+}
+
+export function badge(key, kind) {
+  return h("span", { class: `badge ${kind ?? ""}` }, t(key));
+}
