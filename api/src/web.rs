@@ -45,10 +45,14 @@ pub const ASSETS: &[Asset] = &[
     asset!("i18n/sw.json", "application/json"),
 ];
 
-/// The policy every page and file is served under.
+/// The policy every page and file is served under. Trusted Types are required, so even
+/// a mistaken HTML sink in a script would be refused by the browser.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; base-uri 'none'; \
-     frame-ancestors 'none'";
+     frame-ancestors 'none'; require-trusted-types-for 'script'; trusted-types 'none'";
+
+/// Files under `/assets/v-<version>/` never change: the version is a hash of them all.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(
@@ -63,8 +67,80 @@ pub fn configure(cfg: &mut ServiceConfig) {
     );
 }
 
-fn find(name: &str) -> Option<&'static Asset> {
-    ASSETS.iter().find(|a| a.name == name)
+/// One file as served: its bytes, gzipped copy (where smaller) and tags.
+struct Served {
+    media_type: &'static str,
+    bytes: Vec<u8>,
+    gzipped: Option<Vec<u8>>,
+    etag: String,
+    etag_gzip: String,
+}
+
+impl Served {
+    fn new(media_type: &'static str, bytes: Vec<u8>) -> Served {
+        let hex = hex16(&bytes);
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let gzipped = encoder
+            .write_all(&bytes)
+            .ok()
+            .and_then(|()| encoder.finish().ok())
+            .filter(|packed| packed.len() < bytes.len());
+        Served {
+            media_type,
+            bytes,
+            gzipped,
+            // Each encoding is its own representation, with its own tag.
+            etag: format!("\"{hex}\""),
+            etag_gzip: format!("\"{hex}-gz\""),
+        }
+    }
+}
+
+fn hex16(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The version of the whole set of files: a hash of every name and byte.
+pub fn version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        let mut all = Vec::new();
+        for a in ASSETS {
+            all.extend_from_slice(a.name.as_bytes());
+            all.push(0);
+            all.extend_from_slice(a.bytes);
+        }
+        hex16(&all)
+    })
+}
+
+/// Every file as served, by name. The page links its files under `/assets/v-<version>/`
+/// (scripts import each other by relative paths, so they follow), which can be cached
+/// for good: a new build has a new version.
+fn served() -> &'static [(&'static str, Served)] {
+    static SERVED: OnceLock<Vec<(&'static str, Served)>> = OnceLock::new();
+    SERVED.get_or_init(|| {
+        ASSETS
+            .iter()
+            .map(|a| {
+                let bytes = if a.name == "index.html" {
+                    String::from_utf8_lossy(a.bytes)
+                        .replace("\"/assets/", &format!("\"/assets/v-{}/", version()))
+                        .into_bytes()
+                } else {
+                    a.bytes.to_vec()
+                };
+                (a.name, Served::new(a.media_type, bytes))
+            })
+            .collect()
+    })
+}
+
+fn find(name: &str) -> Option<&'static Served> {
+    served().iter().find(|(n, _)| *n == name).map(|(_, s)| s)
 }
 
 async fn index(req: HttpRequest) -> HttpResponse {
@@ -75,28 +151,17 @@ async fn index(req: HttpRequest) -> HttpResponse {
 }
 
 async fn asset(req: HttpRequest, name: Path<String>) -> HttpResponse {
-    match find(&name).filter(|a| a.name != "index.html") {
-        // Names are not content-hashed yet: revalidate rather than cache for long.
-        Some(file) => serve(&req, file, "no-cache"),
+    // `v-<version>/name`: of this version, cached for good; of another (a page loaded
+    // before an upgrade), today's file, revalidated. A bare name is revalidated too.
+    let (name, cache) = match name.strip_prefix("v-").and_then(|n| n.split_once('/')) {
+        Some((v, rest)) if v == version() => (rest, IMMUTABLE),
+        Some((_, rest)) => (rest, "no-cache"),
+        None => (name.as_str(), "no-cache"),
+    };
+    match find(name).filter(|_| name != "index.html") {
+        Some(file) => serve(&req, file, cache),
         None => Problem::not_found("not_found", "no such file").error_response(),
     }
-}
-
-/// Each asset gzipped (or `None` where gzip does not make it smaller), in `ASSETS` order.
-fn gzipped() -> &'static [Option<Vec<u8>>] {
-    static GZIPPED: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
-    GZIPPED.get_or_init(|| {
-        ASSETS
-            .iter()
-            .map(|a| {
-                let mut encoder =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-                encoder.write_all(a.bytes).ok()?;
-                let packed = encoder.finish().ok()?;
-                (packed.len() < a.bytes.len()).then_some(packed)
-            })
-            .collect()
-    })
 }
 
 fn accepts_gzip(req: &HttpRequest) -> bool {
@@ -113,22 +178,12 @@ fn accepts_gzip(req: &HttpRequest) -> bool {
 }
 
 /// The file with its headers; 304 when the client holds this version.
-fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
-    let packed = ASSETS
-        .iter()
-        .position(|a| a.name == file.name)
-        .and_then(|i| gzipped().get(i))
-        .and_then(Option::as_ref)
-        .filter(|_| accepts_gzip(req));
-    let digest = Sha256::digest(file.bytes);
-    let hex = digest[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
-    // Each encoding is its own representation, with its own tag.
-    let etag = match packed {
-        Some(_) => format!("\"{hex}-gz\""),
-        None => format!("\"{hex}\""),
+fn serve(req: &HttpRequest, file: &'static Served, cache: &str) -> HttpResponse {
+    let packed = file.gzipped.as_ref().filter(|_| accepts_gzip(req));
+    let etag = if packed.is_some() {
+        &file.etag_gzip
+    } else {
+        &file.etag
     };
     let fresh = req
         .headers()
@@ -140,7 +195,7 @@ fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
     } else {
         HttpResponse::Ok()
     };
-    resp.insert_header((header::ETAG, etag))
+    resp.insert_header((header::ETAG, etag.as_str()))
         .insert_header((header::CACHE_CONTROL, cache))
         .insert_header((header::VARY, "Accept-Encoding"))
         .insert_header((header::CONTENT_SECURITY_POLICY, CSP))
@@ -158,7 +213,7 @@ fn serve(req: &HttpRequest, file: &Asset, cache: &str) -> HttpResponse {
         Some(bytes) => resp
             .insert_header((header::CONTENT_ENCODING, "gzip"))
             .body(bytes.as_slice()),
-        None => resp.body(file.bytes),
+        None => resp.body(file.bytes.as_slice()),
     }
 }
 
@@ -220,14 +275,14 @@ mod tests {
         let keys = |name: &str| -> BTreeSet<String> {
             let file = find(name).unwrap();
             let map: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(file.bytes).unwrap();
+                serde_json::from_slice(&file.bytes).unwrap();
             map.keys().cloned().collect()
         };
         assert_eq!(keys("i18n/en.json"), keys("i18n/sw.json"));
     }
 
     fn words(lang: &str) -> serde_json::Map<String, serde_json::Value> {
-        serde_json::from_slice(find(&format!("i18n/{lang}.json")).unwrap().bytes).unwrap()
+        serde_json::from_slice(&find(&format!("i18n/{lang}.json")).unwrap().bytes).unwrap()
     }
 
     /// The quoted `word.word` strings of the scripts: the sentence keys they use.
@@ -334,15 +389,15 @@ mod tests {
             packed.headers().get(header::ETAG)
         );
         // Every gzipped copy unpacks to the file.
-        for (file, packed) in ASSETS.iter().zip(gzipped()) {
-            if let Some(packed) = packed {
+        for (name, file) in served() {
+            if let Some(packed) = &file.gzipped {
                 let mut out = Vec::new();
                 std::io::Read::read_to_end(
                     &mut flate2::read::GzDecoder::new(packed.as_slice()),
                     &mut out,
                 )
                 .unwrap();
-                assert_eq!(out, file.bytes, "{}", file.name);
+                assert_eq!(out, file.bytes, "{name}");
             }
         }
     }
@@ -350,10 +405,9 @@ mod tests {
     #[test]
     fn the_pages_stay_small() {
         let total: usize = ASSETS.iter().map(|a| a.bytes.len()).sum();
-        let packed: usize = ASSETS
+        let packed: usize = served()
             .iter()
-            .zip(gzipped())
-            .map(|(a, p)| p.as_ref().map_or(a.bytes.len(), Vec::len))
+            .map(|(_, f)| f.gzipped.as_ref().map_or(f.bytes.len(), Vec::len))
             .sum();
         println!("the web app weighs {total} bytes, {packed} gzipped");
         assert!(total <= 120 * 1024, "the web app weighs {total} bytes");

@@ -45,7 +45,8 @@ export function tOr(key, fallback) {
 }
 
 export async function loadLanguage(lang) {
-  const resp = await fetch(`/assets/i18n/${lang === "sw" ? "sw" : "en"}.json`);
+  // Relative to this module, so the words come from the same version of the app.
+  const resp = await fetch(new URL(`./i18n/${lang === "sw" ? "sw" : "en"}.json`, import.meta.url));
   if (!resp.ok) return;
   state.words = await resp.json();
   state.lang = lang;

@@ -99,6 +99,7 @@ function requestCard(r) {
     : null;
   return h("li", { class: `card mine ${r.status}`, "data-request": r.request_id },
     h("h3", {}, t(`request.status.${r.status}`)),
+    line("doctor.patient_ref", r.patient_id.slice(0, 8)),
     line("requests.scope", scopeText(r)),
     line("requests.asked", fmtTime(r.requested_at)),
     r.expires_at ? line("grants.until", fmtTime(r.expires_at)) : null,

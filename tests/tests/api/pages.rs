@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use eventstore::Backend;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::app::{password_of, TestApp};
 use crate::browser::Browser;
@@ -41,7 +41,11 @@ async fn sign_out(b: &Browser) {
 }
 
 /// Both sizes of the page on screen.
-async fn shots(b: &Browser, name: &str) {
+async fn shots(b: &Browser, name: &str, take: bool) {
+    every_control_is_labelled(b).await;
+    if !take {
+        return;
+    }
     for width in [PHONE, DESKTOP] {
         b.set_width(width).await;
         b.screenshot_full(&format!("{name}-{width}")).await;
@@ -65,15 +69,70 @@ async fn no_xss(b: &Browser) {
     );
 }
 
+/// Every form control on screen has a label (or an aria-label).
+async fn every_control_is_labelled(b: &Browser) {
+    let unlabelled = b
+        .execute(
+            "return Array.from(document.querySelectorAll('input, select, textarea'))\
+             .filter(e => e.type !== 'hidden' && !e.getAttribute('aria-label') \
+               && !(e.id && document.querySelector(`label[for=\"${e.id}\"]`)))\
+             .map(e => e.id || e.name || e.type)",
+            vec![],
+        )
+        .await;
+    assert_eq!(unlabelled, json!([]), "controls without a label");
+}
+
+/// Sends keys to whatever has the focus, as a keyboard would.
+async fn press(b: &Browser, keys: &str) {
+    let focused = b.client().active_element().await.unwrap();
+    focused.send_keys(keys).await.unwrap();
+}
+
+async fn focused_id(b: &Browser) -> String {
+    b.execute(
+        "return document.activeElement ? document.activeElement.id : ''",
+        vec![],
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
+/// Tabs forward until the element with `id` has the focus.
+async fn tab_to(b: &Browser, id: &str) {
+    for _ in 0..20 {
+        if focused_id(b).await == id {
+            return;
+        }
+        press(b, TAB).await;
+    }
+    panic!("the keyboard never reached #{id}");
+}
+
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
+
 #[actix_rt::test]
-async fn the_consent_story_runs_through_the_pages() {
+async fn the_consent_story_runs_through_the_pages_on_sqlite() {
+    story(Backend::Sqlite).await;
+}
+
+#[actix_rt::test]
+async fn the_consent_story_runs_through_the_pages_on_postgres() {
+    story(Backend::Postgres).await;
+}
+
+async fn story(backend: Backend) {
     let daraja = sandbox(300).await;
     let port = free_port();
     let vars = vars(&daraja, port, 60);
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let Some(app) = TestApp::start_with(Backend::Sqlite, &refs).await else {
+    let Some(app) = TestApp::start_with(backend, &refs).await else {
         return;
     };
+    let shots_here = backend == Backend::Sqlite;
     let Some(p) = Browser::start().await else {
         app.stop().await;
         return;
@@ -87,7 +146,7 @@ async fn the_consent_story_runs_through_the_pages() {
 
     // The sign-in page, in both sizes.
     p.wait_for("#signin-form").await;
-    shots(&p, "signin").await;
+    shots(&p, "signin", shots_here).await;
 
     // A patient signs up through the page.
     let patient_phone = app.phone();
@@ -128,6 +187,20 @@ async fn the_consent_story_runs_through_the_pages() {
     );
     p.wait_for("#upload-progress").await;
 
+    // A second record, dropped on the page rather than picked.
+    p.select("#upload-category", "other").await;
+    p.execute(
+        "const dt = new DataTransfer();\
+         dt.items.add(new File(['penicillin'], 'allergies.txt', { type: 'text/plain' }));\
+         document.getElementById('upload-drop').dispatchEvent(\
+           new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));",
+        vec![],
+    )
+    .await;
+    p.wait_text("#upload-chosen", "allergies.txt").await;
+    p.click("#upload-submit").await;
+    p.wait_text(".record h3", "allergies.txt").await;
+
     // Makes a share code.
     p.click("#tab-share").await;
     p.wait_text("#share-code-box", "no code").await;
@@ -135,7 +208,7 @@ async fn the_consent_story_runs_through_the_pages() {
     let code = p.wait_for("#share-code").await.text().await.unwrap();
     assert_eq!(code.len(), 11, "{code}");
     p.wait_for("img.qr").await;
-    shots(&p, "patient-share-code").await;
+    shots(&p, "patient-share-code", shots_here).await;
 
     // A doctor signs up, with a name that tries to run script.
     let doctor_phone = app.phone();
@@ -156,11 +229,17 @@ async fn the_consent_story_runs_through_the_pages() {
     // The registrar verifies the doctor; the name shows as text.
     let registrar_phone = app.phone();
     app.add_staff("registrar", &registrar_phone, "Rehema Registrar");
-    sign_in(&d, &registrar_phone).await;
+    // Signed in with the keyboard only.
+    tab_to(&d, "phone").await;
+    press(&d, &registrar_phone).await;
+    press(&d, TAB).await;
+    press(&d, &password_of(&registrar_phone)).await;
+    press(&d, ENTER).await;
+    d.wait_for("#signout").await;
     d.wait_text(".doctor-item h3", "<script>window.__xss=1</script>")
         .await;
     no_xss(&d).await;
-    shots(&d, "registrar-queue").await;
+    shots(&d, "registrar-queue", shots_here).await;
     d.click(".doctor-item .verify").await;
     d.wait_text("#doctor-list-message", "No doctor is waiting")
         .await;
@@ -175,18 +254,19 @@ async fn the_consent_story_runs_through_the_pages() {
     d.click("#ask-lab").await;
     d.fill("#ask-purpose", "Diabetes follow-up").await;
     d.fill("#ask-days", "30").await;
-    shots(&d, "doctor-find").await;
+    shots(&d, "doctor-find", shots_here).await;
     d.click("#ask-submit").await;
     d.wait_text(".mine h3", "Waiting for the patient").await;
 
-    // The patient sees who asks, and why, and approves.
-    p.click("#tab-requests").await;
+    // The patient sees who asks, and why, and approves. The tab is reached by keyboard.
+    tab_to(&p, "tab-requests").await;
+    press(&p, ENTER).await;
     p.wait_text(".request .doctor", "KMPDC-0099").await;
     p.wait_text(".request .doctor", "Verified").await;
     p.wait_text(".request", "Diabetes follow-up").await;
     p.wait_text(".request .doctor", "<img src=x").await;
     no_xss(&p).await;
-    shots(&p, "patient-requests").await;
+    shots(&p, "patient-requests", shots_here).await;
     p.click(".request .approve").await;
     p.wait_text(".grant", "Lab result").await;
     p.wait_text("#pending-list-message", "No one is asking")
@@ -197,6 +277,8 @@ async fn the_consent_story_runs_through_the_pages() {
     d.wait_text(".mine h3", "Approved").await;
     d.click(".mine .open-records").await;
     d.wait_text(".granted .record h3", "hba1c-2026.pdf").await;
+    // Only what the grant covers: the lab result, not the other record.
+    assert!(!d.text(".granted").await.contains("allergies.txt"));
     d.click(".granted .record .download").await;
     let downloaded = d
         .downloaded(Some("hba1c-2026.pdf"), Duration::from_secs(20))
@@ -212,7 +294,7 @@ async fn the_consent_story_runs_through_the_pages() {
         "This read is in the patient's access log",
     )
     .await;
-    shots(&d, "doctor-records").await;
+    shots(&d, "doctor-records", shots_here).await;
 
     // The doctor asks for a consultation fee: M-Pesa prompts the patient's phone, and
     // the page follows the payment until the sandbox's callback confirms it.
@@ -223,14 +305,14 @@ async fn the_consent_story_runs_through_the_pages() {
     d.click("#pay-submit").await;
     d.wait_text("#pay-status", "Paid").await;
     d.wait_text("#pay-status", "receipt").await;
-    shots(&d, "doctor-fee").await;
+    shots(&d, "doctor-fee", shots_here).await;
 
     // The patient sees the read in the access log, and the fee among the payments.
     p.click("#tab-log").await;
     p.wait_text(".read", "Dr Amina").await;
     p.wait_text(".read", "hba1c-2026.pdf").await;
     no_xss(&p).await;
-    shots(&p, "patient-access-log").await;
+    shots(&p, "patient-access-log", shots_here).await;
     p.click("#tab-payments").await;
     p.wait_text(".payment", "Consultation fee").await;
     p.wait_text(".payment", "Paid").await;
@@ -238,7 +320,7 @@ async fn the_consent_story_runs_through_the_pages() {
     // The patient's dashboard, in both sizes.
     p.click("#tab-records").await;
     p.wait_text(".record h3", "hba1c-2026.pdf").await;
-    shots(&p, "patient-records").await;
+    shots(&p, "patient-records", shots_here).await;
 
     // The doctor has the records open again when the patient revokes.
     d.click(".mine .open-records").await;
@@ -267,7 +349,7 @@ async fn the_consent_story_runs_through_the_pages() {
     p.wait_text("#signout", "Toka").await;
     p.click("#tab-records").await;
     p.wait_text(".record", "Matokeo ya maabara").await;
-    shots(&p, "patient-records-sw").await;
+    shots(&p, "patient-records-sw", shots_here).await;
     p.select("#lang", "en").await;
     p.wait_text("#tab-records", "My records").await;
     sign_out(&p).await;
@@ -286,7 +368,7 @@ async fn the_consent_story_runs_through_the_pages() {
     app.add_staff("auditor", &auditor_phone, "Baraka Auditor");
     sign_in(&d, &auditor_phone).await;
     d.wait_text(".event h3", "RecordAccessed").await;
-    shots(&d, "auditor-history").await;
+    shots(&d, "auditor-history", shots_here).await;
     d.fill("#filter-type", "AccessApproved").await;
     d.click("#history-submit").await;
     d.wait_text(".event h3", "AccessApproved").await;
