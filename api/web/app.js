@@ -2,7 +2,7 @@
 // is the shell: the language switch, signing up, in and out, and each role's tabs.
 
 import {
-  state, h, t, api, loadLanguage, field, messageLine, busy, endView, button,
+  state, h, t, api, loadLanguage, field, messageLine, busy, endView, button, sentence,
 } from "./core.js";
 import { patientTabs } from "./patient.js";
 import { doctorTabs } from "./doctor.js";
@@ -43,9 +43,10 @@ async function signIn(phone, password) {
   signedIn();
 }
 
-function signInPage(notice) {
+function signInPage(notice, knownPhone) {
   state.redraw = () => signInPage();
   const phone = phoneInput();
+  if (knownPhone) phone.value = knownPhone;
   const password = passwordInput("current-password");
   const message = messageLine("signin-message");
   if (notice) message.showError(notice);
@@ -90,7 +91,12 @@ function signUpPage(role) {
         if (role === "patient") body.birth_date = value;
         else body.license_number = value;
         await api("POST", role === "patient" ? "/v1/patients" : "/v1/doctors", body);
-        await signIn(phone.value, password.value);
+        try {
+          await signIn(phone.value, password.value);
+        } catch (e) {
+          // The account exists: signing up again would only find the phone taken.
+          signInPage(sentence(e), phone.value);
+        }
       });
     },
   },
@@ -134,11 +140,11 @@ function signedIn() {
   openTab(tabs(), 0);
 }
 
-function openTab(tabs, index) {
+function openTab(tabs, index, noticeKey, keepFocus) {
   state.redraw = () => {
     document.getElementById("who").textContent = t(`role.${state.role}`);
     document.getElementById("signout").textContent = t("signout.submit");
-    openTab(tabs, index);
+    openTab(tabs, index, null, true);
   };
   const nav = h("nav", { "aria-label": t("app.sections") },
     h("ul", {}, tabs.map((tab, i) => h("li", {},
@@ -150,22 +156,39 @@ function openTab(tabs, index) {
         onclick: () => openTab(tabs, i),
       }, t(tab.label))))));
   const body = h("div", { id: "view" });
-  show(nav, body);
-  // A view may move to another tab (e.g. after a request is sent).
-  const go = (id) => openTab(tabs, Math.max(0, tabs.findIndex((x) => x.id === id)));
+  // What was just done, announced on the page it leads to.
+  const notice = h("p", { id: "notice", class: noticeKey ? "message notice" : "message", role: "status" }, noticeKey ? t(noticeKey) : "");
+  show(h("h1", { class: "sr-only" }, t(tabs[index].label)), nav, notice, body);
+  // A view may move to another tab (e.g. after a request is sent), saying why.
+  const go = (id, key) => openTab(tabs, Math.max(0, tabs.findIndex((x) => x.id === id)), key);
   body.append(tabs[index].render(go));
-  focusHeading();
+  if (!keepFocus) focusHeading();
 }
 
 // ---- start ------------------------------------------------------------------------
 
 document.getElementById("lang").addEventListener("change", async (event) => {
-  await loadLanguage(event.target.value);
+  try {
+    await loadLanguage(event.target.value);
+  } catch {
+    return;
+  }
+  // The focus stays on the language switch.
   if (state.redraw) state.redraw();
 });
 
-await loadLanguage(document.getElementById("lang").value);
-try {
-  state.config = await api("GET", "/v1/client-config");
-} catch { /* defaults */ }
-signInPage();
+async function start() {
+  try {
+    await loadLanguage(document.getElementById("lang").value);
+  } catch {
+    // Without the words there is nothing to show but this.
+    show(h("p", { class: "message error", role: "alert" }, "The server cannot be reached. Check your connection and reload. / Seva haipatikani. Angalia mtandao na upakie upya."));
+    return;
+  }
+  try {
+    state.config = await api("GET", "/v1/client-config");
+  } catch { /* defaults */ }
+  signInPage();
+}
+
+start();

@@ -86,15 +86,24 @@ function authHeaders() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
 }
 
-async function failed(resp) {
+/** The sentence for any error: the API's, or a plain one for anything else. */
+export function sentence(e) {
+  return e instanceof ApiError ? e.message : t("errors.generic");
+}
+
+async function failed(resp, token) {
   const problem = await resp.json().catch(() => null);
   const error = new ApiError(resp.status, problem);
-  if (resp.status === 401 && state.token && state.onSignedOut) state.onSignedOut(error.message);
+  // Only this session's own 401 ends it (not a late answer to an earlier one).
+  if (resp.status === 401 && token && token === state.token && state.onSignedOut) {
+    state.onSignedOut(error.message);
+  }
   return error;
 }
 
 /** A JSON call to the API; throws an ApiError with a sentence on failure. */
 export async function api(method, path, body, key) {
+  const token = state.token;
   const headers = authHeaders();
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (key) headers["Idempotency-Key"] = key;
@@ -104,20 +113,31 @@ export async function api(method, path, body, key) {
   } catch {
     throw new ApiError(0, { code: "offline" });
   }
-  if (!resp.ok) throw await failed(resp);
-  return resp.status === 204 ? null : resp.json();
+  if (!resp.ok) throw await failed(resp, token);
+  if (resp.status === 204) return null;
+  try {
+    return await resp.json();
+  } catch {
+    // Not our API's answer (a captive portal's page, a cut connection).
+    throw new ApiError(resp.status, { code: "bad_answer" });
+  }
 }
 
 /** Bytes from the API (a record, a QR code, an export) as a Blob. */
 export async function fetchBlob(path) {
+  const token = state.token;
   let resp;
   try {
     resp = await fetch(path, { headers: authHeaders() });
   } catch {
     throw new ApiError(0, { code: "offline" });
   }
-  if (!resp.ok) throw await failed(resp);
-  return resp.blob();
+  if (!resp.ok) throw await failed(resp, token);
+  try {
+    return await resp.blob();
+  } catch {
+    throw new ApiError(0, { code: "offline" });
+  }
 }
 
 /** An object URL for `blob`, revoked when the view changes. */
@@ -127,28 +147,34 @@ export function blobUrl(blob) {
   return url;
 }
 
-/** Saves `blob` as a file named `name` on the user's device. */
+/** Saves `blob` as a file named `name` on the user's device; the bytes are let go
+ *  once the browser has taken them. */
 export function saveBlob(blob, name) {
-  const a = h("a", { href: blobUrl(blob), download: name || "record" });
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: name || "record" });
   document.body.append(a);
   a.click();
   a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
 
-/** Sends a file's raw bytes with its media type, reporting progress (0 to 1). */
-export function uploadFile(path, file, onProgress) {
+/** Sends a file's raw bytes with its media type, reporting progress (0 to 1). `key`
+ *  is the same for every attempt at the same file, so a retry stores it once. */
+export function uploadFile(path, file, key, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
     if (state.token) xhr.setRequestHeader("Authorization", `Bearer ${state.token}`);
     xhr.setRequestHeader("Content-Type", file.type || "application/octet-stream");
-    xhr.setRequestHeader("Idempotency-Key", newKey());
+    xhr.setRequestHeader("Idempotency-Key", key);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
     xhr.onload = () => {
       let data = null;
       try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
-      if (xhr.status >= 200 && xhr.status < 300) resolve(data);
-      else {
+      if (xhr.status >= 200 && xhr.status < 300) {
+        if (data) resolve(data);
+        else reject(new ApiError(xhr.status, { code: "bad_answer" }));
+      } else {
         const error = new ApiError(xhr.status, data);
         if (xhr.status === 401 && state.onSignedOut) state.onSignedOut(error.message);
         reject(error);
@@ -159,10 +185,10 @@ export function uploadFile(path, file, onProgress) {
   });
 }
 
-/** Calls `fn` every `ms` until the view changes. */
-export function every(ms, fn) {
-  const id = setInterval(fn, ms);
-  state.cleanups.push(() => clearInterval(id));
+/** Calls `fn` after `ms`, unless the view changes first. */
+export function later(ms, fn) {
+  const id = setTimeout(fn, ms);
+  state.cleanups.push(() => clearTimeout(id));
 }
 
 export function endView() {
@@ -219,19 +245,19 @@ export function messageLine(id) {
   return el;
 }
 
-/** Runs `action` with `button` disabled (no double submits); errors go to `message`. */
-export async function busy(button, message, action) {
-  button.disabled = true;
-  button.setAttribute("aria-busy", "true");
+/** Runs `action` with `buttons` (one or several) disabled, so nothing is sent twice;
+ *  errors go to `message`. */
+export async function busy(buttons, message, action) {
+  const all = Array.isArray(buttons) ? buttons : [buttons];
+  for (const b of all) { b.disabled = true; b.setAttribute("aria-busy", "true"); }
   message?.clear();
   try {
     await action();
   } catch (e) {
-    if (message) message.showError(e instanceof ApiError ? e.message : t("errors.generic"));
+    if (message) message.showError(sentence(e));
     else throw e;
   } finally {
-    button.disabled = false;
-    button.removeAttribute("aria-busy");
+    for (const b of all) { b.disabled = false; b.removeAttribute("aria-busy"); }
   }
 }
 
@@ -245,27 +271,43 @@ export function section(id, titleKey, ...children) {
 
 /** A list loaded page by page: `load(cursor)` answers `{items, next_cursor}` and `item`
  *  draws one. Shows "Loading…", the empty sentence, errors, and a "More" button. */
-export function pagedList(id, emptyKey, load, item) {
+export function pagedList(id, emptyKey, load, item, keep = () => true) {
   const list = h("ul", { class: "cards", id });
   const message = messageLine(`${id}-message`);
   const more = h("div", { class: "more" });
   const holder = h("div", {}, list, message, more);
-  async function page(cursor) {
+  // A page may hold nothing to show (a doctor's view is filtered after paging): then
+  // the next one is fetched, up to a few, before "Show more" is offered.
+  async function page(cursor, fromButton) {
     message.showNotice(t("app.loading"));
-    more.replaceChildren();
+    const before = list.children.length;
+    let next = cursor;
     try {
-      const data = await load(cursor);
-      message.clear();
-      for (const row of data.items) list.append(item(row));
-      if (!list.children.length) message.showEmpty(t(emptyKey));
-      if (data.next_cursor !== null && data.next_cursor !== undefined) {
-        more.append(button("app.more", () => page(data.next_cursor), { id: `${id}-more` }));
+      for (let tries = 0; tries < 5; tries++) {
+        const data = await load(next);
+        for (const row of data.items.filter(keep)) list.append(item(row));
+        next = data.next_cursor ?? null;
+        if (next === null || list.children.length > before) break;
       }
+      message.clear();
+      more.replaceChildren();
+      if (next !== null) {
+        more.append(button("app.more", () => page(next, true), { id: `${id}-more`, class: "secondary" }));
+      } else if (!list.children.length) {
+        message.showEmpty(t(emptyKey));
+      }
+      // The keyboard goes on from the first new item.
+      const first = list.children[before];
+      if (fromButton && first) { first.setAttribute("tabindex", "-1"); first.focus(); }
     } catch (e) {
-      message.showError(e.message);
+      // "Show more" stays, to try again.
+      message.showError(sentence(e));
+      if (!more.children.length) {
+        more.append(button("app.retry", () => page(next, fromButton), { id: `${id}-more`, class: "secondary" }));
+      }
     }
   }
-  page(null);
+  page(null, false);
   return holder;
 }
 

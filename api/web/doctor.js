@@ -35,10 +35,13 @@ function findView(go) {
         if (!typed) { message.showError(t("find.empty")); return; }
         const patient = await api("GET", `/v1/share-codes/${encodeURIComponent(typed)}`);
         found.replaceChildren(requestForm(patient.patient_id, go));
+        const heading = found.querySelector("h2");
+        heading.setAttribute("tabindex", "-1");
+        heading.focus();
       });
     },
   },
-  h("h1", {}, t("find.title")),
+  h("h2", {}, t("find.title")),
   field("share-code-input", "find.code", code, "find.hint"),
   message, submit);
   return h("div", {}, form, found);
@@ -61,7 +64,7 @@ function requestForm(patientId, go) {
         const body = { patient_id: patientId, categories, purpose: purpose.value, duration_days: Number(days.value) };
         if (note.value) body.note = note.value;
         await api("POST", "/v1/access-requests", body, newKey());
-        go("requests");
+        go("requests", "ask.sent");
       });
     },
   },
@@ -94,7 +97,7 @@ function requestCard(r) {
     : null;
   const fee = r.status === "approved" && state.config.payments
     ? button("doctor.ask_fee", () => {
-      records.replaceChildren(payForm({ accessRequestId: r.request_id, doctorId: state.subject, titleKey: "doctor.fee_title", phoneHintKey: "doctor.fee_phone_hint" }));
+      records.replaceChildren(payForm({ id: `pay-${r.request_id}`, accessRequestId: r.request_id, doctorId: state.subject, titleKey: "doctor.fee_title", phoneHintKey: "doctor.fee_phone_hint" }));
     }, { class: "secondary ask-fee" })
     : null;
   return h("li", { class: `card mine ${r.status}`, "data-request": r.request_id },
@@ -107,11 +110,14 @@ function requestCard(r) {
     message, records);
 }
 
+/** The records this grant covers (the patient's list shows what any of the doctor's
+ *  grants covers; each read names this one). */
 function grantedRecords(r) {
+  const covered = (rec) => r.categories.includes(rec.category) || r.record_ids.includes(rec.record_id);
   return pagedList(`granted-${r.request_id}`, "doctor.granted.empty",
     (cursor) => api("GET", `/v1/patients/${r.patient_id}/records${query({ cursor })}`),
     (rec) => {
-      const message = messageLine(`read-${rec.record_id}-message`);
+      const message = messageLine(`read-${r.request_id}-${rec.record_id}-message`);
       const download = button("records.download", () => busy(download, message, async () => {
         const blob = await fetchBlob(`/v1/records/${rec.record_id}/content${query({ request_id: r.request_id })}`);
         saveBlob(blob, rec.filename);
@@ -123,7 +129,8 @@ function grantedRecords(r) {
         line("records.size", fmtBytes(rec.size)),
         line("records.uploaded", fmtTime(rec.uploaded_at)),
         h("div", { class: "row" }, download), message);
-    });
+    },
+    covered);
 }
 
 // ---- payments ---------------------------------------------------------------------

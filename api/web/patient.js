@@ -4,7 +4,7 @@
 import {
   state, h, t, api, fetchBlob, blobUrl, saveBlob, uploadFile, field, messageLine, busy,
   button, section, pagedList, query, line, badge, fmtBytes, fmtTime, fmtDate,
-  CATEGORIES, categoryName, newKey,
+  CATEGORIES, categoryName, newKey, sentence,
 } from "./core.js";
 import { paymentsList, payForm } from "./payments.js";
 
@@ -63,8 +63,11 @@ function uploadForm(done) {
   const message = messageLine("upload-message");
   const submit = h("button", { type: "submit", id: "upload-submit" }, t("upload.submit"));
   let dropped = null;
+  // One key per chosen file: retrying the same file after an error stores it once.
+  let key = newKey();
   const picked = () => dropped ?? file.files[0] ?? null;
   const describe = () => {
+    key = newKey();
     const f = picked();
     chosen.textContent = f ? t("upload.chosen", { name: f.name, size: fmtBytes(f.size) }) : "";
   };
@@ -94,7 +97,7 @@ function uploadForm(done) {
         progress.hidden = false;
         progress.value = 0;
         const path = `${me()}/records${query({ category: category.value, filename: f.name })}`;
-        await uploadFile(path, f, (share) => { progress.value = Math.round(share * 100); });
+        await uploadFile(path, f, key, (share) => { progress.value = Math.round(share * 100); });
         progress.value = 100;
         message.showNotice(t("upload.done", { name: f.name }));
         form.reset();
@@ -143,6 +146,11 @@ function latestExpiry(r) {
   return new Date(Date.now() + r.duration_days * 86400000);
 }
 
+/** `YYYY-MM-DD` of a moment, in Nairobi (what a date input shows and takes). */
+function nairobiDay(date) {
+  return date.toLocaleDateString("en-CA", { timeZone: "Africa/Nairobi" });
+}
+
 function pendingCard(r, go) {
   const message = messageLine(`request-${r.request_id}-message`);
   const boxes = [
@@ -154,27 +162,28 @@ function pendingCard(r, go) {
     return item;
   });
   const latest = latestExpiry(r);
-  const expiry = h("input", { type: "date", min: new Date().toISOString().slice(0, 10), max: latest.toISOString().slice(0, 10), value: latest.toISOString().slice(0, 10) });
+  const lastDay = nairobiDay(latest);
+  const expiry = h("input", { type: "date", min: nairobiDay(new Date()), max: lastDay, value: lastDay });
   const reason = h("input", { type: "text", maxlength: 1000 });
-  const approve = button("requests.approve", () => busy(approve, message, async () => {
+  const approve = button("requests.approve", () => busy([approve, reject], message, async () => {
     const body = {};
     for (const kind of ["categories", "record_ids"]) {
       const all = boxes.filter((b) => b.kind === kind);
       const kept = all.filter((b) => b.input.checked).map((b) => b.value);
       if (kept.length < all.length) body[kind] = kept;
     }
-    if (expiry.value && expiry.value !== latest.toISOString().slice(0, 10)) {
+    if (expiry.value && expiry.value !== lastDay) {
       // The end of the chosen day in Nairobi, never later than asked for.
       const end = new Date(`${expiry.value}T23:59:59+03:00`);
       body.expires_at = new Date(Math.min(end.getTime(), latest.getTime() - 60000)).toISOString();
     }
     await api("POST", `/v1/access-requests/${r.request_id}/approval`, body, newKey());
-    go("requests");
+    go("requests", "requests.approved");
   }), { class: "approve" });
-  const reject = button("requests.reject", () => busy(reject, message, async () => {
+  const reject = button("requests.reject", () => busy([approve, reject], message, async () => {
     await api("POST", `/v1/access-requests/${r.request_id}/rejection`, reason.value ? { reason: reason.value } : {}, newKey());
-    go("requests");
-  }), { class: "danger" });
+    go("requests", "requests.rejected");
+  }), { class: "danger reject" });
   return h("li", { class: "card request", "data-request": r.request_id },
     doctorLine(r),
     line("requests.purpose", r.purpose ?? ""),
@@ -192,16 +201,16 @@ function pendingCard(r, go) {
 function grantCard(r, go) {
   const message = messageLine(`grant-${r.request_id}-message`);
   const actions = h("div", { class: "row" });
-  const ask = () => actions.replaceChildren(revoke);
+  const ask = (focus) => { actions.replaceChildren(revoke); if (focus) revoke.focus(); };
   const revoke = button("grants.revoke", () => {
     const yes = button("grants.confirm", () => busy(yes, message, async () => {
       await api("POST", `/v1/access-requests/${r.request_id}/revocation`, {}, newKey());
-      go("requests");
+      go("requests", "grants.revoked");
     }), { class: "danger confirm-revoke" });
-    actions.replaceChildren(h("span", {}, t("grants.sure")), yes, button("app.cancel", ask, { class: "secondary" }));
+    actions.replaceChildren(h("span", {}, t("grants.sure")), yes, button("app.cancel", () => ask(true), { class: "secondary" }));
     yes.focus();
   }, { class: "danger revoke" });
-  ask();
+  ask(false);
   return h("li", { class: "card grant", "data-request": r.request_id },
     doctorLine(r),
     line("requests.scope", scopeText(r)),
@@ -220,11 +229,15 @@ function logView() {
   return section("log", "log.title", h("p", { class: "hint" }, t("log.hint")),
     pagedList("log-list", "log.empty",
       async (cursor) => { await named; return api("GET", `${me()}/access-log${query({ cursor })}`); },
-      (e) => h("li", { class: "card read" },
-        h("p", {}, h("strong", {}, e.doctor_id ? (e.doctor_name || t("doctor.unknown")) : t("log.you")),
-          " ", t("log.read"), " ", h("strong", {}, names.get(e.record_id) ?? categoryName(e.category))),
-        line("log.when", fmtTime(e.at)),
-        line("records.category", categoryName(e.category)))));
+      (e) => {
+        const record = names.get(e.record_id) ?? categoryName(e.category);
+        return h("li", { class: "card read" },
+          h("p", {}, e.doctor_id
+            ? t("log.line", { who: e.doctor_name || t("doctor.unknown"), record })
+            : t("log.line_you", { record })),
+          line("log.when", fmtTime(e.at)),
+          line("records.category", categoryName(e.category)));
+      }));
 }
 
 // ---- payments ---------------------------------------------------------------------
@@ -232,9 +245,22 @@ function logView() {
 function paymentsView() {
   const list = h("div", {}, paymentsList(`${me()}/payments`));
   const refresh = () => list.replaceChildren(paymentsList(`${me()}/payments`));
-  return h("div", {},
-    state.config.payments ? payForm({ onDone: refresh }) : h("p", { class: "hint" }, t("pay.off")),
-    section("payments", "payments.title", list));
+  const form = h("div", {}, state.config.payments ? null : h("p", { class: "hint" }, t("pay.off")));
+  if (state.config.payments) {
+    // The doctors the patient has granted access, to pay one of them.
+    api("GET", `${me()}/access-requests${query({ status: "approved", limit: 100 })}`)
+      .then((page) => page.items)
+      .catch(() => [])
+      .then((grants) => form.replaceChildren(payForm({
+        onDone: refresh,
+        parties: grants.map((g) => ({
+          label: `${g.doctor_name || t("doctor.unknown")} (${t("doctor.licence", { licence: g.doctor_licence ?? "" })})`,
+          doctorId: g.doctor_id,
+          accessRequestId: g.request_id,
+        })),
+      })));
+  }
+  return h("div", {}, form, section("payments", "payments.title", list));
 }
 
 // ---- share code -------------------------------------------------------------------
@@ -256,7 +282,7 @@ function shareView() {
         h("img", { src: blobUrl(qr), alt: t("share.qr_alt", { code: code.code }), width: 200, height: 200, class: "qr" }));
     } catch (e) {
       if (e.status === 404) holder.replaceChildren(h("p", {}, t("share.none")));
-      else message.showError(e.message);
+      else message.showError(sentence(e));
     }
   }
   load();

@@ -24,7 +24,7 @@ function doctorsView(status, go) {
         const verify = status === "unverified"
           ? button("registrar.verify", () => busy(verify, message, async () => {
             await api("POST", `/v1/doctors/${d.doctor_id}/verification`, undefined, newKey());
-            go("queue");
+            go("queue", "registrar.verified_one");
           }), { class: "verify" })
           : null;
         return h("li", { class: "card doctor-item", "data-doctor": d.doctor_id },
@@ -47,7 +47,7 @@ export function auditorTabs() {
 
 /** A date input's day as the start or end of that day in Nairobi. */
 function dayBound(value, end) {
-  return value ? new Date(`${value}T${end ? "23:59:59" : "00:00:00"}+03:00`).toISOString() : "";
+  return value ? new Date(`${value}T${end ? "23:59:59.999" : "00:00:00"}+03:00`).toISOString() : "";
 }
 
 function historyView() {
@@ -80,7 +80,7 @@ function historyView() {
     id: "history-form", class: "panel filters",
     onsubmit: (event) => { event.preventDefault(); message.clear(); run(); },
   },
-  h("h1", {}, t("auditor.history")),
+  h("h2", {}, t("auditor.history")),
   field("filter-type", "auditor.event_type", type),
   field("filter-actor", "auditor.actor", actor, "auditor.actor_hint"),
   field("filter-aggregate", "auditor.aggregate_id", aggregate),
@@ -112,7 +112,7 @@ function disclosuresView() {
           line("auditor.record", d.record_id))));
     },
   },
-  h("h1", {}, t("auditor.disclosures")),
+  h("h2", {}, t("auditor.disclosures")),
   field("disclosure-patient", "auditor.patient_id", patient),
   message, submit);
   return h("div", {}, form, results);

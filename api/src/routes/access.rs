@@ -336,19 +336,20 @@ impl StatusQuery {
     }
 }
 
-/// The rows as the API shows them, with the doctor's name, licence and status (each
-/// doctor looked up once per page) and, for the patient, the purpose opened.
-async fn request_items(
-    state: &AppState,
-    rows: Vec<queries::AccessRequestRow>,
-    with_purpose: bool,
-) -> Result<Vec<AccessRequestItem>, Problem> {
-    let pool = state.store.any_pool();
-    let mut items = Vec::with_capacity(rows.len());
-    let mut doctors = std::collections::HashMap::new();
-    for row in rows {
-        if !doctors.contains_key(&row.doctor_id) {
-            let found = match queries::doctor_profile(pool, &row.doctor_id).await? {
+/// Doctors' profiles with their names opened, each looked up once per answer.
+#[derive(Default)]
+struct Doctors(
+    std::collections::HashMap<String, Option<(queries::DoctorProfileRow, Option<String>)>>,
+);
+
+impl Doctors {
+    async fn get(
+        &mut self,
+        state: &AppState,
+        doctor_id: &str,
+    ) -> Result<Option<(queries::DoctorProfileRow, Option<String>)>, Problem> {
+        if !self.0.contains_key(doctor_id) {
+            let found = match queries::doctor_profile(state.store.any_pool(), doctor_id).await? {
                 Some(p) => {
                     let name = state
                         .commands
@@ -358,9 +359,23 @@ async fn request_items(
                 }
                 None => None,
             };
-            doctors.insert(row.doctor_id.clone(), found);
+            self.0.insert(doctor_id.to_owned(), found);
         }
-        let doctor = doctors.get(&row.doctor_id).cloned().flatten();
+        Ok(self.0.get(doctor_id).cloned().flatten())
+    }
+}
+
+/// The rows as the API shows them, with the doctor's name, licence and status (each
+/// doctor looked up once per page) and, for the patient, the purpose opened.
+async fn request_items(
+    state: &AppState,
+    rows: Vec<queries::AccessRequestRow>,
+    with_purpose: bool,
+) -> Result<Vec<AccessRequestItem>, Problem> {
+    let mut items = Vec::with_capacity(rows.len());
+    let mut doctors = Doctors::default();
+    for row in rows {
+        let doctor = doctors.get(state, &row.doctor_id).await?;
         let scope: Scope = serde_json::from_str(&row.scope).unwrap_or_default();
         let (categories, record_ids) = scope_lists(&scope);
         let purpose = if with_purpose {
@@ -611,28 +626,12 @@ pub async fn access_log(
         limit,
     )
     .await?;
-    let pool = state.store.any_pool();
-    let mut names: std::collections::HashMap<String, Option<String>> =
-        std::collections::HashMap::new();
+    let mut doctors = Doctors::default();
     let mut items = Vec::with_capacity(page.items.len());
     for row in page.items {
         let doctor = row.accessor.strip_prefix("doctor:").map(str::to_owned);
         let doctor_name = match &doctor {
-            Some(d) => {
-                if !names.contains_key(d) {
-                    let name = match queries::doctor_profile(pool, d).await? {
-                        Some(p) => {
-                            state
-                                .commands
-                                .doctor_name(&p.doctor_id, &p.personal_sealed)
-                                .await
-                        }
-                        None => None,
-                    };
-                    names.insert(d.clone(), name);
-                }
-                names.get(d).cloned().flatten()
-            }
+            Some(d) => doctors.get(&state, d).await?.and_then(|(_, name)| name),
             None => None,
         };
         items.push(AccessLogItem {

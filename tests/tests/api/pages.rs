@@ -69,6 +69,13 @@ async fn no_xss(b: &Browser) {
     );
 }
 
+async fn doctor_id(app: &TestApp, token: &str) -> String {
+    app.get("/v1/sessions/current", Some(token)).await.ok(200)["subject_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Every form control on screen has a label (or an aria-label).
 async fn every_control_is_labelled(b: &Browser) {
     let unlabelled = b
@@ -252,10 +259,12 @@ async fn story(backend: Backend) {
     d.click("#find-submit").await;
     d.wait_for("#ask-form").await;
     d.click("#ask-lab").await;
+    d.click("#ask-other").await;
     d.fill("#ask-purpose", "Diabetes follow-up").await;
     d.fill("#ask-days", "30").await;
     shots(&d, "doctor-find", shots_here).await;
     d.click("#ask-submit").await;
+    d.wait_text("#notice", "Request sent").await;
     d.wait_text(".mine h3", "Waiting for the patient").await;
 
     // The patient sees who asks, and why, and approves. The tab is reached by keyboard.
@@ -267,8 +276,41 @@ async fn story(backend: Backend) {
     p.wait_text(".request .doctor", "<img src=x").await;
     no_xss(&p).await;
     shots(&p, "patient-requests", shots_here).await;
+    // Approves less than asked: lab results only, until an earlier day.
+    p.wait_text(".request", "Lab result, Other").await;
+    p.click_text(".request fieldset label", "Other").await;
+    let until =
+        (chrono::Utc::now() + chrono::Duration::hours(3)).date_naive() + chrono::Days::new(10);
+    p.execute(
+        "document.querySelector('.request input[type=date]').value = arguments[0]",
+        vec![json!(until.to_string())],
+    )
+    .await;
     p.click(".request .approve").await;
+    p.wait_text("#notice", "Approved").await;
     p.wait_text(".grant", "Lab result").await;
+    assert!(!p.text(".grant").await.contains("Other"));
+    let doctor_token = app.sign_in(&doctor_phone).await;
+    let requests = app
+        .get(
+            &format!(
+                "/v1/doctors/{}/access-requests",
+                doctor_id(&app, &doctor_token).await
+            ),
+            Some(&doctor_token),
+        )
+        .await
+        .ok(200);
+    let grant = &requests["items"][0];
+    assert_eq!(grant["categories"], json!(["lab"]));
+    // The end of the chosen day in Nairobi.
+    assert!(
+        grant["expires_at"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{until}T20:59:59")),
+        "{grant}"
+    );
     p.wait_text("#pending-list-message", "No one is asking")
         .await;
 
@@ -277,7 +319,7 @@ async fn story(backend: Backend) {
     d.wait_text(".mine h3", "Approved").await;
     d.click(".mine .open-records").await;
     d.wait_text(".granted .record h3", "hba1c-2026.pdf").await;
-    // Only what the grant covers: the lab result, not the other record.
+    // Only what the patient granted: the lab result, not the other record.
     assert!(!d.text(".granted").await.contains("allergies.txt"));
     d.click(".granted .record .download").await;
     let downloaded = d
@@ -299,12 +341,12 @@ async fn story(backend: Backend) {
     // The doctor asks for a consultation fee: M-Pesa prompts the patient's phone, and
     // the page follows the payment until the sandbox's callback confirms it.
     d.click(".mine .ask-fee").await;
-    d.fill("#pay-amount", "500").await;
-    d.fill("#pay-phone", &format!("0{}", &patient_phone[3..]))
+    d.fill(".mine .pay-amount", "500").await;
+    d.fill(".mine .pay-phone", &format!("0{}", &patient_phone[3..]))
         .await;
-    d.click("#pay-submit").await;
-    d.wait_text("#pay-status", "Paid").await;
-    d.wait_text("#pay-status", "receipt").await;
+    d.click(".mine .pay-submit").await;
+    d.wait_text(".mine .pay-status", "Paid").await;
+    d.wait_text(".mine .pay-status", "receipt").await;
     shots(&d, "doctor-fee", shots_here).await;
 
     // The patient sees the read in the access log, and the fee among the payments.
@@ -328,6 +370,7 @@ async fn story(backend: Backend) {
     p.click("#tab-requests").await;
     p.click(".grant .revoke").await;
     p.click(".grant .confirm-revoke").await;
+    p.wait_text("#notice", "Access revoked").await;
     p.wait_text("#grant-list-message", "No one has access now")
         .await;
 
