@@ -1,4 +1,4 @@
-//! Test support: a fresh database per test on either backend.
+//! Test support: a fresh database per test on either backend, and a tiny aggregate.
 #![allow(clippy::panic)] // test support: a failed setup must fail the test loudly
 //!
 //! PostgreSQL tests use `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
@@ -8,6 +8,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection};
 
 use crate::store::{Backend, Store, StoreConfig};
@@ -31,7 +34,9 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|| DEFAULT_TEST_URL.to_owned())
 }
 
-fn in_ci() -> bool {
+/// Whether this is a CI run (`CI=true` or `1`): tests that would skip for want of a
+/// service fail instead.
+pub fn in_ci() -> bool {
     std::env::var("CI")
         .map(|v| v == "true" || v == "1")
         .unwrap_or(false)
@@ -177,3 +182,102 @@ pub async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
 
 /// Both backends, for running one test suite on each.
 pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+// --- a tiny aggregate for tests of the store and its consumers ----------------------
+
+/// A counter: `Added` events (most commands) and `Reset`, two event types for tests
+/// that route by type.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counter {
+    pub value: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum CounterCommand {
+    Add {
+        n: u64,
+    },
+    AddTwice {
+        n: u64,
+    },
+    /// Refused unless the value is below `limit`.
+    AddIfBelow {
+        n: u64,
+        limit: u64,
+    },
+    Set {
+        total: u64,
+    },
+    Reset,
+    Refuse,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CounterEvent {
+    Added { n: u64, total: u64 },
+    Reset,
+}
+
+impl DomainEvent for CounterEvent {
+    fn event_type(&self) -> String {
+        match self {
+            CounterEvent::Added { .. } => "Added".into(),
+            CounterEvent::Reset => "Reset".into(),
+        }
+    }
+    fn event_version(&self) -> String {
+        "1.0".into()
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("refused")]
+pub struct Refused;
+
+impl Aggregate for Counter {
+    const TYPE: &'static str = "counter";
+    type Command = CounterCommand;
+    type Event = CounterEvent;
+    type Error = Refused;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: CounterCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), Refused> {
+        match command {
+            CounterCommand::Add { n } => {
+                let total = self.value + n;
+                sink.write(CounterEvent::Added { n, total }, self).await;
+            }
+            CounterCommand::AddTwice { n } => {
+                for _ in 0..2 {
+                    let total = self.value + n;
+                    sink.write(CounterEvent::Added { n, total }, self).await;
+                }
+            }
+            CounterCommand::AddIfBelow { n, limit } => {
+                if self.value >= limit {
+                    return Err(Refused);
+                }
+                let total = self.value + n;
+                sink.write(CounterEvent::Added { n, total }, self).await;
+            }
+            CounterCommand::Set { total } => {
+                sink.write(CounterEvent::Added { n: 0, total }, self).await;
+            }
+            CounterCommand::Reset => sink.write(CounterEvent::Reset, self).await,
+            CounterCommand::Refuse => return Err(Refused),
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: CounterEvent) {
+        match event {
+            CounterEvent::Added { total, .. } => self.value = total,
+            CounterEvent::Reset => self.value = 0,
+        }
+    }
+}

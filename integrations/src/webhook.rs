@@ -344,15 +344,6 @@ impl DelivererHandle {
         *self.progress.borrow()
     }
 
-    /// Waits until the checkpoint reaches `target`, or `timeout`; returns whether it did.
-    pub async fn wait_for(&self, target: LogCursor, timeout: Duration) -> bool {
-        let mut rx = self.progress.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|c| *c >= target))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false)
-    }
-
     /// Makes the deliverer look at the log and replay requests now (e.g. after
     /// [`request_replay`] in this process) rather than at its next tick.
     pub fn wake(&self) {

@@ -10,85 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
-use eventstore::testing::{TestStore, BACKENDS};
+use eventstore::testing::{in_ci, Counter, CounterCommand, TestStore, BACKENDS};
 use eventstore::{CommandMeta, LogCursor, Runner, Store, StoredEvent};
 use nats_publisher::{Mapper, NatsPublisher, NatsSettings, CONSUMER_NAME};
-use serde::{Deserialize, Serialize};
-
-// --- a tiny aggregate with two event types ---------------------------------------
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Counter {
-    value: u64,
-}
-
-#[derive(Clone, Debug)]
-enum CounterCommand {
-    Add { n: u64 },
-    AddTwice { n: u64 },
-    Reset,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-enum CounterEvent {
-    Added { n: u64, total: u64 },
-    Reset,
-}
-
-impl DomainEvent for CounterEvent {
-    fn event_type(&self) -> String {
-        match self {
-            CounterEvent::Added { .. } => "Added".into(),
-            CounterEvent::Reset => "Reset".into(),
-        }
-    }
-    fn event_version(&self) -> String {
-        "1.0".into()
-    }
-}
-
-#[derive(Debug, PartialEq, thiserror::Error)]
-#[error("refused")]
-struct Refused;
-
-impl Aggregate for Counter {
-    const TYPE: &'static str = "counter";
-    type Command = CounterCommand;
-    type Event = CounterEvent;
-    type Error = Refused;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: CounterCommand,
-        _: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), Refused> {
-        match command {
-            CounterCommand::Add { n } => {
-                let total = self.value + n;
-                sink.write(CounterEvent::Added { n, total }, self).await;
-            }
-            CounterCommand::AddTwice { n } => {
-                for _ in 0..2 {
-                    let total = self.value + n;
-                    sink.write(CounterEvent::Added { n, total }, self).await;
-                }
-            }
-            CounterCommand::Reset => sink.write(CounterEvent::Reset, self).await,
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: CounterEvent) {
-        match event {
-            CounterEvent::Added { total, .. } => self.value = total,
-            CounterEvent::Reset => self.value = 0,
-        }
-    }
-}
 
 async fn run(store: &Store, id: &str, command: CounterCommand) {
     let events = store.aggregate_store::<Counter>(vec![]);
@@ -105,12 +29,6 @@ fn nats_url() -> String {
         .ok()
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
 }
 
 /// A JetStream context on the test server; `None` (skip) when it is unreachable

@@ -1,101 +1,13 @@
-//! A tiny aggregate and a recording consumer for store tests.
+//! The tiny test aggregate (from `eventstore::testing`) and a recording consumer for
+//! store tests.
 
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use eventstore::consumer::ReadModelTx;
 use eventstore::{Backend, LogHandler, StoredEvent};
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Counter {
-    pub value: u64,
-}
-
-#[derive(Clone, Debug)]
-pub enum CounterCommand {
-    Add {
-        n: u64,
-    },
-    AddTwice {
-        n: u64,
-    },
-    /// Refused unless the value is below `limit`.
-    AddIfBelow {
-        n: u64,
-        limit: u64,
-    },
-    Set {
-        total: u64,
-    },
-    Refuse,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum CounterEvent {
-    Added { n: u64, total: u64 },
-}
-
-impl DomainEvent for CounterEvent {
-    fn event_type(&self) -> String {
-        "Added".into()
-    }
-    fn event_version(&self) -> String {
-        "1.0".into()
-    }
-}
-
-#[derive(Debug, PartialEq, thiserror::Error)]
-#[error("refused")]
-pub struct Refused;
-
-impl Aggregate for Counter {
-    const TYPE: &'static str = "counter";
-    type Command = CounterCommand;
-    type Event = CounterEvent;
-    type Error = Refused;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: CounterCommand,
-        _: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), Refused> {
-        match command {
-            CounterCommand::Add { n } => {
-                let total = self.value + n;
-                sink.write(CounterEvent::Added { n, total }, self).await;
-            }
-            CounterCommand::AddTwice { n } => {
-                for _ in 0..2 {
-                    let total = self.value + n;
-                    sink.write(CounterEvent::Added { n, total }, self).await;
-                }
-            }
-            CounterCommand::AddIfBelow { n, limit } => {
-                if self.value >= limit {
-                    return Err(Refused);
-                }
-                let total = self.value + n;
-                sink.write(CounterEvent::Added { n, total }, self).await;
-            }
-            CounterCommand::Set { total } => {
-                sink.write(CounterEvent::Added { n: 0, total }, self).await;
-            }
-            CounterCommand::Refuse => return Err(Refused),
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: CounterEvent) {
-        match event {
-            CounterEvent::Added { total, .. } => self.value = total,
-        }
-    }
-}
+pub use eventstore::testing::{Counter, CounterCommand, CounterEvent, Refused};
 
 /// Records every event it sees, in a table (a duplicate would violate its primary key)
 /// and in memory.

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eventstore::testing::in_ci;
 use eventstore::Backend;
 use fantoccini::error::CmdError;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -73,10 +74,6 @@ fn locate(var: &str, default: &str) -> Option<PathBuf> {
         .filter(|p| !p.trim().is_empty())
         .map_or_else(|| PathBuf::from(default), PathBuf::from);
     path.is_file().then_some(path)
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 impl Browser {
