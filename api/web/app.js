@@ -3,6 +3,7 @@
 
 import {
   state, h, t, api, loadLanguage, field, messageLine, busy, endView, button, sentence,
+  focusHeading,
 } from "./core.js";
 import { patientTabs } from "./patient.js";
 import { doctorTabs } from "./doctor.js";
@@ -10,19 +11,12 @@ import { registrarTabs, auditorTabs } from "./staff.js";
 
 const TABS = { patient: patientTabs, doctor: doctorTabs, registrar: registrarTabs, auditor: auditorTabs };
 
+const main = () => document.getElementById("main");
+
 /** Replaces what the page shows; the previous view's timers end. */
 function show(...children) {
   endView();
-  const main = document.getElementById("main");
-  main.replaceChildren(...children);
-}
-
-function focusHeading() {
-  const heading = document.querySelector("#main h1, #main h2");
-  if (heading) {
-    heading.setAttribute("tabindex", "-1");
-    heading.focus();
-  }
+  main().replaceChildren(...children);
 }
 
 // ---- signing in and up ------------------------------------------------------------
@@ -68,7 +62,7 @@ function signInPage(notice, knownPhone) {
     h("div", { class: "row" },
       button("signup.patient", () => signUpPage("patient"), { id: "signup-patient", class: "secondary" }),
       button("signup.doctor", () => signUpPage("doctor"), { id: "signup-doctor", class: "secondary" })));
-  focusHeading();
+  focusHeading(main());
 }
 
 function signUpPage(role) {
@@ -108,7 +102,7 @@ function signUpPage(role) {
   message,
   submit);
   show(form, h("p", { class: "alt" }, button("signup.back", () => signInPage(), { id: "signup-back", class: "link" })));
-  focusHeading();
+  focusHeading(main());
 }
 
 async function signOut(notice) {
@@ -162,7 +156,7 @@ function openTab(tabs, index, noticeKey, keepFocus) {
   // A view may move to another tab (e.g. after a request is sent), saying why.
   const go = (id, key) => openTab(tabs, Math.max(0, tabs.findIndex((x) => x.id === id)), key);
   body.append(tabs[index].render(go));
-  if (!keepFocus) focusHeading();
+  if (!keepFocus) focusHeading(main());
 }
 
 // ---- start ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ export function t(key, values = {}) {
 }
 
 /** `t(key)` if the dictionary has it, else `fallback`. */
-export function tOr(key, fallback) {
+function tOr(key, fallback) {
   return key in state.words ? t(key) : fallback;
 }
 
@@ -57,7 +57,7 @@ export async function loadLanguage(lang) {
 }
 
 /** An error of the API as a sentence in the chosen language. */
-export class ApiError extends Error {
+class ApiError extends Error {
   constructor(status, problem) {
     super(problemText(status, problem));
     this.status = status;
@@ -91,29 +91,36 @@ export function sentence(e) {
   return e instanceof ApiError ? e.message : t("errors.generic");
 }
 
-async function failed(resp, token) {
-  const problem = await resp.json().catch(() => null);
-  const error = new ApiError(resp.status, problem);
-  // Only this session's own 401 ends it (not a late answer to an earlier one).
-  if (resp.status === 401 && token && token === state.token && state.onSignedOut) {
+/** The error for a refused request; a 401 ends the session, but only when it answers
+ *  the session's own token (not a late answer to an earlier one). */
+function refused(status, problem, token) {
+  const error = new ApiError(status, problem);
+  if (status === 401 && token && token === state.token && state.onSignedOut) {
     state.onSignedOut(error.message);
   }
   return error;
 }
 
-/** A JSON call to the API; throws an ApiError with a sentence on failure. */
-export async function api(method, path, body, key) {
+/** Sends a request with the session's token; the answer if it is a success, else an
+ *  ApiError (no network: `offline`). */
+async function send(path, init = {}) {
   const token = state.token;
-  const headers = authHeaders();
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (key) headers["Idempotency-Key"] = key;
   let resp;
   try {
-    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    resp = await fetch(path, { ...init, headers: { ...authHeaders(), ...init.headers } });
   } catch {
     throw new ApiError(0, { code: "offline" });
   }
-  if (!resp.ok) throw await failed(resp, token);
+  if (!resp.ok) throw refused(resp.status, await resp.json().catch(() => null), token);
+  return resp;
+}
+
+/** A JSON call to the API; throws an ApiError with a sentence on failure. */
+export async function api(method, path, body, key) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["Idempotency-Key"] = key;
+  const resp = await send(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (resp.status === 204) return null;
   try {
     return await resp.json();
@@ -125,14 +132,7 @@ export async function api(method, path, body, key) {
 
 /** Bytes from the API (a record, a QR code, an export) as a Blob. */
 export async function fetchBlob(path) {
-  const token = state.token;
-  let resp;
-  try {
-    resp = await fetch(path, { headers: authHeaders() });
-  } catch {
-    throw new ApiError(0, { code: "offline" });
-  }
-  if (!resp.ok) throw await failed(resp, token);
+  const resp = await send(path);
   try {
     return await resp.blob();
   } catch {
@@ -162,9 +162,10 @@ export function saveBlob(blob, name) {
  *  is the same for every attempt at the same file, so a retry stores it once. */
 export function uploadFile(path, file, key, onProgress) {
   return new Promise((resolve, reject) => {
+    const token = state.token;
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
-    if (state.token) xhr.setRequestHeader("Authorization", `Bearer ${state.token}`);
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.setRequestHeader("Content-Type", file.type || "application/octet-stream");
     xhr.setRequestHeader("Idempotency-Key", key);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
@@ -175,9 +176,7 @@ export function uploadFile(path, file, key, onProgress) {
         if (data) resolve(data);
         else reject(new ApiError(xhr.status, { code: "bad_answer" }));
       } else {
-        const error = new ApiError(xhr.status, data);
-        if (xhr.status === 401 && state.onSignedOut) state.onSignedOut(error.message);
-        reject(error);
+        reject(refused(xhr.status, data, token));
       }
     };
     xhr.onerror = () => reject(new ApiError(0, { code: "offline" }));
@@ -222,6 +221,32 @@ export const CATEGORIES = ["lab", "imaging", "prescription", "diagnosis", "immun
 
 export function categoryName(c) {
   return tOr(`category.${c}`, c);
+}
+
+/** The lines every record card starts with: name, category, size, upload time. */
+export function recordLines(r) {
+  return [
+    h("h3", {}, r.filename || t("records.untitled")),
+    line("records.category", categoryName(r.category)),
+    line("records.size", fmtBytes(r.size)),
+    line("records.uploaded", fmtTime(r.uploaded_at)),
+  ];
+}
+
+/** Moves the focus to the first heading inside `root` (made focusable). */
+export function focusHeading(root) {
+  const heading = root.querySelector("h1, h2");
+  if (heading) {
+    heading.setAttribute("tabindex", "-1");
+    heading.focus();
+  }
+}
+
+/** What an access request or grant covers, in words. */
+export function scopeText(r) {
+  const parts = r.categories.map(categoryName);
+  if (r.record_ids.length) parts.push(t("scope.records", { n: r.record_ids.length }));
+  return parts.join(", ");
 }
 
 // ---- building blocks --------------------------------------------------------------

@@ -3,10 +3,10 @@
 
 import {
   state, h, t, api, fetchBlob, saveBlob, field, messageLine, busy, button, section,
-  pagedList, query, line, fmtBytes, fmtTime, CATEGORIES, categoryName, newKey,
+  pagedList, query, line, fmtTime, CATEGORIES, categoryName, newKey, scopeText, recordLines,
+  focusHeading,
 } from "./core.js";
 import { paymentsList, payForm } from "./payments.js";
-import { scopeText } from "./patient.js";
 
 const me = () => `/v1/doctors/${state.subject}`;
 
@@ -35,9 +35,7 @@ function findView(go) {
         if (!typed) { message.showError(t("find.empty")); return; }
         const patient = await api("GET", `/v1/share-codes/${encodeURIComponent(typed)}`);
         found.replaceChildren(requestForm(patient.patient_id, go));
-        const heading = found.querySelector("h2");
-        heading.setAttribute("tabindex", "-1");
-        heading.focus();
+        focusHeading(found);
       });
     },
   },
@@ -91,9 +89,7 @@ function requestCard(r) {
   const records = h("div", { class: "granted" });
   const message = messageLine(`mine-${r.request_id}-message`);
   const open = r.status === "approved"
-    ? button("doctor.open", () => busy(open, message, async () => {
-      records.replaceChildren(grantedRecords(r));
-    }), { class: "open-records" })
+    ? button("doctor.open", () => records.replaceChildren(grantedRecords(r)), { class: "open-records" })
     : null;
   const fee = r.status === "approved" && state.config.payments
     ? button("doctor.ask_fee", () => {
@@ -124,10 +120,7 @@ function grantedRecords(r) {
         message.showNotice(t("doctor.downloaded"));
       }), { class: "download" });
       return h("li", { class: "card record", "data-record": rec.record_id },
-        h("h3", {}, rec.filename || t("records.untitled")),
-        line("records.category", categoryName(rec.category)),
-        line("records.size", fmtBytes(rec.size)),
-        line("records.uploaded", fmtTime(rec.uploaded_at)),
+        recordLines(rec),
         h("div", { class: "row" }, download), message);
     },
     covered);

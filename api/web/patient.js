@@ -4,7 +4,7 @@
 import {
   state, h, t, api, fetchBlob, blobUrl, saveBlob, uploadFile, field, messageLine, busy,
   button, section, pagedList, query, line, badge, fmtBytes, fmtTime, fmtDate,
-  CATEGORIES, categoryName, newKey, sentence,
+  CATEGORIES, categoryName, newKey, sentence, scopeText, recordLines,
 } from "./core.js";
 import { paymentsList, payForm } from "./payments.js";
 
@@ -43,10 +43,7 @@ function recordCard(r) {
       : t("records.token", { id: r.token_id });
   }
   return h("li", { class: "card record", "data-record": r.record_id },
-    h("h3", {}, r.filename || t("records.untitled")),
-    line("records.category", categoryName(r.category)),
-    line("records.size", fmtBytes(r.size)),
-    line("records.uploaded", fmtTime(r.uploaded_at)),
+    recordLines(r),
     line("records.storage", t(`storage.${r.storage_status}`)),
     line("records.chain", token ?? t("records.not_minted")),
     h("div", { class: "row" }, download),
@@ -115,12 +112,6 @@ function uploadForm(done) {
 }
 
 // ---- access requests and grants ---------------------------------------------------
-
-function scopeText(r) {
-  const parts = r.categories.map(categoryName);
-  if (r.record_ids.length) parts.push(t("scope.records", { n: r.record_ids.length }));
-  return parts.join(", ");
-}
 
 function doctorLine(r) {
   return h("p", { class: "doctor" },
@@ -269,12 +260,12 @@ function shareView() {
   const holder = h("div", { id: "share-code-box" });
   const message = messageLine("share-message");
   const renew = button("share.new", () => busy(renew, message, async () => {
-    await api("POST", `${me()}/share-code`, undefined, newKey());
-    await load();
+    // The answer is the new code: only its QR code remains to fetch.
+    await load(await api("POST", `${me()}/share-code`, undefined, newKey()));
   }), { id: "share-new" });
-  async function load() {
+  async function load(issued) {
     try {
-      const code = await api("GET", `${me()}/share-code`);
+      const code = issued ?? await api("GET", `${me()}/share-code`);
       const qr = await fetchBlob(`${me()}/share-code/qr`);
       holder.replaceChildren(
         h("p", { class: "code", id: "share-code" }, code.code),
@@ -288,5 +279,3 @@ function shareView() {
   load();
   return section("share", "share.title", h("p", { class: "hint" }, t("share.hint")), holder, message, renew);
 }
-
-export { scopeText, doctorLine };
