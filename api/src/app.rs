@@ -136,7 +136,6 @@ impl App {
                 nats_publisher::NatsPublisher::connect(settings.clone(), mapper).await?;
             let handle = ConsumerActor::spawn(store.clone(), Arc::new(publisher)).await?;
             consumers.push((nats_publisher::CONSUMER_NAME.to_owned(), handle));
-            tracing::info!(stream = %settings.stream, "publishing events to NATS JetStream");
         }
         let mpesa = match &config.mpesa {
             Some(settings) => {

@@ -99,7 +99,7 @@ async fn follow(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let backoff = Duration::from_millis((100u64 << failures.min(8)).min(30_000));
+                let backoff = eventstore::consumer::failure_backoff(failures);
                 tracing::error!(
                     error = format!("{error:#}"),
                     ?backoff,

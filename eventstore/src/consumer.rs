@@ -136,15 +136,7 @@ impl Runner {
                 .await
                 .with_context(|| format!("creating the tables of consumer {}", handler.name()))?;
         }
-        sqlx::query(
-            "INSERT INTO consumer_checkpoints (name, tx, position, updated_at) \
-             VALUES ($1, 0, 0, $2) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(handler.name().to_owned())
-        .bind(now_text())
-        .execute(store.any_pool())
-        .await
-        .context("creating a consumer checkpoint")?;
+        create_checkpoint(store.any_pool(), handler.name(), LogCursor::START).await?;
         let mut runner = Runner {
             store,
             handler,
@@ -180,13 +172,7 @@ impl Runner {
     }
 
     async fn reload_checkpoint(&mut self) -> anyhow::Result<()> {
-        let (tx, position): (i64, i64) =
-            sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = $1")
-                .bind(self.handler.name().to_owned())
-                .fetch_one(self.store.any_pool())
-                .await
-                .context("reading a consumer checkpoint")?;
-        self.cursor = LogCursor { tx, position };
+        self.cursor = load_checkpoint(self.store.any_pool(), self.handler.name()).await?;
         self.progress.send_replace(self.cursor);
         Ok(())
     }
@@ -334,6 +320,48 @@ pub async fn move_checkpoint(
     Ok(moved == 1)
 }
 
+/// Creates consumer `name`'s checkpoint at `start` unless it has one.
+pub async fn create_checkpoint(
+    pool: &sqlx::AnyPool,
+    name: &str,
+    start: LogCursor,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO consumer_checkpoints (name, tx, position, updated_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name.to_owned())
+    .bind(start.tx)
+    .bind(start.position)
+    .bind(now_text())
+    .execute(pool)
+    .await
+    .context("creating a consumer checkpoint")?;
+    Ok(())
+}
+
+/// Consumer `name`'s checkpoint as stored.
+pub async fn load_checkpoint(pool: &sqlx::AnyPool, name: &str) -> anyhow::Result<LogCursor> {
+    let (tx, position): (i64, i64) =
+        sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_one(pool)
+            .await
+            .context("reading a consumer checkpoint")?;
+    Ok(LogCursor { tx, position })
+}
+
+/// The pause after the `failures`-th failure in a row of a log reader: doubling from
+/// 200 ms, at most 30 s.
+pub fn failure_backoff(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(8)).min(30_000))
+}
+
+/// Now, as checkpoint and read-model rows record it.
+pub fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 /// `name` as one safe token (a file name part, a NATS subject token): letters, digits,
 /// `_` and `-` are kept, anything else becomes `_`.
 pub fn safe_token(name: &str) -> String {
@@ -352,10 +380,6 @@ fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
     let mut file = db_path.as_os_str().to_owned();
     file.push(format!(".consumer-{}.lock", safe_token(name)));
     PathBuf::from(file)
-}
-
-fn now_text() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// State of a consumer, for operators and read-your-writes.
@@ -505,9 +529,7 @@ impl Handler<CatchUpNow> for ConsumerActor {
                 }
                 RunResult::Ran(Err(error)) => {
                     actor.failures = actor.failures.saturating_add(1);
-                    let backoff = Duration::from_millis(
-                        (100u64 << actor.failures.min(8)).min(30_000),
-                    );
+                    let backoff = failure_backoff(actor.failures);
                     tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
                     actor.schedule(ctx, Some(backoff));
                 }

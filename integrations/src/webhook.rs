@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use eventstore::consumer::{create_checkpoint, failure_backoff, load_checkpoint, now_text};
 use eventstore::{Backend, ConsumerLock, LogCursor, Store, StoredEvent};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -217,10 +218,6 @@ pub fn consumer_name(id: Uuid) -> String {
     format!("webhook:{id}")
 }
 
-fn now_text() -> String {
-    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
 /// Creates webhook `id`'s checkpoint at `start` if it has none, and returns its
 /// checkpoint. A new webhook normally starts at [`Store::log_end`]: it receives what
 /// happens from now on, not the history.
@@ -230,28 +227,8 @@ pub async fn ensure_checkpoint(
     start: LogCursor,
 ) -> anyhow::Result<LogCursor> {
     let name = consumer_name(id);
-    sqlx::query(
-        "INSERT INTO consumer_checkpoints (name, tx, position, updated_at) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(name.clone())
-    .bind(start.tx)
-    .bind(start.position)
-    .bind(now_text())
-    .execute(store.any_pool())
-    .await
-    .context("creating a webhook checkpoint")?;
+    create_checkpoint(store.any_pool(), &name, start).await?;
     load_checkpoint(store.any_pool(), &name).await
-}
-
-async fn load_checkpoint(pool: &AnyPool, name: &str) -> anyhow::Result<LogCursor> {
-    let (tx, position): (i64, i64) =
-        sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = $1")
-            .bind(name.to_owned())
-            .fetch_one(pool)
-            .await
-            .context("reading a webhook checkpoint")?;
-    Ok(LogCursor { tx, position })
 }
 
 /// An event parked after its delivery attempts failed.
@@ -456,7 +433,7 @@ impl Deliverer {
                 Ok(PassResult::Stopped) => break,
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    let backoff = Duration::from_millis((100u64 << failures.min(8)).min(30_000));
+                    let backoff = failure_backoff(failures);
                     tracing::error!(%webhook, error = format!("{error:#}"), ?backoff, "webhook deliverer failed; retrying");
                     // A lost PostgreSQL session may have released the lock.
                     if let Some(lock) = self.lock.take() {

@@ -243,11 +243,9 @@ fn subject_token(event_type: &str) -> String {
     }
 }
 
+/// Whether `token` is non-empty and already a safe token (nothing to replace).
 fn is_plain_token(token: &str) -> bool {
-    !token.is_empty()
-        && token
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !token.is_empty() && eventstore::consumer::safe_token(token) == token
 }
 
 #[async_trait]
