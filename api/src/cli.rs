@@ -451,15 +451,13 @@ async fn add_integrator(
     name: &str,
     events: &str,
 ) -> anyhow::Result<()> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        anyhow::bail!("--name must be 1 to 100 characters");
-    }
+    let name = domain::value::PersonName::parse(name)
+        .map_err(|_| anyhow::anyhow!("--name must be 1 to 100 characters"))?;
     let types = crate::routes::events::parse_types(events, integrations::event_types())
         .map_err(|e| anyhow::anyhow!("--events: {e}"))?;
     let meta = eventstore::CommandMeta::new("operator:cli");
     let (id, key) = commands
-        .add_integrator(name, types, meta)
+        .add_integrator(name.as_str(), types, meta)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{id}");

@@ -1479,8 +1479,6 @@ impl Commands {
             .map_err(map)
     }
 
-    /// Opens a field sealed under a subject's key (a filename, a purpose) for someone
-    /// entitled to see it; `None` once the subject's key has been shredded.
     /// Issues the patient a new share code (replacing any earlier one), valid for
     /// [`SHARE_CODE_DAYS`] days: 10 characters of Crockford's base32 (50 random bits),
     /// sealed under the patient's key in `ShareCodeIssued`, looked up by a keyed hash.
@@ -1555,6 +1553,8 @@ impl Commands {
             .map(|p| p.name)
     }
 
+    /// Opens a field sealed under a subject's key (a filename, a purpose) for someone
+    /// entitled to see it; `None` once the subject's key has been shredded.
     pub async fn open_text(&self, subject: &str, sealed: &str) -> Option<String> {
         let bytes = self.keys.open(subject, sealed).await.ok()?;
         String::from_utf8(bytes).ok()

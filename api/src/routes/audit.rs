@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::extract::Caller;
 use crate::problem::{Problem, Validation};
-use crate::routes::PageQuery;
+use crate::routes::{whole, PageQuery};
 use crate::server::AppState;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -173,7 +173,7 @@ fn filter_of(query: &AuditQuery, v: &mut Validation) -> queries::AuditFilter {
     };
     let from_time = at("from_time", &query.from_time);
     let to_time = at("to_time", &query.to_time);
-    let from_position = whole(v, "from_position", &query.from_position);
+    let from_position = whole(v, "from_position", query.from_position.as_deref());
     for (name, value) in [
         ("aggregate_type", &query.aggregate_type),
         ("aggregate_id", &query.aggregate_id),
@@ -193,20 +193,6 @@ fn filter_of(query: &AuditQuery, v: &mut Validation) -> queries::AuditFilter {
         from_time,
         to_time,
         from_position,
-    }
-}
-
-/// An optional whole number, 0 or more.
-fn whole(v: &mut Validation, field: &str, raw: &Option<String>) -> Option<i64> {
-    match raw.as_deref() {
-        None | Some("") => None,
-        Some(p) => match p.parse::<i64>() {
-            Ok(p) if p >= 0 => Some(p),
-            _ => {
-                v.fail(field, "must be a whole number, 0 or more");
-                None
-            }
-        },
     }
 }
 
@@ -247,8 +233,8 @@ pub async fn export(
     auditor_only(&caller, "only auditors export the event history")?;
     let mut v = Validation::default();
     let filter = filter_of(&query, &mut v);
-    let after = whole(&mut v, "cursor", &query.cursor).unwrap_or(0);
-    let limit = match whole(&mut v, "limit", &query.limit) {
+    let after = whole(&mut v, "cursor", query.cursor.as_deref()).unwrap_or(0);
+    let limit = match whole(&mut v, "limit", query.limit.as_deref()) {
         Some(0) => {
             v.fail("limit", "must be 1 or more");
             None
@@ -366,8 +352,8 @@ pub async fn verify(
 ) -> Result<HttpResponse, Problem> {
     auditor_only(&caller, "only auditors verify the audit trail")?;
     let mut v = Validation::default();
-    let from = whole(&mut v, "from", &query.from).unwrap_or(1);
-    let to = whole(&mut v, "to", &query.to);
+    let from = whole(&mut v, "from", query.from.as_deref()).unwrap_or(1);
+    let to = whole(&mut v, "to", query.to.as_deref());
     if to.is_some_and(|to| to < from) {
         v.fail("to", "must not be before from");
     }

@@ -10,6 +10,7 @@ use actix_web::web::{Bytes, Data, Query};
 use actix_web::{HttpRequest, HttpResponse};
 use domain::actor::Actor;
 use domain::ids::IntegratorId;
+use domain::integrator::Integrator;
 use eventstore::{LogCursor, Store, StoredEvent};
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -17,6 +18,7 @@ use utoipa::IntoParams;
 
 use crate::extract::Caller;
 use crate::problem::{Problem, Validation};
+use crate::routes::whole;
 use crate::server::AppState;
 
 /// Events read from the store per query while catching up.
@@ -47,15 +49,14 @@ pub fn parse_types(raw: &str, known: &[&str]) -> Result<BTreeSet<String>, String
 pub async fn integrator(
     state: &AppState,
     caller: &Caller,
-) -> Result<(IntegratorId, BTreeSet<String>), Problem> {
+) -> Result<(IntegratorId, Integrator), Problem> {
     let Actor::Integrator(id) = caller.actor() else {
         return Err(Problem::forbidden(
             "role_forbidden",
             "only integrators (API keys) may do this",
         ));
     };
-    let integrator = state.commands.integrator(id).await?;
-    Ok((id, integrator.event_types().clone()))
+    Ok((id, state.commands.integrator(id).await?))
 }
 
 /// `types` narrowed to those the key allows: unknown names are 422, names the key does
@@ -97,7 +98,8 @@ pub async fn stream(
     caller: Caller,
     query: Query<StreamQuery>,
 ) -> Result<HttpResponse, Problem> {
-    let (integrator_id, allowed) = integrator(&state, &caller).await?;
+    let (integrator_id, key) = integrator(&state, &caller).await?;
+    let allowed = key.event_types();
     let mut v = Validation::default();
     let last_event_id = match req.headers().get("last-event-id") {
         None => None,
@@ -116,18 +118,13 @@ pub async fn stream(
             }
         },
     };
-    let from_position = match query.from_position.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(p) => match p.parse::<i64>() {
-            Ok(p) if p >= 0 => Some(p),
-            _ => {
-                v.fail("from_position", "must be a whole number, 0 or more");
-                None
-            }
-        },
-    };
+    let from_position = whole(
+        &mut v,
+        "from_position",
+        query.from_position.as_deref().map(str::trim),
+    );
     v.finish()?;
-    let types = narrow(query.types.as_deref(), &allowed)?;
+    let types = narrow(query.types.as_deref(), allowed)?;
     let slot = StreamSlot::take(&state, integrator_id)?;
     let store = state.store.clone();
     let cursor = match (last_event_id, from_position) {

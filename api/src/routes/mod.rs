@@ -8,7 +8,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::extract::Caller;
-use crate::problem::Problem;
+use crate::problem::{Problem, Validation};
 
 pub mod access;
 pub mod accounts;
@@ -205,5 +205,20 @@ pub fn registrar(caller: &Caller) -> Result<StaffId, Problem> {
     match caller.actor() {
         Actor::Registrar(s) => Ok(s),
         _ => Err(wrong_role("a registrar")),
+    }
+}
+
+/// An optional whole number, 0 or more (absent or empty: `None`); anything else fails
+/// `field`.
+pub(crate) fn whole(v: &mut Validation, field: &str, raw: Option<&str>) -> Option<i64> {
+    match raw {
+        None | Some("") => None,
+        Some(p) => match p.parse::<i64>() {
+            Ok(p) if p >= 0 => Some(p),
+            _ => {
+                v.fail(field, "must be a whole number, 0 or more");
+                None
+            }
+        },
     }
 }
