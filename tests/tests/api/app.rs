@@ -443,6 +443,27 @@ impl TestApp {
             .rows_affected()
     }
 
+    /// `n` sign-outs written straight into the log of a SQLite store, one query (the
+    /// domain would take far too long to sign that many people out). With
+    /// `correlated`, each has its own correlation id. Returns the rows inserted.
+    pub async fn insert_sign_outs(&self, n: i64, correlated: bool) -> u64 {
+        let correlation = if correlated {
+            ", 'correlation_id', printf('00000000-0000-4000-9000-%012d', i)"
+        } else {
+            ""
+        };
+        self.tamper(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) \
+             SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
+             '1.0', json_object('SessionEnded', json_object('session_id', \
+             printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
+             json_object('actor', 'system'{correlation}) FROM n"
+        ))
+        .await
+    }
+
     async fn connect_store(&self, mode: &str) -> sqlx::AnyConnection {
         sqlx::any::install_default_drivers();
         let url = match &self.env.database_url {

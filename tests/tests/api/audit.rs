@@ -195,9 +195,15 @@ async fn history(backend: Backend) {
     app.stop().await;
 }
 
-/// Waits until the audit trail and the access log hold everything in the log.
+/// Waits until the audit trail holds everything in the log (up to 20 s).
 async fn settled(app: &TestApp) -> i64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    settled_within(app, 20, 50).await
+}
+
+/// Waits up to `secs`, looking every `poll_ms`, until the audit trail holds everything
+/// in the log; returns the number of events.
+async fn settled_within(app: &TestApp, secs: u64, poll_ms: u64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         let total = app.event_count().await;
         let trail = app.scalar("SELECT count(*) FROM rm_audit_trail").await;
@@ -208,7 +214,7 @@ async fn settled(app: &TestApp) -> i64 {
             std::time::Instant::now() < deadline,
             "the audit trail stays at {trail} of {total} events"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(poll_ms)).await;
     }
 }
 
@@ -515,28 +521,9 @@ async fn a_million_events_export_with_flat_memory() {
     let w = app.world().await;
     // A million sign-outs, written straight into the log (the domain would take an
     // hour to sign that many people out; the export does not care how they came).
-    let inserted = app
-        .tamper(&format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {EVENTS}) \
-             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, payload, metadata) \
-             SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
-             '1.0', json_object('SessionEnded', json_object('session_id', \
-             printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
-             json_object('actor', 'system', 'correlation_id', \
-             printf('00000000-0000-4000-9000-%012d', i)) FROM n"
-        ))
-        .await;
+    let inserted = app.insert_sign_outs(EVENTS, true).await;
     assert_eq!(inserted as i64, EVENTS);
-    let total = app.event_count().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1200);
-    while app.scalar("SELECT count(*) FROM rm_audit_trail").await < total {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the trail did not catch up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    let total = settled_within(&app, 1200, 500).await;
     let pid = app.server.child.id();
     let before = rss_kib(pid);
     let mut resp = app

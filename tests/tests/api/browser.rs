@@ -5,8 +5,6 @@
 //! Chromium and chromedriver come from `scripts/tools` (`AFYA_CHROMIUM`,
 //! `AFYA_CHROMEDRIVER`); without them the tests skip, except under `CI=true`.
 
-#![allow(dead_code)] // each test module uses its part of the harness
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -58,7 +56,6 @@ pub struct Browser {
     client: Client,
     driver: Child,
     driver_url: String,
-    driver_log: Arc<Mutex<String>>,
     session_id: Option<String>,
     /// Chromium's browser process: it outlives a killed chromedriver.
     browser_pid: Option<u64>,
@@ -218,7 +215,6 @@ impl Browser {
             client,
             driver,
             driver_url,
-            driver_log,
             session_id,
             browser_pid,
             dir,
@@ -236,11 +232,6 @@ impl Browser {
     /// Where the browser saves downloads (see [`Browser::downloaded`]).
     pub fn download_dir(&self) -> PathBuf {
         self.dir.join("downloads")
-    }
-
-    /// What chromedriver wrote (its startup lines and warnings).
-    pub fn driver_log(&self) -> String {
-        self.driver_log.lock().unwrap().clone()
     }
 
     /// Ends the session (Chromium quits), then chromedriver.
@@ -275,11 +266,6 @@ impl Browser {
         self.client.title().await.unwrap()
     }
 
-    /// The page's URL.
-    pub async fn url(&self) -> String {
-        self.client.current_url().await.unwrap().to_string()
-    }
-
     /// Resizes the window to `px` × 900: the viewport is `px` wide (a phone is 360).
     pub async fn set_width(&self, px: u32) {
         self.set_window_size(px, WINDOW_HEIGHT).await;
@@ -297,19 +283,6 @@ impl Browser {
     pub async fn wait_for(&self, css: &str) -> Element {
         self.poll(&format!("a visible {css}"), async || {
             self.first_displayed(css).await
-        })
-        .await
-    }
-
-    /// The first element matching `css`, displayed or not, once there is one.
-    pub async fn wait_present(&self, css: &str) -> Element {
-        self.poll(&format!("an element {css}"), async || {
-            Ok(self
-                .client
-                .find_all(Locator::Css(css))
-                .await?
-                .into_iter()
-                .next())
         })
         .await
     }

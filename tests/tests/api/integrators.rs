@@ -14,18 +14,19 @@ use crate::app::{TestApp, World};
 
 const TYPES: &str = "RecordUploaded,AccessRequested,AccessApproved,AccessRevoked,RecordAccessed";
 
-/// `afyachain integrator add`: the key is the last line.
+/// `afyachain integrator add` for "Claims Co": its key.
 fn add_integrator(app: &TestApp, events: &str) -> String {
-    let (ok, out, err) = app.env.run(&[
-        "integrator",
-        "add",
-        "--name",
-        "Claims Co",
-        "--events",
-        events,
-    ]);
+    add_named_integrator(app, "Claims Co", events).1
+}
+
+/// `afyachain integrator add`: the id (first line) and the key (last line).
+fn add_named_integrator(app: &TestApp, name: &str, events: &str) -> (String, String) {
+    let (ok, out, err) = app
+        .env
+        .run(&["integrator", "add", "--name", name, "--events", events]);
     assert!(ok, "{err}");
-    out.lines().last().unwrap().trim().to_owned()
+    let line = |l: Option<&str>| l.unwrap().trim().to_owned();
+    (line(out.lines().next()), line(out.lines().last()))
 }
 
 /// One Server-Sent-Events frame.
@@ -750,16 +751,7 @@ async fn a_slow_stream_client_is_disconnected_without_holding_others_back() {
     let mut fast = SseClient::open(&app, &key, "types=SessionEnded", None).await;
     // A burst far larger than the socket buffers between the server and the slow
     // client (about 20 MiB of stream).
-    app.tamper(&format!(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {EVENTS}) \
-         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-         event_version, payload, metadata) \
-         SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
-         '1.0', json_object('SessionEnded', json_object('session_id', \
-         printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
-         json_object('actor', 'system') FROM n"
-    ))
-    .await;
+    app.insert_sign_outs(EVENTS as i64, false).await;
     let got = fast.events(EVENTS).await;
     let ids: Vec<i64> = got.iter().map(|f| f.id.unwrap()).collect();
     assert!(
@@ -796,17 +788,7 @@ async fn a_withdrawn_key_is_refused_its_streams_end_and_its_webhooks_stop() {
         return;
     };
     let w = app.world().await;
-    let (ok, out, err) = app.env.run(&[
-        "integrator",
-        "add",
-        "--name",
-        "Lab Co",
-        "--events",
-        "RecordUploaded",
-    ]);
-    assert!(ok, "{err}");
-    let id = out.lines().next().unwrap().trim().to_owned();
-    let key = out.lines().last().unwrap().trim().to_owned();
+    let (id, key) = add_named_integrator(&app, "Lab Co", "RecordUploaded");
 
     let mut first = SseClient::open(&app, &key, "", None).await;
     let second = SseClient::open(&app, &key, "", None).await;

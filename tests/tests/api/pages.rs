@@ -69,7 +69,8 @@ async fn no_xss(b: &Browser) {
     );
 }
 
-async fn doctor_id(app: &TestApp, token: &str) -> String {
+/// Whose session `token` is: the subject's id.
+async fn subject_id(app: &TestApp, token: &str) -> String {
     app.get("/v1/sessions/current", Some(token)).await.ok(200)["subject_id"]
         .as_str()
         .unwrap()
@@ -295,7 +296,7 @@ async fn story(backend: Backend) {
         .get(
             &format!(
                 "/v1/doctors/{}/access-requests",
-                doctor_id(&app, &doctor_token).await
+                subject_id(&app, &doctor_token).await
             ),
             Some(&doctor_token),
         )
@@ -427,10 +428,7 @@ async fn story(backend: Backend) {
     assert!(!lines.is_empty());
     assert!(lines.iter().all(|e| e["event_type"] == "AccessApproved"));
     let token = app.sign_in(&patient_phone).await;
-    let patient_id = app.get("/v1/sessions/current", Some(&token)).await.ok(200)["subject_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_id = subject_id(&app, &token).await;
     d.click("#tab-disclosures").await;
     d.fill("#disclosure-patient", &patient_id).await;
     d.click("#disclosures-submit").await;
