@@ -20,6 +20,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `AFYA_MAX_UPLOAD_BYTES`, default 25 MiB: larger uploads get 413.
     pub max_upload_bytes: usize,
+    /// How much memory uploads in flight may hold, and how slowly bodies may arrive.
+    pub bodies: BodyLimits,
     /// `AFYA_EXPLORER_TX_URL`, e.g. `https://explorer.zksync.io/tx/`: the web app links
     /// a record's token transaction to this prefix followed by the hash (unset: no link).
     pub explorer_tx_url: Option<String>,
@@ -27,7 +29,9 @@ pub struct Config {
     pub session_lifetime: chrono::Duration,
     /// `AFYA_SIGNIN_MAX_FAILURES_PER_PHONE` (default 5) and `…_PER_IP` (default 20)
     /// failed sign-ins within `AFYA_SIGNIN_WINDOW_SECS` (default 900) lock further
-    /// attempts until the window ends (429).
+    /// attempts until the window ends (429); so do
+    /// `AFYA_SHARE_CODE_MAX_MISSES_PER_DOCTOR` (default 20) share-code look-ups of one
+    /// doctor that found no patient. Counted in the store, across instances.
     pub sign_in_limits: SignInLimits,
     /// `AFYA_CONSISTENCY_TIMEOUT_MS`, default 5000: how long a command's answer waits
     /// for the read models to show its effect.
@@ -66,11 +70,10 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct IntegrationSettings {
     /// `AFYA_WEBHOOK_MAX_ATTEMPTS` (5), `AFYA_WEBHOOK_BACKOFF_MS` (500, doubling up to
-    /// a minute), `AFYA_WEBHOOK_TIMEOUT_SECS` (10).
+    /// a minute), `AFYA_WEBHOOK_TIMEOUT_SECS` (10), and the address policy applied at
+    /// registration (422) and at every delivery: `AFYA_WEBHOOK_ALLOW_PRIVATE` (false)
+    /// allows loopback, private and other non-public addresses (a development receiver).
     pub delivery: integrations::DeliverySettings,
-    /// `AFYA_WEBHOOK_ALLOW_PRIVATE` (false): accept webhook URLs on loopback, private
-    /// and link-local addresses (a development receiver); otherwise refused (422).
-    pub allow_private_webhooks: bool,
     /// `AFYA_SSE_HEARTBEAT_SECS` (15): a comment line when nothing else was sent.
     pub heartbeat: Duration,
     /// `AFYA_SSE_BUFFER` (4096): events the shared live tail keeps; a client further
@@ -104,12 +107,12 @@ fn integration_settings() -> anyhow::Result<IntegrationSettings> {
             max_attempts,
             base_backoff: Duration::from_millis(number("AFYA_WEBHOOK_BACKOFF_MS", 500)?.max(1)),
             timeout: Duration::from_secs(number("AFYA_WEBHOOK_TIMEOUT_SECS", 10)?.max(1)),
+            address: integrations::AddressPolicy::new(matches!(
+                var("AFYA_WEBHOOK_ALLOW_PRIVATE").as_deref().map(str::trim),
+                Some("true" | "1" | "yes")
+            )),
             ..defaults
         },
-        allow_private_webhooks: matches!(
-            var("AFYA_WEBHOOK_ALLOW_PRIVATE").as_deref().map(str::trim),
-            Some("true" | "1" | "yes")
-        ),
         heartbeat: Duration::from_secs(heartbeat),
         live_buffer,
         max_streams_per_key: number::<usize>("AFYA_SSE_MAX_STREAMS_PER_KEY", 8)?.clamp(1, 10_000),
@@ -138,6 +141,12 @@ pub struct MpesaSettings {
     /// The unguessable part of the callback path (never logged).
     pub path_token: String,
     pub worker: mpesa_adapter::worker::WorkerSettings,
+    /// `AFYA_PROMPTS_PER_DOCTOR` (default 20) prompts a doctor may have pushed, and
+    /// `AFYA_PROMPTS_PER_PATIENT` (default 5) prompts one patient's phone may get,
+    /// within `AFYA_PROMPT_WINDOW_SECS` (default 3600); more get 429. Counted in the
+    /// store, across instances.
+    pub prompts_per_doctor: crate::ratelimit::Rule,
+    pub prompts_per_patient: crate::ratelimit::Rule,
 }
 
 impl std::fmt::Debug for MpesaSettings {
@@ -194,6 +203,21 @@ fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
     if shortcode.is_empty() || !shortcode.bytes().all(|b| b.is_ascii_digit()) {
         anyhow::bail!("MPESA_SHORTCODE must be digits");
     }
+    // The limiter forgets windows a day old: none may be longer.
+    let prompt_window: u64 = number("AFYA_PROMPT_WINDOW_SECS", 3600)?;
+    if !(1..=86_400).contains(&prompt_window) {
+        anyhow::bail!("AFYA_PROMPT_WINDOW_SECS must be between 1 and 86400");
+    }
+    let prompts = |name: &str, default: u32| -> anyhow::Result<crate::ratelimit::Rule> {
+        let limit: u32 = number(name, default)?;
+        if limit == 0 {
+            anyhow::bail!("{name} must be at least 1");
+        }
+        Ok(crate::ratelimit::Rule {
+            limit,
+            window: Duration::from_secs(prompt_window),
+        })
+    };
     Ok(Some(MpesaSettings {
         daraja: mpesa_adapter::daraja::DarajaConfig {
             base_url: var("MPESA_BASE_URL")
@@ -215,15 +239,86 @@ fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
             poll: Duration::from_millis(number("MPESA_POLL_MS", 1000)?.max(10)),
             reconcile_after: Duration::from_secs(number("MPESA_RECONCILE_AFTER_SECS", 120)?),
         },
+        prompts_per_doctor: prompts("AFYA_PROMPTS_PER_DOCTOR", 20)?,
+        prompts_per_patient: prompts("AFYA_PROMPTS_PER_PATIENT", 5)?,
     }))
 }
 
-/// Limits on failed sign-ins.
+/// Limits on failed guesses: sign-ins, and share codes.
 #[derive(Clone, Copy, Debug)]
 pub struct SignInLimits {
     pub per_phone: u32,
     pub per_ip: u32,
+    /// Share-code look-ups per doctor that found nobody.
+    pub share_code_misses: u32,
     pub window: Duration,
+}
+
+impl SignInLimits {
+    fn rule(&self, limit: u32) -> crate::ratelimit::Rule {
+        crate::ratelimit::Rule {
+            limit,
+            window: self.window,
+        }
+    }
+
+    pub fn phone_rule(&self) -> crate::ratelimit::Rule {
+        self.rule(self.per_phone)
+    }
+
+    pub fn address_rule(&self) -> crate::ratelimit::Rule {
+        self.rule(self.per_ip)
+    }
+
+    pub fn share_code_rule(&self) -> crate::ratelimit::Rule {
+        self.rule(self.share_code_misses)
+    }
+}
+
+/// Bounds on request bodies besides their size: the memory uploads may hold, and how
+/// slowly a body may arrive before it is cut with 408.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// `AFYA_UPLOAD_MEMORY_BYTES`, default 4 × `AFYA_MAX_UPLOAD_BYTES`: upload bodies
+    /// held at once over all accounts (one account: one largest upload's worth).
+    pub upload_memory_bytes: usize,
+    /// `AFYA_UPLOAD_WAIT_SECS`, default 120: how long an upload waits for that memory
+    /// before it is answered 503.
+    pub upload_wait: Duration,
+    /// `AFYA_JSON_BODY_SECS`, default 15: a JSON body must arrive whole within this.
+    pub json_within: Duration,
+    /// `AFYA_UPLOAD_MIN_BYTES_PER_SEC`, default 1024 (0: no minimum): the slowest
+    /// average an upload may arrive at, once `upload_grace` has passed.
+    pub upload_min_rate: u64,
+    /// `AFYA_UPLOAD_GRACE_SECS`, default 10.
+    pub upload_grace: Duration,
+    /// `AFYA_BODY_IDLE_SECS`, default 15: the longest pause between two pieces of any
+    /// body.
+    pub idle: Duration,
+}
+
+fn body_limits(max_upload_bytes: usize) -> anyhow::Result<BodyLimits> {
+    let upload_memory_bytes = number(
+        "AFYA_UPLOAD_MEMORY_BYTES",
+        max_upload_bytes.saturating_mul(4),
+    )?;
+    if upload_memory_bytes < max_upload_bytes {
+        anyhow::bail!("AFYA_UPLOAD_MEMORY_BYTES must be at least AFYA_MAX_UPLOAD_BYTES");
+    }
+    let seconds = |name: &str, default: u64| -> anyhow::Result<Duration> {
+        match number(name, default)? {
+            0 => anyhow::bail!("{name} must be at least 1"),
+            n => Ok(Duration::from_secs(n)),
+        }
+    };
+    Ok(BodyLimits {
+        upload_memory_bytes,
+        upload_wait: seconds("AFYA_UPLOAD_WAIT_SECS", 120)?,
+        json_within: seconds("AFYA_JSON_BODY_SECS", 15)?,
+        upload_min_rate: number("AFYA_UPLOAD_MIN_BYTES_PER_SEC", 1024)?,
+        upload_grace: seconds("AFYA_UPLOAD_GRACE_SECS", 10)?,
+        idle: seconds("AFYA_BODY_IDLE_SECS", 15)?,
+    })
 }
 
 fn var(name: &str) -> Option<String> {
@@ -392,16 +487,19 @@ impl Config {
         if !(60..=30 * 86_400).contains(&session_secs) {
             anyhow::bail!("AFYA_SESSION_TTL_SECS must be between 60 and 2592000");
         }
+        let max_upload_bytes: usize = number("AFYA_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)?;
         Ok(Config {
             data_dir,
             listen,
             store,
-            max_upload_bytes: number("AFYA_MAX_UPLOAD_BYTES", 25 * 1024 * 1024)?,
+            max_upload_bytes,
+            bodies: body_limits(max_upload_bytes)?,
             explorer_tx_url: explorer_tx_url()?,
             session_lifetime: chrono::Duration::seconds(session_secs),
             sign_in_limits: SignInLimits {
                 per_phone: number("AFYA_SIGNIN_MAX_FAILURES_PER_PHONE", 5)?,
                 per_ip: number("AFYA_SIGNIN_MAX_FAILURES_PER_IP", 20)?,
+                share_code_misses: number("AFYA_SHARE_CODE_MAX_MISSES_PER_DOCTOR", 20)?,
                 window: Duration::from_secs(number("AFYA_SIGNIN_WINDOW_SECS", 900)?),
             },
             consistency_timeout: Duration::from_millis(number(

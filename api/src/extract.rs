@@ -1,22 +1,33 @@
 //! What handlers take from a request: the caller behind a bearer token, a bounded
 //! body parsed as JSON with errors that name the field, and the command metadata
 //! (actor, correlation, idempotency key tied to this exact request).
+//!
+//! Bodies are bounded in size, in time and, for uploads, in memory: a body must arrive
+//! at a minimum pace or is cut with 408 and its connection closed, and an upload takes
+//! its size from a byte budget (per account and overall) before it is read, so the
+//! memory uploads hold does not grow with their number.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::http::StatusCode;
-use actix_web::web::{Bytes, BytesMut, Data};
-use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use actix_web::http::{ConnectionType, StatusCode};
+use actix_web::web::{Bytes, Data};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use commands::Authenticated;
 use domain::actor::Actor;
 use eventstore::CommandMeta;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::config::BodyLimits;
 use crate::problem::Problem;
 use crate::server::AppState;
 
@@ -86,14 +97,17 @@ pub struct Body {
 }
 
 impl FromRequest for Body {
-    type Error = Problem;
-    type Future = Pin<Box<dyn Future<Output = Result<Body, Problem>>>>;
+    type Error = BodyRefused;
+    type Future = Pin<Box<dyn Future<Output = Result<Body, BodyRefused>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let req = req.clone();
         let mut payload = payload.take();
         Box::pin(async move {
-            let bytes = read_limited(&req, &mut payload, JSON_LIMIT).await?;
+            let pace = Pace::json(&state(&req).map_err(BodyRefused)?.config.bodies);
+            let bytes = read_limited(&req, &mut payload, JSON_LIMIT, pace)
+                .await
+                .map_err(BodyRefused)?;
             let content_type = req
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -140,33 +154,162 @@ impl Body {
     }
 }
 
-/// Reads a body of at most `limit` bytes: 413 (before reading) when its declared
-/// length is larger, and as soon as it grows larger.
-pub async fn read_limited<S>(
-    req: &HttpRequest,
-    payload: &mut S,
-    limit: usize,
-) -> Result<Bytes, Problem>
-where
-    S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
-{
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body must be at most {limit} bytes"),
-        )
-    };
+/// A body refused while it was being read (too large, too slow, no memory for it):
+/// answered as its problem, and the connection is closed, since the rest of the body
+/// may still be on its way.
+#[derive(Debug)]
+pub struct BodyRefused(pub Problem);
+
+impl std::fmt::Display for BodyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ResponseError for BodyRefused {
+    fn status_code(&self) -> StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        closing(&self.0)
+    }
+}
+
+/// `problem`'s answer with `Connection: close`.
+pub fn closing(problem: &Problem) -> HttpResponse {
+    let mut response = problem.error_response();
+    response
+        .head_mut()
+        .set_connection_type(ConnectionType::Close);
+    response
+}
+
+/// How slowly a body may arrive. A client that sends slower is answered 408
+/// `body_too_slow`, so a trickle of bytes cannot hold a request (and its memory) open.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    /// The whole body within this.
+    pub within: Option<Duration>,
+    /// At least this many bytes a second on average since reading began, once `grace`
+    /// has passed (0: no minimum).
+    pub min_rate: u64,
+    pub grace: Duration,
+    /// At most this long between two pieces.
+    pub idle: Duration,
+}
+
+impl Pace {
+    /// A JSON body: small, so whole within a bound.
+    pub fn json(limits: &BodyLimits) -> Pace {
+        Pace {
+            within: Some(limits.json_within),
+            min_rate: 0,
+            grace: Duration::ZERO,
+            idle: limits.idle,
+        }
+    }
+
+    /// An upload: as large as a scan, so a minimum average rate that a 2G phone
+    /// keeps, after a grace for a slow start.
+    pub fn upload(limits: &BodyLimits) -> Pace {
+        Pace {
+            within: None,
+            min_rate: limits.upload_min_rate,
+            grace: limits.upload_grace,
+            idle: limits.idle,
+        }
+    }
+
+    /// When the next piece is due, having received `received` bytes since `start`
+    /// and the last piece at `last`.
+    fn deadline(&self, start: Instant, last: Instant, received: usize) -> Instant {
+        let mut due = last + self.idle;
+        if let Some(within) = self.within {
+            due = due.min(start + within);
+        }
+        if let Some(seconds) = (received as u64).checked_div(self.min_rate) {
+            // The moment the average since `start` would fall below the minimum.
+            let behind = Duration::from_secs(seconds);
+            if let Some(late) = start.checked_add(self.grace + behind) {
+                due = due.min(late);
+            }
+        }
+        due
+    }
+}
+
+/// The length a request declares for its body: 413 when it is larger than `limit`,
+/// before anything is read.
+pub fn declared_length(req: &HttpRequest, limit: usize) -> Result<Option<usize>, Problem> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+    match declared {
+        Some(n) if n > limit as u64 => Err(too_large(limit)),
+        Some(n) => Ok(Some(n as usize)),
+        None => Ok(None),
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    while let Some(chunk) = payload.next().await {
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body must be at most {limit} bytes"),
+    )
+}
+
+/// Reads a body of at most `limit` bytes at `pace`: 413 (before reading) when its
+/// declared length is larger, and as soon as it grows larger; 408 when it comes too
+/// slowly.
+pub async fn read_limited<S>(
+    req: &HttpRequest,
+    payload: &mut S,
+    limit: usize,
+    pace: Pace,
+) -> Result<Bytes, Problem>
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    let declared = declared_length(req, limit)?;
+    let mut body = Vec::with_capacity(declared.unwrap_or(0));
+    read_into(payload, &mut body, declared.unwrap_or(limit), pace).await?;
+    Ok(Bytes::from(body))
+}
+
+/// Appends the body to `body`, at most `limit` bytes of it, at `pace` (timed from
+/// now: time spent waiting for an upload budget does not count): 413 as soon as it
+/// grows larger, 408 `body_too_slow` when a piece is late. `body` grows only past its
+/// capacity, so a caller that knows the length reads it into one allocation.
+pub async fn read_into<S>(
+    payload: &mut S,
+    body: &mut Vec<u8>,
+    limit: usize,
+    pace: Pace,
+) -> Result<(), Problem>
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    let start = Instant::now();
+    let mut last = start;
+    let mut received = 0usize;
+    loop {
+        let due = pace.deadline(start, last, received);
+        let next = tokio::time::timeout_at(due, payload.next())
+            .await
+            .map_err(|_| {
+                Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_too_slow",
+                    "the body arrived too slowly; send it again on a faster connection",
+                )
+            })?;
+        let Some(chunk) = next else {
+            return Ok(());
+        };
         let chunk = chunk.map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -174,12 +317,125 @@ where
                 "the request body could not be read",
             )
         })?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+        if received + chunk.len() > limit {
+            return Err(too_large(limit));
         }
         body.extend_from_slice(&chunk);
+        received += chunk.len();
+        last = Instant::now();
     }
-    Ok(body.freeze())
+}
+
+/// The memory upload bodies may hold while they are read, encrypted and stored, in
+/// units of [`BUDGET_UNIT`] bytes: overall, and per account (one largest upload's
+/// worth), so that neither many accounts nor one account's many parallel uploads
+/// hold more. An upload waits for its share before it is read; the waiting is not
+/// counted against its pace, but is bounded (503 after that).
+pub struct UploadBudget {
+    total: Arc<Semaphore>,
+    total_units: u32,
+    account_units: u32,
+    wait: Duration,
+    /// One semaphore per account with uploads in flight or waiting; removed when the
+    /// last of them ends.
+    accounts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// The granularity of the upload budget.
+pub const BUDGET_UNIT: usize = 1024;
+
+fn units(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(BUDGET_UNIT).max(1)).unwrap_or(u32::MAX)
+}
+
+impl UploadBudget {
+    /// `total_bytes` over all uploads, `account_bytes` for one account's, waiting at
+    /// most `wait` for them.
+    pub fn new(total_bytes: usize, account_bytes: usize, wait: Duration) -> UploadBudget {
+        let total_units = units(total_bytes);
+        UploadBudget {
+            total: Arc::new(Semaphore::new(total_units as usize)),
+            total_units,
+            account_units: units(account_bytes).min(total_units),
+            wait,
+            accounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until `bytes` fit in the account's and the overall budget; 503
+    /// `uploads_busy` when they do not within the wait. An upload larger than a
+    /// budget takes all of it (the size limit refuses those before this).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        account: &str,
+        bytes: usize,
+    ) -> Result<UploadPermit, Problem> {
+        let semaphore = {
+            let mut accounts = self
+                .accounts
+                .lock()
+                .map_err(|_| Problem::internal(&anyhow::anyhow!("upload budget poisoned")))?;
+            accounts
+                .entry(account.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.account_units as usize)))
+                .clone()
+        };
+        let mut permit = UploadPermit {
+            budget: self.clone(),
+            account: account.to_owned(),
+            semaphore: semaphore.clone(),
+            held: None,
+        };
+        let need = units(bytes);
+        // The account's share first: one account's uploads queue among themselves
+        // without holding the overall budget that other accounts wait for.
+        let both = async {
+            let own = semaphore
+                .acquire_many_owned(need.min(self.account_units))
+                .await?;
+            let all = self
+                .total
+                .clone()
+                .acquire_many_owned(need.min(self.total_units))
+                .await?;
+            Ok::<_, tokio::sync::AcquireError>((own, all))
+        };
+        match tokio::time::timeout(self.wait, both).await {
+            Ok(Ok(held)) => {
+                permit.held = Some(held);
+                Ok(permit)
+            }
+            Ok(Err(closed)) => Err(Problem::internal(&closed.into())),
+            Err(_) => Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "uploads_busy",
+                "too many uploads are in progress; try again shortly",
+            )
+            .retry_after(10)),
+        }
+    }
+}
+
+/// An upload's share of the [`UploadBudget`], given back when dropped.
+pub struct UploadPermit {
+    budget: Arc<UploadBudget>,
+    account: String,
+    semaphore: Arc<Semaphore>,
+    held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+impl Drop for UploadPermit {
+    fn drop(&mut self) {
+        self.held = None;
+        if let Ok(mut accounts) = self.budget.accounts.lock() {
+            // Only the map and this permit still know the account's semaphore: no
+            // upload of the account is in flight or waiting (new ones clone it under
+            // this lock).
+            if Arc::strong_count(&self.semaphore) == 2 {
+                accounts.remove(&self.account);
+            }
+        }
+    }
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
@@ -313,18 +569,23 @@ fn keyed_meta(
         .get(actix_web::http::header::CONTENT_TYPE)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    let mut request = Vec::with_capacity(fingerprint_body.len() + 256);
-    for part in [
-        req.method().as_str().as_bytes(),
-        req.path().as_bytes(),
-        req.query_string().as_bytes(),
-        content_type,
-        fingerprint_body,
-    ] {
-        request.extend_from_slice(part);
-        request.push(b'\n');
-    }
-    let fingerprint = keys.tag("request fingerprint", &request);
+    // Each part followed by a newline, fed to the HMAC one by one: the same tag as of
+    // their concatenation, without a copy of an upload's body.
+    let fingerprint = keys.tag_parts(
+        "request fingerprint",
+        &[
+            req.method().as_str().as_bytes(),
+            b"\n",
+            req.path().as_bytes(),
+            b"\n",
+            req.query_string().as_bytes(),
+            b"\n",
+            content_type,
+            b"\n",
+            fingerprint_body,
+            b"\n",
+        ],
+    );
     Ok(meta
         .with_idempotency_key(commands::keys::hex(&scoped))
         .with_fingerprint(commands::keys::hex(&fingerprint)))

@@ -55,144 +55,86 @@ use crate::routes::{
 )]
 pub struct ApiDoc;
 
-/// The error statuses of each operation (besides 500 and 503, which any may answer: 503
-/// when a service a command needs is down).
+/// The error statuses of an operation that its shape does not tell (see
+/// [`by_rule`], which adds the rest): limits on attempts, conflicts of a read that
+/// appends, wrong credentials, the 404 of an id in a body, a body the document does
+/// not describe.
 pub const ERRORS: &[(&str, &str, &[u16])] = &[
-    ("/v1/patients", "post", &[400, 409, 413, 415, 422, 429]),
-    ("/v1/doctors", "post", &[400, 409, 413, 415, 422, 429]),
-    ("/v1/doctors", "get", &[401, 403, 422]),
-    (
-        "/v1/patients/{patient_id}/share-code",
-        "post",
-        &[401, 403, 404],
-    ),
-    (
-        "/v1/patients/{patient_id}/share-code",
-        "get",
-        &[401, 403, 404],
-    ),
-    (
-        "/v1/patients/{patient_id}/share-code/qr",
-        "get",
-        &[401, 403, 404],
-    ),
-    ("/v1/share-codes/{code}", "get", &[401, 403, 404]),
-    (
-        "/v1/doctors/{doctor_id}/access-requests",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    (
-        "/v1/doctors/{doctor_id}/verification",
-        "post",
-        &[401, 403, 404, 409, 422],
-    ),
-    ("/v1/sessions", "post", &[400, 401, 409, 413, 415, 422, 429]),
-    ("/v1/patients/{patient_id}/wallet", "get", &[401, 403, 404]),
-    (
-        "/v1/patients/{patient_id}/wallet",
-        "put",
-        &[400, 401, 403, 404, 409, 413, 415, 422],
-    ),
-    (
-        "/v1/payments",
-        "post",
-        &[400, 401, 403, 409, 413, 415, 422, 503],
-    ),
-    ("/v1/payments/{payment_id}", "get", &[401, 404]),
-    (
-        "/v1/patients/{patient_id}/payments",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    (
-        "/v1/doctors/{doctor_id}/payments",
-        "get",
-        &[401, 403, 404, 422],
-    ),
+    ("/v1/patients", "post", &[429]),
+    ("/v1/doctors", "post", &[429]),
+    ("/v1/sessions", "post", &[401, 429]),
+    ("/v1/share-codes/{code}", "get", &[429]),
+    ("/v1/events/stream", "get", &[429]),
+    ("/v1/payments", "post", &[404, 429]),
+    ("/v1/access-requests", "post", &[404]),
+    // Daraja's callback is read as raw JSON of Daraja's making: not described.
     (
         "/v1/mpesa/callbacks/{path_token}/stk",
         "post",
-        &[400, 404, 413, 415],
+        &[400, 408, 413, 415],
     ),
-    ("/v1/sessions/current", "get", &[401]),
-    ("/v1/sessions/current", "delete", &[401, 403, 409]),
-    (
-        "/v1/patients/{patient_id}/records",
-        "post",
-        &[401, 403, 404, 409, 413, 415, 422],
-    ),
-    (
-        "/v1/patients/{patient_id}/records",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    ("/v1/records/{record_id}", "get", &[401, 403, 404]),
-    ("/v1/audit/anchors", "get", &[401, 403, 422]),
-    ("/v1/audit/events", "get", &[401, 403, 422]),
-    ("/v1/audit/events/export", "get", &[401, 403, 422]),
-    ("/v1/events/stream", "get", &[401, 403, 422, 429]),
-    ("/v1/webhooks", "post", &[400, 401, 403, 409, 413, 415, 422]),
-    ("/v1/webhooks", "get", &[401, 403]),
-    (
-        "/v1/webhooks/{webhook_id}/failures",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    ("/v1/webhooks/{webhook_id}/replay", "post", &[401, 403, 404]),
-    ("/v1/audit/verify", "get", &[401, 403, 422]),
-    (
-        "/v1/audit/findings/uncovered-reads",
-        "get",
-        &[401, 403, 422],
-    ),
-    (
-        "/v1/audit/findings/reads-after-revocation",
-        "get",
-        &[401, 403, 422],
-    ),
-    (
-        "/v1/audit/patients/{patient_id}/disclosures",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    (
-        "/v1/records/{record_id}/content",
-        "get",
-        &[401, 403, 404, 409, 422, 502],
-    ),
-    (
-        "/v1/access-requests",
-        "post",
-        &[400, 401, 403, 404, 409, 413, 415, 422],
-    ),
-    (
-        "/v1/patients/{patient_id}/access-requests",
-        "get",
-        &[401, 403, 404, 422],
-    ),
-    (
-        "/v1/access-requests/{request_id}/approval",
-        "post",
-        &[400, 401, 403, 404, 409, 413, 415, 422],
-    ),
-    (
-        "/v1/access-requests/{request_id}/rejection",
-        "post",
-        &[400, 401, 403, 404, 409, 413, 415, 422],
-    ),
-    (
-        "/v1/access-requests/{request_id}/revocation",
-        "post",
-        &[401, 403, 404, 409, 422],
-    ),
-    ("/v1/doctors/{doctor_id}/grants", "get", &[401, 403, 404]),
-    (
-        "/v1/patients/{patient_id}/access-log",
-        "get",
-        &[401, 403, 404, 422],
-    ),
+    // A doctor's read appends `RecordAccessed` before a byte is served.
+    ("/v1/records/{record_id}/content", "get", &[409, 502]),
 ];
+
+/// Signed-in operations open to every role: they never answer 403.
+const ANY_ROLE: &[(&str, &str)] = &[("/v1/sessions/current", "get")];
+
+/// The error statuses an operation can answer by what it is, whatever it does:
+/// - 500 (a failure of ours) and 503 (the store, or a service a command needs, is
+///   unavailable) everywhere;
+/// - a body: 408 (too slow), 413 (too large), 415 (not of the documented type) and
+///   422 (does not fit); a JSON body also 400 (not JSON);
+/// - a POST: 422 (a malformed `Idempotency-Key`, or the key reused for another request);
+/// - a command (any method but GET): 409 (`concurrent_change`, or a state that does
+///   not allow it);
+/// - a query: 422 (a parameter out of range, or the query string malformed);
+/// - path ids: 404 (no such thing, malformed, or not to be revealed);
+/// - a bearer token: 401 (missing, malformed, forged, expired, revoked) and, unless in
+///   [`ANY_ROLE`], 403 (the caller's role or ownership does not allow it).
+pub fn by_rule(
+    path: &str,
+    method: &str,
+    op: &utoipa::openapi::path::Operation,
+) -> std::collections::BTreeSet<u16> {
+    let mut statuses = std::collections::BTreeSet::from([500, 503]);
+    let has = |place: ParameterIn| {
+        op.parameters
+            .iter()
+            .flatten()
+            .any(|p| p.parameter_in == place)
+    };
+    if let Some(body) = &op.request_body {
+        statuses.extend([408, 413, 415, 422]);
+        if body.content.contains_key("application/json") {
+            statuses.insert(400);
+        }
+    }
+    if method == "post" {
+        statuses.insert(422);
+    }
+    if method != "get" {
+        statuses.insert(409);
+    }
+    if has(ParameterIn::Query) {
+        statuses.insert(422);
+    }
+    if has(ParameterIn::Path) {
+        statuses.insert(404);
+    }
+    if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+        statuses.insert(401);
+        if !ANY_ROLE.contains(&(path, method)) {
+            statuses.insert(403);
+        }
+    }
+    let listed = ERRORS
+        .iter()
+        .filter(|(p, m, _)| *p == path && *m == method)
+        .flat_map(|(_, _, s)| s.iter().copied());
+    statuses.extend(listed);
+    statuses
+}
 
 struct Security;
 
@@ -208,6 +150,9 @@ impl Modify for Security {
 
 struct Errors;
 
+/// Every method an operation of the document can have.
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
 fn operation<'a>(
     item: &'a mut PathItem,
     method: &str,
@@ -216,6 +161,7 @@ fn operation<'a>(
         "get" => item.get.as_mut(),
         "post" => item.post.as_mut(),
         "put" => item.put.as_mut(),
+        "patch" => item.patch.as_mut(),
         "delete" => item.delete.as_mut(),
         _ => None,
     }
@@ -259,42 +205,71 @@ fn describe(status: u16) -> &'static str {
         401 => "Missing, malformed, forged, expired or revoked bearer token; or wrong credentials",
         403 => "The caller's role or ownership does not allow this",
         404 => "No such resource (or not to be revealed)",
+        408 => "The body arrived too slowly (`body_too_slow`); the connection is closed",
         409 => "The resource's state does not allow this (already done, no longer pending), or it changed at the same time (`concurrent_change`: retry)",
         413 => "The body is too large",
         415 => "Missing or unsupported Content-Type",
-        422 => "Invalid input; `field` names it",
-        429 => "Too many failed attempts; see Retry-After",
+        422 => "Invalid input (body, query or `Idempotency-Key`); `field` names it",
+        429 => "Too many attempts (or open streams); see Retry-After",
         502 => "The stored copy failed its integrity check (`integrity_check_failed`): it was not served, and the failure is recorded",
-        503 => "A service the command needs is unavailable (`content_unavailable`: the record's content cannot be fetched now); try again later, see Retry-After",
+        503 => "The store or a service the request needs is unavailable (`content_unavailable`: the record's content cannot be fetched now; `payments_unavailable`: M-Pesa is not configured); try again later, see Retry-After",
         _ => "Unexpected failure",
     }
 }
 
 impl Modify for Errors {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut ids = std::collections::BTreeMap::<String, usize>::new();
+        for item in openapi.paths.paths.values_mut() {
+            for method in METHODS {
+                if let Some(id) = operation(item, method).and_then(|op| op.operation_id.clone()) {
+                    *ids.entry(id).or_default() += 1;
+                }
+            }
+        }
         for (path, item) in openapi.paths.paths.iter_mut() {
-            for method in ["get", "post", "delete"] {
-                let listed = ERRORS
-                    .iter()
-                    .find(|(p, m, _)| p == path && *m == method)
-                    .map(|(_, _, statuses)| *statuses)
-                    .unwrap_or(&[]);
-                if let Some(op) = operation(item, method) {
-                    if method == "post" {
-                        op.parameters
-                            .get_or_insert_with(Vec::new)
-                            .push(idempotency_key());
+            for method in METHODS {
+                let Some(op) = operation(item, method) else {
+                    continue;
+                };
+                if method == "post" {
+                    let parameters = op.parameters.get_or_insert_with(Vec::new);
+                    let declared = parameters.iter().any(|p| {
+                        p.parameter_in == ParameterIn::Header
+                            && p.name.eq_ignore_ascii_case("Idempotency-Key")
+                    });
+                    if !declared {
+                        parameters.push(idempotency_key());
                     }
-                    for status in listed.iter().chain(&[500, 503]) {
-                        op.responses
-                            .responses
-                            .entry(status.to_string())
-                            .or_insert_with(|| problem_response(describe(*status)).into());
-                    }
+                }
+                // Handlers of different modules share names (`list`, `get`), and an
+                // operation id must be unique in the document: those take the method
+                // and path instead, which are.
+                let shared = op
+                    .operation_id
+                    .as_ref()
+                    .is_some_and(|id| ids.get(id).is_some_and(|n| *n > 1));
+                if shared {
+                    op.operation_id = Some(format!("{method}_{}", slug(path)));
+                }
+                for status in by_rule(path, method, op) {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| problem_response(describe(status)).into());
                 }
             }
         }
     }
+}
+
+/// A path as an identifier: `/v1/patients/{patient_id}/records` → `patients_patient_id_records`.
+fn slug(path: &str) -> String {
+    path.trim_start_matches("/v1")
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("_")
 }
 
 #[cfg(test)]

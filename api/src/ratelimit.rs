@@ -1,285 +1,492 @@
-//! Failed sign-ins are limited per phone (its blind index, never the number) and per
-//! client address: past the limit within the window, further attempts are refused with
-//! 429 until the window ends, whether or not the password would be right. Sign-ups
-//! that hit a registered phone count against the address too, so the phone directory
-//! cannot be enumerated quickly.
+//! Limits on how often something may be tried, kept in the store's database so that
+//! every API instance on one PostgreSQL counts the same attempts (an attacker cannot
+//! multiply an allowance by spreading requests over instances).
 //!
-//! An attempt is counted when it starts (under one lock with the check) and given back
-//! if it succeeds, so a burst of parallel guesses cannot all pass the check before any
-//! has failed. The counts live in this process; instances behind a load balancer each
-//! count their own.
+//! A limit is a fixed window per bucket (what is limited: failed sign-ins per phone,
+//! payment prompts per doctor, …) and key (whose: a blind index, never a phone number or
+//! an address in the clear). An attempt is counted when it starts, in one atomic upsert
+//! with the check, so a burst of parallel guesses cannot all pass before any has
+//! failed; an [`Attempt`] can be given back when it turns out not to count (a correct
+//! password, a client that went away).
+//!
+//! Failed sign-ins are limited per phone and per client address: past the limit within
+//! the window, further attempts get 429 until the window ends, whether or not the
+//! password would be right. Sign-ups that hit a registered phone count against the
+//! address too, so the phone directory cannot be enumerated quickly.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::SignInLimits;
+use actix_web::http::StatusCode;
+use anyhow::Context as _;
+use commands::Commands;
+use eventstore::Store;
 
-struct Window {
-    started: Instant,
-    attempts: u32,
+use crate::problem::Problem;
+
+/// The table, the same on both backends.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rate_limits (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    window_start BIGINT NOT NULL,
+    hits BIGINT NOT NULL,
+    PRIMARY KEY (bucket, key)
+)";
+
+/// Creates the limits' table if it is missing.
+pub async fn create_schema(store: &Store) -> anyhow::Result<()> {
+    sqlx::query(SCHEMA)
+        .execute(store.any_pool())
+        .await
+        .context("creating the rate limit table")?;
+    Ok(())
 }
 
-impl Window {
-    fn current(&mut self, now: Instant, length: Duration) -> &mut Self {
-        if now.duration_since(self.started) >= length {
-            self.started = now;
-            self.attempts = 0;
+/// What one limit allows: `limit` attempts per `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+/// One limited thing: which bucket, whose key (kept only as a keyed hash), which rule.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit<'a> {
+    pub bucket: &'static str,
+    pub key: &'a str,
+    pub rule: Rule,
+}
+
+/// An attempt counted in one bucket's window.
+#[derive(Clone, Debug)]
+struct Counted {
+    bucket: &'static str,
+    key: String,
+    window_start: i64,
+}
+
+/// The limits, shared by every request of this process and, through the database,
+/// with every other instance on the same store.
+pub struct Limits {
+    store: Store,
+    commands: Arc<Commands>,
+    /// Takes since the last sweep of finished windows.
+    takes: AtomicU32,
+}
+
+/// Finished windows are swept once in this many takes.
+const SWEEP_EVERY: u32 = 512;
+
+impl Limits {
+    pub fn new(store: Store, commands: Arc<Commands>) -> Limits {
+        Limits {
+            store,
+            commands,
+            takes: AtomicU32::new(0),
         }
-        self
     }
 
-    /// How long until the window ends, if `limit` attempts are used up.
-    fn locked(&self, limit: u32, now: Instant, length: Duration) -> Option<Duration> {
-        let elapsed = now.duration_since(self.started);
-        (self.attempts >= limit && elapsed < length).then(|| length - elapsed)
-    }
-}
-
-#[derive(Default)]
-struct Counts {
-    phones: HashMap<String, Window>,
-    addresses: HashMap<IpAddr, Window>,
-}
-
-/// Counts of recent failed (or still running) attempts.
-pub struct SignInLimiter {
-    limits: SignInLimits,
-    counts: Mutex<Counts>,
-}
-
-impl SignInLimiter {
-    pub fn new(limits: SignInLimits) -> SignInLimiter {
-        SignInLimiter {
-            limits,
-            counts: Mutex::new(Counts::default()),
-        }
+    fn now_ms(&self) -> i64 {
+        self.commands.now().timestamp_millis()
     }
 
-    /// Starts an attempt for this phone (if any) from this address (if known):
-    /// `Err(seconds to wait)` when either is locked out. Otherwise the attempt counts
-    /// from now; the returned [`Attempt`] says how it ended, and one dropped unsettled
-    /// (an error that was no guess, a client that went away) is given back.
-    pub fn begin(
-        &self,
-        phone_index: Option<&str>,
-        address: Option<IpAddr>,
-    ) -> Result<Attempt<'_>, u64> {
-        let now = Instant::now();
-        let window = self.limits.window;
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = &mut *counts;
-        // Forget finished windows so the maps stay as small as the recent failures.
-        if counts.phones.len() + counts.addresses.len() > 10_000 {
-            counts
-                .phones
-                .retain(|_, w| now.duration_since(w.started) < window);
-            counts
-                .addresses
-                .retain(|_, w| now.duration_since(w.started) < window);
+    /// The stored key: a keyed hash, so the table holds no phone index or address that
+    /// could be matched against anything outside it.
+    fn stored_key(&self, bucket: &str, key: &str) -> String {
+        let tag = self
+            .commands
+            .keys()
+            .tag("rate limit", format!("{bucket}|{key}").as_bytes());
+        commands::keys::hex(&tag)
+    }
+
+    /// Counts one attempt against `limit`: `Ok(Some(counted))` when it is allowed,
+    /// `Ok(None)` with the seconds to wait when it is over the limit.
+    async fn count(&self, limit: &Limit<'_>) -> anyhow::Result<Result<Counted, u64>> {
+        let now = self.now_ms();
+        let window = i64::try_from(limit.rule.window.as_millis()).unwrap_or(i64::MAX);
+        let window = window.max(1);
+        let cap = i64::from(limit.rule.limit);
+        let key = self.stored_key(limit.bucket, limit.key);
+        // A finished window starts again at one; otherwise one more, held at one past
+        // the limit so that refused attempts do not pile up behind it.
+        let (window_start, hits): (i64, i64) = sqlx::query_as(
+            "INSERT INTO rate_limits (bucket, key, window_start, hits) VALUES ($1, $2, $3, 1)
+             ON CONFLICT (bucket, key) DO UPDATE SET
+               hits = CASE WHEN rate_limits.window_start <= $3 - $4 THEN 1
+                           WHEN rate_limits.hits > $5 THEN $5 + 1
+                           ELSE rate_limits.hits + 1 END,
+               window_start = CASE WHEN rate_limits.window_start <= $3 - $4 THEN $3
+                                   ELSE rate_limits.window_start END
+             RETURNING window_start, hits",
+        )
+        .bind(limit.bucket)
+        .bind(key.clone())
+        .bind(now)
+        .bind(window)
+        .bind(cap)
+        .fetch_one(self.store.any_pool())
+        .await
+        .context("counting an attempt against a rate limit")?;
+        if self.takes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep(now).await;
         }
-        let fresh = || Window {
-            started: now,
-            attempts: 0,
-        };
-        let phone = phone_index.map(|p| {
-            let w = counts
-                .phones
-                .entry(p.to_owned())
-                .or_insert_with(fresh)
-                .current(now, window);
-            (w.locked(self.limits.per_phone, now, window), w.started)
-        });
-        let address_window = address.map(|a| {
-            let w = counts
-                .addresses
-                .entry(a)
-                .or_insert_with(fresh)
-                .current(now, window);
-            (w.locked(self.limits.per_ip, now, window), w.started)
-        });
-        let phone_wait = phone.and_then(|(wait, _)| wait);
-        let address_wait = address_window.and_then(|(wait, _)| wait);
-        if let Some(wait) = phone_wait.max(address_wait) {
-            return Err(wait.as_secs().max(1));
+        if hits > cap {
+            let left_ms = (window_start + window - now).max(0);
+            let seconds = u64::try_from((left_ms + 999) / 1000).unwrap_or(1).max(1);
+            return Ok(Err(seconds));
         }
-        if let Some(w) = phone_index.and_then(|p| counts.phones.get_mut(p)) {
-            w.attempts += 1;
+        Ok(Ok(Counted {
+            bucket: limit.bucket,
+            key,
+            window_start,
+        }))
+    }
+
+    /// Forgets windows that ended a day ago or more (no limit here is longer).
+    async fn sweep(&self, now: i64) {
+        let day = 24 * 3600 * 1000;
+        let swept = sqlx::query("DELETE FROM rate_limits WHERE window_start < $1")
+            .bind(now - day)
+            .execute(self.store.any_pool())
+            .await;
+        if let Err(error) = swept {
+            tracing::warn!(%error, "sweeping finished rate limit windows failed");
         }
-        if let Some(w) = address.and_then(|a| counts.addresses.get_mut(&a)) {
-            w.attempts += 1;
+    }
+
+    /// Starts an attempt under every one of `limits`: a 429 problem (with
+    /// `Retry-After`, the longest wait of those that are used up) when any is used up,
+    /// and then none of them is counted. Otherwise the attempt counts in each from now
+    /// until it is given back.
+    pub async fn begin(self: &Arc<Self>, limits: &[Limit<'_>]) -> Result<Attempt, Problem> {
+        let mut counted = Vec::with_capacity(limits.len());
+        let mut wait = None;
+        for limit in limits {
+            match self.count(limit).await {
+                Ok(Ok(c)) => counted.push(c),
+                Ok(Err(seconds)) => wait = wait.max(Some(seconds)),
+                Err(error) => {
+                    give_back_all(self, &counted).await;
+                    return Err(Problem::internal(&error));
+                }
+            }
+        }
+        if let Some(seconds) = wait {
+            give_back_all(self, &counted).await;
+            return Err(too_many(seconds));
         }
         Ok(Attempt {
-            limiter: self,
-            phone: phone_index
-                .zip(phone)
-                .map(|(p, (_, started))| (p.to_owned(), started)),
-            address: address
-                .zip(address_window)
-                .map(|(a, (_, started))| (a, started)),
+            limits: self.clone(),
+            counted,
             settled: false,
         })
     }
+
+    /// Counts one use under `limit` for good: the 429 problem when it is used up.
+    pub async fn take(
+        self: &Arc<Self>,
+        bucket: &'static str,
+        key: &str,
+        rule: Rule,
+    ) -> Result<(), Problem> {
+        self.begin(&[Limit { bucket, key, rule }])
+            .await
+            .map(Attempt::failed)
+    }
+
+    /// Returns one counted attempt to the window it was counted in (not to a later
+    /// one).
+    async fn give_back(&self, counted: &Counted) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE rate_limits SET hits = hits - 1
+             WHERE bucket = $1 AND key = $2 AND window_start = $3 AND hits > 0",
+        )
+        .bind(counted.bucket)
+        .bind(counted.key.clone())
+        .bind(counted.window_start)
+        .execute(self.store.any_pool())
+        .await
+        .context("giving back a rate-limited attempt")?;
+        Ok(())
+    }
+
+    /// Forgets the window of one bucket and key (a success that clears failures).
+    async fn clear(&self, counted: &Counted) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM rate_limits WHERE bucket = $1 AND key = $2")
+            .bind(counted.bucket)
+            .bind(counted.key.clone())
+            .execute(self.store.any_pool())
+            .await
+            .context("clearing a rate limit")?;
+        Ok(())
+    }
 }
 
-/// An attempt in progress, counted in the windows it started in.
-pub struct Attempt<'a> {
-    limiter: &'a SignInLimiter,
-    phone: Option<(String, Instant)>,
-    address: Option<(IpAddr, Instant)>,
+async fn give_back_all(limits: &Limits, counted: &[Counted]) {
+    for c in counted {
+        if let Err(error) = limits.give_back(c).await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                bucket = c.bucket,
+                "a rate-limited attempt could not be given back"
+            );
+        }
+    }
+}
+
+/// The answer to an attempt over a limit.
+pub fn too_many(seconds: u64) -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        "too many attempts; wait before trying again",
+    )
+    .retry_after(seconds)
+}
+
+/// An attempt in progress, counted in the windows it started in. Dropped unsettled
+/// (an error that was no guess, a client that went away) it is given back.
+pub struct Attempt {
+    limits: Arc<Limits>,
+    counted: Vec<Counted>,
     settled: bool,
 }
 
-impl Attempt<'_> {
-    /// A wrong guess: it stays counted.
+impl Attempt {
+    /// It counts: a wrong guess, or a use that is spent.
     pub fn failed(mut self) {
         self.settled = true;
     }
 
-    /// A success: the phone's failures are cleared and the address gets its attempt
-    /// back.
-    pub fn succeeded(mut self) {
+    /// It does not count: given back in every window. The windows of `clearing`
+    /// buckets are forgotten altogether (a correct password clears the phone's
+    /// failures).
+    pub async fn succeeded(mut self, clearing: &[&str]) {
         self.settled = true;
-        let mut counts = self
-            .limiter
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((p, _)) = &self.phone {
-            counts.phones.remove(p);
-        }
-        if let Some((a, started)) = &self.address {
-            give_back(counts.addresses.get_mut(a), *started);
+        for c in &self.counted {
+            let done = if clearing.contains(&c.bucket) {
+                self.limits.clear(c).await
+            } else {
+                self.limits.give_back(c).await
+            };
+            if let Err(error) = done {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    bucket = c.bucket,
+                    "a rate-limited attempt could not be given back"
+                );
+            }
         }
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
-        if self.settled {
+        if self.settled || self.counted.is_empty() {
             return;
         }
-        let mut counts = self
-            .limiter
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((p, started)) = &self.phone {
-            give_back(counts.phones.get_mut(p), *started);
+        let counted = std::mem::take(&mut self.counted);
+        let limits = self.limits.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { give_back_all(&limits, &counted).await });
         }
-        if let Some((a, started)) = &self.address {
-            give_back(counts.addresses.get_mut(a), *started);
-        }
-    }
-}
-
-/// Returns an attempt to the window it was counted in (not to a later one).
-fn give_back(window: Option<&mut Window>, started: Instant) {
-    if let Some(w) = window.filter(|w| w.started == started) {
-        w.attempts = w.attempts.saturating_sub(1);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
+    use eventstore::testing::{fresh_config, BACKENDS};
 
-    fn limiter(per_phone: u32, per_ip: u32) -> SignInLimiter {
-        SignInLimiter::new(SignInLimits {
-            per_phone,
-            per_ip,
-            window: Duration::from_secs(60),
-        })
-    }
+    /// Drops the test's PostgreSQL database when the test is done with it.
+    struct Cleanup(Option<(String, String)>);
 
-    #[test]
-    fn a_phone_is_locked_after_its_limit_and_unlocked_by_success() {
-        let limiter = limiter(3, 100);
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        for _ in 0..3 {
-            limiter.begin(Some("p1"), Some(ip)).unwrap().failed();
-        }
-        let wait = limiter.begin(Some("p1"), Some(ip)).err().unwrap();
-        assert!((1..=60).contains(&wait));
-        let other = limiter.begin(Some("p2"), Some(ip)).ok().unwrap();
-        other.succeeded();
-        // Someone else's success does not unlock this phone.
-        assert!(limiter.begin(Some("p1"), Some(ip)).is_err());
-    }
-
-    #[test]
-    fn an_address_is_locked_across_phones_and_successes_give_attempts_back() {
-        let limiter = limiter(100, 4);
-        let ip: IpAddr = "10.0.0.9".parse().unwrap();
-        for n in 0..3 {
-            limiter
-                .begin(Some(&format!("p{n}")), Some(ip))
-                .unwrap()
-                .failed();
-        }
-        // A success does not use up the address's allowance.
-        limiter.begin(Some("ok"), Some(ip)).unwrap().succeeded();
-        limiter.begin(None, Some(ip)).unwrap().failed();
-        assert!(limiter.begin(Some("fresh"), Some(ip)).is_err());
-        assert!(limiter
-            .begin(Some("fresh"), Some("10.0.0.8".parse().unwrap()))
-            .is_ok());
-    }
-
-    #[test]
-    fn attempts_in_flight_count_so_a_parallel_burst_cannot_pass_the_limit() {
-        let limiter = std::sync::Arc::new(limiter(5, 1000));
-        let barrier = std::sync::Arc::new(std::sync::Barrier::new(40));
-        // All threads are started before any is joined, so the attempts overlap.
-        let threads: Vec<_> = (0..40)
-            .map(|_| {
-                let (limiter, barrier) = (limiter.clone(), barrier.clone());
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some((admin, name)) = self.0.take() {
+                // A runtime of its own: the test's may be shutting down.
                 std::thread::spawn(move || {
-                    let attempt = limiter.begin(Some("target"), None);
-                    let passed = attempt.is_ok();
-                    // Every attempt is still in flight while the others start.
-                    barrier.wait();
-                    if let Ok(attempt) = attempt {
-                        attempt.failed();
-                    }
-                    passed
+                    let runtime = tokio::runtime::Runtime::new().unwrap();
+                    runtime
+                        .block_on(eventstore::testing::drop_database(&admin, &name))
+                        .unwrap();
                 })
-            })
-            .collect();
-        let passed: usize = threads
-            .into_iter()
-            .map(|t| usize::from(t.join().unwrap()))
-            .sum();
-        assert_eq!(passed, 5);
-    }
-
-    #[test]
-    fn an_attempt_dropped_unsettled_is_given_back_to_both() {
-        let limiter = limiter(2, 2);
-        let ip: IpAddr = "10.0.0.7".parse().unwrap();
-        for _ in 0..5 {
-            drop(limiter.begin(Some("p"), Some(ip)).unwrap());
+                .join()
+                .unwrap();
+            }
         }
-        limiter.begin(Some("p"), Some(ip)).unwrap().failed();
-        limiter.begin(Some("p"), Some(ip)).unwrap().failed();
-        assert!(limiter.begin(Some("p"), Some(ip)).is_err());
     }
 
-    #[test]
-    fn an_attempt_is_given_back_only_to_the_window_it_was_counted_in() {
-        let limiter = SignInLimiter::new(SignInLimits {
-            per_phone: 100,
-            per_ip: 2,
-            window: Duration::from_millis(50),
-        });
-        let ip: IpAddr = "10.0.0.6".parse().unwrap();
-        let slow = limiter.begin(None, Some(ip)).unwrap();
-        std::thread::sleep(Duration::from_millis(60));
-        // A new window: two failures lock it; the old attempt must not unlock it.
-        limiter.begin(None, Some(ip)).unwrap().failed();
-        limiter.begin(None, Some(ip)).unwrap().failed();
-        drop(slow);
-        assert!(limiter.begin(None, Some(ip)).is_err());
+    async fn limits_on(backend: eventstore::Backend) -> Option<(Arc<Limits>, Store, Cleanup)> {
+        let (config, admin, name, _) = fresh_config(backend).await?;
+        let cleanup = Cleanup(admin.zip(name));
+        let store = Store::open(config).await.unwrap();
+        create_schema(&store).await.unwrap();
+        let keys = Arc::new(commands::keys::KeyStore::new(
+            commands::keys::SecretKey::generate(),
+            store.any_pool().clone(),
+        ));
+        let commands = Arc::new(Commands::new(
+            store.clone(),
+            keys,
+            Arc::new(commands::blobs::LocalBlobStore::new(&std::env::temp_dir())),
+            Arc::new(commands::clock::SystemClock),
+        ));
+        Some((
+            Arc::new(Limits::new(store.clone(), commands)),
+            store,
+            cleanup,
+        ))
+    }
+
+    fn rule(limit: u32, window_ms: u64) -> Rule {
+        Rule {
+            limit,
+            window: Duration::from_millis(window_ms),
+        }
+    }
+
+    fn phone(key: &str, r: Rule) -> Limit<'_> {
+        Limit {
+            bucket: "sign_in_phone",
+            key,
+            rule: r,
+        }
+    }
+
+    fn address(key: &str, r: Rule) -> Limit<'_> {
+        Limit {
+            bucket: "sign_in_address",
+            key,
+            rule: r,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_is_locked_after_its_limit_and_unlocked_by_clearing_success() {
+        for backend in BACKENDS {
+            let Some((limits, _store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let r = rule(3, 60_000);
+            for _ in 0..3 {
+                limits.begin(&[phone("p1", r)]).await.unwrap().failed();
+            }
+            let refused = limits.begin(&[phone("p1", r)]).await.err().unwrap();
+            assert_eq!(refused.status, 429);
+            // Someone else's success does not unlock this key.
+            limits
+                .begin(&[phone("p2", r)])
+                .await
+                .unwrap()
+                .succeeded(&["sign_in_phone"])
+                .await;
+            assert!(limits.begin(&[phone("p1", r)]).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_attempt_counts_in_none_of_its_limits() {
+        for backend in BACKENDS {
+            let Some((limits, _store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let (tight, loose) = (rule(1, 60_000), rule(3, 60_000));
+            limits.begin(&[phone("p", tight)]).await.unwrap().failed();
+            // The phone is used up: the address is not charged for the refusals.
+            for _ in 0..5 {
+                assert!(limits
+                    .begin(&[phone("p", tight), address("a", loose)])
+                    .await
+                    .is_err());
+            }
+            for _ in 0..3 {
+                limits.begin(&[address("a", loose)]).await.unwrap().failed();
+            }
+            assert!(limits.begin(&[address("a", loose)]).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn attempts_in_flight_count_so_a_parallel_burst_cannot_pass_the_limit() {
+        for backend in BACKENDS {
+            let Some((limits, _store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let r = rule(5, 60_000);
+            let tries = (0..40).map(|_| {
+                let limits = limits.clone();
+                tokio::spawn(async move { limits.begin(&[phone("target", r)]).await.ok() })
+            });
+            // Every attempt stays in flight until all have started.
+            let attempts: Vec<Option<Attempt>> = futures::future::join_all(tries)
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(attempts.iter().filter(|a| a.is_some()).count(), 5);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_dropped_unsettled_is_given_back() {
+        for backend in BACKENDS {
+            let Some((limits, _store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let r = rule(2, 60_000);
+            for _ in 0..5 {
+                drop(limits.begin(&[phone("p", r)]).await.unwrap());
+                // The give-back runs on its own task.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            limits.begin(&[phone("p", r)]).await.unwrap().failed();
+            limits.begin(&[phone("p", r)]).await.unwrap().failed();
+            assert!(limits.begin(&[phone("p", r)]).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_given_back_only_to_the_window_it_was_counted_in() {
+        for backend in BACKENDS {
+            let Some((limits, _store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let r = rule(2, 300);
+            let slow = limits.begin(&[address("a", r)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            // A new window: two failures lock it; the old attempt must not unlock it.
+            limits.begin(&[address("a", r)]).await.unwrap().failed();
+            limits.begin(&[address("a", r)]).await.unwrap().failed();
+            slow.succeeded(&[]).await;
+            assert!(limits.begin(&[address("a", r)]).await.is_err());
+            // And the window ends by itself.
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            assert!(limits.begin(&[address("a", r)]).await.is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_holds_no_key_in_the_clear_and_the_wait_is_the_window_left() {
+        for backend in BACKENDS {
+            let Some((limits, store, _cleanup)) = limits_on(backend).await else {
+                continue;
+            };
+            let r = rule(1, 120_000);
+            limits.take("prompt_doctor", "doctor-42", r).await.unwrap();
+            let refused = limits.take("prompt_doctor", "doctor-42", r).await;
+            let problem = refused.err().unwrap();
+            assert_eq!((problem.status, problem.code), (429, "too_many_attempts"));
+            let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM rate_limits")
+                .fetch_all(store.any_pool())
+                .await
+                .unwrap();
+            assert_eq!(keys.len(), 1);
+            assert!(!keys[0].contains("doctor-42"));
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::consistency::ReadYourWrites;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
-use crate::ratelimit::SignInLimiter;
+use crate::ratelimit::Limits;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -27,7 +27,13 @@ pub struct AppState {
     pub store: Store,
     pub commands: Arc<Commands>,
     pub settle: Arc<ReadYourWrites>,
-    pub limiter: Arc<SignInLimiter>,
+    /// Attempt limits, kept in the store (shared by every instance on it).
+    pub limits: Arc<Limits>,
+    /// The Daraja client a success callback is checked with (STK Push Query), when
+    /// M-Pesa is configured.
+    pub daraja: Option<Arc<mpesa_adapter::daraja::Daraja>>,
+    /// The memory upload bodies in flight may hold, per account and overall.
+    pub uploads: Arc<crate::extract::UploadBudget>,
     pub metrics: Arc<Metrics>,
     /// The projections this process runs, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
@@ -55,7 +61,13 @@ impl AppState {
                 names,
                 app.config.consistency_timeout,
             )),
-            limiter: Arc::new(SignInLimiter::new(app.config.sign_in_limits)),
+            limits: Arc::new(Limits::new(app.store.clone(), app.commands.clone())),
+            daraja: crate::routes::payments::callback_client(&app.config),
+            uploads: Arc::new(crate::extract::UploadBudget::new(
+                app.config.bodies.upload_memory_bytes,
+                app.config.max_upload_bytes,
+                app.config.bodies.upload_wait,
+            )),
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
             storage: app.storage.clone(),

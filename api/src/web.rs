@@ -151,11 +151,14 @@ async fn index(req: HttpRequest) -> HttpResponse {
 }
 
 async fn asset(req: HttpRequest, name: Path<String>) -> HttpResponse {
-    // `v-<version>/name`: of this version, cached for good; of another (a page loaded
-    // before an upgrade), today's file, revalidated. A bare name is revalidated too.
+    // `v-<version>/name`: of this version, cached for good. Any other version is not
+    // found: serving today's file under it would let anyone mint endless URLs for the
+    // same bytes (each cached apart), and hand an old page scripts it was not built
+    // with; the page itself is revalidated, so a reload links the current version. A
+    // bare name is revalidated.
     let (name, cache) = match name.strip_prefix("v-").and_then(|n| n.split_once('/')) {
         Some((v, rest)) if v == version() => (rest, IMMUTABLE),
-        Some((_, rest)) => (rest, "no-cache"),
+        Some(_) => return Problem::not_found("not_found", "no such file").error_response(),
         None => (name.as_str(), "no-cache"),
     };
     match find(name).filter(|_| name != "index.html") {

@@ -93,6 +93,7 @@ function requestCard(r) {
     : null;
   const fee = r.status === "approved" && state.config.payments
     ? button("doctor.ask_fee", () => {
+      // The fee is asked under this request, of its patient, on their registered phone.
       records.replaceChildren(payForm({ id: `pay-${r.request_id}`, accessRequestId: r.request_id, doctorId: state.subject, titleKey: "doctor.fee_title", phoneHintKey: "doctor.fee_phone_hint" }));
     }, { class: "secondary ask-fee" })
     : null;
@@ -129,11 +130,9 @@ function grantedRecords(r) {
 // ---- payments ---------------------------------------------------------------------
 
 function paymentsView() {
-  const list = h("div", {}, paymentsList(`${me()}/payments`));
-  const refresh = () => list.replaceChildren(paymentsList(`${me()}/payments`));
+  // A fee is asked only under an approved request (its card has the form), never of
+  // a number typed here.
   return h("div", {},
-    state.config.payments
-      ? payForm({ doctorId: state.subject, onDone: refresh, titleKey: "doctor.fee_title", phoneHintKey: "doctor.fee_phone_hint" })
-      : h("p", { class: "hint" }, t("pay.off")),
-    section("payments", "payments.title", list));
+    h("p", { class: "hint", id: "fee-where" }, t(state.config.payments ? "doctor.fee_from_requests" : "pay.off")),
+    section("payments", "payments.title", paymentsList(`${me()}/payments`)));
 }

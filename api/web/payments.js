@@ -25,7 +25,9 @@ export function paymentsList(path) {
       p.settled_at ? line("payment.settled", fmtTime(p.settled_at)) : null));
 }
 
-/** Asks M-Pesa to push a payment prompt to a phone, then follows it until it ends.
+/** Asks M-Pesa to push a payment prompt, then follows it until it ends. The prompt
+ *  always goes to the patient's registered phone (the server allows no other), so
+ *  the form asks for no number and says where it goes (`phoneHintKey`).
  *  `id` keeps the form's ids unique when several are on the page; `parties`, if given,
  *  is a list of `{label, doctorId, accessRequestId}` the payer chooses from. */
 export function payForm({ id = "pay", doctorId, accessRequestId, parties, onDone, titleKey, phoneHintKey }) {
@@ -33,7 +35,6 @@ export function payForm({ id = "pay", doctorId, accessRequestId, parties, onDone
     h("option", { value: "consultation_fee" }, t("payment.purpose.consultation_fee")),
     h("option", { value: "access_fee" }, t("payment.purpose.access_fee")));
   const amount = h("input", { type: "number", min: 1, max: 250000, step: 1, required: true, inputmode: "numeric", class: "pay-amount" });
-  const phone = h("input", { type: "tel", required: true, autocomplete: "tel", placeholder: "07XX XXX XXX", class: "pay-phone" });
   const party = parties && parties.length
     ? h("select", { class: "pay-party" },
       h("option", { value: "" }, t("pay.no_doctor")),
@@ -51,7 +52,7 @@ export function payForm({ id = "pay", doctorId, accessRequestId, parties, onDone
     onsubmit: (event) => {
       event.preventDefault();
       busy(submit, message, async () => {
-        const body = { purpose: purpose.value, amount_kes: Number(amount.value), phone: phone.value };
+        const body = { purpose: purpose.value, amount_kes: Number(amount.value) };
         const chosen = party && party.value !== "" ? parties[Number(party.value)] : null;
         const doctor = chosen?.doctorId ?? doctorId;
         const request = chosen?.accessRequestId ?? accessRequestId;
@@ -74,7 +75,7 @@ export function payForm({ id = "pay", doctorId, accessRequestId, parties, onDone
   party ? field(`${id}-party`, "field.doctor_id", party) : null,
   field(`${id}-purpose`, "field.purpose_of_payment", purpose),
   field(`${id}-amount`, "field.amount_kes", amount),
-  field(`${id}-phone`, "field.pay_phone", phone, phoneHintKey ?? "pay.phone_hint"),
+  h("p", { id: `${id}-phone-hint`, class: "hint pay-phone-hint" }, t(phoneHintKey ?? "pay.phone_hint")),
   message, submit, live);
   return form;
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 
 use crate::keys::hex;
 
@@ -120,9 +121,19 @@ impl BlobStore for LocalBlobStore {
             .await
             .context("creating the blob directory")?;
         let tmp = parent.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
-        tokio::fs::write(&tmp, bytes)
-            .await
-            .context("writing a blob")?;
+        // Written through a file rather than `tokio::fs::write`, which first copies
+        // the whole blob: this holds at most one write buffer (2 MiB) besides it. On
+        // disk before it is named, so a recorded upload never points at a torn file.
+        let written = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            file.write_all(bytes).await?;
+            file.sync_all().await
+        }
+        .await;
+        if let Err(error) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(anyhow::Error::new(error).context("writing a blob"));
+        }
         tokio::fs::rename(&tmp, &path)
             .await
             .context("storing a blob")?;

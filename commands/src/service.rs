@@ -944,6 +944,27 @@ impl Commands {
         body: &[u8],
         meta: CommandMeta,
     ) -> Result<Uploaded, CommandError> {
+        let mut owned = Vec::with_capacity(body.len() + crate::keys::RECORD_OVERHEAD);
+        owned.extend_from_slice(body);
+        self.upload_record_body(by, patient_id, category, media_type, filename, owned, meta)
+            .await
+    }
+
+    /// [`Commands::upload_record`] of a body the caller gives up: it is encrypted in
+    /// its own buffer, so an upload in flight holds its body once (give the buffer
+    /// [`crate::keys::RECORD_OVERHEAD`] bytes of spare capacity, and no reallocation
+    /// copies it either).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_record_body(
+        &self,
+        by: Actor,
+        patient_id: PatientId,
+        category: Category,
+        media_type: MediaType,
+        filename: Option<&Filename>,
+        body: Vec<u8>,
+        meta: CommandMeta,
+    ) -> Result<Uploaded, CommandError> {
         if let Some(outcome) = self
             .store
             .earlier_outcome::<domain::record::RecordError>(&meta)
@@ -967,6 +988,13 @@ impl Commands {
             .put(&blob.sha256, &blob.ciphertext)
             .await
             .context("storing the encrypted record")?;
+        let crate::keys::EncryptedBlob {
+            ciphertext,
+            sha256,
+            wrapped_key,
+        } = blob;
+        // Stored: the ciphertext is not needed while the upload is recorded.
+        drop(ciphertext);
         let filename = self
             .seal_optional(&patient, filename.map(Filename::as_str))
             .await?;
@@ -977,9 +1005,9 @@ impl Commands {
             category,
             media_type,
             size,
-            sha256: Sha256Hex::parse(&blob.sha256)
+            sha256: Sha256Hex::parse(&sha256)
                 .map_err(|e| CommandError::Unexpected(anyhow::anyhow!("{e}")))?,
-            wrapped_key: WrappedKey::from_ciphertext(blob.wrapped_key),
+            wrapped_key: WrappedKey::from_ciphertext(wrapped_key),
             filename,
         };
         let outcome = self
@@ -1299,42 +1327,128 @@ impl Commands {
         }
     }
 
-    /// A patient or doctor asks for an M-Pesa payment (`PaymentRequested`); the phone
-    /// is sealed under the payer's key, with its keyed hash to match the callback's.
-    #[allow(clippy::too_many_arguments)]
+    /// Decides whether `payer` may have an M-Pesa prompt pushed, and to whom, from what
+    /// the event store holds now (see [`domain::payment::payment_parties`]): the
+    /// doctor's verification, and the first of `requests` that is a grant in force (or
+    /// the first, to say why not). Answers with the patient's registered number, the
+    /// only one a prompt may go to.
+    pub async fn plan_payment(
+        &self,
+        payer: Actor,
+        doctor_id: Option<DoctorId>,
+        requests: &[AccessRequestId],
+    ) -> Result<PaymentPlan, CommandError> {
+        let now = self.clock.now();
+        let payer_verified = match payer {
+            Actor::Doctor(d) => self
+                .doctors
+                .load_aggregate(&d.to_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("loading a doctor: {e}"))?
+                .aggregate
+                .is_verified(),
+            _ => false,
+        };
+        let mut loaded = Vec::with_capacity(requests.len());
+        for id in requests {
+            if let Some(request) = self.access_request(*id).await? {
+                loaded.push(request);
+            }
+        }
+        let grant = loaded
+            .iter()
+            .find(|r| domain::payment::grant_in_force(r, now))
+            .or(loaded.first());
+        let parties = domain::payment::payment_parties(domain::payment::Asked {
+            payer,
+            payer_verified,
+            doctor_id,
+            grant,
+            now,
+        })
+        .map_err(CommandError::rule)?;
+        let phone = self
+            .patient_phone(parties.patient_id)
+            .await?
+            .ok_or_else(|| CommandError::rule(domain::payment::PaymentError::PhoneUnavailable))?;
+        Ok(PaymentPlan { parties, phone })
+    }
+
+    /// The patient's registered phone number, opened from their sealed personal fields
+    /// (`None`: no such patient, or their key is shredded).
+    async fn patient_phone(&self, patient_id: PatientId) -> anyhow::Result<Option<Msisdn>> {
+        let subject = patient_id.to_string();
+        let events = self
+            .patients
+            .load_events(&subject)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading a patient's events: {e}"))?;
+        let personal = events.into_iter().rev().find_map(|e| match e.payload {
+            domain::patient::PatientEvent::PatientRegistered { personal, .. }
+            | domain::patient::PatientEvent::PatientProfileUpdated { personal, .. } => {
+                Some(personal)
+            }
+            _ => None,
+        });
+        let Some(personal) = personal else {
+            return Ok(None);
+        };
+        let Some(text) = self.open_text(&subject, personal.as_str()).await else {
+            return Ok(None);
+        };
+        let personal: PatientPersonal =
+            serde_json::from_str(&text).context("reading a patient's sealed personal fields")?;
+        Ok(Msisdn::parse(&personal.phone).ok())
+    }
+
+    /// The payment an earlier request with the same Idempotency-Key (and body) made,
+    /// if any: a retry is answered with it, and counts against no limit.
+    pub async fn earlier_payment(
+        &self,
+        meta: &CommandMeta,
+    ) -> Result<Option<Done<PaymentId>>, CommandError> {
+        match self
+            .store
+            .earlier_outcome::<domain::payment::PaymentError>(meta)
+            .await
+            .map_err(map)?
+        {
+            Some(outcome) => Ok(Some(Done {
+                id: id_of(&outcome, None)?,
+                outcome,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// A patient or doctor asks for an M-Pesa payment (`PaymentRequested`) as
+    /// [`Commands::plan_payment`] allowed it: to the patient's registered number,
+    /// sealed under the patient's key, with its keyed hash to match the callback's.
     pub async fn request_payment(
         &self,
         payer: Actor,
         purpose: domain::payment::Purpose,
         amount_kes: u64,
-        phone: &Msisdn,
-        doctor_id: Option<DoctorId>,
-        access_request_id: Option<AccessRequestId>,
-        patient_id: Option<PatientId>,
+        plan: &PaymentPlan,
         meta: CommandMeta,
     ) -> Result<Done<PaymentId>, CommandError> {
-        if let Some(outcome) = self
-            .store
-            .earlier_outcome::<domain::payment::PaymentError>(&meta)
-            .await
-            .map_err(map)?
-        {
-            return Ok(Done {
-                id: id_of(&outcome, None)?,
-                outcome,
-            });
+        if let Some(done) = self.earlier_payment(&meta).await? {
+            return Ok(done);
         }
         let payment_id = PaymentId::new();
+        let patient = plan.parties.patient_id;
         let command = domain::payment::PaymentCommand::Request {
             payment_id,
             payer,
             purpose,
             amount_kes,
-            phone: self.seal_text(&payer.id_string(), phone.as_str()).await?,
-            phone_index: self.keys.phone_index(phone.as_str()),
-            doctor_id,
-            access_request_id,
-            patient_id,
+            phone: self
+                .seal_text(&patient.to_string(), plan.phone.as_str())
+                .await?,
+            phone_index: self.keys.phone_index(plan.phone.as_str()),
+            doctor_id: plan.parties.doctor_id,
+            access_request_id: plan.parties.access_request_id,
+            patient_id: Some(patient),
         };
         let outcome = self
             .store
@@ -1372,7 +1486,8 @@ impl Commands {
         self.seal_text(subject, text).await
     }
 
-    /// The number a payment is pushed to (opened from the payer's seal).
+    /// The number a payment is pushed to (opened from its seal: the patient's key, or
+    /// the payer's for payments from before).
     pub async fn payment_phone(&self, payment_id: PaymentId) -> anyhow::Result<String> {
         let payment = self
             .payment(payment_id)
@@ -1381,9 +1496,9 @@ impl Commands {
         let sealed = payment
             .phone()
             .ok_or_else(|| anyhow::anyhow!("the payment has no phone"))?;
-        self.open_text(payment.payer_subject(), sealed.as_str())
+        self.open_text(&payment.phone_subject(), sealed.as_str())
             .await
-            .ok_or_else(|| anyhow::anyhow!("the payment's phone cannot be opened (payer erased?)"))
+            .ok_or_else(|| anyhow::anyhow!("the payment's phone cannot be opened (erased?)"))
     }
 
     /// The M-Pesa adapter's record of a payment's STK Push or its outcome. Only the
@@ -1709,6 +1824,14 @@ impl Commands {
             .await
             .map_err(map)
     }
+}
+
+/// What [`Commands::plan_payment`] allowed: between whom a payment is, and the
+/// patient's registered number its prompt goes to (never a number someone typed).
+#[derive(Clone, Debug)]
+pub struct PaymentPlan {
+    pub parties: domain::payment::PaymentParties,
+    pub phone: Msisdn,
 }
 
 /// A decision on an access request: the event it appended (for a repeat, the first

@@ -7,6 +7,9 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+use chrono::{DateTime, Utc};
+
+use crate::access::{AccessRequest, AccessStatus};
 use crate::actor::Actor;
 use crate::error::{Rule, RuleKind};
 use crate::ids::{AccessRequestId, DoctorId, PatientId, PaymentId};
@@ -99,14 +102,16 @@ pub enum PaymentCommand {
         purpose: Purpose,
         /// Whole shillings, 1..=250,000.
         amount_kes: u64,
-        /// The number to push to, sealed under the payer's key.
+        /// The patient's registered number, sealed under the patient's key.
         phone: Sealed,
         /// Keyed hash of the number (opaque), to match the callback's.
         phone_index: String,
+        /// The doctor paid, or (for a doctor payer) the doctor asking: themself.
         doctor_id: Option<DoctorId>,
         access_request_id: Option<AccessRequestId>,
         /// The patient a doctor's fee is asked of (the patient of the access request);
-        /// ignored when the payer is a patient, who is then the patient.
+        /// required of a doctor, ignored when the payer is a patient, who is then the
+        /// patient.
         patient_id: Option<PatientId>,
     },
     /// Daraja accepted the STK Push (the M-Pesa adapter only).
@@ -147,6 +152,11 @@ pub enum PaymentEvent {
         /// of the doctor's access request. Absent in events from before it was added.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         patient_id: Option<PatientId>,
+        /// Whether `phone` is sealed under the patient's key (the patient's own
+        /// number, erased with them). Absent (false) in events from before it was
+        /// added, whose phone is sealed under the payer's key.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        phone_sealed_for_patient: bool,
     },
     StkPushAccepted {
         payment_id: PaymentId,
@@ -219,6 +229,18 @@ pub enum PaymentError {
     NotPushed,
     #[error("the payment is already settled")]
     AlreadySettled,
+    #[error("only a verified doctor may ask for a fee")]
+    DoctorNotVerified,
+    #[error("a doctor may ask a fee only for themself")]
+    NotYourFee,
+    #[error("a fee may be asked only of a patient who has given you access that is still active")]
+    NoGrant,
+    #[error("you may pay only a doctor you have given access that is still active")]
+    DoctorNotGranted,
+    #[error("a doctor's fee names the patient it is asked of")]
+    PatientRequired,
+    #[error("the patient's registered phone number cannot be read")]
+    PhoneUnavailable,
 }
 
 impl Rule for PaymentError {
@@ -229,8 +251,14 @@ impl Rule for PaymentError {
             | PaymentError::NotPushed
             | PaymentError::AlreadySettled => RuleKind::Conflict,
             PaymentError::NotFound => RuleKind::NotFound,
-            PaymentError::NotAPayer | PaymentError::OnlyThePlatform => RuleKind::Forbidden,
-            PaymentError::InvalidAmount => RuleKind::Unprocessable,
+            PaymentError::NotAPayer
+            | PaymentError::OnlyThePlatform
+            | PaymentError::DoctorNotVerified
+            | PaymentError::NotYourFee
+            | PaymentError::NoGrant
+            | PaymentError::DoctorNotGranted => RuleKind::Forbidden,
+            PaymentError::InvalidAmount | PaymentError::PatientRequired => RuleKind::Unprocessable,
+            PaymentError::PhoneUnavailable => RuleKind::Conflict,
         }
     }
     fn code(&self) -> &'static str {
@@ -243,7 +271,96 @@ impl Rule for PaymentError {
             PaymentError::AlreadyPushed => "payment_already_pushed",
             PaymentError::NotPushed => "payment_not_pushed",
             PaymentError::AlreadySettled => "payment_already_settled",
+            PaymentError::DoctorNotVerified => "doctor_not_verified",
+            PaymentError::NotYourFee => "fee_for_another_doctor",
+            PaymentError::NoGrant => "no_grant",
+            PaymentError::DoctorNotGranted => "doctor_not_granted",
+            PaymentError::PatientRequired => "patient_required",
+            PaymentError::PhoneUnavailable => "patient_phone_unavailable",
         }
+    }
+}
+
+/// Whether an access request is a grant in force at `now`: approved, and its expiry
+/// still ahead.
+pub fn grant_in_force(request: &AccessRequest, now: DateTime<Utc>) -> bool {
+    request.id().is_some()
+        && request.status() == AccessStatus::Approved
+        && request.expires_at().is_some_and(|at| at > now)
+}
+
+/// Who a payment asked for is between, as the event store holds them when it is asked.
+#[derive(Clone, Copy, Debug)]
+pub struct Asked<'a> {
+    pub payer: Actor,
+    /// Whether the payer, if a doctor, is verified now.
+    pub payer_verified: bool,
+    /// The doctor the request names, if it names one.
+    pub doctor_id: Option<DoctorId>,
+    /// The access request it is under: the one it names, or (a patient naming only a
+    /// doctor) a grant in force between the two if there is one.
+    pub grant: Option<&'a AccessRequest>,
+    pub now: DateTime<Utc>,
+}
+
+/// Whom a payment prompt may go to, and for whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PaymentParties {
+    /// The patient prompted, on their own registered number.
+    pub patient_id: PatientId,
+    pub doctor_id: Option<DoctorId>,
+    pub access_request_id: Option<AccessRequestId>,
+}
+
+/// Decides whether a payment may be asked for, and of whom, so that nobody pushes an
+/// M-Pesa prompt to a stranger: a doctor asks only a patient who granted them access
+/// still in force, only once verified, and only for themself; a patient pays a doctor
+/// they granted such access, or their own account. The prompt always goes to the
+/// patient, whose payments then list it.
+pub fn payment_parties(asked: Asked<'_>) -> Result<PaymentParties, PaymentError> {
+    let grant = asked.grant.filter(|g| grant_in_force(g, asked.now));
+    match asked.payer {
+        Actor::Doctor(doctor) => {
+            if !asked.payer_verified {
+                return Err(PaymentError::DoctorNotVerified);
+            }
+            if asked.doctor_id.is_some_and(|named| named != doctor) {
+                return Err(PaymentError::NotYourFee);
+            }
+            let grant = grant
+                .filter(|g| g.doctor_id() == Some(doctor))
+                .ok_or(PaymentError::NoGrant)?;
+            Ok(PaymentParties {
+                patient_id: grant.patient_id().ok_or(PaymentError::NoGrant)?,
+                doctor_id: Some(doctor),
+                access_request_id: grant.id(),
+            })
+        }
+        Actor::Patient(patient) => {
+            let Some(grant) = grant.filter(|g| g.patient_id() == Some(patient)) else {
+                // Naming a doctor, or a request, that no grant in force covers.
+                if asked.doctor_id.is_some() || asked.grant.is_some() {
+                    return Err(PaymentError::DoctorNotGranted);
+                }
+                return Ok(PaymentParties {
+                    patient_id: patient,
+                    doctor_id: None,
+                    access_request_id: None,
+                });
+            };
+            if asked
+                .doctor_id
+                .is_some_and(|named| Some(named) != grant.doctor_id())
+            {
+                return Err(PaymentError::DoctorNotGranted);
+            }
+            Ok(PaymentParties {
+                patient_id: patient,
+                doctor_id: grant.doctor_id(),
+                access_request_id: grant.id(),
+            })
+        }
+        _ => Err(PaymentError::NotAPayer),
     }
 }
 
@@ -258,6 +375,10 @@ pub struct Payment {
     phone_index: String,
     #[serde(default)]
     phone: Option<Sealed>,
+    #[serde(default)]
+    patient_id: Option<PatientId>,
+    #[serde(default)]
+    phone_sealed_for_patient: bool,
     checkout_request_id: Option<String>,
     push_failed: bool,
     status: PaymentStatus,
@@ -276,13 +397,26 @@ impl Payment {
     pub fn phone_index(&self) -> &str {
         &self.phone_index
     }
-    /// The number to push to, sealed under the payer's key.
+    /// The number to push to, sealed under [`Payment::phone_subject`]'s key.
     pub fn phone(&self) -> Option<&Sealed> {
         self.phone.as_ref()
     }
-    /// The payer's subject id (their key seals the phone).
+    /// The payer's subject id.
     pub fn payer_subject(&self) -> &str {
         self.payer.split_once(':').map_or("", |(_, id)| id)
+    }
+    /// The patient the payment concerns (always set since prompts go to patients
+    /// only; absent in a doctor's payment from before).
+    pub fn patient_id(&self) -> Option<PatientId> {
+        self.patient_id
+    }
+    /// Whose key seals the phone numbers of this payment: the patient's (their own
+    /// number), or for payments from before that rule, the payer's.
+    pub fn phone_subject(&self) -> String {
+        match self.patient_id {
+            Some(patient) if self.phone_sealed_for_patient => patient.to_string(),
+            _ => self.payer_subject().to_owned(),
+        }
     }
     pub fn checkout_request_id(&self) -> Option<&str> {
         self.checkout_request_id.as_deref()
@@ -330,6 +464,16 @@ impl Aggregate for Payment {
                 if !(1..=MAX_AMOUNT_KES).contains(&amount_kes) {
                     return Err(PaymentError::InvalidAmount);
                 }
+                let patient_id = match payer {
+                    Actor::Patient(p) => p,
+                    Actor::Doctor(d) => {
+                        if doctor_id.is_some_and(|named| named != d) {
+                            return Err(PaymentError::NotYourFee);
+                        }
+                        patient_id.ok_or(PaymentError::PatientRequired)?
+                    }
+                    _ => return Err(PaymentError::NotAPayer),
+                };
                 let event = PaymentEvent::PaymentRequested {
                     payment_id,
                     payer: payer.reference(),
@@ -339,10 +483,8 @@ impl Aggregate for Payment {
                     phone_index,
                     doctor_id,
                     access_request_id,
-                    patient_id: match payer {
-                        Actor::Patient(p) => Some(p),
-                        _ => patient_id,
-                    },
+                    patient_id: Some(patient_id),
+                    phone_sealed_for_patient: true,
                 };
                 sink.write(event, self).await;
             }
@@ -449,6 +591,8 @@ impl Aggregate for Payment {
                 amount_kes,
                 phone,
                 phone_index,
+                patient_id,
+                phone_sealed_for_patient,
                 ..
             } => {
                 self.id = Some(payment_id);
@@ -456,6 +600,8 @@ impl Aggregate for Payment {
                 self.amount_kes = amount_kes;
                 self.phone = Some(phone);
                 self.phone_index = phone_index;
+                self.patient_id = patient_id;
+                self.phone_sealed_for_patient = phone_sealed_for_patient;
             }
             PaymentEvent::StkPushAccepted {
                 checkout_request_id,
@@ -488,7 +634,6 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
-    use crate::ids::PatientId;
 
     fn requested(id: PaymentId, payer: Actor) -> PaymentEvent {
         PaymentEvent::PaymentRequested {
@@ -504,6 +649,7 @@ mod tests {
                 Actor::Patient(p) => Some(p),
                 _ => None,
             },
+            phone_sealed_for_patient: true,
         }
     }
 
@@ -632,6 +778,245 @@ mod tests {
                 settled_by: SettledBy::Callback,
             })
             .then_expect_error(PaymentError::OnlyThePlatform);
+    }
+
+    #[test]
+    fn a_doctors_fee_names_its_patient_and_only_the_doctor_themself() {
+        let id = PaymentId::new();
+        let doctor = DoctorId::new();
+        let patient = PatientId::new();
+        let request =
+            |doctor_id: Option<DoctorId>, patient_id: Option<PatientId>| PaymentCommand::Request {
+                payment_id: id,
+                payer: Actor::Doctor(doctor),
+                purpose: Purpose::ConsultationFee,
+                amount_kes: 500,
+                phone: Sealed::from_ciphertext("v1.p".into()),
+                phone_index: "pi".into(),
+                doctor_id,
+                access_request_id: None,
+                patient_id,
+            };
+        TestFramework::<Payment>::with(())
+            .given_no_previous_events()
+            .when(request(Some(doctor), Some(patient)))
+            .then_expect_events(vec![PaymentEvent::PaymentRequested {
+                payment_id: id,
+                payer: Actor::Doctor(doctor).reference(),
+                purpose: Purpose::ConsultationFee,
+                amount_kes: 500,
+                phone: Sealed::from_ciphertext("v1.p".into()),
+                phone_index: "pi".into(),
+                doctor_id: Some(doctor),
+                access_request_id: None,
+                patient_id: Some(patient),
+                phone_sealed_for_patient: true,
+            }]);
+        TestFramework::<Payment>::with(())
+            .given_no_previous_events()
+            .when(request(Some(DoctorId::new()), Some(patient)))
+            .then_expect_error(PaymentError::NotYourFee);
+        TestFramework::<Payment>::with(())
+            .given_no_previous_events()
+            .when(request(Some(doctor), None))
+            .then_expect_error(PaymentError::PatientRequired);
+    }
+
+    #[test]
+    fn the_phone_of_an_older_payment_stays_under_the_payers_key() {
+        let doctor = DoctorId::new();
+        let patient = PatientId::new();
+        let mut payment = Payment::default();
+        let mut old = requested(PaymentId::new(), Actor::Doctor(doctor));
+        if let PaymentEvent::PaymentRequested {
+            patient_id,
+            phone_sealed_for_patient,
+            ..
+        } = &mut old
+        {
+            *patient_id = Some(patient);
+            *phone_sealed_for_patient = false;
+        }
+        // Stored before the field existed: it reads as false.
+        let stored = serde_json::to_value(&old).unwrap();
+        assert!(stored["PaymentRequested"]
+            .get("phone_sealed_for_patient")
+            .is_none());
+        payment.apply(serde_json::from_value(stored).unwrap());
+        assert_eq!(payment.phone_subject(), doctor.to_string());
+        let mut new = Payment::default();
+        new.apply(PaymentEvent::PaymentRequested {
+            payment_id: PaymentId::new(),
+            payer: Actor::Doctor(doctor).reference(),
+            purpose: Purpose::ConsultationFee,
+            amount_kes: 500,
+            phone: Sealed::from_ciphertext("v1.p".into()),
+            phone_index: "pi".into(),
+            doctor_id: Some(doctor),
+            access_request_id: None,
+            patient_id: Some(patient),
+            phone_sealed_for_patient: true,
+        });
+        assert_eq!(new.phone_subject(), patient.to_string());
+    }
+
+    fn now() -> DateTime<Utc> {
+        chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 25, 10, 0, 0).unwrap()
+    }
+
+    /// An access request of `doctor` to `patient`, approved until `until` (or only
+    /// asked, or revoked after approval).
+    fn grant(
+        doctor: DoctorId,
+        patient: PatientId,
+        until: Option<i64>,
+        revoked: bool,
+    ) -> AccessRequest {
+        use crate::access::AccessEvent;
+        use crate::value::{DurationDays, Scope};
+        let request_id = AccessRequestId::new();
+        let mut request = AccessRequest::default();
+        request.apply(AccessEvent::AccessRequested {
+            request_id,
+            doctor_id: doctor,
+            patient_id: patient,
+            scope: Scope::default(),
+            purpose: Sealed::from_ciphertext("v1.p".into()),
+            duration: DurationDays::new(30).unwrap(),
+            note: None,
+            requested_at: now() - chrono::Duration::days(2),
+        });
+        if let Some(hours) = until {
+            request.apply(AccessEvent::AccessApproved {
+                request_id,
+                patient_id: patient,
+                doctor_id: doctor,
+                scope: Scope::default(),
+                expires_at: now() + chrono::Duration::hours(hours),
+                approved_at: now() - chrono::Duration::days(1),
+            });
+        }
+        if revoked {
+            request.apply(AccessEvent::AccessRevoked {
+                request_id,
+                patient_id: patient,
+                doctor_id: doctor,
+                revoked_at: now(),
+            });
+        }
+        request
+    }
+
+    #[test]
+    fn a_doctor_asks_a_fee_only_verified_only_for_themself_and_only_under_a_grant_in_force() {
+        let doctor = DoctorId::new();
+        let patient = PatientId::new();
+        let active = grant(doctor, patient, Some(24), false);
+        let asked = |verified: bool, named: Option<DoctorId>, grant: Option<&AccessRequest>| {
+            payment_parties(Asked {
+                payer: Actor::Doctor(doctor),
+                payer_verified: verified,
+                doctor_id: named,
+                grant,
+                now: now(),
+            })
+        };
+        assert_eq!(
+            asked(true, Some(doctor), Some(&active)),
+            Ok(PaymentParties {
+                patient_id: patient,
+                doctor_id: Some(doctor),
+                access_request_id: active.id(),
+            })
+        );
+        assert_eq!(
+            asked(true, None, Some(&active)).map(|p| p.doctor_id),
+            Ok(Some(doctor))
+        );
+        assert_eq!(
+            asked(false, None, Some(&active)),
+            Err(PaymentError::DoctorNotVerified)
+        );
+        assert_eq!(
+            asked(true, Some(DoctorId::new()), Some(&active)),
+            Err(PaymentError::NotYourFee)
+        );
+        assert_eq!(asked(true, None, None), Err(PaymentError::NoGrant));
+        for not_in_force in [
+            grant(doctor, patient, None, false),
+            grant(doctor, patient, Some(-1), false),
+            grant(doctor, patient, Some(24), true),
+            grant(DoctorId::new(), patient, Some(24), false),
+        ] {
+            assert_eq!(
+                asked(true, None, Some(&not_in_force)),
+                Err(PaymentError::NoGrant)
+            );
+        }
+    }
+
+    #[test]
+    fn a_patient_pays_a_doctor_they_granted_or_their_own_account() {
+        let doctor = DoctorId::new();
+        let patient = PatientId::new();
+        let active = grant(doctor, patient, Some(24), false);
+        let asked = |named: Option<DoctorId>, grant: Option<&AccessRequest>| {
+            payment_parties(Asked {
+                payer: Actor::Patient(patient),
+                payer_verified: false,
+                doctor_id: named,
+                grant,
+                now: now(),
+            })
+        };
+        assert_eq!(
+            asked(None, None),
+            Ok(PaymentParties {
+                patient_id: patient,
+                doctor_id: None,
+                access_request_id: None,
+            })
+        );
+        assert_eq!(
+            asked(Some(doctor), Some(&active)),
+            Ok(PaymentParties {
+                patient_id: patient,
+                doctor_id: Some(doctor),
+                access_request_id: active.id(),
+            })
+        );
+        assert_eq!(
+            asked(None, Some(&active)).map(|p| p.doctor_id),
+            Ok(Some(doctor))
+        );
+        assert_eq!(
+            asked(Some(doctor), None),
+            Err(PaymentError::DoctorNotGranted)
+        );
+        assert_eq!(
+            asked(Some(DoctorId::new()), Some(&active)),
+            Err(PaymentError::DoctorNotGranted)
+        );
+        let expired = grant(doctor, patient, Some(-1), false);
+        assert_eq!(
+            asked(Some(doctor), Some(&expired)),
+            Err(PaymentError::DoctorNotGranted)
+        );
+        let someone_elses = grant(doctor, PatientId::new(), Some(24), false);
+        assert_eq!(
+            asked(None, Some(&someone_elses)),
+            Err(PaymentError::DoctorNotGranted)
+        );
+        assert_eq!(
+            payment_parties(Asked {
+                payer: Actor::System,
+                payer_verified: true,
+                doctor_id: None,
+                grant: None,
+                now: now(),
+            }),
+            Err(PaymentError::NotAPayer)
+        );
     }
 
     #[test]

@@ -21,6 +21,30 @@ fn err(field: &'static str, reason: &'static str) -> ValueError {
     ValueError { field, reason }
 }
 
+/// The Unicode bidirectional controls (embeddings, overrides, isolates and the
+/// implicit marks). They are not control characters to `char::is_control`, yet they
+/// reorder what a reader sees: `cod\u{202E}fdp.exe` shows as `codexe.pdf` in a
+/// download dialogue, and a name or purpose can be made to read as something else.
+/// Nothing a person types into these fields needs them.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+    )
+}
+
+/// The refusal of free text holding a bidirectional control.
+fn no_bidi(field: &'static str, text: &str) -> Result<(), ValueError> {
+    if text.chars().any(is_bidi_control) {
+        Err(err(
+            field,
+            "must not contain bidirectional control characters",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 macro_rules! string_value {
     ($name:ident) => {
         impl $name {
@@ -91,7 +115,8 @@ impl std::fmt::Debug for Msisdn {
     }
 }
 
-/// A person's name: 1 to 100 characters, no control characters.
+/// A person's name: 1 to 100 characters, no control or bidirectional control
+/// characters.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PersonName(String);
@@ -109,6 +134,7 @@ impl PersonName {
         if name.chars().any(char::is_control) {
             return Err(err("name", "must not contain control characters"));
         }
+        no_bidi("name", name)?;
         Ok(PersonName(name.to_owned()))
     }
 }
@@ -323,7 +349,8 @@ impl From<ByteSize> for u64 {
     }
 }
 
-/// Why a doctor asks for access: 1 to 500 characters. Sealed before it enters an event.
+/// Why a doctor asks for access: 1 to 500 characters, no control characters but line
+/// breaks, no bidirectional controls. Sealed before it enters an event.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Purpose(String);
 
@@ -340,6 +367,7 @@ impl Purpose {
         if text.chars().any(|c| c.is_control() && c != '\n') {
             return Err(err("purpose", "must not contain control characters"));
         }
+        no_bidi("purpose", text)?;
         Ok(Purpose(text.to_owned()))
     }
     pub fn as_str(&self) -> &str {
@@ -380,8 +408,9 @@ impl std::fmt::Debug for Password {
     }
 }
 
-/// A record's original file name: 1 to 255 characters, no path separators or control
-/// characters. Sealed before it enters an event.
+/// A record's original file name: 1 to 255 characters, no path separators, control or
+/// bidirectional control characters (it reaches `Content-Disposition`). Sealed before
+/// it enters an event.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Filename(String);
 
@@ -404,6 +433,7 @@ impl Filename {
                 "must not contain path separators or control characters",
             ));
         }
+        no_bidi("filename", name)?;
         Ok(Filename(name.to_owned()))
     }
     pub fn as_str(&self) -> &str {
@@ -418,7 +448,8 @@ impl std::fmt::Debug for Filename {
 }
 
 /// Free text a person adds (a note to a request, a reason for a rejection): 1 to 1000
-/// characters. Sealed before it enters an event.
+/// characters, no control characters but line breaks, no bidirectional controls.
+/// Sealed before it enters an event.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Note(String);
 
@@ -436,6 +467,7 @@ impl Note {
         if text.chars().any(|c| c.is_control() && c != '\n') {
             return Err(err(field, "must not contain control characters"));
         }
+        no_bidi(field, text)?;
         Ok(Note(text.to_owned()))
     }
     pub fn as_str(&self) -> &str {
@@ -667,6 +699,44 @@ mod tests {
         assert!(Note::parse("note", &"n".repeat(1001)).is_err());
         assert_eq!(StaffRole::parse("auditor"), Ok(StaffRole::Auditor));
         assert_eq!(StaffRole::parse("admin").unwrap_err().field, "role");
+    }
+
+    #[test]
+    fn free_text_refuses_every_bidirectional_control() {
+        let bidi: Vec<char> = ('\u{202A}'..='\u{202E}')
+            .chain('\u{2066}'..='\u{2069}')
+            .chain(['\u{200E}', '\u{200F}', '\u{061C}'])
+            .collect();
+        assert_eq!(bidi.len(), 12);
+        for c in bidi {
+            let text = format!("Achieng{c}Otieno");
+            let names = [
+                PersonName::parse(&text).map(|_| ()),
+                Purpose::parse(&text).map(|_| ()),
+                Filename::parse(&format!("cod{c}fdp.exe")).map(|_| ()),
+                Note::parse("note", &text).map(|_| ()),
+                Note::parse("reason", &text).map(|_| ()),
+            ];
+            let fields: Vec<&str> = names.iter().map(|r| r.clone().unwrap_err().field).collect();
+            assert_eq!(
+                fields,
+                ["name", "purpose", "filename", "note", "reason"],
+                "U+{:04X}",
+                c as u32
+            );
+            for r in names {
+                assert_eq!(
+                    r.unwrap_err().reason,
+                    "must not contain bidirectional control characters"
+                );
+            }
+        }
+        // Right-to-left text itself is welcome: only the invisible controls are refused.
+        assert!(PersonName::parse("أمينة حسن").is_ok());
+        assert!(Filename::parse("תוצאות.pdf").is_ok());
+        assert!(Purpose::parse("Ufuatiliaji wa kisukari\nna shinikizo").is_ok());
+        // The zero-width joiner is not a bidirectional control (it shapes scripts).
+        assert!(PersonName::parse("Dr\u{200D}Kamau").is_ok());
     }
 
     #[test]

@@ -423,6 +423,7 @@ mod tests {
                 doctor_id: None,
                 access_request_id: Some(AccessRequestId::new()),
                 patient_id: Some(PatientId::new()),
+                phone_sealed_for_patient: false,
             },
         );
         assert_no_secrets(&requested);

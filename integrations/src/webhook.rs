@@ -10,10 +10,17 @@
 //! operator replays parked events with [`request_replay`]. Replayed events arrive
 //! after newer ones; the body's `position` gives their place in the log.
 //!
+//! Deliveries go only where the webhook's [`AddressPolicy`] allows: an IP literal is
+//! checked before each attempt, and a name is resolved by the policy's resolver, so
+//! the client connects to the addresses that were checked. What the integrator is
+//! told of a failed attempt is only [`DeliveryError`]'s text: `unreachable`, `timeout`
+//! or `HTTP <status>`, so failures cannot tell a closed port from a refused address.
+//!
 //! Signature: `AfyaChain-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`
 //! with `AfyaChain-Timestamp` in Unix seconds; receivers should also reject timestamps
 //! far from their clock, against replays.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -28,6 +35,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::address::{AddressPolicy, PolicyResolver};
 use crate::view::public_view;
 
 /// Header carrying the event id (receivers deduplicate by it).
@@ -157,6 +165,8 @@ pub struct DeliverySettings {
     /// How often the log and replay requests are looked at without a commit signal
     /// (replay requests made by another process are seen at this pace).
     pub poll_interval: Duration,
+    /// Which addresses deliveries may connect to, and how names are resolved.
+    pub address: AddressPolicy,
 }
 
 impl Default for DeliverySettings {
@@ -166,6 +176,7 @@ impl Default for DeliverySettings {
             base_backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(10),
             poll_interval: Duration::from_secs(2),
+            address: AddressPolicy::default(),
         }
     }
 }
@@ -244,7 +255,8 @@ pub struct Failure {
     pub event_type: String,
     /// Attempts made so far.
     pub attempts: i64,
-    /// What the last attempt got (`HTTP 500`, `timed out`, …), never a body or URL.
+    /// What the last attempt got: `unreachable`, `timeout` or `HTTP <status>` (see
+    /// [`DeliveryError`]).
     pub last_error: String,
     /// When the last attempt failed.
     pub failed_at: DateTime<Utc>,
@@ -469,6 +481,10 @@ impl Deliverer {
                 .timeout(self.settings.timeout)
                 // A receiver's redirect is a failure, not a way to reach other hosts.
                 .redirect(reqwest::redirect::Policy::none())
+                // Through a proxy the client would resolve only the proxy's name and
+                // the receiver's address would go unchecked.
+                .no_proxy()
+                .dns_resolver(Arc::new(PolicyResolver(self.settings.address.clone())))
                 .build()
                 .context("building the webhook HTTP client")?;
             self.client = Some(client);
@@ -545,7 +561,7 @@ impl Deliverer {
                             "webhook delivery failed"
                         );
                         if attempt >= max {
-                            break Some((attempt, error));
+                            break Some((attempt, error.to_string()));
                         }
                         if self.pause(self.settings.backoff(attempt)).await {
                             return Ok(Some(Interrupted::Stopped));
@@ -650,7 +666,9 @@ impl Deliverer {
             for position in wanted {
                 let Some(event) = events.iter().find(|e| e.position == position) else {
                     // Cannot happen with an immutable log; do not retry it forever.
-                    self.replayed(position, Err("event not found")).await?;
+                    tracing::error!(webhook = %self.spec.id, position, "a parked event is not in the log");
+                    self.replayed(position, Err(&DeliveryError::Unreachable.to_string()))
+                        .await?;
                     continue;
                 };
                 match self.post(event).await {
@@ -664,7 +682,7 @@ impl Deliverer {
                             error = %error,
                             "webhook replay failed"
                         );
-                        self.replayed(position, Err(&error)).await?;
+                        self.replayed(position, Err(&error.to_string())).await?;
                     }
                 }
             }
@@ -698,19 +716,32 @@ impl Deliverer {
         Ok(())
     }
 
-    /// One signed POST of `event`'s public view.
+    /// One signed POST of `event`'s public view, if the URL's address is allowed.
     async fn post(&mut self, event: &StoredEvent) -> Attempt {
         let Some(client) = self.client.clone() else {
-            return Attempt::Failed("no HTTP client".into());
+            tracing::error!(webhook = %self.spec.id, "no webhook HTTP client");
+            return Attempt::Failed(DeliveryError::Unreachable);
         };
+        let url = match reqwest::Url::parse(&self.spec.url) {
+            Ok(url) => url,
+            Err(_) => return Attempt::Failed(DeliveryError::Unreachable),
+        };
+        // The client connects to an IP literal without a resolver: check it here.
+        if let Err(refusal) = self.settings.address.check_literal(&url) {
+            tracing::debug!(webhook = %self.spec.id, %refusal, "webhook address refused");
+            return Attempt::Failed(DeliveryError::Unreachable);
+        }
         let body = match serde_json::to_vec(&public_view(event)) {
             Ok(body) => body,
-            Err(_) => return Attempt::Failed("could not encode the event".into()),
+            Err(error) => {
+                tracing::error!(webhook = %self.spec.id, %error, "could not encode a webhook body");
+                return Attempt::Failed(DeliveryError::Unreachable);
+            }
         };
         let timestamp = Utc::now().timestamp();
         let signature = sign(&self.spec.secret, timestamp, &body);
         let request = client
-            .post(&self.spec.url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(HEADER_EVENT_ID, event.event_id.to_string())
             .header(HEADER_EVENT_TYPE, event.event_type.as_str())
@@ -727,32 +758,58 @@ impl Deliverer {
         };
         match result {
             Ok(response) if response.status().is_success() => Attempt::Delivered,
-            Ok(response) => Attempt::Failed(format!("HTTP {}", response.status().as_u16())),
-            Err(error) => Attempt::Failed(describe(&error)),
+            Ok(response) => Attempt::Failed(DeliveryError::Status(response.status().as_u16())),
+            Err(error) => {
+                let failure = DeliveryError::from_transport(&error);
+                // The cause stays in the operator's log, without the URL (it may
+                // carry a token).
+                let cause = format!("{:#}", anyhow::Error::from(error.without_url()));
+                tracing::debug!(webhook = %self.spec.id, %cause, "webhook request failed");
+                Attempt::Failed(failure)
+            }
         }
     }
 }
 
-/// A transport error in words that carry no URL, body or secret.
-fn describe(error: &reqwest::Error) -> String {
-    if error.is_timeout() {
-        "timed out".into()
-    } else if error.is_connect() {
-        "connection failed".into()
-    } else if error.is_builder() {
-        "invalid request (check the URL)".into()
-    } else if error.is_redirect() {
-        "too many redirects".into()
-    } else if error.is_body() || error.is_decode() {
-        "response body error".into()
-    } else {
-        "request failed".into()
+/// Why an attempt failed, in the only words an integrator is shown: a refused address,
+/// a refused or reset connection, a failed look-up and a TLS failure are all
+/// `unreachable`, so the failures of a webhook cannot be used to scan ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// No HTTP answer: the address is refused by the policy, or it could not be
+    /// connected to or spoken with.
+    Unreachable,
+    /// No answer within [`DeliverySettings::timeout`].
+    Timeout,
+    /// The receiver answered with this non-2xx status (redirects are not followed).
+    Status(u16),
+}
+
+impl DeliveryError {
+    fn from_transport(error: &reqwest::Error) -> DeliveryError {
+        if error.is_timeout() {
+            DeliveryError::Timeout
+        } else if let Some(status) = error.status() {
+            DeliveryError::Status(status.as_u16())
+        } else {
+            DeliveryError::Unreachable
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::Unreachable => f.write_str("unreachable"),
+            DeliveryError::Timeout => f.write_str("timeout"),
+            DeliveryError::Status(status) => write!(f, "HTTP {status}"),
+        }
     }
 }
 
 enum Attempt {
     Delivered,
-    Failed(String),
+    Failed(DeliveryError),
     Stopped,
 }
 

@@ -157,6 +157,8 @@ fn fast(max_attempts: u32) -> DeliverySettings {
         base_backoff: Duration::from_millis(10),
         timeout: Duration::from_secs(2),
         poll_interval: Duration::from_millis(200),
+        // The receivers run on loopback.
+        address: integrations::AddressPolicy::new(true),
     }
 }
 

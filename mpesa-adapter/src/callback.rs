@@ -17,6 +17,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::daraja::{DarajaError, StkStatus};
+
 /// What Daraja expects back, whatever the callback said.
 pub const ACK: &str = r#"{"ResultCode":0,"ResultDesc":"Accepted"}"#;
 
@@ -182,10 +184,69 @@ pub fn parse(body: &[u8]) -> Result<StkCallback, CallbackError> {
     })
 }
 
+/// What an STK Push Query says of a callback that claims the payment went through.
+/// Callbacks are unsigned and their path token is the only secret, so a success is
+/// believed only when Daraja, asked directly, says the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Daraja says it was paid (ResultCode 0).
+    Agrees,
+    /// Daraja says it ended otherwise: the callback is not to be believed.
+    Disagrees { result_code: i64 },
+    /// Daraja could not say now (still processing, unreachable, refusing the
+    /// question): the payment waits for the reconciling query.
+    Unknown(String),
+}
+
+/// The verdict of a query's answer on a success callback.
+pub fn verdict(answer: &Result<StkStatus, DarajaError>) -> Verdict {
+    match answer {
+        Ok(StkStatus::Done { result_code: 0, .. }) => Verdict::Agrees,
+        Ok(StkStatus::Done { result_code, .. }) => Verdict::Disagrees {
+            result_code: *result_code,
+        },
+        Ok(StkStatus::Pending) => {
+            Verdict::Unknown("Daraja says it is still being processed".into())
+        }
+        Err(error) => Verdict::Unknown(error.to_string()),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_darajas_own_success_confirms_a_success_callback() {
+        let done = |result_code| {
+            Ok(StkStatus::Done {
+                result_code,
+                result_desc: "d".into(),
+            })
+        };
+        assert_eq!(verdict(&done(0)), Verdict::Agrees);
+        assert_eq!(
+            verdict(&done(1037)),
+            Verdict::Disagrees { result_code: 1037 }
+        );
+        assert_eq!(
+            verdict(&done(1032)),
+            Verdict::Disagrees { result_code: 1032 }
+        );
+        for unsure in [
+            Ok(StkStatus::Pending),
+            Err(DarajaError::Unavailable("503".into())),
+            Err(DarajaError::Unknown("cut".into())),
+            Err(DarajaError::Rejected {
+                status: 400,
+                code: "400.002.02".into(),
+                message: "Bad Request".into(),
+            }),
+        ] {
+            assert!(matches!(verdict(&unsure), Verdict::Unknown(_)));
+        }
+    }
 
     // Safaricom's documented examples.
     const SUCCESS: &str = r#"{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed successfully.","CallbackMetadata":{"Item":[{"Name":"Amount","Value":1.00},{"Name":"MpesaReceiptNumber","Value":"NLJ7RT61SV"},{"Name":"TransactionDate","Value":20191219102115},{"Name":"PhoneNumber","Value":254708374149}]}}}}"#;

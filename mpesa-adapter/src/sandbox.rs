@@ -99,6 +99,9 @@ pub enum Outcome {
     InsufficientFunds,
     /// No callback is ever delivered; a query finds 1037 after the delay.
     NoCallback,
+    /// Paid, but the callback is lost on the way: none is delivered, and a query
+    /// finds it paid (0) after the delay. (A client may post the callback itself.)
+    PaidNoCallback,
     /// The success callback, delivered twice with the same receipt.
     Duplicate,
 }
@@ -113,6 +116,7 @@ impl Outcome {
             Outcome::WrongPin => "2001",
             Outcome::InsufficientFunds => "1",
             Outcome::NoCallback => "no_callback",
+            Outcome::PaidNoCallback => "paid_no_callback",
             Outcome::Duplicate => "duplicate",
         }
     }
@@ -120,7 +124,7 @@ impl Outcome {
     /// The final `ResultCode` and `ResultDesc`, as the callback and a query give them.
     pub fn result(self) -> (u32, &'static str) {
         match self {
-            Outcome::Success | Outcome::Duplicate => {
+            Outcome::Success | Outcome::Duplicate | Outcome::PaidNoCallback => {
                 (0, "The service request is processed successfully.")
             }
             Outcome::Cancelled => (1032, "Request cancelled by user"),
@@ -133,7 +137,7 @@ impl Outcome {
 
 /// An outcome name that is none of those [`Outcome::from_str`] knows.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown outcome {0:?}: expected success, 1032, 1037, 2001, 1, no_callback or duplicate")]
+#[error("unknown outcome {0:?}: expected success, 1032, 1037, 2001, 1, no_callback, paid_no_callback or duplicate")]
 pub struct UnknownOutcome(String);
 
 impl FromStr for Outcome {
@@ -147,6 +151,7 @@ impl FromStr for Outcome {
             "2001" | "wrong_pin" => Ok(Outcome::WrongPin),
             "1" | "insufficient_funds" => Ok(Outcome::InsufficientFunds),
             "no_callback" => Ok(Outcome::NoCallback),
+            "paid_no_callback" => Ok(Outcome::PaidNoCallback),
             "duplicate" => Ok(Outcome::Duplicate),
             other => Err(UnknownOutcome(other.to_owned())),
         }
@@ -394,7 +399,7 @@ impl Shared {
             delay_ms = delay.as_millis() as u64,
             "STK push accepted"
         );
-        if outcome != Outcome::NoCallback {
+        if !matches!(outcome, Outcome::NoCallback | Outcome::PaidNoCallback) {
             // Fails only once the sandbox is stopping; the callback is dropped then.
             let _ = self.deliveries.send(Delivery {
                 push: push.clone(),

@@ -117,10 +117,10 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
                 Actor::Patient(patient),
                 domain::payment::Purpose::ConsultationFee,
                 500,
-                &Msisdn::parse(PHONE).unwrap(),
-                None,
-                None,
-                None,
+                &cmds
+                    .plan_payment(Actor::Patient(patient), None, &[])
+                    .await
+                    .unwrap(),
                 meta(),
             )
             .await

@@ -30,8 +30,10 @@ pub struct NewAccessRequest {
     #[serde(default)]
     #[schema(example = json!(["lab"]))]
     pub categories: Vec<String>,
-    /// Individual records asked for (besides or instead of categories).
+    /// Individual records asked for (besides or instead of categories): at most 100,
+    /// each one of this patient's records.
     #[serde(default)]
+    #[schema(max_items = 100)]
     pub record_ids: Vec<String>,
     /// Why (1 to 500 characters; only the patient can read it).
     pub purpose: String,
@@ -166,6 +168,41 @@ fn record_ids_of(v: &mut Validation, raw: &[String]) -> BTreeSet<RecordId> {
     out
 }
 
+/// The most records one request may name: each is loaded to check whose it is.
+const MAX_REQUESTED_RECORDS: usize = 100;
+
+/// Notes every entry of `raw` that is not one of `patient`'s records. A record of
+/// another patient gets the same answer as one that does not exist, so a doctor cannot
+/// learn from it that a record id is real.
+async fn check_records_of(
+    state: &AppState,
+    v: &mut Validation,
+    patient: PatientId,
+    raw: &[String],
+) -> Result<(), Problem> {
+    let mut checked_ids = BTreeSet::new();
+    for (i, r) in raw.iter().enumerate() {
+        let Ok(id) = RecordId::parse(r) else {
+            continue;
+        };
+        if !checked_ids.insert(id) {
+            continue;
+        }
+        let owner = state
+            .commands
+            .record(id)
+            .await?
+            .and_then(|r| r.patient_id());
+        if owner != Some(patient) {
+            v.fail(
+                format!("record_ids[{i}]"),
+                "is not one of this patient's records",
+            );
+        }
+    }
+    Ok(())
+}
+
 fn scope_lists(scope: &Scope) -> (Vec<String>, Vec<Uuid>) {
     (
         scope
@@ -217,6 +254,14 @@ pub async fn request(
     };
     let categories = categories_of(&mut v, &input.categories);
     let record_ids = record_ids_of(&mut v, &input.record_ids);
+    if input.record_ids.len() > MAX_REQUESTED_RECORDS {
+        v.fail(
+            "record_ids",
+            format!("must list at most {MAX_REQUESTED_RECORDS} records"),
+        );
+    } else if let Some(patient) = patient_id {
+        check_records_of(&state, &mut v, patient, &input.record_ids).await?;
+    }
     let scope = v.check(Scope::new(categories, record_ids));
     let purpose = v.check(Purpose::parse(&input.purpose));
     let duration = v.check(DurationDays::new(input.duration_days));

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::extract::{command_meta, phone_meta, without_password, Body, Caller};
 use crate::problem::{checked, Problem, Validation};
+use crate::ratelimit::{Attempt, Limit};
 use crate::routes::{own_patient, path_id, registrar};
 use crate::server::AppState;
 
@@ -207,11 +208,7 @@ pub async fn sign_in(
     v.finish()?;
     let phone = checked(phone)?;
     let phone_index = state.commands.keys().phone_index(phone.as_str());
-    let address = req.peer_addr().map(|a| a.ip());
-    let attempt = state
-        .limiter
-        .begin(Some(&phone_index), address)
-        .map_err(too_many)?;
+    let attempt = begin_attempt(&req, &state, Some(&phone_index)).await?;
     // A password shorter than any account may have cannot match.
     let result = match Password::parse(&input.password) {
         Ok(password) => {
@@ -225,7 +222,7 @@ pub async fn sign_in(
     };
     match result {
         Ok(session) => {
-            attempt.succeeded();
+            attempt.succeeded(&[PHONE_BUCKET]).await;
             Ok(HttpResponse::Ok().json(SessionCreated {
                 token: session.token,
                 role: session.holder.kind().to_owned(),
@@ -243,13 +240,34 @@ pub async fn sign_in(
     }
 }
 
-fn too_many(wait: u64) -> Problem {
-    Problem::new(
-        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-        "too_many_attempts",
-        "too many failed attempts; wait before trying again",
-    )
-    .retry_after(wait)
+const PHONE_BUCKET: &str = "sign_in_phone";
+const ADDRESS_BUCKET: &str = "sign_in_address";
+
+/// Starts a sign-in (or sign-up) attempt under the limits of its phone, if any, and of
+/// the client's address.
+async fn begin_attempt(
+    req: &HttpRequest,
+    state: &AppState,
+    phone_index: Option<&str>,
+) -> Result<Attempt, Problem> {
+    let limits = &state.config.sign_in_limits;
+    let address = req.peer_addr().map(|a| a.ip().to_string());
+    let mut counted = Vec::with_capacity(2);
+    if let Some(phone_index) = phone_index {
+        counted.push(Limit {
+            bucket: PHONE_BUCKET,
+            key: phone_index,
+            rule: limits.phone_rule(),
+        });
+    }
+    if let Some(address) = address.as_deref() {
+        counted.push(Limit {
+            bucket: ADDRESS_BUCKET,
+            key: address,
+            rule: limits.address_rule(),
+        });
+    }
+    state.limits.begin(&counted).await
 }
 
 /// Runs a sign-up under the address's attempt limit: one that finds the phone taken
@@ -259,8 +277,7 @@ async fn limit_sign_up<T>(
     state: &AppState,
     sign_up: impl std::future::Future<Output = Result<T, Problem>>,
 ) -> Result<T, Problem> {
-    let address = req.peer_addr().map(|a| a.ip());
-    let attempt = state.limiter.begin(None, address).map_err(too_many)?;
+    let attempt = begin_attempt(req, state, None).await?;
     let result = sign_up.await;
     if matches!(&result, Err(problem) if problem.code == "phone_taken") {
         attempt.failed();

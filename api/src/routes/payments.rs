@@ -1,6 +1,9 @@
 //! M-Pesa payments: asked for by a patient or doctor, pushed to the phone by the M-Pesa
 //! worker, settled by Daraja's callback (or a reconciling query), and listed.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
 use actix_web::web::{Data, Path, Query};
 use actix_web::{HttpRequest, HttpResponse};
@@ -8,17 +11,24 @@ use domain::actor::Actor;
 use domain::ids::{AccessRequestId, DoctorId, PatientId, PaymentId};
 use domain::payment::{PaymentCommand, Purpose, Receipt, RejectedCallbackCommand, SettledBy};
 use domain::value::Msisdn;
+use mpesa_adapter::callback::Verdict;
+use mpesa_adapter::daraja::Daraja;
 use projections::queries::{self, PaymentParty, PaymentRow};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::config::Config;
 use crate::extract::{command_meta, Body, Caller};
 use crate::problem::{checked, Problem, Validation};
+use crate::ratelimit::Limit;
 use crate::routes::{own_patient, path_id, PageQuery};
 use crate::server::AppState;
 
-/// A payment asked for.
+/// A payment asked for. Its prompt goes to the patient's own registered phone: a
+/// doctor asks a fee of a patient under an approved access request (still in force),
+/// for themself; a patient pays a doctor they granted such access, or their own
+/// account.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {
@@ -26,12 +36,16 @@ pub struct NewPayment {
     pub purpose: String,
     /// Whole shillings, 1 to 250000.
     pub amount_kes: u64,
-    /// The M-Pesa number to ask: 2547XXXXXXXX, 07…, +254….
+    /// Optional, and only the patient's registered number (2547XXXXXXXX, 07…, +254…):
+    /// the prompt goes there whatever is sent; any other number is refused (422
+    /// `phone_not_registered`).
     #[schema(example = "254712345678")]
-    pub phone: String,
-    /// The doctor the fee is for (a patient paying a doctor).
+    pub phone: Option<String>,
+    /// A patient: the doctor paid (one they granted access still in force). A doctor:
+    /// themself, if given (another doctor's id is 403 `fee_for_another_doctor`).
     pub doctor_id: Option<String>,
-    /// The access request the fee is for.
+    /// The access request the payment is under: a doctor's fee must name it (approved
+    /// and not expired, else 403 `no_grant`); the fee is asked of its patient.
     pub access_request_id: Option<String>,
 }
 
@@ -94,11 +108,15 @@ fn unavailable() -> Problem {
     )
 }
 
+/// Whose prompts are counted, and how many each may have within a window.
+const PER_DOCTOR: &str = "prompts_per_doctor";
+const PER_PATIENT: &str = "prompts_per_patient";
+
 #[utoipa::path(post, path = "/v1/payments", tag = "payments",
     request_body = NewPayment,
     params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the same payment and never push twice")),
     security(("bearer" = [])),
-    responses((status = 202, description = "Asked for: the STK Push goes to the phone (patients and doctors)", body = PaymentCreated)))]
+    responses((status = 202, description = "Asked for: the STK Push goes to the patient's registered phone (patients, and verified doctors under an access request in force). Refused: 403 `doctor_not_verified`, `no_grant`, `doctor_not_granted`, `fee_for_another_doctor`; 422 `phone_not_registered`; 429 past `AFYA_PROMPTS_PER_DOCTOR` or `AFYA_PROMPTS_PER_PATIENT`", body = PaymentCreated)))]
 #[tracing::instrument(skip_all)]
 pub async fn create(
     req: HttpRequest,
@@ -125,7 +143,7 @@ pub async fn create(
             "must be a whole number of shillings, 1 to 250000",
         );
     }
-    let phone = v.check(Msisdn::parse(&input.phone));
+    let phone = input.phone.as_deref().map(|p| v.check(Msisdn::parse(p)));
     let doctor_id = match input.doctor_id.as_deref().map(DoctorId::parse) {
         None => None,
         Some(Ok(d)) => Some(d),
@@ -156,57 +174,101 @@ pub async fn create(
         )
         .at("Idempotency-Key"));
     }
-    if let Some(doctor_id) = doctor_id {
-        if queries::doctor(state.store.any_pool(), &doctor_id.to_string())
-            .await?
-            .is_none()
-        {
-            return Err(Problem::field("doctor_id", "no such doctor"));
-        }
-    }
-    // The patient a doctor's fee is asked of is the patient of the access request.
-    let mut patient_id = None;
-    if let Some(request_id) = access_request_id {
-        let request = state
-            .commands
-            .access_request(request_id)
-            .await
-            .map_err(|e| Problem::internal(&e))?;
-        let involves_payer = request.as_ref().is_some_and(|r| match payer {
-            Actor::Patient(p) => r.patient_id() == Some(p),
-            Actor::Doctor(d) => r.doctor_id() == Some(d),
-            _ => false,
-        });
-        if !involves_payer {
-            return Err(Problem::field(
-                "access_request_id",
-                "no such access request of yours",
-            ));
-        }
-        patient_id = request.and_then(|r| r.patient_id());
-    }
-    if state.config.mpesa.is_none() {
-        return Err(unavailable());
-    }
     let meta = command_meta(&req, Some(payer), body.bytes())?;
+    // A retry is answered with the payment it made, counted against no limit again.
+    if let Some(done) = state.commands.earlier_payment(&meta).await? {
+        return Ok(created(done.id));
+    }
+    let requests = match (access_request_id, doctor_id, payer) {
+        (Some(request_id), _, _) => {
+            let request = state
+                .commands
+                .access_request(request_id)
+                .await
+                .map_err(|e| Problem::internal(&e))?;
+            let involves_payer = request.as_ref().is_some_and(|r| match payer {
+                Actor::Patient(p) => r.patient_id() == Some(p),
+                Actor::Doctor(d) => r.doctor_id() == Some(d),
+                _ => false,
+            });
+            if !involves_payer {
+                return Err(Problem::field(
+                    "access_request_id",
+                    "no such access request of yours",
+                ));
+            }
+            vec![request_id]
+        }
+        // A patient naming only a doctor: the grants between them, checked again
+        // against the event store when the payment is planned.
+        (None, Some(doctor_id), Actor::Patient(patient_id)) => {
+            let pool = state.store.any_pool();
+            if queries::doctor(pool, &doctor_id.to_string())
+                .await?
+                .is_none()
+            {
+                return Err(Problem::field("doctor_id", "no such doctor"));
+            }
+            queries::requests_between(pool, &doctor_id.to_string(), &patient_id.to_string())
+                .await?
+                .into_iter()
+                .filter(|r| r.status == "approved")
+                .filter_map(|r| AccessRequestId::parse(&r.request_id).ok())
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let plan = state
+        .commands
+        .plan_payment(payer, doctor_id, &requests)
+        .await?;
+    if let Some(Some(typed)) = phone {
+        if typed != plan.phone {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "phone_not_registered",
+                "the prompt goes only to the patient's registered phone number: leave phone out",
+            )
+            .at("phone"));
+        }
+    }
+    let Some(settings) = state.config.mpesa.as_ref() else {
+        return Err(unavailable());
+    };
+    // Counted only now that the prompt will really be asked for; given back if the
+    // command fails after all.
+    let patient = plan.parties.patient_id.to_string();
+    let doctor = match payer {
+        Actor::Doctor(d) => Some(d.to_string()),
+        _ => None,
+    };
+    let mut limits = vec![Limit {
+        bucket: PER_PATIENT,
+        key: &patient,
+        rule: settings.prompts_per_patient,
+    }];
+    if let Some(doctor) = doctor.as_deref() {
+        limits.push(Limit {
+            bucket: PER_DOCTOR,
+            key: doctor,
+            rule: settings.prompts_per_doctor,
+        });
+    }
+    let attempt = state.limits.begin(&limits).await?;
     let done = state
         .commands
-        .request_payment(
-            payer,
-            checked(purpose)?,
-            input.amount_kes,
-            &checked(phone)?,
-            doctor_id,
-            access_request_id,
-            patient_id,
-            meta,
-        )
+        .request_payment(payer, checked(purpose)?, input.amount_kes, &plan, meta)
         .await?;
+    attempt.failed();
     state.settle.settle(&done.outcome).await;
-    Ok(HttpResponse::Accepted().json(PaymentCreated {
-        payment_id: done.id.as_uuid(),
+    Ok(created(done.id))
+}
+
+fn created(payment_id: PaymentId) -> HttpResponse {
+    HttpResponse::Accepted().json(PaymentCreated {
+        payment_id: payment_id.as_uuid(),
         status: "pending".to_owned(),
-    }))
+    })
 }
 
 #[utoipa::path(get, path = "/v1/payments/{payment_id}", tag = "payments",
@@ -307,6 +369,41 @@ pub async fn of_doctor(
     list(&state, PaymentParty::Doctor, &doctor_id.to_string(), &query).await
 }
 
+/// Bound on the STK Push Query a success callback waits for (the token and the
+/// query together), so that Daraja's acknowledgement stays fast.
+const CALLBACK_QUERY_BOUND: Duration = Duration::from_secs(4);
+
+/// The Daraja client success callbacks are checked with: one attempt per call, each
+/// within [`CALLBACK_QUERY_BOUND`] (what it cannot answer now the reconciler asks
+/// later). `None` without M-Pesa.
+pub fn callback_client(config: &Config) -> Option<Arc<Daraja>> {
+    let mut daraja = config.mpesa.as_ref()?.daraja.clone();
+    daraja.timeout = daraja.timeout.min(CALLBACK_QUERY_BOUND);
+    daraja.attempts = 1;
+    match Daraja::new(daraja) {
+        Ok(client) => Some(Arc::new(client)),
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "building the Daraja client for callbacks failed; success callbacks wait for reconciliation");
+            None
+        }
+    }
+}
+
+/// What Daraja itself says of a callback's payment, asked within
+/// [`CALLBACK_QUERY_BOUND`].
+async fn ask_daraja(state: &AppState, checkout_request_id: &str) -> Verdict {
+    let Some(daraja) = state.daraja.as_ref() else {
+        return Verdict::Unknown("no Daraja client".into());
+    };
+    match tokio::time::timeout(CALLBACK_QUERY_BOUND, daraja.stk_query(checkout_request_id)).await {
+        Ok(answer) => mpesa_adapter::callback::verdict(&answer),
+        Err(_) => Verdict::Unknown(format!(
+            "no answer to the STK Push Query within {} s",
+            CALLBACK_QUERY_BOUND.as_secs()
+        )),
+    }
+}
+
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
@@ -323,7 +420,7 @@ fn ack() -> HttpResponse {
 
 #[utoipa::path(post, path = "/v1/mpesa/callbacks/{path_token}/stk", tag = "payments",
     params(("path_token" = String, Path, description = "The unguessable token of MPESA_CALLBACK_URL")),
-    responses((status = 200, description = "Daraja's acknowledgement `{\"ResultCode\":0,\"ResultDesc\":\"Accepted\"}`, whatever the callback settled")))]
+    responses((status = 200, description = "Daraja's acknowledgement `{\"ResultCode\":0,\"ResultDesc\":\"Accepted\"}`, whatever the callback settled. A success counts only once an STK Push Query agrees")))]
 #[tracing::instrument(skip_all)]
 pub async fn stk_callback(
     state: Data<AppState>,
@@ -399,13 +496,33 @@ pub async fn stk_callback(
                     .await?;
                 return Ok(ack());
             }
+            // Settled already: nothing to ask Daraja about.
+            if payment.status() != domain::payment::PaymentStatus::Pending {
+                tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "duplicate or late STK callback for a settled payment; nothing changed");
+                return Ok(ack());
+            }
+            match ask_daraja(&state, &callback.checkout_request_id).await {
+                Verdict::Agrees => {}
+                Verdict::Disagrees { result_code } => {
+                    tracing::warn!(payment_id = %payment_id, query_result_code = result_code, "STK callback claims a payment Daraja's query does not confirm; kept as rejected");
+                    state
+                        .commands
+                        .reject_callback(reject("query_disagrees", Some(payment_id)))
+                        .await?;
+                    return Ok(ack());
+                }
+                Verdict::Unknown(why) => {
+                    tracing::warn!(payment_id = %payment_id, why = %why, "STK callback claims a payment that Daraja cannot confirm now; it stays pending until the reconciling query settles it");
+                    return Ok(ack());
+                }
+            }
             Some(Receipt {
                 receipt: paid.receipt.clone(),
                 amount_kes: paid.amount_kes,
                 transaction_date: paid.transaction_date.clone(),
                 phone: state
                     .commands
-                    .seal_for(payment.payer_subject(), &paid.phone)
+                    .seal_for(&payment.phone_subject(), &paid.phone)
                     .await
                     .map_err(|e| Problem::internal(&e))?,
             })

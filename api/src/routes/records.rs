@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::extract::{command_meta, read_limited, Caller};
+use crate::extract::{closing, command_meta, declared_length, read_into, Caller, Pace};
 use crate::problem::{Problem, Validation};
 use crate::routes::{own_patient, path_id, PageQuery};
 use crate::server::AppState;
@@ -128,23 +128,50 @@ pub async fn upload(
         .and_then(|f| v.check(Filename::parse(f)));
     v.finish()?;
     let category = crate::problem::checked(category)?;
-    let body = read_limited(&req, &mut payload, state.config.max_upload_bytes).await?;
+    // The body's memory is taken from the budget before a byte of it is read: its
+    // declared length (or, unknown, the largest allowed), in one allocation with room
+    // for the encryption, which then works in place. The permit lasts until the
+    // ciphertext is stored.
+    let limit = state.config.max_upload_bytes;
+    let read = async {
+        let length = declared_length(&req, limit)?;
+        let expected = length.unwrap_or(limit);
+        let permit = state
+            .uploads
+            .acquire(&patient_id.to_string(), expected)
+            .await?;
+        let mut body = Vec::with_capacity(expected + commands::keys::RECORD_OVERHEAD);
+        read_into(
+            &mut payload,
+            &mut body,
+            expected,
+            Pace::upload(&state.config.bodies),
+        )
+        .await?;
+        Ok::<_, Problem>((permit, body))
+    };
+    let (permit, body) = match read.await {
+        Ok(read) => read,
+        Err(problem) => return Ok(closing(&problem)),
+    };
     if body.is_empty() {
         return Err(Problem::field("body", "must not be empty"));
     }
     let meta = command_meta(&req, Some(caller.actor()), &body)?;
     let uploaded = state
         .commands
-        .upload_record(
+        .upload_record_body(
             caller.actor(),
             patient_id,
             category,
             media_type,
             filename.as_ref(),
-            &body,
+            body,
             meta,
         )
-        .await?;
+        .await;
+    drop(permit);
+    let uploaded = uploaded?;
     state.settle.settle(&uploaded.outcome).await;
     Ok(HttpResponse::Created().json(RecordCreated {
         record_id: uploaded.record_id.as_uuid(),
@@ -358,15 +385,20 @@ pub async fn content(
         .read_record(&record, actor, request_id, meta)
         .await?;
     state.settle.settle(&outcome).await;
-    let media_type = record
-        .media_type()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "application/octet-stream".to_owned());
+    let media_type = served_type(record.media_type().map(MediaType::as_str));
     let mut response = HttpResponse::Ok();
+    // Whatever a patient uploaded, no browser renders it in our origin: a download
+    // (attachment), of the declared type only (nosniff), and, should a browser show it
+    // anyway, in a sandbox: a unique origin with no scripts, forms or plugins.
     response
         .content_type(media_type)
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header(("X-Content-Type-Options", "nosniff"));
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, "sandbox"));
+    let mut disposition = ContentDisposition {
+        disposition: DispositionType::Attachment,
+        parameters: Vec::new(),
+    };
     if let (Some(sealed), Some(patient_id)) = (record.filename(), record.patient_id()) {
         if let Some(name) = state
             .commands
@@ -384,20 +416,58 @@ pub async fn content(
                     }
                 })
                 .collect();
-            response.insert_header(ContentDisposition {
-                disposition: DispositionType::Attachment,
-                parameters: vec![
-                    DispositionParam::Filename(plain),
-                    DispositionParam::FilenameExt(actix_web::http::header::ExtendedValue {
-                        charset: actix_web::http::header::Charset::Ext("UTF-8".to_owned()),
-                        language_tag: None,
-                        value: name.into_bytes(),
-                    }),
-                ],
-            });
+            disposition.parameters = vec![
+                DispositionParam::Filename(plain),
+                DispositionParam::FilenameExt(actix_web::http::header::ExtendedValue {
+                    charset: actix_web::http::header::Charset::Ext("UTF-8".to_owned()),
+                    language_tag: None,
+                    value: name.into_bytes(),
+                }),
+            ];
         }
     }
+    response.insert_header(disposition);
     Ok(response.body(bytes))
+}
+
+/// The type record content is served as: its own when no browser runs or renders
+/// active content of it (documents, pictures, sound, video, plain text), otherwise
+/// `application/octet-stream`. An allow-list, since the active types are many
+/// (HTML, XHTML, SVG, XML and XSLT, JavaScript, ...). The CSP header does not protect a
+/// copy the web app turns into a `blob:` URL, which runs in the app's own origin and
+/// takes its type from the answer: so an HTML record never comes back as HTML. The
+/// record's metadata still says what was uploaded.
+fn served_type(media_type: Option<&str>) -> &str {
+    const OCTETS: &str = "application/octet-stream";
+    let Some(media_type) = media_type else {
+        return OCTETS;
+    };
+    let Some((kind, subtype)) = media_type.split_once('/') else {
+        return OCTETS;
+    };
+    // `image/svg+xml` and every other XML-based type can carry script.
+    if subtype.contains("xml") || subtype.contains("script") || subtype.contains("html") {
+        return OCTETS;
+    }
+    let passive = matches!(kind, "image" | "audio" | "video")
+        || matches!(
+            media_type,
+            "application/pdf"
+                | "application/dicom"
+                | "application/json"
+                | "application/zip"
+                | "application/msword"
+                | "application/vnd.ms-excel"
+                | "text/plain"
+                | "text/csv"
+        )
+        || media_type.starts_with("application/vnd.openxmlformats-officedocument.")
+        || media_type.starts_with("application/vnd.oasis.opendocument.");
+    if passive {
+        media_type
+    } else {
+        OCTETS
+    }
 }
 
 /// The request a doctor's read goes under: an approved, unexpired one covering the
@@ -425,4 +495,45 @@ fn choose_request(
         })
         .or_else(|| requests.first())
         .and_then(|r| AccessRequestId::parse(&r.request_id).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::served_type;
+
+    #[test]
+    fn active_types_are_served_as_bytes_and_documents_as_themselves() {
+        for active in [
+            "text/html",
+            "application/xhtml+xml",
+            "image/svg+xml",
+            "text/xml",
+            "application/xml",
+            "text/javascript",
+            "application/javascript",
+            "application/ecmascript",
+            "text/xsl",
+            "application/x-shockwave-flash",
+            "multipart/x-mixed-replace",
+            "text/css",
+        ] {
+            assert_eq!(
+                served_type(Some(active)),
+                "application/octet-stream",
+                "{active}"
+            );
+        }
+        for passive in [
+            "application/pdf",
+            "image/png",
+            "image/jpeg",
+            "text/plain",
+            "application/dicom",
+            "video/mp4",
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        ] {
+            assert_eq!(served_type(Some(passive)), passive);
+        }
+        assert_eq!(served_type(None), "application/octet-stream");
+    }
 }

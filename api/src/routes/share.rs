@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::extract::{command_meta, Caller};
 use crate::problem::Problem;
+use crate::ratelimit::Limit;
 use crate::routes::{doctor, own_patient, path_id};
 use crate::server::AppState;
 
@@ -125,11 +126,28 @@ pub async fn resolve(
             "only a verified doctor may look up a share code",
         ));
     }
-    let index = state.commands.share_code_index(&path).ok_or_else(no_code)?;
-    let (patient_id, expires_at) =
-        projections::queries::patient_by_share_code(pool, &index, state.commands.now())
-            .await?
-            .ok_or_else(no_code)?;
+    // Codes are short enough to guess at speed: a doctor's misses are limited (in the
+    // store, so every instance counts them), a hit gives its attempt back.
+    let doctor_key = doctor_id.to_string();
+    let attempt = state
+        .limits
+        .begin(&[Limit {
+            bucket: "share_code_miss",
+            key: &doctor_key,
+            rule: state.config.sign_in_limits.share_code_rule(),
+        }])
+        .await?;
+    let found = match state.commands.share_code_index(&path) {
+        Some(index) => {
+            projections::queries::patient_by_share_code(pool, &index, state.commands.now()).await?
+        }
+        None => None,
+    };
+    let Some((patient_id, expires_at)) = found else {
+        attempt.failed();
+        return Err(no_code());
+    };
+    attempt.succeeded(&[]).await;
     Ok(HttpResponse::Ok().json(SharedPatient {
         patient_id: Uuid::parse_str(&patient_id).unwrap_or_default(),
         expires_at,

@@ -20,7 +20,8 @@ use crate::server::AppState;
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     /// Where deliveries are POSTed: `https://…` (or `http://…`), at most 2000
-    /// characters.
+    /// characters, on a public address: an IP literal, or a name that resolves only
+    /// to public addresses (checked again at every delivery).
     pub url: String,
     /// Event types to deliver; each must be allowed by the key.
     pub types: Vec<String>,
@@ -45,7 +46,13 @@ pub struct WebhookList {
     pub items: Vec<Webhook>,
 }
 
-fn check_url(v: &mut Validation, url: &str, allow_private: bool) {
+/// Checks a webhook URL with the address policy deliveries use: an `http(s)` URL whose
+/// host is an allowed address, or a name that resolves (within a few seconds) only to
+/// allowed addresses. A name that does not resolve is refused too: nothing could be
+/// delivered to it, and a name registered before it exists could later point anywhere
+/// (each delivery checks again).
+async fn check_url(v: &mut Validation, url: &str, policy: &integrations::AddressPolicy) {
+    use integrations::address::Refusal;
     let parsed = reqwest::Url::parse(url).ok().filter(|u| {
         url.len() <= 2000
             && matches!(u.scheme(), "http" | "https")
@@ -55,45 +62,16 @@ fn check_url(v: &mut Validation, url: &str, allow_private: bool) {
         v.fail("url", "must be an http(s) URL of at most 2000 characters");
         return;
     };
-    if !allow_private && is_private(&parsed) {
-        v.fail(
+    match policy.check_url(&parsed).await {
+        Ok(()) => {}
+        Err(Refusal::NotHttp) => v.fail("url", "must be an http(s) URL of at most 2000 characters"),
+        Err(Refusal::NotPublic) => v.fail(
             "url",
-            "must not name a loopback, private or link-local address (AFYA_WEBHOOK_ALLOW_PRIVATE)",
-        );
-    }
-}
-
-/// Whether the URL names this machine or a private network by address or as
-/// `localhost` (names that resolve there are not caught here).
-fn is_private(url: &reqwest::Url) -> bool {
-    use std::net::IpAddr;
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
-        Some(url::Host::Domain(name)) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            return name == "localhost" || name.ends_with(".localhost");
-        }
-        None => return true,
-    };
-    match ip {
-        IpAddr::V4(ip) => {
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || ip.octets()[0] == 100 && (64..128).contains(&ip.octets()[1])
-        }
-        IpAddr::V6(ip) => {
-            let first = ip.segments()[0];
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || ip
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| v4.is_loopback() || v4.is_private() || v4.is_link_local())
+            "must not name or resolve to a loopback, private, link-local or other non-public address (AFYA_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+        Err(Refusal::DoesNotResolve) => v.fail("url", "the host name does not resolve"),
+        Err(Refusal::LookupTimedOut) => {
+            v.fail("url", "the host name did not resolve in time; try again")
         }
     }
 }
@@ -116,8 +94,9 @@ pub async fn register(
     check_url(
         &mut v,
         &input.url,
-        state.config.integrations.allow_private_webhooks,
-    );
+        &state.config.integrations.delivery.address,
+    )
+    .await;
     if input.types.is_empty() || input.types.len() > 100 {
         v.fail("types", "name 1 to 100 event types");
     }
@@ -254,7 +233,8 @@ pub struct Failure {
     pub event_id: Uuid,
     pub event_type: String,
     pub attempts: i64,
-    /// `HTTP 500`, `timed out`, `connection failed`…
+    /// `unreachable` (no HTTP answer: refused address, closed port, failed look-up),
+    /// `timeout`, or `HTTP <status>` of an answered request.
     pub last_error: String,
     pub failed_at: String,
     /// A replay was asked for and has not been tried yet.

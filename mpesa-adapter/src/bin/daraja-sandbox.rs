@@ -4,7 +4,7 @@
 //! - `DARAJA_SANDBOX_LISTEN` (127.0.0.1:8090)
 //! - `MPESA_CONSUMER_KEY`, `MPESA_CONSUMER_SECRET`, `MPESA_SHORTCODE`, `MPESA_PASSKEY`
 //!   (Safaricom's public sandbox shortcode and passkey, `sandbox-key`/`sandbox-secret`)
-//! - `DARAJA_SANDBOX_OUTCOME` (success; or 1032, 1037, 2001, 1, no_callback, duplicate)
+//! - `DARAJA_SANDBOX_OUTCOME` (success; or 1032, 1037, 2001, 1, no_callback, paid_no_callback, duplicate)
 //! - `DARAJA_SANDBOX_CALLBACK_DELAY_MS` (1000), `DARAJA_SANDBOX_TOKEN_TTL_SECS` (3599)
 
 use std::fmt::Display;

@@ -847,3 +847,165 @@ async fn a_taken_phone_or_wrong_credentials_are_refused_alike_and_append_nothing
         app.stop().await;
     }
 }
+
+#[actix_rt::test]
+async fn a_request_naming_another_patients_record_is_refused_like_an_unknown_one() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let record_of = |r: Resp| r.ok(201)["record_id"].as_str().unwrap().to_owned();
+        let own = record_of(
+            app.upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab",
+                "application/pdf",
+                PDF,
+            )
+            .await,
+        );
+        let foreign = record_of(
+            app.upload(
+                &w.other_patient.token,
+                &w.other_patient.id,
+                "category=lab",
+                "application/pdf",
+                PDF,
+            )
+            .await,
+        );
+        let unknown = uuid::Uuid::new_v4().to_string();
+        let asking = |record_ids: Value| {
+            let mut body = access_request(&w.patient.id);
+            body["record_ids"] = record_ids;
+            app.post("/v1/access-requests", Some(&w.doctor.token), body)
+        };
+        let before = app.event_count().await;
+
+        // Another patient's record and a record that does not exist get the same
+        // answer, so the doctor learns nothing about the other patient.
+        let by_foreign = invalid(&asking(json!([own, foreign])).await, "record_ids[1]");
+        let by_unknown = invalid(&asking(json!([own, unknown])).await, "record_ids[1]");
+        assert_eq!(by_foreign, by_unknown, "{backend:?}");
+        let both = invalid(
+            &asking(json!([foreign, own, unknown])).await,
+            "record_ids[0]",
+        );
+        assert_eq!(both["errors"][1]["field"], "record_ids[2]", "{both}");
+        assert_eq!(both["errors"].as_array().unwrap().len(), 2, "{both}");
+        // Too many to check: refused before any is loaded.
+        let many: Vec<String> = (0..101).map(|_| own.clone()).collect();
+        invalid(&asking(json!(many)).await, "record_ids");
+        assert_eq!(app.event_count().await, before, "{backend:?}");
+        let listed = app
+            .get(
+                &format!("/v1/patients/{}/access-requests", w.patient.id),
+                Some(&w.patient.token),
+            )
+            .await
+            .ok(200);
+        assert_eq!(listed["items"], json!([]), "{backend:?}");
+
+        // The patient's own record, named twice, is asked for once.
+        let asked = asking(json!([own, own])).await.ok(201);
+        let listed = app
+            .get(
+                &format!("/v1/patients/{}/access-requests", w.patient.id),
+                Some(&w.patient.token),
+            )
+            .await
+            .ok(200);
+        assert_eq!(listed["items"][0]["request_id"], asked["request_id"]);
+        assert_eq!(listed["items"][0]["record_ids"], json!([own]));
+        app.stop().await;
+    }
+}
+
+#[actix_rt::test]
+async fn bidirectional_controls_in_free_text_are_refused_naming_the_field() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let request = app
+            .request_access(&w.doctor, &w.patient.id, &["lab"])
+            .await
+            .ok(201)["request_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let before = app.event_count().await;
+        let rlo = "Achieng\u{202E}onetiO";
+
+        let r = app
+            .post(
+                "/v1/patients",
+                None,
+                TestApp::patient_body(&app.phone(), rlo),
+            )
+            .await;
+        invalid(&r, "name");
+        let phone = app.phone();
+        let r = app
+            .post(
+                "/v1/doctors",
+                None,
+                json!({"phone": phone, "password": password_of(&phone),
+                       "name": "Dr \u{2067}Kamau\u{2069}", "license_number": "KMPDC-0099"}),
+            )
+            .await;
+        invalid(&r, "name");
+        // `cod<U+202E>fdp.exe`, which a download dialogue shows as `codexe.pdf`.
+        let r = app
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab&filename=cod%E2%80%AEfdp.exe",
+                "application/pdf",
+                PDF,
+            )
+            .await;
+        invalid(&r, "filename");
+        let mut body = access_request(&w.patient.id);
+        body["purpose"] = json!("Diabetes\u{200F} follow-up");
+        let r = app
+            .post("/v1/access-requests", Some(&w.doctor.token), body)
+            .await;
+        invalid(&r, "purpose");
+        let mut body = access_request(&w.patient.id);
+        body["note"] = json!("see \u{061C}me");
+        let r = app
+            .post("/v1/access-requests", Some(&w.doctor.token), body)
+            .await;
+        invalid(&r, "note");
+        let r = app
+            .post(
+                &format!("/v1/access-requests/{request}/rejection"),
+                Some(&w.patient.token),
+                json!({"reason": "\u{202A}not now"}),
+            )
+            .await;
+        invalid(&r, "reason");
+        // Staff and integrators are named on the command line, by the same rule.
+        let staff_phone = app.phone();
+        let (ok, _, _) = app.env.run_with_input(
+            &[
+                "staff",
+                "add",
+                "--role",
+                "auditor",
+                "--phone",
+                &staff_phone,
+                "--name",
+                rlo,
+            ],
+            &format!("{}\n", password_of(&staff_phone)),
+        );
+        assert!(!ok, "staff add accepted a bidirectional control");
+        assert_eq!(app.event_count().await, before, "{backend:?}");
+        app.stop().await;
+    }
+}

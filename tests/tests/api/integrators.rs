@@ -483,6 +483,21 @@ async fn webhooks(backend: Backend) {
     let listed = app.get("/v1/webhooks", Some(&key)).await.ok(200);
     assert_eq!(listed["items"].as_array().unwrap().len(), 2);
     assert!(listed["items"][0].get("secret").is_none(), "{listed}");
+    // A receiver whose port is closed: its failures say `unreachable`, as a refused
+    // address's do, never how the connection failed.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed_hook = app
+        .post(
+            "/v1/webhooks",
+            Some(&key),
+            serde_json::json!({"url": format!("http://127.0.0.1:{closed_port}/hook"), "types": ["AccessApproved", "AccessRevoked"]}),
+        )
+        .await
+        .ok(201);
     let start = app
         .scalar("SELECT coalesce(max(position), 0) FROM events")
         .await;
@@ -553,6 +568,26 @@ async fn webhooks(backend: Backend) {
     assert!(items
         .iter()
         .all(|f| f["attempts"] == 5 && f["last_error"] == "HTTP 500"));
+    let closed_path = format!(
+        "/v1/webhooks/{}/failures",
+        closed_hook["webhook_id"].as_str().unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let closed = loop {
+        let page = app.get(&closed_path, Some(&key)).await.ok(200);
+        if page["items"].as_array().unwrap().len() >= 4 || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let items = closed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4, "{closed}");
+    assert!(
+        items
+            .iter()
+            .all(|f| f["attempts"] == 5 && f["last_error"] == "unreachable"),
+        "{closed}"
+    );
     let page = app
         .get(&format!("{failures_path}?limit=3"), Some(&key))
         .await
@@ -646,6 +681,132 @@ async fn webhooks(backend: Backend) {
         .await
         .problem(404, "not_found");
     assert_eq!(app.event_count().await, before);
+    app.stop().await;
+}
+
+/// Names in this machine's hosts file that lead to loopback (besides `localhost`,
+/// which is refused by name): a name an integrator cannot tell from a public one.
+fn loopback_names_in_hosts_file() -> Vec<String> {
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    hosts
+        .lines()
+        .filter_map(|l| l.split('#').next())
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let ip: std::net::IpAddr = words.next()?.parse().ok()?;
+            ip.is_loopback()
+                .then(|| words.map(str::to_owned).collect::<Vec<_>>())
+        })
+        .flatten()
+        .filter(|n| {
+            let n = n.to_ascii_lowercase();
+            n != "localhost" && !n.ends_with(".localhost")
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn webhook_urls_leading_to_this_machine_or_a_private_network_are_refused_in_every_spelling() {
+    for backend in eventstore::testing::BACKENDS {
+        refused_webhook_urls(backend).await;
+    }
+}
+
+async fn refused_webhook_urls(backend: Backend) {
+    // No AFYA_WEBHOOK_ALLOW_PRIVATE: only public receivers.
+    let Some(app) = TestApp::start(backend).await else {
+        return;
+    };
+    let key = add_integrator(&app, TYPES);
+    let before = app.event_count().await;
+    let refused = |url: String, detail: &'static str| {
+        let app = &app;
+        let key = &key;
+        async move {
+            let problem = app
+                .post(
+                    "/v1/webhooks",
+                    Some(key),
+                    serde_json::json!({"url": url, "types": ["RecordUploaded"]}),
+                )
+                .await
+                .problem(422, "invalid_request");
+            assert_eq!(problem["field"], "url", "{url}: {problem}");
+            assert!(
+                problem["detail"].as_str().unwrap().contains(detail),
+                "{url}: {problem}"
+            );
+        }
+    };
+    for host in [
+        // The spellings that were accepted and reached loopback.
+        "[::ffff:0.0.0.0]",
+        "[::127.0.0.1]",
+        "[::ffff:100.64.0.1]",
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "0.1.2.3",
+        // Loopback, private, link-local, shared, unspecified, in several spellings.
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0x7f.0.0.1",
+        "0.0.0.0",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "[::1]",
+        "[::]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[::ffff:169.254.169.254]",
+        "[::ffff:0:127.0.0.1]",
+        "[64:ff9b::127.0.0.1]",
+        "[64:ff9b:1::a00:1]",
+        "[2002:a9fe:a9fe::1]",
+        "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",
+        "[fc00::1]",
+        "[fd00::1]",
+        "[fe80::1]",
+        "[fec0::1]",
+        "[ff02::1]",
+        // Multicast, broadcast, documentation, benchmarking, reserved.
+        "224.0.0.1",
+        "255.255.255.255",
+        "192.0.0.1",
+        "192.0.2.1",
+        "198.51.100.1",
+        "203.0.113.1",
+        "198.18.0.1",
+        "240.0.0.1",
+        "[2001:db8::1]",
+        // Names for this machine.
+        "localhost",
+        "LocalHost.",
+        "api.localhost",
+    ] {
+        refused(format!("http://{host}:8080/hook"), "non-public address").await;
+    }
+    let names = loopback_names_in_hosts_file();
+    for name in &names {
+        refused(format!("https://{name}/hook"), "resolve to").await;
+    }
+    if names.is_empty() {
+        println!("no loopback name besides localhost in /etc/hosts: that case is not tried");
+    }
+    // A name with no address is refused (without asking any DNS server: `.invalid`
+    // never exists).
+    refused(
+        "https://receiver.invalid/hook".to_owned(),
+        "does not resolve",
+    )
+    .await;
+    // Nothing was registered.
+    assert_eq!(app.event_count().await, before);
+    let listed = app.get("/v1/webhooks", Some(&key)).await.ok(200);
+    assert_eq!(listed["items"], serde_json::json!([]), "{listed}");
     app.stop().await;
 }
 

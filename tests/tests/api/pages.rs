@@ -339,15 +339,18 @@ async fn story(backend: Backend) {
     .await;
     shots(&d, "doctor-records", shots_here).await;
 
-    // The doctor asks for a consultation fee: M-Pesa prompts the patient's phone, and
-    // the page follows the payment until the sandbox's callback confirms it.
+    // The doctor asks for a consultation fee: M-Pesa prompts the patient's registered
+    // phone (the form has no number to type), and the page follows the payment until
+    // the sandbox's callback confirms it.
     d.click(".mine .ask-fee").await;
-    d.fill(".mine .pay-amount", "500").await;
-    d.fill(".mine .pay-phone", &format!("0{}", &patient_phone[3..]))
+    d.wait_text(".mine .pay-phone-hint", "patient's registered phone")
         .await;
+    d.fill(".mine .pay-amount", "500").await;
     d.click(".mine .pay-submit").await;
     d.wait_text(".mine .pay-status", "Paid").await;
     d.wait_text(".mine .pay-status", "receipt").await;
+    let pushed: Vec<String> = daraja.pushes().into_iter().map(|p| p.phone).collect();
+    assert_eq!(pushed, vec![patient_phone.clone()]);
     shots(&d, "doctor-fee", shots_here).await;
 
     // The patient sees the read in the access log, and the fee among the payments.

@@ -61,18 +61,128 @@ pub(crate) async fn sandbox(delay_ms: u64) -> Sandbox {
     Sandbox::start(config).await.unwrap()
 }
 
-async fn pay(app: &TestApp, who: &Party, phone: &str, amount: u64, key: &str) -> String {
+/// A patient pays for their own account: the prompt goes to their registered phone.
+async fn pay(app: &TestApp, who: &Party, amount: u64, key: &str) -> String {
     let created = app
         .post_keyed(
             "/v1/payments",
             Some(&who.token),
             Some(key),
-            json!({"purpose": "consultation_fee", "amount_kes": amount, "phone": phone}),
+            json!({"purpose": "consultation_fee", "amount_kes": amount}),
         )
         .await
         .ok(202);
     assert_eq!(created["status"], "pending");
     created["payment_id"].as_str().unwrap().to_owned()
+}
+
+/// A doctor asks a fee under an approved access request: the prompt goes to the
+/// request's patient, on their registered phone.
+async fn fee(app: &TestApp, doctor: &Party, request_id: &str, amount: u64, key: &str) -> String {
+    let created = app
+        .post_keyed(
+            "/v1/payments",
+            Some(&doctor.token),
+            Some(key),
+            json!({"purpose": "consultation_fee", "amount_kes": amount,
+                   "access_request_id": request_id}),
+        )
+        .await
+        .ok(202);
+    assert_eq!(created["status"], "pending");
+    created["payment_id"].as_str().unwrap().to_owned()
+}
+
+/// A patient of their own, signed up and in, whose phone's prompts end in `outcome`.
+async fn patient(app: &TestApp, sb: &Sandbox, outcome: Outcome) -> Party {
+    let phone = app.phone();
+    sb.set_outcome(&phone, outcome, None);
+    let id = app.sign_up_patient(&phone, "Wanjiru Kariuki").await;
+    let token = app.sign_in(&phone).await;
+    Party { id, phone, token }
+}
+
+/// `doctor` asks `patient` for access and the patient approves it (until `expires_at`,
+/// or for the requested 30 days): the request's id.
+async fn grant(app: &TestApp, doctor: &Party, patient: &Party, expires_at: Option<&str>) -> String {
+    let asked = app
+        .request_access(doctor, &patient.id, &["lab"])
+        .await
+        .ok(201);
+    let request_id = asked["request_id"].as_str().unwrap().to_owned();
+    let body = match expires_at {
+        Some(at) => json!({"expires_at": at}),
+        None => json!({}),
+    };
+    app.post(
+        &format!("/v1/access-requests/{request_id}/approval"),
+        Some(&patient.token),
+        body,
+    )
+    .await
+    .ok(200);
+    request_id
+}
+
+/// The CheckoutRequestID of a payment, once the worker has pushed it.
+async fn checkout_of(app: &TestApp, who: &Party, payment_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = app
+            .get(&format!("/v1/payments/{payment_id}"), Some(&who.token))
+            .await
+            .ok(200);
+        if let Some(c) = p["checkout_request_id"].as_str() {
+            return c.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{p}\n{}", app.server.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A success callback as Daraja posts it.
+fn success(checkout: &str, amount: u64, phone: &str, receipt: &str) -> Value {
+    json!({"Body": {"stkCallback": {
+        "MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout, "ResultCode": 0,
+        "ResultDesc": "The service request is processed successfully.",
+        "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": amount},
+            {"Name": "MpesaReceiptNumber", "Value": receipt},
+            {"Name": "TransactionDate", "Value": 20261125101010u64},
+            {"Name": "PhoneNumber", "Value": phone.parse::<u64>().unwrap()}]}}}})
+}
+
+async fn callback(app: &TestApp, body: Value) -> Value {
+    app.post(&format!("/v1/mpesa/callbacks/{TOKEN}/stk"), None, body)
+        .await
+        .ok(200)
+}
+
+/// The patient's listed payments' ids.
+async fn listed(app: &TestApp, who: &Party) -> Vec<String> {
+    app.get(
+        &format!("/v1/patients/{}/payments", who.id),
+        Some(&who.token),
+    )
+    .await
+    .ok(200)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["payment_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_log(app: &TestApp, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !app.server.logs().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in\n{}",
+            app.server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn settled(app: &TestApp, who: &Party, payment_id: &str) -> Value {
@@ -98,7 +208,9 @@ async fn count(app: &TestApp, event_type: &str, payment_id: &str) -> i64 {
 }
 
 /// Every outcome the sandbox can give, each payment pushed once and settled once, on
-/// both store backends.
+/// both store backends; patients paying their own account and a doctor's fees under
+/// approved requests alike, each prompt on the patient's registered phone and in the
+/// patient's payments.
 #[actix_rt::test]
 async fn every_outcome_settles_once_through_the_sandbox() {
     for backend in eventstore::testing::BACKENDS {
@@ -115,34 +227,42 @@ async fn every_outcome(backend: Backend) {
     };
     let w = app.world().await;
     let cases = [
-        ("254711000001", Outcome::Success, "confirmed", Some(0)),
-        ("254711000002", Outcome::Cancelled, "cancelled", Some(1032)),
-        ("254711000003", Outcome::Timeout, "timed_out", Some(1037)),
-        ("254711000004", Outcome::WrongPin, "failed", Some(2001)),
-        (
-            "254711000005",
-            Outcome::InsufficientFunds,
-            "failed",
-            Some(1),
-        ),
-        ("254711000006", Outcome::Duplicate, "confirmed", Some(0)),
+        (Outcome::Success, "confirmed", Some(0)),
+        (Outcome::Cancelled, "cancelled", Some(1032)),
+        (Outcome::Timeout, "timed_out", Some(1037)),
+        (Outcome::WrongPin, "failed", Some(2001)),
+        (Outcome::InsufficientFunds, "failed", Some(1)),
+        (Outcome::Duplicate, "confirmed", Some(0)),
     ];
+    let mut patients = Vec::new();
     let mut ids = Vec::new();
-    for (i, (phone, outcome, _, _)) in cases.iter().enumerate() {
-        sb.set_outcome(phone, *outcome, None);
-        let payer = if i % 2 == 0 { &w.patient } else { &w.doctor };
+    for (i, (outcome, _, _)) in cases.iter().enumerate() {
+        let patient = patient(&app, &sb, *outcome).await;
         let key = format!("pay-{i}");
-        let id = pay(&app, payer, phone, 100 + i as u64, &key).await;
-        // A retry with the same key is the same payment.
-        assert_eq!(pay(&app, payer, phone, 100 + i as u64, &key).await, id);
+        // Even: the patient pays their own account; odd: the doctor asks a fee.
+        let id = if i % 2 == 0 {
+            let id = pay(&app, &patient, 100 + i as u64, &key).await;
+            // A retry with the same key is the same payment.
+            assert_eq!(pay(&app, &patient, 100 + i as u64, &key).await, id);
+            id
+        } else {
+            let request = grant(&app, &w.doctor, &patient, None).await;
+            let id = fee(&app, &w.doctor, &request, 100 + i as u64, &key).await;
+            assert_eq!(
+                fee(&app, &w.doctor, &request, 100 + i as u64, &key).await,
+                id
+            );
+            id
+        };
+        patients.push(patient);
         ids.push(id);
     }
-    for (i, (_, _, status, code)) in cases.iter().enumerate() {
-        let payer = if i % 2 == 0 { &w.patient } else { &w.doctor };
-        let p = settled(&app, payer, &ids[i]).await;
+    for (i, (_, status, code)) in cases.iter().enumerate() {
+        let p = settled(&app, &patients[i], &ids[i]).await;
         assert_eq!(p["status"], *status, "{p}");
         assert_eq!(p["result_code"].as_i64(), *code, "{p}");
         assert_eq!(p["amount_kes"], 100 + i as i64);
+        assert_eq!(p["patient_id"], patients[i].id.as_str(), "{p}");
         assert!(p["checkout_request_id"]
             .as_str()
             .unwrap()
@@ -156,10 +276,14 @@ async fn every_outcome(backend: Backend) {
             assert_eq!(count(&app, "PaymasterBudgetCredited", &ids[i]).await, 0);
         }
     }
-    // One STK Push per payment, whatever the retries; one outcome each, even with the
-    // duplicate callback.
+    // One STK Push per payment, whatever the retries, each to the patient's own
+    // number; one outcome each, even with the duplicate callback.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(sb.pushes().len(), cases.len());
+    let mut pushed: Vec<String> = sb.pushes().into_iter().map(|p| p.phone).collect();
+    let mut registered: Vec<String> = patients.iter().map(|p| p.phone.clone()).collect();
+    pushed.sort();
+    registered.sort();
+    assert_eq!(pushed, registered);
     for id in &ids {
         assert_eq!(
             count(&app, "PaymentConfirmed", id).await + count(&app, "PaymentFailed", id).await,
@@ -170,15 +294,11 @@ async fn every_outcome(backend: Backend) {
         .server
         .logs()
         .contains("duplicate or late STK callback for a settled payment"));
-    // Lists: the patient's and the doctor's own payments.
-    let mine = app
-        .get(
-            &format!("/v1/patients/{}/payments", w.patient.id),
-            Some(&w.patient.token),
-        )
-        .await
-        .ok(200);
-    assert_eq!(mine["items"].as_array().unwrap().len(), 3);
+    // Lists: each patient sees their prompt, the doctor's fees included; the doctor
+    // the fees they asked.
+    for (patient, id) in patients.iter().zip(&ids) {
+        assert_eq!(listed(&app, patient).await, vec![id.clone()]);
+    }
     let theirs = app
         .get(
             &format!("/v1/doctors/{}/payments", w.doctor.id),
@@ -188,14 +308,16 @@ async fn every_outcome(backend: Backend) {
         .ok(200);
     assert_eq!(theirs["items"].as_array().unwrap().len(), 3);
     // Others see nothing of them.
+    for id in [&ids[0], &ids[1]] {
+        app.get(&format!("/v1/payments/{id}"), Some(&w.other_patient.token))
+            .await
+            .problem(404, "payment_not_found");
+        app.get(&format!("/v1/payments/{id}"), Some(&w.other_doctor.token))
+            .await
+            .problem(404, "payment_not_found");
+    }
     app.get(
-        &format!("/v1/payments/{}", ids[0]),
-        Some(&w.other_patient.token),
-    )
-    .await
-    .problem(404, "payment_not_found");
-    app.get(
-        &format!("/v1/patients/{}/payments", w.patient.id),
+        &format!("/v1/patients/{}/payments", patients[0].id),
         Some(&w.other_patient.token),
     )
     .await
@@ -203,9 +325,15 @@ async fn every_outcome(backend: Backend) {
     // The phone numbers never reach the events or the logs in clear.
     let raw = app.raw_events().await;
     let logs = app.server.logs();
-    for (phone, ..) in &cases {
-        assert!(!raw.contains(&phone[3..]), "a phone number in the events");
-        assert!(!logs.contains(&phone[3..]), "a phone number in the logs");
+    for patient in &patients {
+        assert!(
+            !raw.contains(&patient.phone[3..]),
+            "a phone number in the events"
+        );
+        assert!(
+            !logs.contains(&patient.phone[3..]),
+            "a phone number in the logs"
+        );
     }
     app.stop().await;
     sb.stop().await;
@@ -222,22 +350,11 @@ async fn forged_unknown_mismatched_and_late_callbacks_change_nothing() {
     let Some(app) = TestApp::start_with(Backend::Sqlite, &refs(&vars)).await else {
         return;
     };
-    let w = app.world().await;
-    sb.set_outcome("254711000010", Outcome::Cancelled, None);
-    let id = pay(&app, &w.patient, "254711000010", 300, "k1").await;
-    let p = settled(&app, &w.patient, &id).await;
+    let cancels = patient(&app, &sb, Outcome::Cancelled).await;
+    let id = pay(&app, &cancels, 300, "k1").await;
+    let p = settled(&app, &cancels, &id).await;
     assert_eq!(p["status"], "cancelled");
     let checkout = p["checkout_request_id"].as_str().unwrap().to_owned();
-    let success = |checkout: &str, amount: u64, phone: u64| {
-        json!({"Body": {"stkCallback": {
-            "MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout, "ResultCode": 0,
-            "ResultDesc": "The service request is processed successfully.",
-            "CallbackMetadata": {"Item": [
-                {"Name": "Amount", "Value": amount},
-                {"Name": "MpesaReceiptNumber", "Value": "FORGED1234"},
-                {"Name": "TransactionDate", "Value": 20261125101010u64},
-                {"Name": "PhoneNumber", "Value": phone}]}}}})
-    };
     let post = |path: String, body: Value| {
         let app = &app;
         async move {
@@ -255,7 +372,7 @@ async fn forged_unknown_mismatched_and_late_callbacks_change_nothing() {
     // Wrong path token: 404, nothing recorded.
     post(
         "/v1/mpesa/callbacks/not-the-token-at-all/stk".into(),
-        success(&checkout, 300, 254711000010),
+        success(&checkout, 300, &cancels.phone, "FORGED1234"),
     )
     .await
     .problem(404, "route_not_found");
@@ -267,41 +384,33 @@ async fn forged_unknown_mismatched_and_late_callbacks_change_nothing() {
         .problem(400, "invalid_callback");
     assert_eq!(app.event_count().await, before);
     // Late success for the cancelled payment: acknowledged, nothing changes.
-    let ack = post(path.clone(), success(&checkout, 300, 254711000010))
-        .await
-        .ok(200);
-    assert_eq!(ack, json!({"ResultCode": 0, "ResultDesc": "Accepted"}));
-    assert_eq!(settled(&app, &w.patient, &id).await["status"], "cancelled");
-    // Unknown CheckoutRequestID, and a pending payment's callback with the wrong
-    // amount: kept as rejected, for operators.
-    post(
+    let ack = post(
         path.clone(),
-        success("ws_CO_000000000000000000", 300, 254711000010),
+        success(&checkout, 300, &cancels.phone, "FORGED1234"),
     )
     .await
     .ok(200);
-    sb.set_outcome("254711000011", Outcome::NoCallback, None);
-    let pending = pay(&app, &w.patient, "254711000011", 400, "k2").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let checkout2 = loop {
-        let p = app
-            .get(&format!("/v1/payments/{pending}"), Some(&w.patient.token))
-            .await
-            .ok(200);
-        if let Some(c) = p["checkout_request_id"].as_str() {
-            break c.to_owned();
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    post(path.clone(), success(&checkout2, 1, 254711000011))
-        .await
-        .ok(200);
-    post(path.clone(), success(&checkout2, 400, 254711999999))
-        .await
-        .ok(200);
+    assert_eq!(ack, json!({"ResultCode": 0, "ResultDesc": "Accepted"}));
+    assert_eq!(settled(&app, &cancels, &id).await["status"], "cancelled");
+    // Unknown CheckoutRequestID, and a pending payment's callback with the wrong
+    // amount or phone: kept as rejected, for operators.
+    callback(
+        &app,
+        success(
+            "ws_CO_000000000000000000",
+            300,
+            &cancels.phone,
+            "FORGED1234",
+        ),
+    )
+    .await;
+    let waits = patient(&app, &sb, Outcome::NoCallback).await;
+    let pending = pay(&app, &waits, 400, "k2").await;
+    let checkout2 = checkout_of(&app, &waits, &pending).await;
+    callback(&app, success(&checkout2, 1, &waits.phone, "FORGED1234")).await;
+    callback(&app, success(&checkout2, 400, "254711999999", "FORGED1234")).await;
     assert_eq!(
-        app.get(&format!("/v1/payments/{pending}"), Some(&w.patient.token))
+        app.get(&format!("/v1/payments/{pending}"), Some(&waits.token))
             .await
             .ok(200)["status"],
         "pending"
@@ -321,46 +430,114 @@ async fn forged_unknown_mismatched_and_late_callbacks_change_nothing() {
     sb.stop().await;
 }
 
+/// The path token is the callbacks' only secret: a success callback that has it, names
+/// a real CheckoutRequestID and matches the amount and phone is still believed only
+/// when Daraja's STK Push Query agrees. Here the customer never paid (the query says
+/// 1037): the callback is kept as rejected (`query_disagrees`) and nothing is
+/// confirmed. A genuine success, the query agreeing, confirms with the receipt.
+#[actix_rt::test]
+async fn a_forged_success_callback_that_darajas_query_denies_confirms_nothing() {
+    for backend in eventstore::testing::BACKENDS {
+        let sb = sandbox(200).await;
+        let port = free_port();
+        let vars = vars(&sb, port, 120);
+        let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let request = grant(&app, &w.doctor, &w.patient, None).await;
+        sb.set_outcome(&w.patient.phone, Outcome::NoCallback, None);
+        let id = fee(&app, &w.doctor, &request, 2500, "k1").await;
+        let checkout = checkout_of(&app, &w.patient, &id).await;
+        // The sandbox's query knows the outcome once its delay has passed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ack = callback(
+            &app,
+            success(&checkout, 2500, &w.patient.phone, "FORGED0001"),
+        )
+        .await;
+        assert_eq!(ack, json!({"ResultCode": 0, "ResultDesc": "Accepted"}));
+        let p = app
+            .get(&format!("/v1/payments/{id}"), Some(&w.patient.token))
+            .await
+            .ok(200);
+        assert_eq!(p["status"], "pending", "{p}");
+        assert_eq!(p["mpesa_receipt"], Value::Null);
+        assert_eq!(count(&app, "PaymentConfirmed", &id).await, 0);
+        assert_eq!(count(&app, "PaymasterBudgetCredited", &id).await, 0);
+        assert_eq!(
+            app.scalar("SELECT count(*) FROM events WHERE event_type = 'MpesaCallbackRejected'")
+                .await,
+            1
+        );
+        assert!(app.raw_events().await.contains("query_disagrees"));
+        assert!(app
+            .server
+            .logs()
+            .contains("does not confirm; kept as rejected"));
+        // The real thing: the customer pays, Daraja's own callback confirms.
+        let payer = patient(&app, &sb, Outcome::Success).await;
+        let paid = pay(&app, &payer, 700, "k2").await;
+        let p = settled(&app, &payer, &paid).await;
+        assert_eq!(p["status"], "confirmed", "{p}");
+        assert_eq!(p["mpesa_receipt"].as_str().unwrap().len(), 10);
+        app.stop().await;
+        sb.stop().await;
+    }
+}
+
 /// A callback that never comes: the reconciler asks Daraja (STK Push Query) and settles
-/// the payment (`PaymentReconciled`). Tokens that expire are fetched again.
+/// the payment (`PaymentReconciled`). Tokens that expire are fetched again. A success
+/// callback that cannot be checked with Daraja now (the query fails) confirms nothing
+/// yet: the payment stays pending, the log says why, and the reconciler settles it.
 #[actix_rt::test]
 async fn a_missing_callback_is_reconciled_and_expired_tokens_are_refreshed() {
     let sb = sandbox(300).await;
     let port = free_port();
-    let vars = vars(&sb, port, 1);
+    let vars = vars(&sb, port, 3);
     let Some(app) = TestApp::start_with(Backend::Sqlite, &refs(&vars)).await else {
         return;
     };
-    let w = app.world().await;
-    sb.set_outcome("254711000020", Outcome::NoCallback, None);
-    let id = pay(&app, &w.patient, "254711000020", 500, "k1").await;
-    let p = settled(&app, &w.patient, &id).await;
+    let silent = patient(&app, &sb, Outcome::NoCallback).await;
+    let id = pay(&app, &silent, 500, "k1").await;
+    let p = settled(&app, &silent, &id).await;
     assert_eq!(p["status"], "timed_out", "{p}");
     assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
     // Its callback, late after all: acknowledged, logged, nothing changes.
-    let late = json!({"Body": {"stkCallback": {
-        "MerchantRequestID": "1-2-3",
-        "CheckoutRequestID": p["checkout_request_id"],
-        "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
-        "CallbackMetadata": {"Item": [
-            {"Name": "Amount", "Value": 500},
-            {"Name": "MpesaReceiptNumber", "Value": "LATE000001"},
-            {"Name": "TransactionDate", "Value": 20261125101010u64},
-            {"Name": "PhoneNumber", "Value": 254711000020u64}]}}}});
-    app.post(&format!("/v1/mpesa/callbacks/{TOKEN}/stk"), None, late)
-        .await
-        .ok(200);
-    assert_eq!(settled(&app, &w.patient, &id).await["status"], "timed_out");
+    let checkout = p["checkout_request_id"].as_str().unwrap();
+    callback(&app, success(checkout, 500, &silent.phone, "LATE000001")).await;
+    assert_eq!(settled(&app, &silent, &id).await["status"], "timed_out");
     assert_eq!(count(&app, "PaymentConfirmed", &id).await, 0);
     assert!(app
         .server
         .logs()
         .contains("duplicate or late STK callback for a settled payment"));
+    // Paid, its callback comes, but Daraja cannot be asked about it right then.
+    let unsure = patient(&app, &sb, Outcome::PaidNoCallback).await;
+    let id = pay(&app, &unsure, 550, "k3").await;
+    let checkout = checkout_of(&app, &unsure, &id).await;
+    sb.fail_next(503, 1);
+    callback(&app, success(&checkout, 550, &unsure.phone, "UNSURE0001")).await;
+    wait_log(&app, "Daraja cannot confirm now; it stays pending").await;
+    let p = app
+        .get(&format!("/v1/payments/{id}"), Some(&unsure.token))
+        .await
+        .ok(200);
+    assert_eq!(p["status"], "pending", "{p}");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'MpesaCallbackRejected'")
+            .await,
+        0
+    );
+    let p = settled(&app, &unsure, &id).await;
+    assert_eq!(p["status"], "confirmed", "{p}");
+    assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
     // Tokens expire: the next push fetches a new one and goes through.
     let tokens = sb.token_requests();
     sb.expire_tokens();
-    let id2 = pay(&app, &w.patient, "254711000021", 600, "k2").await;
-    assert_eq!(settled(&app, &w.patient, &id2).await["status"], "confirmed");
+    let fresh = patient(&app, &sb, Outcome::Success).await;
+    let id2 = pay(&app, &fresh, 600, "k2").await;
+    assert_eq!(settled(&app, &fresh, &id2).await["status"], "confirmed");
     assert!(sb.token_requests() > tokens);
     app.stop().await;
     sb.stop().await;
@@ -381,7 +558,7 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
     // Daraja not there at all: the payment waits, and goes once it is back.
     let address: std::net::SocketAddr = sb.url.trim_start_matches("http://").parse().unwrap();
     sb.stop().await;
-    let early = pay(&app, &w.patient, "254711000031", 650, "k0").await;
+    let early = pay(&app, &w.patient, 650, "k0").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         app.get(&format!("/v1/payments/{early}"), Some(&w.patient.token))
@@ -399,7 +576,7 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
     assert_eq!(sb.pushes().len(), 1);
     // Daraja answering 503: likewise.
     sb.fail_next(503, 4);
-    let id = pay(&app, &w.patient, "254711000030", 700, "k1").await;
+    let id = pay(&app, &w.patient, 700, "k1").await;
     let p = app
         .get(&format!("/v1/payments/{id}"), Some(&w.patient.token))
         .await
@@ -496,7 +673,7 @@ async fn bad_payment_requests_are_refused() {
     )
     .await
     .problem(401, "unauthenticated");
-    let fine = json!({"purpose": "access_fee", "amount_kes": 10, "phone": "254711000001"});
+    let fine = json!({"purpose": "access_fee", "amount_kes": 10});
     // Without an Idempotency-Key a retry would be a second payment: refused.
     app.post("/v1/payments", Some(&w.patient.token), fine.clone())
         .await
@@ -551,7 +728,7 @@ async fn a_refused_stk_push_fails_the_payment_with_darajas_code_and_message() {
         return;
     };
     let w = app.world().await;
-    let id = pay(&app, &w.patient, "254711000040", 800, "k1").await;
+    let id = pay(&app, &w.patient, 800, "k1").await;
     let p = settled(&app, &w.patient, &id).await;
     assert_eq!(p["status"], "failed", "{p}");
     let desc = p["result_desc"].as_str().unwrap();
@@ -562,6 +739,373 @@ async fn a_refused_stk_push_fails_the_payment_with_darajas_code_and_message() {
     assert_eq!(p["checkout_request_id"], Value::Null);
     assert!(sb.pushes().is_empty());
     assert!(!app.server.logs().contains("not-the-passkey"));
+    app.stop().await;
+    sb.stop().await;
+}
+
+/// An M-Pesa prompt reaches only the patient's own registered phone, and only from
+/// someone the patient deals with: a fee from a verified doctor, for themself, under an
+/// approved access request still in force; a patient's payment to a doctor they
+/// granted such access, or to their own account. Refusals record nothing and push
+/// nothing. (The probe of issue 16: an unverified doctor sent a KES 250,000 "fee" for
+/// another doctor to a typed number, and got 202.)
+#[actix_rt::test]
+async fn prompts_go_only_to_the_patients_own_phone_from_someone_they_granted() {
+    for backend in eventstore::testing::BACKENDS {
+        prompts_only_to_granting_patients(backend).await;
+    }
+}
+
+async fn prompts_only_to_granting_patients(backend: Backend) {
+    let sb = sandbox(200).await;
+    let port = free_port();
+    let vars = vars(&sb, port, 120);
+    let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+        return;
+    };
+    let w = app.world().await;
+    let ask = |who: &Party, key: &str, body: Value| {
+        let token = who.token.clone();
+        let key = key.to_owned();
+        let app = &app;
+        async move {
+            app.post_keyed("/v1/payments", Some(&token), Some(&key), body)
+                .await
+        }
+    };
+    let stranger = format!("0{}", &app.phone()[3..]);
+    let approved = grant(&app, &w.doctor, &w.patient, None).await;
+    let pending = app
+        .request_access(&w.doctor, &w.other_patient.id, &["lab"])
+        .await
+        .ok(201)["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = grant(&app, &w.doctor, &w.other_patient, None).await;
+    app.post_empty(
+        &format!("/v1/access-requests/{revoked}/revocation"),
+        Some(&w.other_patient.token),
+    )
+    .await
+    .ok(200);
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let expiring = grant(&app, &w.other_doctor, &w.patient, Some(&soon)).await;
+    let before = app.event_count().await;
+
+    // The probe itself: an unverified doctor, another doctor's id, a typed number.
+    ask(
+        &w.unverified_doctor,
+        "u1",
+        json!({"purpose": "consultation_fee", "amount_kes": 250000,
+               "phone": stranger, "doctor_id": w.doctor.id}),
+    )
+    .await
+    .problem(403, "doctor_not_verified");
+    // A verified doctor with no request named, or under one that is not approved,
+    // revoked, or not theirs.
+    ask(
+        &w.doctor,
+        "d1",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "doctor_id": w.doctor.id}),
+    )
+    .await
+    .problem(403, "no_grant");
+    for (key, request) in [("d2", &pending), ("d3", &revoked)] {
+        ask(
+            &w.doctor,
+            key,
+            json!({"purpose": "consultation_fee", "amount_kes": 500, "access_request_id": request}),
+        )
+        .await
+        .problem(403, "no_grant");
+    }
+    let p = ask(
+        &w.doctor,
+        "d4",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "access_request_id": expiring}),
+    )
+    .await
+    .problem(422, "invalid_request");
+    assert_eq!(p["field"], "access_request_id");
+    // Under an approved request, but for another doctor, or to a number that is not
+    // the patient's.
+    ask(
+        &w.doctor,
+        "d5",
+        json!({"purpose": "consultation_fee", "amount_kes": 500,
+               "access_request_id": approved, "doctor_id": w.other_doctor.id}),
+    )
+    .await
+    .problem(403, "fee_for_another_doctor");
+    let p = ask(
+        &w.doctor,
+        "d6",
+        json!({"purpose": "consultation_fee", "amount_kes": 500,
+               "access_request_id": approved, "phone": stranger}),
+    )
+    .await
+    .problem(422, "phone_not_registered");
+    assert_eq!(p["field"], "phone");
+    // A patient naming a doctor they granted nothing, or a request not in force, or
+    // a number that is not theirs.
+    ask(
+        &w.other_patient,
+        "p1",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "doctor_id": w.other_doctor.id}),
+    )
+    .await
+    .problem(403, "doctor_not_granted");
+    for (key, request) in [("p2", &pending), ("p3", &revoked)] {
+        ask(
+            &w.other_patient,
+            key,
+            json!({"purpose": "access_fee", "amount_kes": 500, "access_request_id": request}),
+        )
+        .await
+        .problem(403, "doctor_not_granted");
+    }
+    ask(
+        &w.patient,
+        "p4",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "phone": stranger}),
+    )
+    .await
+    .problem(422, "phone_not_registered");
+    // Approved, then expired (before the expiry sweep has recorded it): no more.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ask(
+        &w.other_doctor,
+        "o1",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "access_request_id": expiring}),
+    )
+    .await
+    .problem(403, "no_grant");
+    ask(
+        &w.patient,
+        "p5",
+        json!({"purpose": "consultation_fee", "amount_kes": 500, "access_request_id": expiring}),
+    )
+    .await
+    .problem(403, "doctor_not_granted");
+    // Nothing recorded (the expiry sweep may have recorded the expiry meanwhile),
+    // nothing pushed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE aggregate_type = 'payment'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.event_count().await - before,
+        app.scalar("SELECT count(*) FROM events WHERE event_type = 'AccessExpired'")
+            .await
+    );
+    assert!(sb.pushes().is_empty());
+
+    // What is allowed: the doctor's fee under the approved request (the patient's own
+    // number may be sent, in any spelling); the patient paying the doctor they granted
+    // (named by id alone); the patient paying their own account.
+    let own = format!("0{}", &w.patient.phone[3..]);
+    let by_doctor = ask(
+        &w.doctor,
+        "ok1",
+        json!({"purpose": "consultation_fee", "amount_kes": 1500,
+               "access_request_id": approved, "doctor_id": w.doctor.id, "phone": own}),
+    )
+    .await
+    .ok(202)["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let to_doctor = ask(
+        &w.patient,
+        "ok2",
+        json!({"purpose": "consultation_fee", "amount_kes": 1600, "doctor_id": w.doctor.id}),
+    )
+    .await
+    .ok(202)["payment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let own_account = pay(&app, &w.patient, 1700, "ok3").await;
+    for (id, doctor) in [
+        (&by_doctor, Some(&w.doctor.id)),
+        (&to_doctor, Some(&w.doctor.id)),
+        (&own_account, None),
+    ] {
+        let p = settled(&app, &w.patient, id).await;
+        assert_eq!(p["status"], "confirmed", "{p}");
+        assert_eq!(p["patient_id"], w.patient.id.as_str());
+        assert_eq!(p["doctor_id"].as_str(), doctor.map(String::as_str), "{p}");
+    }
+    let p = settled(&app, &w.patient, &by_doctor).await;
+    assert_eq!(p["access_request_id"], approved.as_str());
+    let p = settled(&app, &w.patient, &to_doctor).await;
+    assert_eq!(p["access_request_id"], approved.as_str());
+    // Every prompt went to the patient's registered phone, and all three are in the
+    // patient's payments; the doctor's list has the two that concern them.
+    assert!(sb.pushes().iter().all(|p| p.phone == w.patient.phone));
+    assert_eq!(sb.pushes().len(), 3);
+    assert_eq!(
+        listed(&app, &w.patient).await,
+        vec![by_doctor.clone(), to_doctor.clone(), own_account]
+    );
+    let theirs = app
+        .get(
+            &format!("/v1/doctors/{}/payments", w.doctor.id),
+            Some(&w.doctor.token),
+        )
+        .await
+        .ok(200);
+    let theirs: Vec<&str> = theirs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["payment_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(theirs, vec![by_doctor.as_str(), to_doctor.as_str()]);
+    app.stop().await;
+    sb.stop().await;
+}
+
+/// POSTs a payment to the server at `base` (one of several instances).
+async fn ask_at(
+    app: &TestApp,
+    base: &str,
+    who: &Party,
+    key: &str,
+    body: Value,
+) -> (u16, Value, Option<String>) {
+    let response = app
+        .http
+        .post(format!("{base}/v1/payments"))
+        .bearer_auth(&who.token)
+        .header("idempotency-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, response.json().await.unwrap(), retry_after)
+}
+
+/// Prompts are limited per patient and per doctor (429 with Retry-After), counted in
+/// the store: on PostgreSQL two servers on one database share the count. A retry with
+/// the same Idempotency-Key, and a refused request, count nothing.
+#[actix_rt::test]
+async fn prompts_are_limited_per_patient_and_per_doctor_across_instances() {
+    for backend in eventstore::testing::BACKENDS {
+        prompt_limits(backend).await;
+    }
+}
+
+async fn prompt_limits(backend: Backend) {
+    let sb = sandbox(200).await;
+    let port = free_port();
+    let mut vars = vars(&sb, port, 120);
+    vars.push(("AFYA_PROMPTS_PER_PATIENT".into(), "2".into()));
+    vars.push(("AFYA_PROMPTS_PER_DOCTOR".into(), "3".into()));
+    let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+        return;
+    };
+    // The other instance: a second server on the same PostgreSQL database (its own
+    // address); on SQLite the one server.
+    let second = match backend {
+        Backend::Postgres => {
+            let others: Vec<(String, String)> = vars
+                .iter()
+                .filter(|(k, _)| k != "AFYA_LISTEN")
+                .cloned()
+                .collect();
+            Some(app.env.serve_with(&refs(&others)))
+        }
+        Backend::Sqlite => None,
+    };
+    let one = app.server.base.clone();
+    let two = second.as_ref().map_or(one.clone(), |s| s.base.clone());
+    let w = app.world().await;
+    let own = |amount: u64| json!({"purpose": "consultation_fee", "amount_kes": amount});
+
+    // Per patient: a refused request first (counts nothing), two prompts on two
+    // instances, the first one's retry (still 202, the same payment), then 429.
+    let stranger = format!("0{}", &app.phone()[3..]);
+    let (status, _, _) = ask_at(
+        &app,
+        &one,
+        &w.patient,
+        "r0",
+        json!({"purpose": "consultation_fee", "amount_kes": 10, "phone": stranger}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let (status, first, _) = ask_at(&app, &one, &w.patient, "r1", own(10)).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, body, _) = ask_at(&app, &two, &w.patient, "r2", own(11)).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, again, _) = ask_at(&app, &two, &w.patient, "r1", own(10)).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["payment_id"], first["payment_id"]);
+    let (status, body, retry_after) = ask_at(&app, &one, &w.patient, "r3", own(12)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "too_many_attempts");
+    let wait: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!((1..=3600).contains(&wait), "{wait}");
+    // Doctors' fees of this patient count against the patient too.
+    let request = grant(&app, &w.doctor, &w.patient, None).await;
+    let (status, body, _) = ask_at(
+        &app,
+        &two,
+        &w.doctor,
+        "f0",
+        json!({"purpose": "consultation_fee", "amount_kes": 13, "access_request_id": request}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+
+    // Per doctor: fees of three patients (none at their own limit), then the fourth
+    // patient's is refused, while that patient may still pay their own account.
+    let mut patients = Vec::new();
+    for _ in 0..4 {
+        let p = patient(&app, &sb, Outcome::Success).await;
+        let request = grant(&app, &w.other_doctor, &p, None).await;
+        patients.push((p, request));
+    }
+    for (i, (_, request)) in patients.iter().enumerate() {
+        let base = if i % 2 == 0 { &one } else { &two };
+        let (status, body, retry_after) = ask_at(
+            &app,
+            base,
+            &w.other_doctor,
+            &format!("o{i}"),
+            json!({"purpose": "consultation_fee", "amount_kes": 20 + i, "access_request_id": request}),
+        )
+        .await;
+        if i < 3 {
+            assert_eq!(status, 202, "{body}");
+        } else {
+            assert_eq!(status, 429, "{body}");
+            assert!(retry_after.is_some());
+        }
+    }
+    let (status, body, _) = ask_at(&app, &two, &patients[3].0, "own", own(30)).await;
+    assert_eq!(status, 202, "{body}");
+    // Refused prompts were never pushed: 2 + 3 + 1.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sb.pushes().len() < 6 {
+        assert!(Instant::now() < deadline, "{}", app.server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sb.pushes().len(), 6);
+    // Stopped by dropping it (a standby instance's graceful stop is not what this
+    // test is about).
+    drop(second);
     app.stop().await;
     sb.stop().await;
 }
