@@ -293,4 +293,51 @@ mod tests {
             assert!(operation(&mut item, method).is_some(), "{method} {path}");
         }
     }
+
+    fn statuses(doc: &utoipa::openapi::OpenApi, path: &str, method: &str) -> Vec<u16> {
+        let mut item = doc.paths.paths.get(path).cloned().unwrap();
+        let op = operation(&mut item, method).unwrap();
+        op.responses
+            .responses
+            .keys()
+            .map(|k| k.parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn every_operation_lists_the_errors_its_shape_allows() {
+        let doc = ApiDoc::openapi();
+        // Once missed: PUT was not given its errors, nor a bodiless POST its 422.
+        assert_eq!(
+            statuses(&doc, "/v1/patients/{patient_id}/wallet", "put"),
+            [200, 400, 401, 403, 404, 408, 409, 413, 415, 422, 500, 503]
+        );
+        assert_eq!(
+            statuses(&doc, "/v1/patients/{patient_id}/share-code", "post"),
+            [201, 401, 403, 404, 409, 422, 500, 503]
+        );
+        assert_eq!(
+            statuses(&doc, "/v1/sessions/current", "get"),
+            [200, 401, 500, 503]
+        );
+        assert_eq!(statuses(&doc, "/healthz", "get"), [200, 500, 503]);
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, item) in &doc.paths.paths {
+            for method in METHODS {
+                let mut item = item.clone();
+                let Some(op) = operation(&mut item, method) else {
+                    continue;
+                };
+                let id = op.operation_id.clone().unwrap();
+                assert!(ids.insert(id.clone()), "{id} is not unique");
+                let keys = op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.name == "Idempotency-Key")
+                    .count();
+                assert_eq!(keys, usize::from(method == "post"), "{method} {path}");
+            }
+        }
+    }
 }

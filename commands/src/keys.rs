@@ -426,8 +426,9 @@ mod tests {
         assert_eq!(key.decrypt(&tight, b"r").unwrap(), plaintext);
     }
 
-    #[test]
-    fn a_tag_of_parts_is_the_tag_of_their_concatenation() {
+    // The lazy pool wants a runtime, though it is never used.
+    #[tokio::test]
+    async fn a_tag_of_parts_is_the_tag_of_their_concatenation() {
         let store = KeyStore {
             master: SecretKey::generate(),
             index_key: SecretKey::generate(),

@@ -445,8 +445,14 @@ fn served_type(media_type: Option<&str>) -> &str {
     let Some((kind, subtype)) = media_type.split_once('/') else {
         return OCTETS;
     };
+    // Office documents are zip packages (their names merely mention XML).
+    let office = media_type.starts_with("application/vnd.openxmlformats-officedocument.")
+        || media_type.starts_with("application/vnd.oasis.opendocument.");
     // `image/svg+xml` and every other XML-based type can carry script.
-    if subtype.contains("xml") || subtype.contains("script") || subtype.contains("html") {
+    if (!office && subtype.contains("xml"))
+        || subtype.contains("script")
+        || subtype.contains("html")
+    {
         return OCTETS;
     }
     let passive = matches!(kind, "image" | "audio" | "video")
@@ -461,8 +467,7 @@ fn served_type(media_type: Option<&str>) -> &str {
                 | "text/plain"
                 | "text/csv"
         )
-        || media_type.starts_with("application/vnd.openxmlformats-officedocument.")
-        || media_type.starts_with("application/vnd.oasis.opendocument.");
+        || office;
     if passive {
         media_type
     } else {
