@@ -83,8 +83,8 @@ const ANY_ROLE: &[(&str, &str)] = &[("/v1/sessions/current", "get")];
 /// The error statuses an operation can answer by what it is, whatever it does:
 /// - 500 (a failure of ours) and 503 (the store, or a service a command needs, is
 ///   unavailable) everywhere;
-/// - a body: 408 (too slow), 413 (too large), 415 (not of the documented type) and
-///   422 (does not fit); a JSON body also 400 (not JSON);
+/// - a body: 400 (not JSON, or cut off), 408 (too slow), 413 (too large), 415 (not of
+///   the documented type) and 422 (does not fit);
 /// - a POST: 422 (a malformed `Idempotency-Key`, or the key reused for another request);
 /// - a command (any method but GET): 409 (`concurrent_change`, or a state that does
 ///   not allow it);
@@ -104,11 +104,8 @@ pub fn by_rule(
             .flatten()
             .any(|p| p.parameter_in == place)
     };
-    if let Some(body) = &op.request_body {
-        statuses.extend([408, 413, 415, 422]);
-        if body.content.contains_key("application/json") {
-            statuses.insert(400);
-        }
+    if op.request_body.is_some() {
+        statuses.extend([400, 408, 413, 415, 422]);
     }
     if method == "post" {
         statuses.insert(422);
@@ -201,7 +198,7 @@ fn idempotency_key() -> utoipa::openapi::path::Parameter {
 
 fn describe(status: u16) -> &'static str {
     match status {
-        400 => "The body is not valid JSON",
+        400 => "The body is not valid JSON (`malformed_json`), or could not be read",
         401 => "Missing, malformed, forged, expired or revoked bearer token; or wrong credentials",
         403 => "The caller's role or ownership does not allow this",
         404 => "No such resource (or not to be revealed)",

@@ -25,22 +25,41 @@ use crate::server::AppState;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAccessRequest {
+    #[schema(value_type = Uuid)]
     pub patient_id: String,
     /// Whole categories asked for.
     #[serde(default)]
-    #[schema(example = json!(["lab"]))]
+    #[schema(value_type = Vec<CategoryName>, example = json!(["lab"]))]
     pub categories: Vec<String>,
     /// Individual records asked for (besides or instead of categories): at most 100,
     /// each one of this patient's records.
     #[serde(default)]
-    #[schema(max_items = 100)]
+    #[schema(value_type = Vec<Uuid>, max_items = 100)]
     pub record_ids: Vec<String>,
     /// Why (1 to 500 characters; only the patient can read it).
+    #[schema(min_length = 1, max_length = 500)]
     pub purpose: String,
     /// 1 to 365.
+    #[schema(minimum = 1, maximum = 365)]
     pub duration_days: i64,
     /// A note to the patient (optional, at most 1000 characters).
+    #[schema(min_length = 1, max_length = 1000)]
     pub note: Option<String>,
+}
+
+/// A category of records, as the document names them (the domain's closed list:
+/// a test keeps the two the same).
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // only described, never built: requests carry the names as text
+pub enum CategoryName {
+    Lab,
+    Imaging,
+    Prescription,
+    Diagnosis,
+    Immunization,
+    ClinicalNote,
+    Other,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -61,10 +80,13 @@ pub struct RequestState {
 #[serde(deny_unknown_fields)]
 pub struct Approval {
     /// Default: now plus the requested duration; must be in the future and not later.
+    #[schema(value_type = Option<DateTime<Utc>>)]
     pub expires_at: Option<String>,
     /// A subset of the requested categories.
+    #[schema(value_type = Option<Vec<CategoryName>>)]
     pub categories: Option<Vec<String>>,
     /// A subset of the requested records.
+    #[schema(value_type = Option<Vec<Uuid>>)]
     pub record_ids: Option<Vec<String>>,
 }
 
@@ -72,6 +94,7 @@ pub struct Approval {
 #[serde(deny_unknown_fields)]
 pub struct Rejection {
     /// Optional, at most 1000 characters; only the patient can read it.
+    #[schema(min_length = 1, max_length = 1000)]
     pub reason: Option<String>,
 }
 
@@ -79,6 +102,7 @@ pub struct Rejection {
 #[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     /// pending, approved, rejected, revoked or expired.
+    #[param(pattern = "^(pending|approved|rejected|revoked|expired)?$")]
     pub status: Option<String>,
     pub cursor: Option<String>,
     pub limit: Option<String>,
@@ -692,4 +716,24 @@ pub async fn access_log(
         items,
         next_cursor: page.next_cursor,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_documented_categories_are_the_domains() {
+        let schema =
+            serde_json::to_value(<CategoryName as utoipa::PartialSchema>::schema()).unwrap();
+        let documented: Vec<&str> = schema["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let domain: Vec<&str> = Category::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(documented, domain);
+    }
 }

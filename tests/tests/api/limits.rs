@@ -212,9 +212,12 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
             })
         };
         // Like the web app: each upload with its own Idempotency-Key. A client of its
-        // own, since the later uploads wait for the earlier ones.
+        // own, since the later uploads wait for the earlier ones: without reqwest's
+        // TCP_USER_TIMEOUT (30 s), which aborts a connection whose body the server
+        // does not read yet, as browsers do not.
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(240))
+            .timeout(Duration::from_secs(300))
+            .tcp_user_timeout(None)
             .build()
             .unwrap();
         let started = Instant::now();

@@ -20,6 +20,7 @@ mod matrix;
 mod openapi;
 mod pages;
 mod payments;
+mod schemathesis;
 mod storage;
 mod story;
 mod web;
