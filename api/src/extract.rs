@@ -620,6 +620,67 @@ mod tests {
         parse_json::<Sample>(body.as_bytes()).unwrap_err()
     }
 
+    #[actix_rt::test]
+    async fn uploads_wait_for_their_accounts_share_and_the_overall_budget() {
+        let kib = BUDGET_UNIT;
+        // 4 KiB overall, 2 KiB per account, waiting at most 200 ms.
+        let budget = Arc::new(UploadBudget::new(
+            4 * kib,
+            2 * kib,
+            Duration::from_millis(200),
+        ));
+        let a1 = budget.acquire("a", 2 * kib).await.unwrap();
+        // The same account's next upload waits for the first, then gives up: 503.
+        let busy = budget.acquire("a", kib).await.map(|_| ()).unwrap_err();
+        assert_eq!((busy.status, busy.code), (503, "uploads_busy"));
+        // Another account still has room, up to the overall budget.
+        let b1 = budget.acquire("b", 2 * kib).await.unwrap();
+        let full = budget.acquire("c", kib).await.map(|_| ()).unwrap_err();
+        assert_eq!(full.code, "uploads_busy");
+        // A waiting upload goes on as soon as one ends.
+        let waiting = {
+            let budget = budget.clone();
+            actix_rt::spawn(async move { budget.acquire("a", 2 * kib).await.is_ok() })
+        };
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        drop(a1);
+        assert!(waiting.await.unwrap());
+        drop(b1);
+        // Nothing in flight: no account is remembered.
+        assert!(budget.accounts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_is_due_by_its_pause_its_bound_and_its_rate() {
+        let start = Instant::now();
+        let pace = Pace {
+            within: Some(Duration::from_secs(15)),
+            min_rate: 1024,
+            grace: Duration::from_secs(10),
+            idle: Duration::from_secs(15),
+        };
+        // Nothing yet: due when the grace ends.
+        assert_eq!(
+            pace.deadline(start, start, 0),
+            start + Duration::from_secs(10)
+        );
+        // 5 KiB buys 5 more seconds, but the whole body is due at 15 s.
+        assert_eq!(
+            pace.deadline(start, start, 5 * 1024),
+            start + Duration::from_secs(15)
+        );
+        let upload = Pace {
+            within: None,
+            ..pace
+        };
+        // 1 MiB received: the rate allows long, the pause after the last piece does not.
+        let last = start + Duration::from_secs(20);
+        assert_eq!(
+            upload.deadline(start, last, 1024 * 1024),
+            last + Duration::from_secs(15)
+        );
+    }
+
     #[test]
     fn json_errors_name_the_field() {
         let p = problem(r#"{"phone":"1","duration_days":"x","categories":[]}"#);

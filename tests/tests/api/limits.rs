@@ -138,6 +138,15 @@ fn raw_exchange(addr: &str, head: String, pieces: Vec<(Vec<u8>, Duration)>) -> R
     }
 }
 
+/// The result of a client thread, awaited without blocking the test's runtime (whose
+/// pooled connections must see the server close them meanwhile).
+async fn joined<T>(thread: std::thread::JoinHandle<T>) -> T {
+    while !thread.is_finished() {
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    thread.join().unwrap()
+}
+
 /// One byte a second, `len` times.
 fn trickle(len: usize) -> Vec<(Vec<u8>, Duration)> {
     (0..len)
@@ -154,6 +163,7 @@ fn assert_cut_slow(raw: &Raw, what: &str) {
         after < Duration::from_secs(30),
         "{what}: answered after {after:?}"
     );
+    eprintln!("{what}: answered after {after:?}");
     let status_line = raw.answer.lines().next().unwrap_or_default();
     assert!(
         status_line.starts_with("HTTP/1.1 408"),
@@ -240,7 +250,7 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
         }))
         .await;
         let took = started.elapsed();
-        std::thread::sleep(Duration::from_millis(300));
+        actix_rt::time::sleep(Duration::from_millis(300)).await;
         done.store(true, Ordering::SeqCst);
         sampler.join().unwrap();
         let after = rss(pid);
@@ -308,8 +318,8 @@ async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() 
                 raw_exchange(&addr, head, trickle(upload_len))
             }
         });
-        assert_cut_slow(&json.join().unwrap(), "JSON body");
-        assert_cut_slow(&upload.join().unwrap(), "upload");
+        assert_cut_slow(&joined(json).await, "JSON body");
+        assert_cut_slow(&joined(upload).await, "upload");
         // Nothing was stored, and the server still serves.
         let list = app
             .get(&format!("/v1/patients/{}/records", p.id), Some(&p.token))
@@ -376,7 +386,7 @@ async fn an_upload_that_waits_for_the_patients_budget_and_a_paced_one_with_a_pau
             .await;
         let quick_took = started.elapsed();
         let quick = quick.ok(201);
-        let paced = paced.join().unwrap();
+        let paced = joined(paced).await;
         let paced_took = started.elapsed();
         assert!(
             paced.answer.starts_with("HTTP/1.1 201"),
