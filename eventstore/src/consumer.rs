@@ -206,8 +206,7 @@ impl Runner {
         };
         let mut tx = self
             .store
-            .any_pool()
-            .begin()
+            .begin_write()
             .await
             .context("starting a consumer transaction")?;
         for event in &events {

@@ -175,6 +175,20 @@ impl Store {
         &self.any
     }
 
+    /// A transaction on [`Store::any_pool`] that is going to write. On SQLite it takes
+    /// the write lock as it begins (`BEGIN IMMEDIATE`, waiting up to the busy timeout
+    /// for the writer before it). A deferred transaction that reads before it writes
+    /// (the audit trail reads its last link first) cannot wait instead: once another
+    /// writer has committed since its read, its write fails at once with "database is
+    /// locked", and the whole batch is retried after a back-off, so under load such a
+    /// consumer falls ever further behind.
+    pub async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.typed {
+            Typed::Sqlite(_) => self.any.begin_with("BEGIN IMMEDIATE").await,
+            Typed::Postgres(_) => self.any.begin().await,
+        }
+    }
+
     /// The PostgreSQL pool, when on PostgreSQL (benchmarks and tests use it).
     pub fn pg_pool(&self) -> Option<&PgPool> {
         match &self.typed {

@@ -1,9 +1,12 @@
 //! STK callbacks handled by the running server: the real `afyachain` binary (SQLite)
-//! with M-Pesa pointed at the local Daraja sandbox (which sends no callbacks itself);
-//! `BENCH_PAYMENTS` payments (default 1,000) are requested over the API and pushed by
-//! the worker, then their success callbacks are posted to the callback URL by
-//! `BENCH_CONCURRENCY` clients (default 32). Reports callbacks/s and the latency
-//! percentiles, and checks every payment ended confirmed.
+//! with M-Pesa pointed at the local Daraja sandbox, where every prompt is paid but its
+//! callback lost (`paid_no_callback`: the sandbox's STK Push Query says paid);
+//! `BENCH_PAYMENTS` payments (default 1,000) are requested over the API by one patient
+//! and pushed by the worker, then their success callbacks are posted to the callback
+//! URL by `BENCH_CONCURRENCY` clients (default 32). Each callback is confirmed by an
+//! STK Push Query to the sandbox before it settles its payment, as in production.
+//! Reports callbacks/s and the latency percentiles, and checks every payment ended
+//! confirmed.
 //!
 //! Run: `cargo bench -p tests --bench callbacks`.
 
@@ -35,8 +38,9 @@ async fn run() {
     let payments = env_or("BENCH_PAYMENTS", 1000);
     let concurrency = env_or("BENCH_CONCURRENCY", 32);
     let mut config = SandboxConfig::public_sandbox();
-    config.default_outcome = Outcome::NoCallback;
-    config.callback_delay = Duration::from_secs(3600);
+    config.default_outcome = Outcome::PaidNoCallback;
+    // The query says paid at once; the reconciler (an hour away) never runs.
+    config.callback_delay = Duration::ZERO;
     let sandbox = Sandbox::start(config.clone()).await.unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -58,6 +62,8 @@ async fn run() {
         .env("MPESA_CALLBACK_URL", &callback_url)
         .env("MPESA_POLL_MS", "20")
         .env("MPESA_RECONCILE_AFTER_SECS", "3600")
+        // One patient asks for every payment of the bench.
+        .env("AFYA_PROMPTS_PER_PATIENT", (payments + 1).to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -78,7 +84,7 @@ async fn run() {
             .post(format!("{base}/v1/payments"))
             .bearer_auth(&token)
             .header("Idempotency-Key", format!("bench-{i}"))
-            .json(&json!({"purpose": "consultation_fee", "amount_kes": 100, "phone": phone}))
+            .json(&json!({"purpose": "consultation_fee", "amount_kes": 100}))
             .send()
             .await
             .unwrap();

@@ -36,9 +36,10 @@ pub struct NewPayment {
     pub purpose: String,
     /// Whole shillings, 1 to 250000.
     pub amount_kes: u64,
-    /// Optional, and only the patient's registered number (2547XXXXXXXX, 07…, +254…):
-    /// the prompt goes there whatever is sent; any other number is refused (422
-    /// `phone_not_registered`).
+    /// A patient only, and optional: their own registered number (2547XXXXXXXX, 07…,
+    /// +254…); the prompt goes there whatever is sent, and any other number is refused
+    /// (422 `phone_not_registered`). A doctor sends none (422 naming `phone`): a fee's
+    /// prompt goes to its patient's registered phone, which the doctor never learns.
     #[schema(example = "254712345678")]
     pub phone: Option<String>,
     /// A patient: the doctor paid (one they granted access still in force). A doctor:
@@ -143,7 +144,18 @@ pub async fn create(
             "must be a whole number of shillings, 1 to 250000",
         );
     }
-    let phone = input.phone.as_deref().map(|p| v.check(Msisdn::parse(p)));
+    // A doctor who could send a number would learn, from 202 or 422, whether it is
+    // the patient's.
+    let phone = match (input.phone.as_deref(), payer) {
+        (Some(_), Actor::Doctor(_)) => {
+            v.fail(
+                "phone",
+                "leave phone out: a fee's prompt goes to the patient's registered phone",
+            );
+            None
+        }
+        (phone, _) => phone.map(|p| v.check(Msisdn::parse(p))),
+    };
     let doctor_id = match input.doctor_id.as_deref().map(DoctorId::parse) {
         None => None,
         Some(Ok(d)) => Some(d),

@@ -838,15 +838,20 @@ async fn prompts_only_to_granting_patients(backend: Backend) {
     )
     .await
     .problem(403, "fee_for_another_doctor");
-    let p = ask(
-        &w.doctor,
-        "d6",
-        json!({"purpose": "consultation_fee", "amount_kes": 500,
-               "access_request_id": approved, "phone": stranger}),
-    )
-    .await
-    .problem(422, "phone_not_registered");
-    assert_eq!(p["field"], "phone");
+    // A doctor sends no number at all, neither another nor the patient's own (which
+    // would tell the doctor whether a number is the patient's).
+    let own = format!("0{}", &w.patient.phone[3..]);
+    for (key, phone) in [("d6", &stranger), ("d7", &own)] {
+        let p = ask(
+            &w.doctor,
+            key,
+            json!({"purpose": "consultation_fee", "amount_kes": 500,
+                   "access_request_id": approved, "phone": phone}),
+        )
+        .await
+        .problem(422, "invalid_request");
+        assert_eq!(p["field"], "phone");
+    }
     // A patient naming a doctor they granted nothing, or a request not in force, or
     // a number that is not theirs.
     ask(
@@ -903,15 +908,14 @@ async fn prompts_only_to_granting_patients(backend: Backend) {
     );
     assert!(sb.pushes().is_empty());
 
-    // What is allowed: the doctor's fee under the approved request (the patient's own
-    // number may be sent, in any spelling); the patient paying the doctor they granted
-    // (named by id alone); the patient paying their own account.
-    let own = format!("0{}", &w.patient.phone[3..]);
+    // What is allowed: the doctor's fee under the approved request; the patient paying
+    // the doctor they granted (named by id alone, their own number in any spelling);
+    // the patient paying their own account.
     let by_doctor = ask(
         &w.doctor,
         "ok1",
         json!({"purpose": "consultation_fee", "amount_kes": 1500,
-               "access_request_id": approved, "doctor_id": w.doctor.id, "phone": own}),
+               "access_request_id": approved, "doctor_id": w.doctor.id}),
     )
     .await
     .ok(202)["payment_id"]
@@ -921,7 +925,8 @@ async fn prompts_only_to_granting_patients(backend: Backend) {
     let to_doctor = ask(
         &w.patient,
         "ok2",
-        json!({"purpose": "consultation_fee", "amount_kes": 1600, "doctor_id": w.doctor.id}),
+        json!({"purpose": "consultation_fee", "amount_kes": 1600, "doctor_id": w.doctor.id,
+               "phone": own}),
     )
     .await
     .ok(202)["payment_id"]
