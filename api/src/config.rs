@@ -292,6 +292,10 @@ pub struct BodyLimits {
     pub upload_min_rate: u64,
     /// `AFYA_UPLOAD_GRACE_SECS`, default 10.
     pub upload_grace: Duration,
+    /// `AFYA_UPLOAD_WITHIN_SECS`, default 1800: an upload must arrive whole within
+    /// this (a largest one of 25 MiB then at about 14 KiB/s or faster), so that no
+    /// upload holds its share of the upload memory for hours at the minimum rate.
+    pub upload_within: Duration,
     /// `AFYA_BODY_IDLE_SECS`, default 15: the longest pause between two pieces of any
     /// body.
     pub idle: Duration,
@@ -317,12 +321,23 @@ fn body_limits(max_upload_bytes: usize) -> anyhow::Result<BodyLimits> {
         json_within: seconds("AFYA_JSON_BODY_SECS", 15)?,
         upload_min_rate: number("AFYA_UPLOAD_MIN_BYTES_PER_SEC", 1024)?,
         upload_grace: seconds("AFYA_UPLOAD_GRACE_SECS", 10)?,
+        upload_within: seconds("AFYA_UPLOAD_WITHIN_SECS", 1800)?,
         idle: seconds("AFYA_BODY_IDLE_SECS", 15)?,
     })
 }
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `AFYA_SIGNIN_WINDOW_SECS`: the limiter forgets windows a day old, so none may be
+/// longer (a lockout would end early), and a window under a second limits nothing.
+fn sign_in_window() -> anyhow::Result<u64> {
+    let secs: u64 = number("AFYA_SIGNIN_WINDOW_SECS", 900)?;
+    if !(1..=86_400).contains(&secs) {
+        anyhow::bail!("AFYA_SIGNIN_WINDOW_SECS must be between 1 and 86400");
+    }
+    Ok(secs)
 }
 
 fn number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
@@ -500,7 +515,7 @@ impl Config {
                 per_phone: number("AFYA_SIGNIN_MAX_FAILURES_PER_PHONE", 5)?,
                 per_ip: number("AFYA_SIGNIN_MAX_FAILURES_PER_IP", 20)?,
                 share_code_misses: number("AFYA_SHARE_CODE_MAX_MISSES_PER_DOCTOR", 20)?,
-                window: Duration::from_secs(number("AFYA_SIGNIN_WINDOW_SECS", 900)?),
+                window: Duration::from_secs(sign_in_window()?),
             },
             consistency_timeout: Duration::from_millis(number(
                 "AFYA_CONSISTENCY_TIMEOUT_MS",

@@ -211,10 +211,11 @@ impl Pace {
     }
 
     /// An upload: as large as a scan, so a minimum average rate that a 2G phone
-    /// keeps, after a grace for a slow start.
+    /// keeps, after a grace for a slow start, and a bound long enough for the largest
+    /// upload over a slow connection.
     pub fn upload(limits: &BodyLimits) -> Pace {
         Pace {
-            within: None,
+            within: Some(limits.upload_within),
             min_rate: limits.upload_min_rate,
             grace: limits.upload_grace,
             idle: limits.idle,

@@ -236,6 +236,19 @@ async fn give_back_all(limits: &Limits, counted: &[Counted]) {
     }
 }
 
+/// An attempt that counts unless given back (see [`Attempt::keep`]).
+pub struct Kept {
+    limits: Arc<Limits>,
+    counted: Vec<Counted>,
+}
+
+impl Kept {
+    /// It does not count after all: given back in every window.
+    pub async fn give_back(self) {
+        give_back_all(&self.limits, &self.counted).await;
+    }
+}
+
 /// The answer to an attempt over a limit.
 pub fn too_many(seconds: u64) -> Problem {
     Problem::new(
@@ -258,6 +271,16 @@ impl Attempt {
     /// It counts: a wrong guess, or a use that is spent.
     pub fn failed(mut self) {
         self.settled = true;
+    }
+
+    /// It counts from now on, whatever becomes of the caller (a request cancelled
+    /// while its command runs included), unless [`Kept::give_back`] is called.
+    pub fn keep(mut self) -> Kept {
+        self.settled = true;
+        Kept {
+            limits: self.limits.clone(),
+            counted: std::mem::take(&mut self.counted),
+        }
     }
 
     /// It does not count: given back in every window. The windows of `clearing`

@@ -144,17 +144,10 @@ pub async fn create(
             "must be a whole number of shillings, 1 to 250000",
         );
     }
-    // A doctor who could send a number would learn, from 202 or 422, whether it is
-    // the patient's.
-    let phone = match (input.phone.as_deref(), payer) {
-        (Some(_), Actor::Doctor(_)) => {
-            v.fail(
-                "phone",
-                "leave phone out: a fee's prompt goes to the patient's registered phone",
-            );
-            None
-        }
-        (phone, _) => phone.map(|p| v.check(Msisdn::parse(p))),
+    let phone = match payer {
+        // Refused below, once the doctor is known to be allowed to ask at all.
+        Actor::Doctor(_) => None,
+        _ => input.phone.as_deref().map(|p| v.check(Msisdn::parse(p))),
     };
     let doctor_id = match input.doctor_id.as_deref().map(DoctorId::parse) {
         None => None,
@@ -234,6 +227,14 @@ pub async fn create(
         .commands
         .plan_payment(payer, doctor_id, &requests)
         .await?;
+    // A doctor who could send a number would learn, from 202 or 422, whether it is
+    // the patient's: any number is refused.
+    if matches!(payer, Actor::Doctor(_)) && input.phone.is_some() {
+        return Err(Problem::field(
+            "phone",
+            "leave phone out: a fee's prompt goes to the patient's registered phone",
+        ));
+    }
     if let Some(Some(typed)) = phone {
         if typed != plan.phone {
             return Err(Problem::new(
@@ -266,12 +267,22 @@ pub async fn create(
             rule: settings.prompts_per_doctor,
         });
     }
-    let attempt = state.limits.begin(&limits).await?;
-    let done = state
+    // Kept counted from here even if the request is cancelled (the client went away)
+    // while the command runs, since the payment may be appended and its prompt sent
+    // all the same; given back only when the command is refused.
+    let purpose = checked(purpose)?;
+    let counted = state.limits.begin(&limits).await?.keep();
+    let done = match state
         .commands
-        .request_payment(payer, checked(purpose)?, input.amount_kes, &plan, meta)
-        .await?;
-    attempt.failed();
+        .request_payment(payer, purpose, input.amount_kes, &plan, meta)
+        .await
+    {
+        Ok(done) => done,
+        Err(refused) => {
+            counted.give_back().await;
+            return Err(refused.into());
+        }
+    };
     state.settle.settle(&done.outcome).await;
     Ok(created(done.id))
 }

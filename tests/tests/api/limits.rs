@@ -189,6 +189,17 @@ fn assert_cut_slow(raw: &Raw, what: &str) {
     assert!(raw.closed, "{what}: the connection stayed open");
 }
 
+/// Each record reads back as exactly the bytes sent.
+async fn reads_back(app: &TestApp, p: &Party, stored: &[(&str, &Vec<u8>)]) {
+    for (id, sent) in stored {
+        let read = app
+            .get(&format!("/v1/records/{id}/content"), Some(&p.token))
+            .await;
+        assert_eq!(read.status, 200, "{id}");
+        assert!(read.body == **sent, "the exact bytes of {id}");
+    }
+}
+
 #[actix_rt::test]
 async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than_100_mb() {
     for backend in BACKENDS {
@@ -276,13 +287,8 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
             before / 1_000_000,
             peak / 1_000_000
         );
-        for (id, sent) in ids.iter().zip(&bodies) {
-            let read = app
-                .get(&format!("/v1/records/{id}/content"), Some(&p.token))
-                .await;
-            assert_eq!(read.status, 200, "{backend:?}");
-            assert!(read.body == *sent, "{backend:?}: the exact bytes of {id}");
-        }
+        let stored: Vec<(&str, &Vec<u8>)> = ids.iter().map(String::as_str).zip(&bodies).collect();
+        reads_back(&app, &p, &stored).await;
         app.stop().await;
     }
 }
@@ -290,7 +296,9 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
 #[actix_rt::test]
 async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() {
     for backend in BACKENDS {
-        let Some(app) = TestApp::start(backend).await else {
+        // Uploads whole within 20 s (30 min by default).
+        let Some(app) = TestApp::start_with(backend, &[("AFYA_UPLOAD_WITHIN_SECS", "20")]).await
+        else {
             continue;
         };
         let p = patient(&app, "Baraka Mwangi").await;
@@ -318,8 +326,33 @@ async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() 
                 raw_exchange(&addr, head, trickle(upload_len))
             }
         });
+        // Fast enough (80 KiB/s), but 4 MiB of it would take 50 s: cut at the bound.
+        let long_len = 4 * MIB;
+        let long = std::thread::spawn({
+            let (addr, id, token) = (addr.clone(), p.id.clone(), p.token.clone());
+            move || {
+                let head = format!(
+                    "POST /v1/patients/{id}/records?category=lab HTTP/1.1\r\nHost: {addr}\r\n\
+                     Authorization: Bearer {token}\r\nContent-Type: application/pdf\r\n\
+                     Content-Length: {long_len}\r\n\r\n"
+                );
+                let pieces = body(9, long_len)
+                    .chunks(8 * 1024)
+                    .map(|c| (c.to_vec(), Duration::from_millis(100)))
+                    .collect();
+                raw_exchange(&addr, head, pieces)
+            }
+        });
         assert_cut_slow(&joined(json).await, "JSON body");
         assert_cut_slow(&joined(upload).await, "upload");
+        let long = joined(long).await;
+        assert_cut_slow(&long, "long upload");
+        assert!(
+            long.answered_after
+                .is_some_and(|after| after >= Duration::from_secs(19)),
+            "the long upload was cut before its bound: {:?}",
+            long.answered_after
+        );
         // Nothing was stored, and the server still serves.
         let list = app
             .get(&format!("/v1/patients/{}/records", p.id), Some(&p.token))
@@ -407,16 +440,11 @@ async fn an_upload_that_waits_for_the_patients_budget_and_a_paced_one_with_a_pau
             .and_then(|rest| rest.split('"').next())
             .unwrap()
             .to_owned();
-        for (id, sent) in [
+        let stored = [
             (paced_id.as_str(), &paced_body),
             (quick["record_id"].as_str().unwrap(), &quick_body),
-        ] {
-            let read = app
-                .get(&format!("/v1/records/{id}/content"), Some(&p.token))
-                .await;
-            assert_eq!(read.status, 200, "{backend:?}");
-            assert!(read.body == *sent, "{backend:?}: the exact bytes of {id}");
-        }
+        ];
+        reads_back(&app, &p, &stored).await;
         app.stop().await;
     }
 }
