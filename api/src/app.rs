@@ -19,8 +19,13 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub commands: Arc<Commands>,
-    /// The projections, by name.
+    /// Every log consumer, by name: the projections, then the intakes of the chain
+    /// and M-Pesa workers and the NATS publisher when they are configured.
     pub consumers: Vec<(String, ConsumerHandle)>,
+    /// The projections alone (the read models), which read-your-writes waits for: an
+    /// integration's intake or publisher, stalled by its outage, never holds up an
+    /// answer.
+    pub projections: Vec<(String, ConsumerHandle)>,
     pub storage: Storage,
     expiry: actix::Addr<crate::expiry::ExpirySweeper>,
     replicator: Option<actix::Addr<Replicator>>,
@@ -75,6 +80,7 @@ impl App {
             let name = projection.name().to_owned();
             consumers.push((name, ConsumerActor::spawn(store.clone(), projection).await?));
         }
+        let projections = consumers.clone();
         let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
         let wake = consumers
             .iter()
@@ -164,6 +170,7 @@ impl App {
             store,
             commands,
             consumers,
+            projections,
             storage,
             expiry,
             replicator,

@@ -49,8 +49,8 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(app: &App) -> AppState {
-        let handles: Vec<ConsumerHandle> = app.consumers.iter().map(|(_, h)| h.clone()).collect();
-        let names = app.consumers.iter().map(|(n, _)| n.clone()).collect();
+        let handles: Vec<ConsumerHandle> = app.projections.iter().map(|(_, h)| h.clone()).collect();
+        let names = app.projections.iter().map(|(n, _)| n.clone()).collect();
         AppState {
             config: Arc::new(app.config.clone()),
             store: app.store.clone(),

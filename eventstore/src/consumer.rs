@@ -9,6 +9,7 @@
 //! loop: a safety tick every few seconds covers writers that did not notify.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,15 @@ pub trait LogHandler: Send + Sync + 'static {
     fn tables(&self) -> Vec<String>;
     /// Applies one event. Events arrive in log order, each exactly once.
     async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()>;
+    /// Whether `apply` waits on something outside the database and writes nothing in
+    /// it (a publisher awaiting a broker's acknowledgement). Such a batch begins an
+    /// ordinary transaction, which on SQLite takes the one write lock only for the
+    /// checkpoint at its end: were it to take the lock as it begins, as every other
+    /// batch does ([`Store::begin_write`]), a broker that stopped answering would
+    /// hold every append of the process behind it.
+    fn waits_outside(&self) -> bool {
+        false
+    }
 }
 
 /// Result of one catch-up run.
@@ -204,11 +214,12 @@ impl Runner {
         let Some(last) = events.last().map(StoredEvent::cursor) else {
             return Ok(0);
         };
-        let mut tx = self
-            .store
-            .begin_write()
-            .await
-            .context("starting a consumer transaction")?;
+        let tx = if self.handler.waits_outside() {
+            self.store.any_pool().begin().await
+        } else {
+            self.store.begin_write().await
+        };
+        let mut tx = tx.context("starting a consumer transaction")?;
         for event in &events {
             self.handler.apply(&mut tx, event).await.with_context(|| {
                 format!(
@@ -396,6 +407,8 @@ pub struct ConsumerActor {
     safety_tick: Duration,
     scheduled: bool,
     failures: u32,
+    /// `failures`, for [`ConsumerHandle::failures`] (read without waiting for a batch).
+    failing: Arc<AtomicU32>,
     stopping: bool,
 }
 
@@ -438,6 +451,8 @@ impl ConsumerActor {
         let name = runner.name().to_owned();
         let progress = runner.progress();
         let wake = store.notifier().subscribe();
+        let failing = Arc::new(AtomicU32::new(0));
+        let failures = failing.clone();
         let addr = ConsumerActor::create(move |ctx| {
             ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
                 rx.changed().await.ok()?;
@@ -449,10 +464,15 @@ impl ConsumerActor {
                 safety_tick,
                 scheduled: false,
                 failures: 0,
+                failing,
                 stopping: false,
             }
         });
-        ConsumerHandle { addr, progress }
+        ConsumerHandle {
+            addr,
+            progress,
+            failures,
+        }
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>, after: Option<Duration>) {
@@ -519,6 +539,7 @@ impl Handler<CatchUpNow> for ConsumerActor {
                 RunResult::Standby => actor.schedule(ctx, Some(STANDBY_RETRY)),
                 RunResult::Ran(Ok(done)) => {
                     actor.failures = 0;
+                    actor.failing.store(0, Ordering::Relaxed);
                     if done.applied > 0 {
                         tracing::debug!(consumer = %actor.name, applied = done.applied, "consumer caught up");
                     }
@@ -528,6 +549,7 @@ impl Handler<CatchUpNow> for ConsumerActor {
                 }
                 RunResult::Ran(Err(error)) => {
                     actor.failures = actor.failures.saturating_add(1);
+                    actor.failing.store(actor.failures, Ordering::Relaxed);
                     let backoff = failure_backoff(actor.failures);
                     tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
                     actor.schedule(ctx, Some(backoff));
@@ -576,9 +598,16 @@ impl Handler<Status> for ConsumerActor {
 pub struct ConsumerHandle {
     addr: Addr<ConsumerActor>,
     progress: watch::Receiver<LogCursor>,
+    failures: Arc<AtomicU32>,
 }
 
 impl ConsumerHandle {
+    /// How many times in a row its last batches failed (0: the last one succeeded).
+    /// Read at once, without waiting for a batch in flight.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     pub async fn status(&self) -> anyhow::Result<ConsumerStatus> {
         Ok(self.addr.send(Status).await?)
     }

@@ -265,6 +265,10 @@ impl LogHandler for NatsPublisher {
     async fn apply(&self, _tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
         self.publish(event).await
     }
+
+    fn waits_outside(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -35,13 +35,14 @@ pub async fn client_config(state: Data<AppState>) -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile."),
+    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile. `integrations` lists each configured publisher (today `nats`): `status` (`ok`, or `down` while its last attempts failed), `lag` (events of the log it has not yet published) and `failures` (attempts failed in a row); one that is down does not fail readiness either."),
               (status = 503, description = "The event store does not answer", body = crate::problem::Details, content_type = "application/problem+json")))]
 pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
     match state.store.ping().await {
         Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({
             "status": "ready",
             "storage": storage_report(&state).await,
+            "integrations": integrations_report(&state).await,
         }))),
         Err(error) => {
             tracing::warn!(error = format!("{error:#}"), "not ready");
@@ -52,6 +53,30 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
             ))
         }
     }
+}
+
+/// The publishers among the log consumers, as `/readyz` reports them. Read without
+/// waiting on them: a publisher stalled by its outage may hold its batch for a while.
+async fn integrations_report(state: &AppState) -> serde_json::Value {
+    let mut report = serde_json::Map::new();
+    let publishers = [("nats", nats_publisher::CONSUMER_NAME)];
+    let end = state.store.log_end().await.ok();
+    for (shown, name) in publishers {
+        let Some((_, handle)) = state.consumers.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let failures = handle.failures();
+        let lag = end.map(|end| (end.position - handle.cursor().position).max(0));
+        report.insert(
+            shown.to_owned(),
+            serde_json::json!({
+                "status": if failures == 0 { "ok" } else { "down" },
+                "lag": lag,
+                "failures": failures,
+            }),
+        );
+    }
+    serde_json::Value::Object(report)
 }
 
 async fn storage_report(state: &AppState) -> serde_json::Value {

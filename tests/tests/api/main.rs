@@ -18,6 +18,7 @@ mod integrators;
 mod limits;
 mod matrix;
 mod openapi;
+mod outages;
 mod pages;
 mod payments;
 mod schemathesis;
