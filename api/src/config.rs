@@ -311,8 +311,8 @@ fn body_limits(max_upload_bytes: usize) -> anyhow::Result<BodyLimits> {
     }
     let seconds = |name: &str, default: u64| -> anyhow::Result<Duration> {
         match number(name, default)? {
-            0 => anyhow::bail!("{name} must be at least 1"),
-            n => Ok(Duration::from_secs(n)),
+            n @ 1..=86_400 => Ok(Duration::from_secs(n)),
+            _ => anyhow::bail!("{name} must be between 1 and 86400"),
         }
     };
     Ok(BodyLimits {

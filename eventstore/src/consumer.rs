@@ -536,7 +536,13 @@ impl Handler<CatchUpNow> for ConsumerActor {
             }
             .into_actor(self)
             .map(|result, actor, ctx| match result {
-                RunResult::Standby => actor.schedule(ctx, Some(STANDBY_RETRY)),
+                RunResult::Standby => {
+                    // Another instance is the one at work: none of this one's failures
+                    // stand.
+                    actor.failures = 0;
+                    actor.failing.store(0, Ordering::Relaxed);
+                    actor.schedule(ctx, Some(STANDBY_RETRY));
+                }
                 RunResult::Ran(Ok(done)) => {
                     actor.failures = 0;
                     actor.failing.store(0, Ordering::Relaxed);

@@ -60,13 +60,21 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
 async fn integrations_report(state: &AppState) -> serde_json::Value {
     let mut report = serde_json::Map::new();
     let publishers = [("nats", nats_publisher::CONSUMER_NAME)];
-    let end = state.store.log_end().await.ok();
     for (shown, name) in publishers {
         let Some((_, handle)) = state.consumers.iter().find(|(n, _)| n == name) else {
             continue;
         };
         let failures = handle.failures();
-        let lag = end.map(|end| (end.position - handle.cursor().position).max(0));
+        // The stored checkpoint, which the active instance moves (this one may be on
+        // standby), against the log's end: positions still to publish.
+        let pool = state.store.any_pool();
+        let lag = match (
+            eventstore::consumer::load_checkpoint(pool, name).await,
+            state.store.log_end().await,
+        ) {
+            (Ok(done), Ok(end)) => Some((end.position - done.position).max(0)),
+            _ => None,
+        };
         report.insert(
             shown.to_owned(),
             serde_json::json!({

@@ -117,7 +117,7 @@ const PER_PATIENT: &str = "prompts_per_patient";
     request_body = NewPayment,
     params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the same payment and never push twice")),
     security(("bearer" = [])),
-    responses((status = 202, description = "Asked for: the STK Push goes to the patient's registered phone (patients, and verified doctors under an access request in force). Refused: 403 `doctor_not_verified`, `no_grant`, `doctor_not_granted`, `fee_for_another_doctor`; 422 `phone_not_registered`; 429 past `AFYA_PROMPTS_PER_DOCTOR` or `AFYA_PROMPTS_PER_PATIENT`", body = PaymentCreated)))]
+    responses((status = 202, description = "Asked for: the STK Push goes to the patient's registered phone (patients, and verified doctors under an access request in force). Refused: 403 `doctor_not_verified`, `no_grant`, `doctor_not_granted`, `fee_for_another_doctor`; 422 `phone_not_registered` (a patient's number that is not theirs), 422 naming `phone` (a doctor sending any number); 429 past `AFYA_PROMPTS_PER_DOCTOR` or `AFYA_PROMPTS_PER_PATIENT`", body = PaymentCreated)))]
 #[tracing::instrument(skip_all)]
 pub async fn create(
     req: HttpRequest,
