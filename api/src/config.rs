@@ -204,10 +204,7 @@ fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
         anyhow::bail!("MPESA_SHORTCODE must be digits");
     }
     // The limiter forgets windows a day old: none may be longer.
-    let prompt_window: u64 = number("AFYA_PROMPT_WINDOW_SECS", 3600)?;
-    if !(1..=86_400).contains(&prompt_window) {
-        anyhow::bail!("AFYA_PROMPT_WINDOW_SECS must be between 1 and 86400");
-    }
+    let prompt_window = seconds_in_a_day("AFYA_PROMPT_WINDOW_SECS", 3600)?;
     let prompts = |name: &str, default: u32| -> anyhow::Result<crate::ratelimit::Rule> {
         let limit: u32 = number(name, default)?;
         if limit == 0 {
@@ -215,7 +212,7 @@ fn mpesa_settings() -> anyhow::Result<Option<MpesaSettings>> {
         }
         Ok(crate::ratelimit::Rule {
             limit,
-            window: Duration::from_secs(prompt_window),
+            window: prompt_window,
         })
     };
     Ok(Some(MpesaSettings {
@@ -309,20 +306,14 @@ fn body_limits(max_upload_bytes: usize) -> anyhow::Result<BodyLimits> {
     if upload_memory_bytes < max_upload_bytes {
         anyhow::bail!("AFYA_UPLOAD_MEMORY_BYTES must be at least AFYA_MAX_UPLOAD_BYTES");
     }
-    let seconds = |name: &str, default: u64| -> anyhow::Result<Duration> {
-        match number(name, default)? {
-            n @ 1..=86_400 => Ok(Duration::from_secs(n)),
-            _ => anyhow::bail!("{name} must be between 1 and 86400"),
-        }
-    };
     Ok(BodyLimits {
         upload_memory_bytes,
-        upload_wait: seconds("AFYA_UPLOAD_WAIT_SECS", 120)?,
-        json_within: seconds("AFYA_JSON_BODY_SECS", 15)?,
+        upload_wait: seconds_in_a_day("AFYA_UPLOAD_WAIT_SECS", 120)?,
+        json_within: seconds_in_a_day("AFYA_JSON_BODY_SECS", 15)?,
         upload_min_rate: number("AFYA_UPLOAD_MIN_BYTES_PER_SEC", 1024)?,
-        upload_grace: seconds("AFYA_UPLOAD_GRACE_SECS", 10)?,
-        upload_within: seconds("AFYA_UPLOAD_WITHIN_SECS", 1800)?,
-        idle: seconds("AFYA_BODY_IDLE_SECS", 15)?,
+        upload_grace: seconds_in_a_day("AFYA_UPLOAD_GRACE_SECS", 10)?,
+        upload_within: seconds_in_a_day("AFYA_UPLOAD_WITHIN_SECS", 1800)?,
+        idle: seconds_in_a_day("AFYA_BODY_IDLE_SECS", 15)?,
     })
 }
 
@@ -330,14 +321,14 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// `AFYA_SIGNIN_WINDOW_SECS`: the limiter forgets windows a day old, so none may be
-/// longer (a lockout would end early), and a window under a second limits nothing.
-fn sign_in_window() -> anyhow::Result<u64> {
-    let secs: u64 = number("AFYA_SIGNIN_WINDOW_SECS", 900)?;
-    if !(1..=86_400).contains(&secs) {
-        anyhow::bail!("AFYA_SIGNIN_WINDOW_SECS must be between 1 and 86400");
+/// A number of seconds from 1 to 86,400: the rate limiter forgets windows a day old,
+/// so no window may be longer (a lockout would end early), a window or bound under a
+/// second means nothing, and a body bound of more than a day would overflow `Instant`.
+fn seconds_in_a_day(name: &str, default: u64) -> anyhow::Result<Duration> {
+    match number(name, default)? {
+        n @ 1..=86_400 => Ok(Duration::from_secs(n)),
+        _ => anyhow::bail!("{name} must be between 1 and 86400"),
     }
-    Ok(secs)
 }
 
 fn number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
@@ -515,7 +506,7 @@ impl Config {
                 per_phone: number("AFYA_SIGNIN_MAX_FAILURES_PER_PHONE", 5)?,
                 per_ip: number("AFYA_SIGNIN_MAX_FAILURES_PER_IP", 20)?,
                 share_code_misses: number("AFYA_SHARE_CODE_MAX_MISSES_PER_DOCTOR", 20)?,
-                window: Duration::from_secs(sign_in_window()?),
+                window: seconds_in_a_day("AFYA_SIGNIN_WINDOW_SECS", 900)?,
             },
             consistency_timeout: Duration::from_millis(number(
                 "AFYA_CONSISTENCY_TIMEOUT_MS",

@@ -406,9 +406,9 @@ pub struct ConsumerActor {
     name: String,
     safety_tick: Duration,
     scheduled: bool,
-    failures: u32,
-    /// `failures`, for [`ConsumerHandle::failures`] (read without waiting for a batch).
-    failing: Arc<AtomicU32>,
+    /// Batches failed in a row, shared with [`ConsumerHandle::failures`] (read without
+    /// waiting for a batch).
+    failures: Arc<AtomicU32>,
     stopping: bool,
 }
 
@@ -451,8 +451,8 @@ impl ConsumerActor {
         let name = runner.name().to_owned();
         let progress = runner.progress();
         let wake = store.notifier().subscribe();
-        let failing = Arc::new(AtomicU32::new(0));
-        let failures = failing.clone();
+        let failures = Arc::new(AtomicU32::new(0));
+        let shared = failures.clone();
         let addr = ConsumerActor::create(move |ctx| {
             ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
                 rx.changed().await.ok()?;
@@ -463,8 +463,7 @@ impl ConsumerActor {
                 name,
                 safety_tick,
                 scheduled: false,
-                failures: 0,
-                failing,
+                failures: shared,
                 stopping: false,
             }
         });
@@ -539,13 +538,11 @@ impl Handler<CatchUpNow> for ConsumerActor {
                 RunResult::Standby => {
                     // Another instance is the one at work: none of this one's failures
                     // stand.
-                    actor.failures = 0;
-                    actor.failing.store(0, Ordering::Relaxed);
+                    actor.failures.store(0, Ordering::Relaxed);
                     actor.schedule(ctx, Some(STANDBY_RETRY));
                 }
                 RunResult::Ran(Ok(done)) => {
-                    actor.failures = 0;
-                    actor.failing.store(0, Ordering::Relaxed);
+                    actor.failures.store(0, Ordering::Relaxed);
                     if done.applied > 0 {
                         tracing::debug!(consumer = %actor.name, applied = done.applied, "consumer caught up");
                     }
@@ -554,9 +551,9 @@ impl Handler<CatchUpNow> for ConsumerActor {
                     }
                 }
                 RunResult::Ran(Err(error)) => {
-                    actor.failures = actor.failures.saturating_add(1);
-                    actor.failing.store(actor.failures, Ordering::Relaxed);
-                    let backoff = failure_backoff(actor.failures);
+                    let failures = actor.failures.load(Ordering::Relaxed).saturating_add(1);
+                    actor.failures.store(failures, Ordering::Relaxed);
+                    let backoff = failure_backoff(failures);
                     tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
                     actor.schedule(ctx, Some(backoff));
                 }
