@@ -8,7 +8,6 @@
 //! standby. A [`ConsumerActor`] runs a [`Runner`], woken on commits, never polling in a
 //! loop: a safety tick every few seconds covers writers that did not notify.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +15,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::Context as _;
 use async_trait::async_trait;
-use sqlx::{Any, Connection, PgConnection, Transaction};
+use sqlx::{Any, Transaction};
 use tokio::sync::{watch, Mutex};
 
+pub use crate::locks::ConsumerLock;
 use crate::log::{LogCursor, StoredEvent};
-use crate::store::{Backend, Store, StoreConfig, Typed};
+use crate::store::{Backend, Store};
 
 /// The transaction a handler writes its read models in.
 pub type ReadModelTx = Transaction<'static, Any>;
@@ -53,77 +53,6 @@ pub struct CatchUp {
     pub applied: u64,
     /// Committed events exist behind a transaction still running: look again soon.
     pub held_back: bool,
-}
-
-/// The right to be the one active instance of a named consumer: a session advisory
-/// lock on PostgreSQL, a lock file beside the SQLite database. Dropping it releases it
-/// (the connection or the file closes); [`ConsumerLock::release`] does so at once.
-pub struct ConsumerLock(LockGuard);
-
-enum LockGuard {
-    Postgres(PgConnection),
-    File(std::fs::File),
-}
-
-impl ConsumerLock {
-    /// Takes the lock named `name` if no other instance holds it.
-    pub async fn try_take(store: &Store, name: &str) -> anyhow::Result<Option<ConsumerLock>> {
-        let guard = match (&store.typed, store.config()) {
-            (Typed::Postgres(_), StoreConfig::Postgres { url }) => {
-                let mut conn = PgConnection::connect(url)
-                    .await
-                    .context("connecting for a consumer lock")?;
-                let locked: bool =
-                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 4471))")
-                        .bind(format!("afyachain consumer {name}"))
-                        .fetch_one(&mut conn)
-                        .await
-                        .context("taking a consumer lock")?;
-                if !locked {
-                    let _ = conn.close().await;
-                    return Ok(None);
-                }
-                LockGuard::Postgres(conn)
-            }
-            (_, StoreConfig::Sqlite { path }) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(lock_path(path, name))
-                    .context("opening a consumer lock file")?;
-                match file.try_lock() {
-                    Ok(()) => LockGuard::File(file),
-                    Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-                    Err(std::fs::TryLockError::Error(e)) => {
-                        return Err(e).context("locking a consumer lock file")
-                    }
-                }
-            }
-            _ => anyhow::bail!("store configuration does not match its pool"),
-        };
-        Ok(Some(ConsumerLock(guard)))
-    }
-
-    /// Whether the lock still holds: on PostgreSQL, whether its session is still up
-    /// (a lost session has released the advisory lock to another instance).
-    pub async fn is_alive(&mut self) -> bool {
-        match &mut self.0 {
-            LockGuard::Postgres(conn) => sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok(),
-            LockGuard::File(_) => true,
-        }
-    }
-
-    pub async fn release(self) {
-        match self.0 {
-            LockGuard::Postgres(conn) => {
-                let _ = conn.close().await;
-            }
-            LockGuard::File(file) => {
-                let _ = file.unlock();
-            }
-        }
-    }
 }
 
 /// Drives one handler over the log. Usable directly (CLI, tests) or inside a
@@ -384,12 +313,6 @@ pub fn safe_token(name: &str) -> String {
             }
         })
         .collect()
-}
-
-fn lock_path(db_path: &std::path::Path, name: &str) -> PathBuf {
-    let mut file = db_path.as_os_str().to_owned();
-    file.push(format!(".consumer-{}.lock", safe_token(name)));
-    PathBuf::from(file)
 }
 
 /// State of a consumer, for operators and read-your-writes.

@@ -9,6 +9,7 @@
 
 pub mod consumer;
 pub mod execute;
+pub mod locks;
 pub mod log;
 pub mod notify;
 pub mod pg_append;

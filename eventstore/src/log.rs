@@ -89,7 +89,7 @@ impl StoredEvent {
         self.metadata.get(key).and_then(Value::as_str)
     }
 
-    /// The payload as a domain event, after applying `upcasters` (DESIGN rule 7).
+    /// The payload as a domain event, after applying `upcasters` (docs/architecture.md rule 7).
     pub fn decode<E: DeserializeOwned>(
         &self,
         upcasters: &[Box<dyn EventUpcaster>],

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,6 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions, PgPool, SqlitePool};
 
+use crate::locks::PgLocks;
 use crate::notify::Notifier;
 use crate::pg_append::PgEventRepository;
 
@@ -69,6 +70,8 @@ pub struct Store {
     pub(crate) typed: Typed,
     any: AnyPool,
     notifier: Notifier,
+    /// The one session this process holds its consumer locks on (PostgreSQL).
+    locks: Option<Arc<PgLocks>>,
     config: StoreConfig,
 }
 
@@ -124,6 +127,7 @@ impl Store {
                     typed: Typed::Sqlite(pool),
                     any,
                     notifier,
+                    locks: None,
                     config,
                 })
             }
@@ -153,6 +157,7 @@ impl Store {
                     typed: Typed::Postgres(pool),
                     any,
                     notifier,
+                    locks: Some(PgLocks::new(url.clone())),
                     config,
                 })
             }
@@ -168,6 +173,10 @@ impl Store {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    pub(crate) fn locks(&self) -> Option<&Arc<PgLocks>> {
+        self.locks.as_ref()
     }
 
     /// The pool read models and checkpoints are written through.

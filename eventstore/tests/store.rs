@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventstore::testing::{TestStore, BACKENDS};
-use eventstore::{Backend, CommandMeta, ConsumerActor, ExecuteError, LogCursor, Runner, Store};
+use eventstore::{
+    Backend, CommandMeta, ConsumerActor, ConsumerLock, ExecuteError, LogCursor, Runner, Store,
+    StoreConfig,
+};
 use support::{Counter, CounterCommand, Recorder};
 
 async fn add(store: &Store, id: &str, n: u64, meta: CommandMeta) -> eventstore::CommandOutcome {
@@ -290,7 +293,7 @@ async fn a_refused_command_appends_nothing() {
     }
 }
 
-/// DESIGN rule 3: with many concurrent writers, some holding their transaction open
+/// docs/architecture.md rule 3: with many concurrent writers, some holding their transaction open
 /// after taking a position, a tailing consumer sees every event exactly once, in an
 /// order consistent with each aggregate's sequence.
 #[actix_rt::test]
@@ -685,5 +688,109 @@ async fn a_commit_in_another_process_wakes_a_consumer_through_notify() {
     assert_eq!(recorder.seen().len(), 3);
     handle.stop().await;
     other.close().await;
+    t.cleanup().await.unwrap();
+}
+
+/// Every consumer lock of a process is on one PostgreSQL session: twenty locks are one
+/// connection. A second process (another store) is refused each of them; a lock
+/// dropped without a release is freed for it; and when the session is killed, every
+/// lock of it reports itself dead and another process can take them all.
+#[actix_rt::test]
+async fn consumer_locks_share_one_session_and_die_with_it() {
+    let Some(t) = TestStore::new(Backend::Postgres).await else {
+        return;
+    };
+    let other = Store::open(t.config.clone()).await.unwrap();
+    let db = match &t.config {
+        StoreConfig::Postgres { url } => url.rsplit('/').next().unwrap().to_owned(),
+        StoreConfig::Sqlite { .. } => unreachable!(),
+    };
+    let sessions = |store: Store| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                 WHERE l.locktype = 'advisory' AND a.datname = $1",
+            )
+            .bind(db)
+            .fetch_one(store.pg_pool().unwrap())
+            .await
+            .unwrap()
+        }
+    };
+    let mut locks = Vec::new();
+    for i in 0..20 {
+        let lock = ConsumerLock::try_take(&t.store, &format!("c{i}"))
+            .await
+            .unwrap();
+        locks.push(lock.expect("a free lock is taken"));
+    }
+    assert_eq!(
+        sessions(t.store.clone()).await,
+        1,
+        "one session holds them all"
+    );
+    let first_session: i32 = sqlx::query_scalar(
+        "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND a.datname = $1",
+    )
+    .bind(&db)
+    .fetch_one(t.store.pg_pool().unwrap())
+    .await
+    .unwrap();
+    // Held in this process: refused here and in the other.
+    assert!(ConsumerLock::try_take(&t.store, "c0")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(ConsumerLock::try_take(&other, "c0")
+        .await
+        .unwrap()
+        .is_none());
+    // Released, or merely dropped: the other process may take it.
+    locks.remove(0).release().await;
+    assert!(ConsumerLock::try_take(&other, "c0")
+        .await
+        .unwrap()
+        .is_some());
+    drop(locks.remove(0));
+    let mut taken = None;
+    for _ in 0..50 {
+        taken = ConsumerLock::try_take(&other, "c1").await.unwrap();
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(taken.is_some(), "a dropped lock is unlocked");
+    for lock in &mut locks {
+        assert!(lock.is_alive().await);
+    }
+    // The session dies: every lock of it is dead, and free for the other process.
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first_session)
+        .fetch_one(t.store.pg_pool().unwrap())
+        .await
+        .unwrap();
+    assert!(killed);
+    for lock in &mut locks {
+        assert!(!lock.is_alive().await, "a lock of a lost session is dead");
+    }
+    for i in 2..20 {
+        assert!(
+            ConsumerLock::try_take(&other, &format!("c{i}"))
+                .await
+                .unwrap()
+                .is_some(),
+            "c{i} is free once its session is gone"
+        );
+    }
+    // And the first process takes new locks on a new session.
+    assert!(ConsumerLock::try_take(&t.store, "fresh")
+        .await
+        .unwrap()
+        .is_some());
+    drop(locks);
+    drop(taken);
     t.cleanup().await.unwrap();
 }

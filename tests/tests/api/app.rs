@@ -447,6 +447,13 @@ impl TestApp {
     /// bypassed the domain. Returns the rows it changed.
     pub async fn tamper(&self, sql: &str) -> u64 {
         let mut conn = self.connect_store("rw").await;
+        if self.env.database_url.is_none() {
+            // Wait behind the server's writers as long as a test might, not 5 s.
+            sqlx::query("PRAGMA busy_timeout = 120000")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
         sqlx::query(sql)
             .execute(&mut conn)
             .await
@@ -454,25 +461,39 @@ impl TestApp {
             .rows_affected()
     }
 
-    /// `n` sign-outs written straight into the log of a SQLite store, one query (the
-    /// domain would take far too long to sign that many people out). With
-    /// `correlated`, each has its own correlation id. Returns the rows inserted.
+    /// `n` sign-outs written straight into the log of a SQLite store (the domain would
+    /// take far too long to sign that many people out). With `correlated`, each has its
+    /// own correlation id. Returns the rows inserted. Written in chunks, each its own
+    /// transaction, so this writer never holds SQLite's lock for longer than the
+    /// server's busy timeout (one statement of a million rows takes over 10 s on a slow
+    /// machine, and the server's consumers would give up waiting behind it).
     pub async fn insert_sign_outs(&self, n: i64, correlated: bool) -> u64 {
+        const CHUNK: i64 = 50_000;
         let correlation = if correlated {
             ", 'correlation_id', printf('00000000-0000-4000-9000-%012d', i)"
         } else {
             ""
         };
-        self.tamper(&format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
-             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, payload, metadata) \
-             SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, 'SessionEnded', \
-             '1.0', json_object('SessionEnded', json_object('session_id', \
-             printf('00000000-0000-4000-8000-%012d', i), 'ended_at', '2026-11-25T06:00:00Z')), \
-             json_object('actor', 'system'{correlation}) FROM n"
-        ))
-        .await
+        let mut inserted = 0;
+        let mut first = 1;
+        while first <= n {
+            let last = (first + CHUNK - 1).min(n);
+            inserted += self
+                .tamper(&format!(
+                    "WITH RECURSIVE n(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM n \
+                     WHERE i < {last}) \
+                     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                     event_version, payload, metadata) \
+                     SELECT 'session', printf('00000000-0000-4000-8000-%012d', i), 2, \
+                     'SessionEnded', '1.0', json_object('SessionEnded', \
+                     json_object('session_id', printf('00000000-0000-4000-8000-%012d', i), \
+                     'ended_at', '2026-11-25T06:00:00Z')), \
+                     json_object('actor', 'system'{correlation}) FROM n"
+                ))
+                .await;
+            first = last + 1;
+        }
+        inserted
     }
 
     async fn connect_store(&self, mode: &str) -> sqlx::AnyConnection {

@@ -1,0 +1,299 @@
+//! The locks that make one instance of each named consumer or worker the active one.
+//!
+//! On PostgreSQL a lock is a session advisory lock, and every lock a process holds is
+//! on one shared connection ([`PgLocks`]), so a process holds its pools plus this one
+//! connection and the notifier's, however many consumers it runs. On SQLite a lock is
+//! a lock file beside the database.
+//!
+//! Advisory locks are re-entrant within a session, so the shared session also keeps
+//! the names it holds: a second taker in the same process is refused, as it would be
+//! from another process. When the session's connection is lost, PostgreSQL has
+//! released all of its locks; the session then starts a new epoch, and every lock of
+//! the old one reports itself dead ([`ConsumerLock::is_alive`]) so its holder goes back
+//! to standby and takes it again.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Mutex;
+
+use crate::store::{Store, StoreConfig, Typed};
+
+/// How long one statement on the lock session may take before the session is
+/// presumed lost (and with it every lock it held).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The right to be the one active instance of a named consumer. Dropping it releases
+/// it; [`ConsumerLock::release`] does so at once.
+pub struct ConsumerLock(LockGuard);
+
+enum LockGuard {
+    Postgres(PgHeld),
+    File(std::fs::File),
+}
+
+/// One advisory lock held on the shared session.
+struct PgHeld {
+    locks: Arc<PgLocks>,
+    name: String,
+    epoch: u64,
+    released: bool,
+}
+
+impl Drop for PgHeld {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Unlocking needs the session, which is async: queue it, and flush the queue
+        // now if a runtime is at hand (otherwise the session's next use does).
+        self.locks.queue_unlock(self.name.clone(), self.epoch);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let locks = self.locks.clone();
+            runtime.spawn(async move {
+                let mut session = locks.session.lock().await;
+                locks.flush(&mut session).await;
+            });
+        }
+    }
+}
+
+/// The one PostgreSQL session a process holds its advisory locks on.
+pub(crate) struct PgLocks {
+    url: String,
+    session: Mutex<Session>,
+    /// Names held in the current epoch.
+    held: StdMutex<HashSet<String>>,
+    /// Locks dropped without being released, to unlock on the next use.
+    pending: StdMutex<Vec<(String, u64)>>,
+}
+
+#[derive(Default)]
+struct Session {
+    conn: Option<PgConnection>,
+    epoch: u64,
+}
+
+impl PgLocks {
+    pub(crate) fn new(url: String) -> Arc<PgLocks> {
+        Arc::new(PgLocks {
+            url,
+            session: Mutex::new(Session::default()),
+            held: StdMutex::new(HashSet::new()),
+            pending: StdMutex::new(Vec::new()),
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn queue_unlock(&self, name: String, epoch: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((name, epoch));
+    }
+
+    /// The session was lost: PostgreSQL released all its locks.
+    fn lose(&self, session: &mut Session) {
+        if let Some(conn) = session.conn.take() {
+            drop(conn);
+        }
+        session.epoch += 1;
+        self.held().clear();
+    }
+
+    async fn connection<'s>(
+        &self,
+        session: &'s mut Session,
+    ) -> anyhow::Result<&'s mut PgConnection> {
+        if session.conn.is_none() {
+            let conn = tokio::time::timeout(SESSION_TIMEOUT, PgConnection::connect(&self.url))
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .context("connecting the consumer-lock session")?;
+            session.conn = Some(conn);
+        }
+        session
+            .conn
+            .as_mut()
+            .context("the consumer-lock session has no connection")
+    }
+
+    /// Runs one statement on the session; a failure loses the session.
+    async fn run(
+        &self,
+        session: &mut Session,
+        sql: &str,
+        name: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let conn = match self.connection(session).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.lose(session);
+                return Err(e);
+            }
+        };
+        let mut query = sqlx::query_scalar::<_, bool>(sql);
+        if let Some(name) = name {
+            query = query.bind(lock_key(name));
+        }
+        match tokio::time::timeout(SESSION_TIMEOUT, query.fetch_one(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.lose(session);
+                Err(anyhow::Error::from(e).context("on the consumer-lock session"))
+            }
+            Err(_) => {
+                self.lose(session);
+                anyhow::bail!("the consumer-lock session did not answer")
+            }
+        }
+    }
+
+    /// Unlocks what was dropped without a release, if still of this epoch.
+    async fn flush(&self, session: &mut Session) {
+        let pending: Vec<(String, u64)> = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for (name, epoch) in pending {
+            self.unlock(session, &name, epoch).await;
+        }
+    }
+
+    async fn unlock(&self, session: &mut Session, name: &str, epoch: u64) {
+        if epoch != session.epoch || session.conn.is_none() {
+            return;
+        }
+        self.held().remove(name);
+        if let Err(e) = self
+            .run(
+                session,
+                "SELECT pg_advisory_unlock(hashtextextended($1, 4471))",
+                Some(name),
+            )
+            .await
+        {
+            // The session is gone, and the lock with it.
+            tracing::debug!(lock = name, error = %e, "consumer lock released with its session");
+        }
+    }
+
+    async fn try_take(self: &Arc<Self>, name: &str) -> anyhow::Result<Option<PgHeld>> {
+        let mut session = self.session.lock().await;
+        self.flush(&mut session).await;
+        if self.held().contains(name) {
+            return Ok(None);
+        }
+        let locked = self
+            .run(
+                &mut session,
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 4471))",
+                Some(name),
+            )
+            .await
+            .context("taking a consumer lock")?;
+        if !locked {
+            return Ok(None);
+        }
+        self.held().insert(name.to_owned());
+        Ok(Some(PgHeld {
+            locks: self.clone(),
+            name: name.to_owned(),
+            epoch: session.epoch,
+            released: false,
+        }))
+    }
+
+    async fn is_alive(&self, held: &PgHeld) -> bool {
+        let mut session = self.session.lock().await;
+        self.flush(&mut session).await;
+        if held.epoch != session.epoch || session.conn.is_none() {
+            return false;
+        }
+        self.run(&mut session, "SELECT true", None).await.is_ok()
+    }
+
+    async fn release(&self, held: &mut PgHeld) {
+        held.released = true;
+        let mut session = self.session.lock().await;
+        self.flush(&mut session).await;
+        self.unlock(&mut session, &held.name, held.epoch).await;
+    }
+}
+
+fn lock_key(name: &str) -> String {
+    format!("afyachain consumer {name}")
+}
+
+impl ConsumerLock {
+    /// Takes the lock named `name` if no other instance holds it.
+    pub async fn try_take(store: &Store, name: &str) -> anyhow::Result<Option<ConsumerLock>> {
+        let guard = match (&store.typed, store.config(), store.locks()) {
+            (Typed::Postgres(_), StoreConfig::Postgres { .. }, Some(locks)) => {
+                match locks.try_take(name).await? {
+                    Some(held) => LockGuard::Postgres(held),
+                    None => return Ok(None),
+                }
+            }
+            (Typed::Sqlite(_), StoreConfig::Sqlite { path }, _) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path(path, name))
+                    .context("opening a consumer lock file")?;
+                match file.try_lock() {
+                    Ok(()) => LockGuard::File(file),
+                    Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(e).context("locking a consumer lock file")
+                    }
+                }
+            }
+            _ => anyhow::bail!("store configuration does not match its pool"),
+        };
+        Ok(Some(ConsumerLock(guard)))
+    }
+
+    /// Whether the lock still holds: on PostgreSQL, whether the session it was taken
+    /// on is still up (a lost session has released the advisory lock to another
+    /// instance).
+    pub async fn is_alive(&mut self) -> bool {
+        match &self.0 {
+            LockGuard::Postgres(held) => held.locks.clone().is_alive(held).await,
+            LockGuard::File(_) => true,
+        }
+    }
+
+    pub async fn release(self) {
+        match self.0 {
+            LockGuard::Postgres(mut held) => {
+                let locks = held.locks.clone();
+                locks.release(&mut held).await;
+            }
+            LockGuard::File(file) => {
+                let _ = file.unlock();
+            }
+        }
+    }
+}
+
+fn lock_path(db_path: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let mut file = db_path.as_os_str().to_owned();
+    file.push(format!(
+        ".consumer-{}.lock",
+        crate::consumer::safe_token(name)
+    ));
+    std::path::PathBuf::from(file)
+}
