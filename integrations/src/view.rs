@@ -2,7 +2,7 @@
 //! data or medical content.
 //!
 //! The view is an allow-list over the payload's fields, so a field added to an event
-//! later is private until someone decides otherwise here (DESIGN rule 5).
+//! later is private until someone decides otherwise here (docs/architecture.md rule 5).
 
 use chrono::{DateTime, Utc};
 use eventstore::StoredEvent;

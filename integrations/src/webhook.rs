@@ -4,7 +4,7 @@
 //! POSTs the [`IntegratorEvent`] of every event of a subscribed type, in log order, and
 //! moves its checkpoint after each one. The effect is outside the database, so delivery
 //! is at-least-once (a crash between the POST and the checkpoint delivers again) and
-//! receivers deduplicate by the `AfyaChain-Event-Id` header (DESIGN rule 4). An event
+//! receivers deduplicate by the `AfyaChain-Event-Id` header (docs/architecture.md rule 4). An event
 //! that still fails after [`DeliverySettings::max_attempts`] is parked in
 //! `webhook_failures` so one broken receiver does not stall its own stream forever; an
 //! operator replays parked events with [`request_replay`]. Replayed events arrive

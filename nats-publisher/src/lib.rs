@@ -6,7 +6,7 @@
 //! `{subject_prefix}.{EventType}` and waits for JetStream's acknowledgement before the
 //! runner moves its checkpoint. The message id (`Nats-Msg-Id`) is the event id, so the
 //! events a crash makes the runner apply again are dropped by JetStream's
-//! deduplication (DESIGN rule 4) as long as they come back within the stream's
+//! deduplication (docs/architecture.md rule 4) as long as they come back within the stream's
 //! duplicate window.
 //!
 //! What integrators see is not decided here: the message body is whatever the

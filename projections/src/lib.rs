@@ -1,6 +1,6 @@
 //! Read models of AfyaChain, each maintained by a projection: a [`LogHandler`] run by
 //! a consumer actor over the global log, writing its rows and its checkpoint in one
-//! transaction. Read models are written only here (DESIGN rule 1); [`queries`] reads
+//! transaction. Read models are written only here (docs/architecture.md rule 1); [`queries`] reads
 //! them for the API.
 
 use std::sync::Arc;

@@ -658,7 +658,7 @@ async fn a_store_that_never_answers_holds_up_neither_uploads_nor_readiness_nor_s
 async fn two_instances_on_one_database_replicate_once_and_a_standby_takes_over() {
     let s3 = S3Server::start();
     let vars = with(s3.vars(), FAST);
-    // Both instances share PostgreSQL and the data directory (see the README).
+    // Both instances share PostgreSQL and the data directory (see docs/storage.md, "Several instances").
     let Some(mut app) = TestApp::start_with(Backend::Postgres, &refs(&vars)).await else {
         return;
     };
