@@ -209,7 +209,7 @@ fn describe(status: u16) -> &'static str {
         422 => "Invalid input (body, query or `Idempotency-Key`); `field` names it",
         429 => "Too many attempts (or open streams); see Retry-After",
         502 => "The stored copy failed its integrity check (`integrity_check_failed`): it was not served, and the failure is recorded",
-        503 => "The store or a service the request needs is unavailable (`content_unavailable`: the record's content cannot be fetched now; `payments_unavailable`: M-Pesa is not configured); try again later, see Retry-After",
+        503 => "The store or a service the request needs is unavailable (`store_unavailable`: the event store cannot be reached now; `content_unavailable`: the record's content cannot be fetched now; `payments_unavailable`: M-Pesa is not configured); try again later, see Retry-After",
         _ => "Unexpected failure",
     }
 }

@@ -10,6 +10,9 @@ use domain::value::ValueError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// How long a client is told to wait before trying again while the store is down.
+const STORE_RETRY_AFTER_SECS: u64 = 5;
+
 /// One invalid field of a request.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct FieldError {
@@ -106,13 +109,29 @@ impl Problem {
         Problem::new(StatusCode::FORBIDDEN, code, detail)
     }
 
+    /// The event store does not answer (down, restarting, or saturated).
+    pub fn store_unavailable() -> Problem {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the service cannot reach its data store right now; try again shortly",
+        )
+        .retry_after(STORE_RETRY_AFTER_SECS)
+    }
+
     pub fn not_found(code: &'static str, detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::NOT_FOUND, code, detail)
     }
 
     /// A failure that is not the caller's: logged with its cause chain, answered
     /// without it.
+    /// The event store out of reach is not a fault of ours either, but passing: 503
+    /// `store_unavailable` with `Retry-After`, so clients try again shortly.
     pub fn internal(error: &anyhow::Error) -> Problem {
+        if eventstore::Store::is_unavailable(error) {
+            tracing::warn!(error = format!("{error:#}"), "event store unavailable");
+            return Problem::store_unavailable();
+        }
         tracing::error!(error = format!("{error:#}"), "request failed");
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -361,9 +361,9 @@ impl Commands {
     async fn ensure_phone_free(&self, phone_index: &str) -> Result<(), CommandError> {
         let account = self
             .accounts
-            .load_aggregate(phone_index)
+            .load(phone_index)
             .await
-            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
+            .context("loading an account")?
             .aggregate;
         match account.holder() {
             Some(_) => Err(CommandError::rule(AccountError::PhoneTaken)),
@@ -675,9 +675,9 @@ impl Commands {
     ) -> Result<Option<Actor>, CommandError> {
         let account = self
             .accounts
-            .load_aggregate(phone_index)
+            .load(phone_index)
             .await
-            .map_err(|e| anyhow::anyhow!("loading an account: {e}"))?
+            .context("loading an account")?
             .aggregate;
         let (Some(holder), Some(credential)) = (account.holder(), account.credential()) else {
             verify_nothing(password).await;
@@ -714,9 +714,9 @@ impl Commands {
     async fn session(&self, session_id: Uuid) -> anyhow::Result<Session> {
         Ok(self
             .sessions
-            .load_aggregate(&session_id.to_string())
+            .load(&session_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading a session: {e}"))?
+            .context("loading a session")?
             .aggregate)
     }
 
@@ -791,9 +791,9 @@ impl Commands {
     ) -> anyhow::Result<domain::integrator::Integrator> {
         Ok(self
             .integrators
-            .load_aggregate(&integrator_id.to_string())
+            .load(&integrator_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading an integrator: {e}"))?
+            .context("loading an integrator")?
             .aggregate)
     }
 
@@ -1045,9 +1045,9 @@ impl Commands {
     pub async fn record(&self, record_id: RecordId) -> anyhow::Result<Option<MedicalRecord>> {
         let record = self
             .records
-            .load_aggregate(&record_id.to_string())
+            .load(&record_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading record: {e}"))?
+            .context("loading record")?
             .aggregate;
         Ok(record.id().map(|_| record))
     }
@@ -1283,9 +1283,9 @@ impl Commands {
     pub async fn patient(&self, patient_id: PatientId) -> anyhow::Result<Option<Patient>> {
         let patient = self
             .patients
-            .load_aggregate(&patient_id.to_string())
+            .load(&patient_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading a patient: {e}"))?
+            .context("loading a patient")?
             .aggregate;
         Ok(patient.id().map(|_| patient))
     }
@@ -1342,9 +1342,9 @@ impl Commands {
         let payer_verified = match payer {
             Actor::Doctor(d) => self
                 .doctors
-                .load_aggregate(&d.to_string())
+                .load(&d.to_string())
                 .await
-                .map_err(|e| anyhow::anyhow!("loading a doctor: {e}"))?
+                .context("loading a doctor")?
                 .aggregate
                 .is_verified(),
             _ => false,
@@ -1474,9 +1474,9 @@ impl Commands {
     ) -> anyhow::Result<Option<domain::payment::Payment>> {
         let payment = self
             .payments
-            .load_aggregate(&payment_id.to_string())
+            .load(&payment_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading a payment: {e}"))?
+            .context("loading a payment")?
             .aggregate;
         Ok(payment.id().map(|_| payment))
     }
@@ -1682,9 +1682,9 @@ impl Commands {
     ) -> anyhow::Result<Option<AccessRequest>> {
         let request = self
             .access
-            .load_aggregate(&request_id.to_string())
+            .load(&request_id.to_string())
             .await
-            .map_err(|e| anyhow::anyhow!("loading an access request: {e}"))?
+            .context("loading an access request")?
             .aggregate;
         Ok(request.id().map(|_| request))
     }

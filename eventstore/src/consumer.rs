@@ -477,7 +477,12 @@ impl Handler<CatchUpNow> for ConsumerActor {
                     let failures = actor.failures.load(Ordering::Relaxed).saturating_add(1);
                     actor.failures.store(failures, Ordering::Relaxed);
                     let backoff = failure_backoff(failures);
-                    tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
+                    if Store::is_unavailable(&error) {
+                        // An outage, reported by /readyz; it resumes by itself.
+                        tracing::warn!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "event store unavailable; consumer retrying");
+                    } else {
+                        tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
+                    }
                     actor.schedule(ctx, Some(backoff));
                 }
             }),

@@ -328,13 +328,30 @@ fn store_error<E: std::error::Error>(error: AggregateError<E>) -> ExecuteError<E
         AggregateError::UserError(e) => ExecuteError::Rejected(e),
         AggregateError::AggregateConflict => ExecuteError::Conflict,
         AggregateError::DatabaseConnectionError(e) => {
-            ExecuteError::Store(anyhow::anyhow!(e).context("event store unreachable"))
+            ExecuteError::Store(boxed(e).context("event store unreachable"))
         }
         AggregateError::DeserializationError(e) => {
             ExecuteError::Store(anyhow::anyhow!(e).context("stored events could not be read"))
         }
         AggregateError::UnexpectedError(e) => {
-            ExecuteError::Store(anyhow::anyhow!(e).context("appending events failed"))
+            ExecuteError::Store(boxed(e).context("appending events failed"))
         }
+    }
+}
+
+/// A cqrs-es error outside a command (a load) as an `anyhow::Error`, its cause kept.
+pub(crate) fn aggregate_error<E: std::error::Error>(error: AggregateError<E>) -> anyhow::Error {
+    match store_error(error) {
+        ExecuteError::Store(e) => e,
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+/// A boxed cause from cqrs-es, kept as its `sqlx::Error` when it is one, so that
+/// [`Store::is_unavailable`] can tell an outage from a fault.
+fn boxed(error: Box<dyn std::error::Error + Send + Sync>) -> anyhow::Error {
+    match error.downcast::<sqlx::Error>() {
+        Ok(sqlx) => anyhow::Error::from(*sqlx),
+        Err(other) => anyhow::anyhow!(other),
     }
 }

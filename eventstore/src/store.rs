@@ -137,7 +137,7 @@ impl Store {
                     .disable_statement_logging();
                 let pool = PgPoolOptions::new()
                     .max_connections(pg_pool_size())
-                    .acquire_timeout(Duration::from_secs(10))
+                    .acquire_timeout(pg_acquire_timeout())
                     .connect_with(options)
                     .await
                     .context("connecting to PostgreSQL (DATABASE_URL)")?;
@@ -148,7 +148,7 @@ impl Store {
                     .context("creating the PostgreSQL schema")?;
                 let any = AnyPoolOptions::new()
                     .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(10))
+                    .acquire_timeout(pg_acquire_timeout())
                     .connect(url)
                     .await
                     .context("connecting the read-model pool to PostgreSQL")?;
@@ -236,6 +236,16 @@ impl Store {
     }
 
     /// Whether the database answers (readiness).
+    /// Whether `error` is the store being out of reach (down, restarting, refusing
+    /// connections, or every connection busy past the acquire timeout) rather than a
+    /// fault of the request: the caller answers 503 and the client tries again.
+    pub fn is_unavailable(error: &anyhow::Error) -> bool {
+        error
+            .chain()
+            .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+            .any(sqlx_unavailable)
+    }
+
     pub async fn ping(&self) -> anyhow::Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.any)
@@ -252,6 +262,35 @@ impl Store {
         }
         self.any.close().await;
     }
+}
+
+/// See [`Store::is_unavailable`].
+pub(crate) fn sqlx_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (class 08), the server shutting down or starting
+        // (57P01–57P03), too many connections (53300).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// How long a request waits for a PostgreSQL connection before the store counts as
+/// unavailable (`AFYA_PG_ACQUIRE_TIMEOUT_MS`, default 1.5 s): a stopped database then
+/// answers 503 within 2 s instead of a pool retrying its connects for 10 s.
+fn pg_acquire_timeout() -> Duration {
+    let ms = std::env::var("AFYA_PG_ACQUIRE_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| (1..=60_000).contains(ms))
+        .unwrap_or(1_500);
+    Duration::from_millis(ms)
 }
 
 fn pg_pool_size() -> u32 {
@@ -323,6 +362,14 @@ impl<A: Aggregate> AggregateStore<A> {
             }
             cache.insert(aggregate_id.to_owned(), (aggregate, sequence));
         }
+    }
+
+    /// Loads the aggregate from its events. An error keeps its `sqlx::Error`, so that
+    /// an unreachable store shows as one ([`Store::is_unavailable`]).
+    pub async fn load(&self, aggregate_id: &str) -> anyhow::Result<EventStoreAggregateContext<A>> {
+        self.load_aggregate(aggregate_id)
+            .await
+            .map_err(crate::execute::aggregate_error)
     }
 
     pub(crate) fn forget(&self, aggregate_id: &str) {

@@ -46,11 +46,7 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
         }))),
         Err(error) => {
             tracing::warn!(error = format!("{error:#}"), "not ready");
-            Err(Problem::new(
-                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-                "store_unreachable",
-                "the event store is not reachable",
-            ))
+            Err(Problem::store_unavailable())
         }
     }
 }

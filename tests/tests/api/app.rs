@@ -109,8 +109,13 @@ impl TestApp {
 
     pub async fn start_with(backend: Backend, vars: &[(&str, &str)]) -> Option<TestApp> {
         let env = Env::new(backend).await?;
+        Some(TestApp::start_on(env, vars))
+    }
+
+    /// Serves over `env` (a store the test prepared).
+    pub fn start_on(env: Env, vars: &[(&str, &str)]) -> TestApp {
         let server = env.serve_with(vars);
-        Some(TestApp {
+        TestApp {
             env,
             server,
             http: reqwest::Client::builder()
@@ -119,7 +124,7 @@ impl TestApp {
                 .unwrap(),
             next_phone: std::sync::atomic::AtomicU32::new(0),
             earlier_logs: String::new(),
-        })
+        }
     }
 
     /// Stops the server with `signal` (`TERM`: it must exit cleanly; `KILL`: it dies

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use eventstore::Backend;
 
-use crate::app::TestApp;
+use crate::app::{password_of, Resp, TestApp};
+use crate::support::pg::OwnPostgres;
+use crate::support::Env;
 
 /// A NATS server of the test's own (JetStream on, its store in a temporary directory)
 /// on a loopback port, which the test can kill and start again on the same port.
@@ -219,4 +221,149 @@ async fn nats_outage(backend: Backend) {
     let messages = info.info().await.unwrap().state.messages;
     assert_eq!(messages, total, "one message per event");
     app.stop().await;
+}
+
+/// One request while the store is down: 503 problem+json `store_unavailable` with a
+/// `Retry-After`, quickly. Returns how long it took.
+async fn unavailable(
+    app: &TestApp,
+    what: &str,
+    request: impl std::future::Future<Output = Resp>,
+) -> Duration {
+    let started = Instant::now();
+    let resp = request.await;
+    let took = started.elapsed();
+    if resp.status != 503 {
+        let logs = app.server.logs();
+        let failed: Vec<&str> = logs.lines().rev().take(12).collect();
+        panic!(
+            "{what}: {} {}\n{}",
+            resp.status,
+            resp.text(),
+            failed.join("\n")
+        );
+    }
+    resp.problem(503, "store_unavailable");
+    let retry: u64 = resp
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no Retry-After"));
+    assert!((1..=60).contains(&retry), "{what}: Retry-After {retry}");
+    took
+}
+
+/// PostgreSQL stopped under a running server (its own cluster, cut at once as in a
+/// crash): every request that needs the store answers 503 `store_unavailable` with
+/// `Retry-After` within 2 s, `/readyz` says so, `/healthz` stays up; started again, the
+/// server serves by itself, its consumers resume, and nothing acknowledged was lost.
+#[actix_rt::test]
+async fn with_postgres_down_requests_answer_503_at_once_and_work_resumes_when_it_returns() {
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let app = TestApp::start_on(Env::on_postgres(pg.url()), &[]);
+    let w = app.world().await;
+    let before = app
+        .upload(
+            &w.patient.token,
+            &w.patient.id,
+            "category=lab",
+            "application/pdf",
+            b"%PDF-1.4 before the outage",
+        )
+        .await
+        .ok(201);
+    let before = before["record_id"].as_str().unwrap().to_owned();
+    let list = format!("/v1/patients/{}/records", w.patient.id);
+
+    pg.down();
+    let mut slowest = Duration::ZERO;
+    for round in 0..3 {
+        let took = [
+            unavailable(
+                &app,
+                "upload",
+                app.upload(
+                    &w.patient.token,
+                    &w.patient.id,
+                    "category=lab",
+                    "application/pdf",
+                    format!("%PDF-1.4 during the outage {round}").as_bytes(),
+                ),
+            )
+            .await,
+            unavailable(&app, "list", app.get(&list, Some(&w.patient.token))).await,
+            unavailable(
+                &app,
+                "read",
+                app.get(&format!("/v1/records/{before}"), Some(&w.patient.token)),
+            )
+            .await,
+            unavailable(
+                &app,
+                "sign-in",
+                app.post(
+                    "/v1/sessions",
+                    None,
+                    serde_json::json!({"phone": w.patient.phone, "password": password_of(&w.patient.phone)}),
+                ),
+            )
+            .await,
+            unavailable(&app, "readyz", app.get("/readyz", None)).await,
+        ];
+        slowest = took.into_iter().fold(slowest, Duration::max);
+    }
+    println!("with PostgreSQL down, the slowest answer took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest answer {slowest:?}"
+    );
+    app.get("/healthz", None).await.ok(200);
+
+    // Back: the server serves again by itself, and what it acknowledged is there.
+    pg.up();
+    let started = Instant::now();
+    let after = loop {
+        let resp = app
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab",
+                "application/pdf",
+                b"%PDF-1.4 after the outage",
+            )
+            .await;
+        if resp.status == 201 {
+            break resp.json();
+        }
+        assert_eq!(resp.status, 503, "{}", resp.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let after = after["record_id"].as_str().unwrap().to_owned();
+    let listed = app.get(&list, Some(&w.patient.token)).await.ok(200);
+    let ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .filter_map(|r| r["record_id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&before.as_str()) && ids.contains(&after.as_str()),
+        "{listed}"
+    );
+    assert_eq!(ids.len(), 2, "nothing refused was written: {listed}");
+    app.get("/readyz", None).await.ok(200);
+    let logs = app.stop().await;
+    assert!(
+        !logs.contains("request failed"),
+        "an outage was answered as a fault: {}",
+        logs.lines()
+            .find(|l| l.contains("request failed"))
+            .unwrap_or_default()
+    );
+    drop(pg);
 }

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod pg;
 pub mod s3;
 pub mod zksync;
 
@@ -47,6 +48,20 @@ impl Env {
             admin_url,
             db_name,
         })
+    }
+
+    /// An environment on an existing PostgreSQL database (a test's own cluster), which
+    /// the test removes itself.
+    pub fn on_postgres(url: String) -> Env {
+        let data_dir = std::env::temp_dir().join(format!("afya-e2e-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        Env {
+            backend: Backend::Postgres,
+            data_dir,
+            database_url: Some(url),
+            admin_url: None,
+            db_name: None,
+        }
     }
 
     /// Drops the test database and the data directory.
