@@ -86,14 +86,15 @@ enum ChainCommand {
 
 #[derive(Subcommand)]
 enum ConsumersCommand {
-    /// Show every consumer's checkpoint and lag, the blobs waiting to be copied to
-    /// remote storage, and the dead-letter list.
+    /// Show every consumer's checkpoint and lag, the jobs every worker has waiting
+    /// (blobs to copy, chain transactions, M-Pesa pushes), and the dead-letter list.
     Status,
     /// Requeue dead letters. Takes effect in a running server at its next round.
     Retry {
-        /// Which consumer's dead letters: `storage`.
+        /// Which worker's dead letters: `storage`, `chain` or `mpesa`.
         consumer: String,
-        /// Only these records (repeatable); all dead letters if none is given.
+        /// Only these subjects (a record id for `storage`; repeatable); all of the
+        /// worker's dead letters if none is given.
         #[arg(long = "record")]
         records: Vec<String>,
     },
@@ -350,24 +351,21 @@ async fn consumers_command(
     storage: &chain_adapter::storage::Storage,
     command: ConsumersCommand,
 ) -> anyhow::Result<()> {
-    use chain_adapter::storage::queue;
+    use eventstore::jobs;
     let pool = store.any_pool();
-    queue::ensure_schema(pool).await?;
+    chain_adapter::storage::queue::ensure_schema(store).await?;
     match command {
         ConsumersCommand::Status => {
             let end = store.log_end().await?;
             println!("log: last position {}", end.position);
-            let checkpoints: Vec<(String, i64, String)> = sqlx::query_as(
-                "SELECT name, position, updated_at FROM consumer_checkpoints ORDER BY name",
-            )
-            .fetch_all(pool)
-            .await
-            .context("reading consumer checkpoints")?;
             println!("consumers:");
-            for (name, position, updated_at) in checkpoints {
+            for checkpoint in eventstore::consumer::checkpoints(pool).await? {
                 println!(
-                    "  {name:<20} position {position:<10} behind {:<8} updated {updated_at}",
-                    (end.position - position).max(0)
+                    "  {:<20} position {:<10} behind {:<8} updated {}",
+                    checkpoint.name,
+                    checkpoint.position,
+                    (end.position - checkpoint.position).max(0),
+                    checkpoint.updated_at
                 );
             }
             match storage.backend() {
@@ -383,19 +381,29 @@ async fn consumers_command(
                     println!("storage: {backend}, remote {remote}");
                 }
             }
-            for count in queue::counts(pool).await? {
-                println!("  {:<28} {:<8} {}", count.backend, count.state, count.jobs);
+            let counts = jobs::counts(pool).await?;
+            if counts.is_empty() {
+                println!("jobs: none waiting");
+            } else {
+                println!("jobs (worker, kind, state, how many):");
+                for count in counts {
+                    println!(
+                        "  {:<8} {:<28} {:<8} {}",
+                        count.worker, count.kind, count.state, count.jobs
+                    );
+                }
             }
-            let troubled = queue::troubled(pool, 100).await?;
+            let troubled = jobs::troubled(pool, 100).await?;
             if troubled.is_empty() {
                 println!("dead letters: none");
             } else {
-                println!("dead letters and failing blobs:");
+                println!("dead letters and failing jobs:");
                 for job in troubled {
                     println!(
-                        "  {} {} {} attempts {} updated {}: {}",
-                        job.record_id,
-                        job.backend,
+                        "  {} {} {} {} attempts {} updated {}: {}",
+                        job.worker,
+                        job.kind,
+                        job.subject,
                         job.state,
                         job.attempts,
                         job.updated_at,
@@ -406,16 +414,33 @@ async fn consumers_command(
             Ok(())
         }
         ConsumersCommand::Retry { consumer, records } => {
-            if consumer != "storage" {
-                anyhow::bail!("no consumer with dead letters named {consumer}; known: storage");
-            }
-            let mut ids = Vec::with_capacity(records.len());
+            const WORKERS: [&str; 3] = [
+                chain_adapter::storage::queue::WORKER,
+                chain_adapter::chain::minter::WORKER,
+                mpesa_adapter::worker::WORKER,
+            ];
+            let Some(worker) = WORKERS.into_iter().find(|w| *w == consumer) else {
+                anyhow::bail!(
+                    "no worker with dead letters named {consumer}; known: {}",
+                    WORKERS.join(", ")
+                );
+            };
+            let mut subjects = Vec::with_capacity(records.len());
             for raw in &records {
-                let id = domain::ids::RecordId::parse(raw.trim())
-                    .map_err(|_| anyhow::anyhow!("{raw} is not a record id"))?;
-                ids.push(id.to_string());
+                let raw = raw.trim();
+                let subject = match worker {
+                    "storage" => domain::ids::RecordId::parse(raw)
+                        .map(|id| id.to_string())
+                        .map_err(|_| anyhow::anyhow!("{raw} is not a record id"))?,
+                    "mpesa" => domain::ids::PaymentId::parse(raw)
+                        .map(|id| id.to_string())
+                        .map_err(|_| anyhow::anyhow!("{raw} is not a payment id"))?,
+                    // A record, an access request, or a range of the log (`from-to`).
+                    _ => raw.to_owned(),
+                };
+                subjects.push(subject);
             }
-            let requeued = queue::retry(pool, &ids).await?;
+            let requeued = jobs::retry(pool, worker, &subjects).await?;
             println!("requeued {requeued} dead letter(s)");
             Ok(())
         }

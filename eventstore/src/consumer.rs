@@ -290,6 +290,33 @@ pub async fn load_checkpoint(pool: &sqlx::AnyPool, name: &str) -> anyhow::Result
     Ok(LogCursor { tx, position })
 }
 
+/// The checkpoint of consumer `name`, if it has one yet.
+pub async fn checkpoint_of(pool: &sqlx::AnyPool, name: &str) -> anyhow::Result<Option<LogCursor>> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(pool)
+            .await
+            .context("reading a consumer checkpoint")?;
+    Ok(row.map(|(tx, position)| LogCursor { tx, position }))
+}
+
+/// A consumer's stored checkpoint, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Checkpoint {
+    pub name: String,
+    pub position: i64,
+    pub updated_at: String,
+}
+
+/// Every consumer's checkpoint, by name.
+pub async fn checkpoints(pool: &sqlx::AnyPool) -> anyhow::Result<Vec<Checkpoint>> {
+    sqlx::query_as("SELECT name, position, updated_at FROM consumer_checkpoints ORDER BY name")
+        .fetch_all(pool)
+        .await
+        .context("reading consumer checkpoints")
+}
+
 /// The pause after the `failures`-th failure in a row of a log reader: doubling from
 /// 200 ms, at most 30 s.
 pub fn failure_backoff(failures: u32) -> Duration {

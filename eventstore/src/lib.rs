@@ -9,6 +9,7 @@
 
 pub mod consumer;
 pub mod execute;
+pub mod jobs;
 pub mod locks;
 pub mod log;
 pub mod notify;

@@ -794,3 +794,114 @@ async fn consumer_locks_share_one_session_and_die_with_it() {
     drop(taken);
     t.cleanup().await.unwrap();
 }
+
+/// The one job queue: a job queued twice is one row; due jobs come in queue order,
+/// not before their time; an outcome is recorded only from the state it was read in;
+/// dead letters are requeued per worker; an old work list is moved in and dropped.
+#[actix_rt::test]
+async fn the_job_queue_keeps_one_row_per_job_and_its_dead_letters() {
+    use eventstore::jobs::{self, NewJob, Outcome};
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let pool = t.store.any_pool();
+        let job = |subject: &'static str, position: i64| NewJob {
+            worker: "chain",
+            kind: "grant",
+            subject,
+            event_id: Some("e"),
+            payload: Some("{}"),
+            position,
+        };
+        assert!(jobs::enqueue(pool, &job("b", 2)).await.unwrap());
+        assert!(jobs::enqueue(pool, &job("a", 1)).await.unwrap());
+        assert!(
+            !jobs::enqueue(pool, &job("a", 1)).await.unwrap(),
+            "{backend:?}"
+        );
+        let other = NewJob {
+            worker: "mpesa",
+            kind: "push",
+            ..job("a", 3)
+        };
+        assert!(jobs::enqueue(pool, &other).await.unwrap());
+        let due = jobs::due(pool, "chain", None, 10).await.unwrap();
+        let subjects: Vec<&str> = due.iter().map(|j| j.subject.as_str()).collect();
+        assert_eq!(subjects, ["a", "b"], "{backend:?}");
+        assert!(jobs::is_pending(pool, "chain", "grant", "a").await.unwrap());
+
+        // A failure puts it off: not due until its time.
+        let first = &due[0];
+        let later = Outcome {
+            state: "pending",
+            attempts: 1,
+            next_attempt_at: jobs::after(Duration::from_secs(3600)),
+            error: "node down",
+        };
+        assert!(jobs::record(pool, first, &later).await.unwrap());
+        let due = jobs::due(pool, "chain", Some("grant"), 10).await.unwrap();
+        assert_eq!(due.len(), 1, "{backend:?}");
+        // Recorded from a state it is no longer in: nothing changes.
+        let mut stale = first.clone();
+        stale.state = "sending".into();
+        assert!(!jobs::record(pool, &stale, &later).await.unwrap());
+        // Marked out, then dead.
+        assert!(jobs::mark(pool, &due[0], "sending").await.unwrap());
+        assert_eq!(
+            jobs::in_state(pool, "chain", "sending")
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let mut out = due[0].clone();
+        out.state = "sending".into();
+        let dead = Outcome {
+            state: "dead",
+            attempts: 5,
+            next_attempt_at: 0,
+            error: "reverted",
+        };
+        assert!(jobs::record(pool, &out, &dead).await.unwrap());
+        let troubled = jobs::troubled(pool, 10).await.unwrap();
+        assert_eq!(troubled.len(), 2, "{backend:?}");
+        assert_eq!(troubled[0].last_error.as_deref(), Some("reverted"));
+        // Requeued per worker: another worker's are not touched.
+        assert_eq!(jobs::retry(pool, "mpesa", &[]).await.unwrap(), 0);
+        assert_eq!(jobs::retry(pool, "chain", &["b".into()]).await.unwrap(), 1);
+        let due = jobs::due(pool, "chain", None, 10).await.unwrap();
+        assert_eq!((due.len(), due[0].attempts), (1, 0), "{backend:?}");
+        jobs::finish(pool, &due[0]).await.unwrap();
+        let counts = jobs::counts(pool).await.unwrap();
+        let rows: Vec<(&str, &str, i64)> = counts
+            .iter()
+            .map(|c| (c.worker.as_str(), c.state.as_str(), c.jobs))
+            .collect();
+        assert_eq!(rows, [("chain", "pending", 1), ("mpesa", "pending", 1)]);
+
+        // An old work list is moved in once, and dropped.
+        sqlx::query("CREATE TABLE old_jobs (id TEXT, position BIGINT)")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO old_jobs VALUES ('x', 9), ('a', 3)")
+            .execute(pool)
+            .await
+            .unwrap();
+        let select = "SELECT 'mpesa', 'push', id, NULL, NULL, position, 'pending', 0, 0, \
+                      NULL, '' FROM old_jobs";
+        let moved = jobs::adopt(pool, backend, "old_jobs", select)
+            .await
+            .unwrap();
+        assert_eq!(moved, 1, "{backend:?}: the job queued already is kept once");
+        assert_eq!(
+            jobs::adopt(pool, backend, "old_jobs", select)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(jobs::due(pool, "mpesa", None, 10).await.unwrap().len(), 2);
+        t.cleanup().await.unwrap();
+    }
+}

@@ -1,7 +1,7 @@
 //! Payments from the log to the customer's phone, and back.
 //!
 //! [`PaymentIntake`] (log consumer `mpesa_intake`) lists every `PaymentRequested` in
-//! `mpesa_jobs`, in the transaction that moves its checkpoint. The [`Worker`] (one
+//! the job queue (worker `mpesa`), in the transaction that moves its checkpoint. The [`Worker`] (one
 //! active instance, lock `mpesa_worker`) pushes each listed payment at most once:
 //!
 //! 1. the job is marked `sending` before the STK Push leaves, so a run killed while it
@@ -28,6 +28,7 @@ use domain::actor::Actor;
 use domain::ids::PaymentId;
 use domain::payment::{PaymentCommand, SettledBy};
 use eventstore::consumer::ReadModelTx;
+use eventstore::jobs::{self, Job, NewJob};
 use eventstore::{Backend, ConsumerLock, LogHandler, Store, StoredEvent};
 use tokio::sync::watch;
 
@@ -36,8 +37,23 @@ use crate::daraja::{Daraja, DarajaError, StkPush, StkStatus};
 /// The worker's consumer lock.
 pub const LOCK_NAME: &str = "mpesa_worker";
 
+/// The worker's name in the job queue.
+pub const WORKER: &str = "mpesa";
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Moves the work list of versions before the shared job queue (`mpesa_jobs`) into it.
+async fn adopt_old_jobs(store: &Store) -> anyhow::Result<u64> {
+    jobs::adopt(
+        store.any_pool(),
+        store.backend(),
+        "mpesa_jobs",
+        "SELECT 'mpesa', 'push', payment_id, NULL, NULL, position, state, attempts, \
+         next_attempt_at, last_error, '' FROM mpesa_jobs",
+    )
+    .await
 }
 
 /// Lists requested payments for the worker.
@@ -51,15 +67,6 @@ impl LogHandler for PaymentIntake {
 
     fn schema(&self, _: Backend) -> Vec<String> {
         vec![
-            "CREATE TABLE IF NOT EXISTS mpesa_jobs (
-                payment_id TEXT PRIMARY KEY,
-                state TEXT NOT NULL,
-                attempts BIGINT NOT NULL,
-                next_attempt_at BIGINT NOT NULL,
-                last_error TEXT,
-                position BIGINT NOT NULL
-            )"
-            .into(),
             // Daraja's CheckoutRequestID of each accepted push, written before the
             // acceptance is recorded: the callback finds its payment here at once, and a
             // run that died before recording the acceptance records it after.
@@ -88,15 +95,18 @@ impl LogHandler for PaymentIntake {
         if event.aggregate_type != "payment" || event.event_type != "PaymentRequested" {
             return Ok(());
         }
-        sqlx::query(
-            "INSERT INTO mpesa_jobs (payment_id, state, attempts, next_attempt_at, last_error, \
-             position) VALUES ($1, 'pending', 0, 0, NULL, $2) ON CONFLICT (payment_id) DO NOTHING",
-        )
-        .bind(event.aggregate_id.clone())
-        .bind(event.position)
-        .execute(&mut **tx)
-        .await
-        .context("listing a payment to push")?;
+        let event_id = event.event_id.to_string();
+        let job = NewJob {
+            worker: WORKER,
+            kind: "push",
+            subject: &event.aggregate_id,
+            event_id: Some(&event_id),
+            payload: None,
+            position: event.position,
+        };
+        jobs::enqueue(&mut **tx, &job)
+            .await
+            .context("listing a payment to push")?;
         Ok(())
     }
 }
@@ -120,12 +130,6 @@ pub struct Worker {
 
 const MIN_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
-
-#[derive(sqlx::FromRow)]
-struct Job {
-    payment_id: String,
-    attempts: i64,
-}
 
 impl Worker {
     pub fn new(
@@ -159,6 +163,9 @@ impl Worker {
                     Ok(Some(taken)) => {
                         tracing::info!("M-Pesa worker active");
                         lock = Some(taken);
+                        if let Err(error) = adopt_old_jobs(&self.store).await {
+                            tracing::warn!(error = %format!("{error:#}"), "moving old M-Pesa jobs failed");
+                        }
                         if let Err(error) = self.recover().await {
                             tracing::warn!(error = %format!("{error:#}"), "recovering M-Pesa jobs failed");
                         }
@@ -205,16 +212,12 @@ impl Worker {
     /// Jobs a killed run left `sending`: the push may have reached Daraja, so it is
     /// never sent again; the payment is recorded as failed with an unknown outcome.
     async fn recover(&self) -> anyhow::Result<()> {
-        let stuck: Vec<Job> =
-            sqlx::query_as("SELECT payment_id, attempts FROM mpesa_jobs WHERE state = 'sending'")
-                .fetch_all(self.store.any_pool())
-                .await
-                .context("reading jobs left sending")?;
+        let stuck = jobs::in_state(self.store.any_pool(), WORKER, "sending").await?;
         for job in stuck {
             if self.record_known_checkout(&job).await? {
                 continue;
             }
-            tracing::warn!(payment_id = %job.payment_id, "an STK Push was out when the last run stopped; not sending it again");
+            tracing::warn!(payment_id = %job.subject, "an STK Push was out when the last run stopped; not sending it again");
             self.fail_unknown(&job, "the last run stopped while the STK Push was out")
                 .await?;
         }
@@ -224,25 +227,10 @@ impl Worker {
     async fn round(&self, stop: &watch::Receiver<bool>) -> anyhow::Result<()> {
         let pool = self.store.any_pool();
         // Acceptances a failed write left unrecorded.
-        let accepted: Vec<Job> = sqlx::query_as(
-            "SELECT payment_id, attempts FROM mpesa_jobs WHERE state = 'sending' \
-             AND payment_id IN (SELECT payment_id FROM mpesa_checkouts)",
-        )
-        .fetch_all(pool)
-        .await
-        .context("reading unrecorded acceptances")?;
-        for job in accepted {
+        for job in jobs::in_state(pool, WORKER, "sending").await? {
             self.record_known_checkout(&job).await?;
         }
-        let due: Vec<Job> = sqlx::query_as(
-            "SELECT payment_id, attempts FROM mpesa_jobs \
-             WHERE state = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at, position LIMIT 32",
-        )
-        .bind(now_ms())
-        .fetch_all(pool)
-        .await
-        .context("reading due payments")?;
+        let due = jobs::due(pool, WORKER, None, 32).await?;
         for job in due {
             if *stop.borrow() {
                 return Ok(());
@@ -254,7 +242,7 @@ impl Worker {
                 Err(error) => {
                     // One payment's trouble holds up no other: it waits a while.
                     let error = format!("{error:#}");
-                    tracing::warn!(payment_id = %job.payment_id, error = %error, "pushing a payment failed; it waits");
+                    tracing::warn!(payment_id = %job.subject, error = %error, "pushing a payment failed; it waits");
                     self.put_off(&job, &error, "pending").await?;
                 }
             }
@@ -272,18 +260,15 @@ impl Worker {
         let pause = MIN_PAUSE
             .saturating_mul(1 << attempts.clamp(0, 6) as u32)
             .min(MAX_PAUSE);
-        sqlx::query(
-            "UPDATE mpesa_jobs SET state = 'pending', attempts = $1, next_attempt_at = $2, \
-             last_error = $3 WHERE payment_id = $4 AND state = $5",
-        )
-        .bind(attempts)
-        .bind(now_ms() + i64::try_from(pause.as_millis()).unwrap_or(60_000))
-        .bind(error.to_owned())
-        .bind(job.payment_id.clone())
-        .bind(from.to_owned())
-        .execute(self.store.any_pool())
-        .await
-        .context("putting a payment off")?;
+        let mut held = job.clone();
+        held.state = from.to_owned();
+        let outcome = jobs::Outcome {
+            state: "pending",
+            attempts,
+            next_attempt_at: jobs::after(pause),
+            error,
+        };
+        jobs::record(self.store.any_pool(), &held, &outcome).await?;
         Ok(pause)
     }
 
@@ -294,14 +279,14 @@ impl Worker {
             "SELECT checkout_request_id, merchant_request_id FROM mpesa_checkouts \
              WHERE payment_id = $1",
         )
-        .bind(job.payment_id.clone())
+        .bind(job.subject.clone())
         .fetch_optional(self.store.any_pool())
         .await
         .context("reading a kept CheckoutRequestID")?;
         let Some((checkout_request_id, merchant_request_id)) = kept else {
             return Ok(false);
         };
-        let payment_id = PaymentId::parse(&job.payment_id)
+        let payment_id = PaymentId::parse(&job.subject)
             .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
         self.accept(payment_id, merchant_request_id, checkout_request_id)
             .await?;
@@ -339,7 +324,7 @@ impl Worker {
     /// Pushes one payment; `false` when Daraja is unavailable.
     async fn push(&self, job: &Job) -> anyhow::Result<bool> {
         let pool = self.store.any_pool();
-        let payment_id = PaymentId::parse(&job.payment_id)
+        let payment_id = PaymentId::parse(&job.subject)
             .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
         let Some(payment) = self.commands.payment(payment_id).await? else {
             self.finish(job).await?;
@@ -361,17 +346,10 @@ impl Worker {
             return Ok(true);
         };
         // Out of the door: from here on, never again.
-        let marked = sqlx::query(
-            "UPDATE mpesa_jobs SET state = 'sending' WHERE payment_id = $1 AND state = 'pending'",
-        )
-        .bind(job.payment_id.clone())
-        .execute(pool)
-        .await
-        .context("marking a payment sending")?;
-        if marked.rows_affected() != 1 {
+        if !jobs::mark(pool, job, "sending").await? {
             return Ok(true);
         }
-        let reference = job.payment_id.replace('-', "");
+        let reference = job.subject.replace('-', "");
         let push = StkPush {
             amount_kes: payment.amount_kes(),
             phone,
@@ -388,7 +366,7 @@ impl Worker {
                 )
                 .bind(accepted.checkout_request_id.clone())
                 .bind(accepted.merchant_request_id.clone())
-                .bind(job.payment_id.clone())
+                .bind(job.subject.clone())
                 .execute(pool)
                 .await
                 .context("keeping a CheckoutRequestID")?;
@@ -432,7 +410,7 @@ impl Worker {
     }
 
     async fn fail_unknown(&self, job: &Job, why: &str) -> anyhow::Result<()> {
-        let payment_id = PaymentId::parse(&job.payment_id)
+        let payment_id = PaymentId::parse(&job.subject)
             .map_err(|_| anyhow::anyhow!("a listed payment id is not an id"))?;
         self.fail_push(payment_id, "unknown_outcome".into(), why.to_owned())
             .await?;
@@ -469,12 +447,9 @@ impl Worker {
     }
 
     async fn finish(&self, job: &Job) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM mpesa_jobs WHERE payment_id = $1")
-            .bind(job.payment_id.clone())
-            .execute(self.store.any_pool())
+        jobs::finish(self.store.any_pool(), job)
             .await
-            .context("finishing a payment job")?;
-        Ok(())
+            .context("finishing a payment job")
     }
 
     /// Asks Daraja about payments whose callback is overdue, and settles them. Each is

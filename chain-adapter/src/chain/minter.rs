@@ -8,7 +8,7 @@
 //!   (`ConsentRevokedOnChain`).
 //!
 //! [`ChainIntake`] is a checkpointed log consumer that writes the work list
-//! (`chain_jobs`) in the same transaction as its checkpoint; [`ChainWriter`] (one
+//! (the job queue, worker `chain`) in the same transaction as its checkpoint; [`ChainWriter`] (one
 //! active instance, lock `chain_writer`) works through it, one transaction at a time.
 //! Before sending, it asks the contract whether the originating event id was already
 //! processed and, if so, records the transaction that did it: killed anywhere or
@@ -29,6 +29,7 @@ use commands::Commands;
 use domain::ids::RecordId;
 use domain::record::ChainTx;
 use eventstore::consumer::ReadModelTx;
+use eventstore::jobs::{self, Job, NewJob};
 use eventstore::{Backend, ConsumerLock, LogCursor, LogHandler, Store, StoredEvent};
 use tokio::sync::{watch, Mutex};
 
@@ -43,13 +44,8 @@ use domain::ids::AccessRequestId;
 /// The writer's consumer lock.
 pub const LOCK_NAME: &str = "chain_writer";
 
-fn now_text() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+/// The writer's name in the job queue.
+pub const WORKER: &str = "chain";
 
 /// Queues chain work from the log: a mint for each record's first `RecordStored`, a
 /// grant or revoke for each consent decision, and an anchor every `anchor_every`
@@ -69,21 +65,6 @@ impl LogHandler for ChainIntake {
 
     fn schema(&self, _: Backend) -> Vec<String> {
         vec![
-            "CREATE TABLE IF NOT EXISTS chain_jobs (
-                kind TEXT NOT NULL,
-                subject TEXT NOT NULL,
-                event_id TEXT NOT NULL,
-                position BIGINT NOT NULL,
-                state TEXT NOT NULL,
-                attempts BIGINT NOT NULL,
-                next_attempt_at BIGINT NOT NULL,
-                last_error TEXT,
-                updated_at TEXT NOT NULL,
-                PRIMARY KEY (kind, subject)
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS chain_jobs_due ON chain_jobs (state, next_attempt_at)"
-                .into(),
             "CREATE TABLE IF NOT EXISTS chain_log_leaves (
                 position BIGINT PRIMARY KEY,
                 ordinal BIGINT NOT NULL UNIQUE,
@@ -112,22 +93,18 @@ impl LogHandler for ChainIntake {
             ("access_request", "AccessRevoked" | "AccessExpired") => "revoke",
             _ => return Ok(()),
         };
-        {
-            sqlx::query(
-                "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
-                 next_attempt_at, last_error, updated_at) \
-                 VALUES ($5, $1, $2, $3, 'pending', 0, 0, NULL, $4) \
-                 ON CONFLICT (kind, subject) DO NOTHING",
-            )
-            .bind(event.aggregate_id.clone())
-            .bind(event.event_id.to_string())
-            .bind(event.position)
-            .bind(now_text())
-            .bind(kind)
-            .execute(&mut **tx)
+        let event_id = event.event_id.to_string();
+        let job = NewJob {
+            worker: WORKER,
+            kind,
+            subject: &event.aggregate_id,
+            event_id: Some(&event_id),
+            payload: None,
+            position: event.position,
+        };
+        jobs::enqueue(&mut **tx, &job)
             .await
             .context("queueing chain work")?;
-        }
         Ok(())
     }
 }
@@ -178,39 +155,22 @@ impl ChainIntake {
             .execute(&mut **tx)
             .await
             .context("keeping an anchored range")?;
-            sqlx::query(
-                "INSERT INTO chain_jobs (kind, subject, event_id, position, state, attempts, \
-                 next_attempt_at, last_error, updated_at) \
-                 VALUES ('anchor', $1, $2, $3, 'pending', 0, 0, NULL, $4) \
-                 ON CONFLICT (kind, subject) DO NOTHING",
-            )
-            .bind(format!("{from}-{to}"))
-            .bind(event.event_id.to_string())
-            .bind(event.position)
-            .bind(now_text())
-            .execute(&mut **tx)
-            .await
-            .context("queueing an anchor")?;
+            let (subject, event_id) = (format!("{from}-{to}"), event.event_id.to_string());
+            let job = NewJob {
+                worker: WORKER,
+                kind: "anchor",
+                subject: &subject,
+                event_id: Some(&event_id),
+                payload: None,
+                position: event.position,
+            };
+            jobs::enqueue(&mut **tx, &job)
+                .await
+                .context("queueing an anchor")?;
             from = to + 1;
         }
         Ok(())
     }
-}
-
-#[derive(Clone, Debug, sqlx::FromRow)]
-struct Job {
-    kind: String,
-    subject: String,
-    event_id: String,
-    attempts: i64,
-}
-
-/// Counts per state of the chain work list.
-pub async fn job_counts(pool: &sqlx::AnyPool) -> anyhow::Result<Vec<(String, i64)>> {
-    sqlx::query_as("SELECT state, COUNT(*) FROM chain_jobs GROUP BY state ORDER BY state")
-        .fetch_all(pool)
-        .await
-        .context("counting chain jobs")
 }
 
 enum Failure {
@@ -275,6 +235,15 @@ impl Writer {
             .map_err(|_| anyhow::anyhow!("taking the chain writer lock timed out"))??;
             match taken {
                 Some(lock) => {
+                    // The work list of versions before the shared job queue.
+                    jobs::adopt(
+                        self.store.any_pool(),
+                        self.store.backend(),
+                        "chain_jobs",
+                        "SELECT 'chain', kind, subject, event_id, NULL, position, state, \
+                         attempts, next_attempt_at, last_error, updated_at FROM chain_jobs",
+                    )
+                    .await?;
                     tracing::info!(
                         chain_id = self.chain.settings.chain_id,
                         "chain writer active"
@@ -307,16 +276,7 @@ impl Writer {
             }
         }
         let pool = self.store.any_pool();
-        let jobs: Vec<Job> = sqlx::query_as(
-            "SELECT kind, subject, event_id, attempts FROM chain_jobs \
-             WHERE state = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at, position, LENGTH(subject), subject LIMIT $2",
-        )
-        .bind(now_ms())
-        .bind(JOBS_PER_ROUND as i64)
-        .fetch_all(pool)
-        .await
-        .context("reading due chain jobs")?;
+        let jobs = jobs::due(pool, WORKER, None, JOBS_PER_ROUND as i64).await?;
         let full = jobs.len() == JOBS_PER_ROUND;
         // Due grants go together in one transaction, where the first of them stood.
         let mut units: Vec<Vec<Job>> = Vec::new();
@@ -358,12 +318,7 @@ impl Writer {
             for (job, result) in outcomes {
                 match result {
                     Ok(()) => {
-                        sqlx::query("DELETE FROM chain_jobs WHERE kind = $1 AND subject = $2")
-                            .bind(job.kind.clone())
-                            .bind(job.subject.clone())
-                            .execute(pool)
-                            .await
-                            .context("finishing a chain job")?;
+                        jobs::finish(pool, &job).await?;
                         state.pause = MIN_PAUSE;
                     }
                     Err(Failure::Node(error))
@@ -374,7 +329,7 @@ impl Writer {
                     {
                         let error = one_line(&format!("{error:#}"));
                         tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
-                        self.put_off(&job, now_ms() + millis(state.pause), &error, false)
+                        self.put_off(&job, jobs::after(state.pause), &error, false)
                             .await?;
                     }
                     Err(Failure::Node(error)) => {
@@ -383,7 +338,7 @@ impl Writer {
                     Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
                     Err(Failure::Wait(reason)) => {
                         let reason = format!("{reason:#}");
-                        self.put_off(&job, now_ms() + millis(MIN_PAUSE), &reason, false)
+                        self.put_off(&job, jobs::after(MIN_PAUSE), &reason, false)
                             .await?;
                     }
                 }
@@ -452,7 +407,7 @@ impl Writer {
     async fn count(&self, job: &Job, reason: &str) -> anyhow::Result<()> {
         let attempts = job.attempts + 1;
         let dead = attempts >= self.max_attempts;
-        let delay = MIN_PAUSE.saturating_mul(1 << attempts.clamp(0, 8) as u32);
+        let delay = jobs::backoff(MIN_PAUSE * 2, MAX_PAUSE, attempts.min(9));
         if dead {
             tracing::error!(kind = %job.kind, subject = %job.subject, attempts, error = %reason, "chain job failed for good; dead-lettered");
         } else {
@@ -460,30 +415,18 @@ impl Writer {
         }
         let mut counted = job.clone();
         counted.attempts = attempts;
-        self.put_off(
-            &counted,
-            now_ms() + millis(delay.min(MAX_PAUSE)),
-            reason,
-            dead,
-        )
-        .await
+        self.put_off(&counted, jobs::after(delay), reason, dead)
+            .await
     }
 
     async fn put_off(&self, job: &Job, next: i64, error: &str, dead: bool) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE chain_jobs SET attempts = $1, next_attempt_at = $2, last_error = $3, \
-             state = $4, updated_at = $5 WHERE kind = $6 AND subject = $7",
-        )
-        .bind(job.attempts)
-        .bind(next)
-        .bind(error.to_owned())
-        .bind(if dead { "dead" } else { "pending" })
-        .bind(now_text())
-        .bind(job.kind.clone())
-        .bind(job.subject.clone())
-        .execute(self.store.any_pool())
-        .await
-        .context("putting a chain job off")?;
+        let outcome = jobs::Outcome {
+            state: if dead { "dead" } else { "pending" },
+            attempts: job.attempts,
+            next_attempt_at: next,
+            error,
+        };
+        jobs::record(self.store.any_pool(), job, &outcome).await?;
         Ok(())
     }
 
@@ -996,15 +939,10 @@ impl Writer {
             // Once it is done without recording a grant, the registry decides: a grant
             // there (sent by a run that died before recording it) is recorded now and
             // revoked below; none means nothing to revoke.
-            let pending: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM chain_jobs \
-                 WHERE kind = 'grant' AND subject = $1 AND state = 'pending'",
-            )
-            .bind(job.subject.clone())
-            .fetch_one(self.store.any_pool())
-            .await
-            .map_err(|e| Failure::Node(e.into()))?;
-            if pending > 0 {
+            let pending = jobs::is_pending(self.store.any_pool(), WORKER, "grant", &job.subject)
+                .await
+                .map_err(Failure::Node)?;
+            if pending {
                 return Err(Failure::Wait(anyhow::anyhow!(
                     "waiting for the grant to reach the chain"
                 )));
@@ -1123,7 +1061,7 @@ impl Writer {
     }
 
     fn origin(&self, job: &Job) -> Result<B256, Failure> {
-        uuid::Uuid::parse_str(&job.event_id)
+        uuid::Uuid::parse_str(job.event_id.as_deref().unwrap_or_default())
             .map(event_id)
             .map_err(|_| Failure::Job("the job's event id is not valid".into()))
     }
@@ -1168,10 +1106,6 @@ fn estimate_failure(error: alloy::transports::TransportError) -> Failure {
         }
         other => Failure::Node(other.into()),
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// The writer actor.

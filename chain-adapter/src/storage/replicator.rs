@@ -2,7 +2,7 @@
 //! records `RecordStored` through a command.
 //!
 //! It follows the `record_storage` projection (itself a checkpointed consumer of the
-//! log) through the `storage_jobs` work list, so the slow, failing outside call never
+//! log) through its jobs in the shared job queue (worker `storage`), so the slow, failing outside call never
 //! runs inside a read-model transaction. Every step is idempotent: the object key is
 //! the ciphertext's SHA-256 (a second PUT writes the same object; an object found
 //! already there is verified and adopted instead), and the record aggregate records a
@@ -91,21 +91,13 @@ enum Round {
     Stopped,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 impl Worker {
     fn backend(&self) -> &str {
         self.remote.backend()
     }
 
     fn retry_delay(&self, attempts: i64) -> Duration {
-        let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-        self.settings
-            .retry_base
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.settings.retry_max)
+        eventstore::jobs::backoff(self.settings.retry_base, self.settings.retry_max, attempts)
     }
 
     async fn round(&self) -> anyhow::Result<Round> {
@@ -152,7 +144,7 @@ impl Worker {
             state.intake_mark = upto;
         }
         let batch = i64::try_from(self.settings.concurrency.max(1) * 8).unwrap_or(32);
-        let jobs = queue::due(pool, self.backend(), now_ms(), batch).await?;
+        let jobs = queue::due(pool, self.backend(), batch).await?;
         if jobs.is_empty() {
             return Ok(Round::Idle);
         }
@@ -199,19 +191,12 @@ impl Worker {
                 Ok(()) => stored += 1,
                 Err(Failure::Skipped) => skipped += 1,
                 Err(Failure::Remote(error)) if outage.is_some() => {
-                    let next = now_ms() + millis(state.outage_backoff);
-                    queue::postpone(
-                        pool,
-                        self.backend(),
-                        &job.record_id,
-                        next,
-                        &error.to_string(),
-                    )
-                    .await?;
+                    let next = eventstore::jobs::after(state.outage_backoff);
+                    queue::postpone(pool, job, next, &error.to_string()).await?;
                 }
                 Err(Failure::NotThere(reason)) if outage.is_some() => {
-                    let next = now_ms() + millis(state.outage_backoff);
-                    queue::postpone(pool, self.backend(), &job.record_id, next, reason).await?;
+                    let next = eventstore::jobs::after(state.outage_backoff);
+                    queue::postpone(pool, job, next, reason).await?;
                 }
                 Err(Failure::Remote(error)) => {
                     self.count_failure(job, &error.to_string()).await?;
@@ -221,8 +206,8 @@ impl Worker {
                 Err(Failure::Local(error)) => {
                     let error = one_line(&format!("{error:#}"));
                     tracing::warn!(record_id = %job.record_id, %error, "storage job put off");
-                    let next = now_ms() + millis(self.settings.retry_base);
-                    queue::postpone(pool, self.backend(), &job.record_id, next, &error).await?;
+                    let next = eventstore::jobs::after(self.settings.retry_base);
+                    queue::postpone(pool, job, next, &error).await?;
                 }
             }
         }
@@ -263,23 +248,14 @@ impl Worker {
     async fn count_failure(&self, job: &Job, reason: &str) -> anyhow::Result<()> {
         let attempts = job.attempts + 1;
         let dead = attempts >= i64::from(self.settings.max_attempts);
-        let next = now_ms() + millis(self.retry_delay(attempts));
+        let next = eventstore::jobs::after(self.retry_delay(attempts));
         let reason = one_line(reason);
         if dead {
             tracing::error!(record_id = %job.record_id, attempts, error = %reason, "blob replication failed for good; moved to the dead-letter list");
         } else {
             tracing::warn!(record_id = %job.record_id, attempts, error = %reason, "blob replication failed; will retry");
         }
-        queue::fail(
-            self.store.any_pool(),
-            self.backend(),
-            &job.record_id,
-            attempts,
-            next,
-            &reason,
-            dead,
-        )
-        .await
+        queue::fail(self.store.any_pool(), job, attempts, next, &reason, dead).await
     }
 
     /// Copies one blob and records it.
@@ -338,7 +314,7 @@ impl Worker {
                 tracing::warn!(record_id = %job.record_id, error = format!("{error:#}"), "could not evict a stored blob");
             }
         }
-        queue::finish(self.store.any_pool(), self.backend(), &job.record_id)
+        queue::finish(self.store.any_pool(), job)
             .await
             .map_err(Failure::Local)?;
         tracing::debug!(record_id = %job.record_id, "blob stored remotely");
@@ -433,10 +409,6 @@ impl Worker {
     }
 }
 
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
-}
-
 /// The replicator actor.
 pub type Replicator = RoundActor<Worker>;
 
@@ -470,7 +442,7 @@ impl RoundActor<Worker> {
         let Some(remote) = storage.remote.clone() else {
             return Ok(None);
         };
-        queue::ensure_schema(store.any_pool()).await?;
+        queue::ensure_schema(&store).await?;
         let settings = storage.replication.clone();
         let local = storage.local.clone();
         let poll = settings.poll;

@@ -206,7 +206,9 @@ async fn stored_records_become_tokens_once_through_replays_and_kills() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let logs = app.server.logs();
-        let queued = app.scalar("SELECT count(*) FROM chain_jobs").await;
+        let queued = app
+            .scalar("SELECT count(*) FROM jobs WHERE worker = 'chain'")
+            .await;
         if queued == 0 && logs.contains("chain writer active") {
             break;
         }
@@ -694,7 +696,9 @@ async fn a_transaction_not_mined_in_time_is_replaced_with_higher_fees_and_lands_
             .await
             .unwrap();
         let after = chain.get_transaction_count(operator).await.unwrap();
-        let pending = app.scalar("SELECT count(*) FROM chain_jobs").await;
+        let pending = app
+            .scalar("SELECT count(*) FROM jobs WHERE worker = 'chain'")
+            .await;
         if before == after && pending == 0 {
             assert_eq!(
                 after - nonce_before,
@@ -1127,7 +1131,11 @@ async fn no_token_is_minted_for_a_patient_erased_before_the_mint() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(app.scalar("SELECT count(*) FROM chain_jobs").await, 0);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM jobs WHERE worker = 'chain'")
+            .await,
+        0
+    );
     assert_eq!(minted_on_chain(&node, token_address).await, 0);
     assert_eq!(
         app.scalar("SELECT count(*) FROM events WHERE event_type = 'RecordTokenMinted'")
@@ -1195,8 +1203,8 @@ async fn a_batch_with_a_grant_that_cannot_be_made_goes_one_grant_at_a_time() {
     loop {
         let attempts = app
             .scalar(&format!(
-                "SELECT COALESCE(MAX(attempts), 0) FROM chain_jobs \
-                 WHERE kind = 'grant' AND subject = '{}'",
+                "SELECT COALESCE(MAX(attempts), 0) FROM jobs \
+                 WHERE worker = 'chain' AND kind = 'grant' AND subject = '{}'",
                 requests[0]
             ))
             .await;
