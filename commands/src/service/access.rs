@@ -12,6 +12,25 @@ use eventstore::{CommandMeta, CommandOutcome};
 
 use super::{id_of, map, CommandError, Commands, Done};
 
+/// What [`Commands::request_access`] asks for.
+pub struct RequestAccess<'a> {
+    pub doctor_id: DoctorId,
+    pub patient_id: PatientId,
+    pub scope: Scope,
+    pub purpose: &'a Purpose,
+    pub duration: DurationDays,
+    pub note: Option<&'a Note>,
+}
+
+/// What [`Commands::approve_access`] decides: the patient's approval, possibly
+/// narrowing the request's expiry or scope.
+pub struct ApproveAccess {
+    pub request_id: AccessRequestId,
+    pub by: Actor,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub scope: Option<Scope>,
+}
+
 impl Commands {
     /// An access request as the event store holds it now (`None`: no such request).
     pub async fn access_request(
@@ -28,17 +47,19 @@ impl Commands {
     }
 
     /// A doctor asks a patient for access.
-    #[allow(clippy::too_many_arguments)]
     pub async fn request_access(
         &self,
-        doctor_id: DoctorId,
-        patient_id: PatientId,
-        scope: Scope,
-        purpose: &Purpose,
-        duration: DurationDays,
-        note: Option<&Note>,
+        input: RequestAccess<'_>,
         meta: CommandMeta,
     ) -> Result<Done<AccessRequestId>, CommandError> {
+        let RequestAccess {
+            doctor_id,
+            patient_id,
+            scope,
+            purpose,
+            duration,
+            note,
+        } = input;
         if let Some(outcome) = self
             .store
             .earlier_outcome::<AccessError>(&meta)
@@ -72,12 +93,15 @@ impl Commands {
     /// The patient approves (possibly narrowing); answers with the approval event.
     pub async fn approve_access(
         &self,
-        request_id: AccessRequestId,
-        by: Actor,
-        expires_at: Option<DateTime<Utc>>,
-        scope: Option<Scope>,
+        input: ApproveAccess,
         meta: CommandMeta,
     ) -> Result<Decided, CommandError> {
+        let ApproveAccess {
+            request_id,
+            by,
+            expires_at,
+            scope,
+        } = input;
         let outcome = self
             .access_command(
                 request_id,

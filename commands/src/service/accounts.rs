@@ -15,6 +15,30 @@ use eventstore::{AggregateStore, CommandMeta, CommandOutcome, ExecuteError};
 use super::{id_of, map, CommandError, Commands, DoctorPersonal, Done, PatientPersonal};
 use crate::credentials::hash_password;
 
+/// What [`Commands::register_patient`] registers.
+pub struct RegisterPatient<'a> {
+    pub name: &'a PersonName,
+    pub phone: &'a Msisdn,
+    pub birth_date: &'a BirthDate,
+    pub password: &'a Password,
+}
+
+/// What [`Commands::register_doctor`] registers.
+pub struct RegisterDoctor<'a> {
+    pub name: &'a PersonName,
+    pub phone: &'a Msisdn,
+    pub licence: LicenceNumber,
+    pub password: &'a Password,
+}
+
+/// What [`Commands::register_staff`] registers.
+pub struct RegisterStaff<'a> {
+    pub role: StaffRole,
+    pub name: &'a PersonName,
+    pub phone: &'a Msisdn,
+    pub password: &'a Password,
+}
+
 impl Commands {
     /// Refuses a registration whose phone already has an account, before anything is
     /// written. (The account itself is the guard: see [`Commands::open_account`].)
@@ -141,12 +165,15 @@ impl Commands {
     /// their new key. A phone that already has an account is refused (409).
     pub async fn register_patient(
         &self,
-        name: &PersonName,
-        phone: &Msisdn,
-        birth_date: &BirthDate,
-        password: &Password,
+        input: RegisterPatient<'_>,
         meta: CommandMeta,
     ) -> Result<Done<PatientId>, CommandError> {
+        let RegisterPatient {
+            name,
+            phone,
+            birth_date,
+            password,
+        } = input;
         let phone_index = self.keys.phone_index(phone.as_str());
         let patient_id = match self
             .begin_registration::<PatientId, domain::patient::PatientError>(&phone_index, &meta)
@@ -189,12 +216,15 @@ impl Commands {
     /// account.
     pub async fn register_doctor(
         &self,
-        name: &PersonName,
-        phone: &Msisdn,
-        licence: LicenceNumber,
-        password: &Password,
+        input: RegisterDoctor<'_>,
         meta: CommandMeta,
     ) -> Result<Done<DoctorId>, CommandError> {
+        let RegisterDoctor {
+            name,
+            phone,
+            licence,
+            password,
+        } = input;
         let phone_index = self.keys.phone_index(phone.as_str());
         let doctor_id = match self
             .begin_registration::<DoctorId, domain::doctor::DoctorError>(&phone_index, &meta)
@@ -237,12 +267,15 @@ impl Commands {
     /// opens their account.
     pub async fn register_staff(
         &self,
-        role: StaffRole,
-        name: &PersonName,
-        phone: &Msisdn,
-        password: &Password,
+        input: RegisterStaff<'_>,
         meta: CommandMeta,
     ) -> Result<Done<StaffId>, CommandError> {
+        let RegisterStaff {
+            role,
+            name,
+            phone,
+            password,
+        } = input;
         let phone_index = self.keys.phone_index(phone.as_str());
         let staff_id = match self
             .begin_registration::<StaffId, domain::staff::StaffError>(&phone_index, &meta)

@@ -14,6 +14,17 @@ use super::{map, AuthError, Authenticated, CommandError, Commands};
 pub(super) const KEY_PREFIX: &str = "afyk1.";
 const KEY_TAG: &str = "integrator key";
 
+/// What [`Commands::register_webhook`] registers.
+pub struct RegisterWebhook<'a> {
+    pub integrator_id: IntegratorId,
+    pub webhook_id: WebhookId,
+    /// Sealed under the integrator's key.
+    pub url: &'a str,
+    pub types: std::collections::BTreeSet<String>,
+    /// Sealed under the integrator's key.
+    pub secret: &'a str,
+}
+
 impl Commands {
     /// An integrator's API key: its tag must verify, then the integrator must exist.
     /// A key does not expire; `expires_at` is a year ahead, for clients that ask.
@@ -106,13 +117,16 @@ impl Commands {
     /// integrator's key.
     pub async fn register_webhook(
         &self,
-        integrator_id: IntegratorId,
-        webhook_id: WebhookId,
-        url: &str,
-        types: std::collections::BTreeSet<String>,
-        secret: &str,
+        input: RegisterWebhook<'_>,
         meta: CommandMeta,
     ) -> Result<CommandOutcome, CommandError> {
+        let RegisterWebhook {
+            integrator_id,
+            webhook_id,
+            url,
+            types,
+            secret,
+        } = input;
         let subject = integrator_id.to_string();
         let command = domain::integrator::IntegratorCommand::RegisterWebhook {
             webhook_id,

@@ -41,10 +41,12 @@ mod payments;
 mod records;
 mod sessions;
 
-pub use access::Decided;
+pub use access::{ApproveAccess, Decided, RequestAccess};
+pub use accounts::{RegisterDoctor, RegisterPatient, RegisterStaff};
+pub use integrators::RegisterWebhook;
 pub use patients::SHARE_CODE_DAYS;
-pub use payments::PaymentPlan;
-pub use records::Uploaded;
+pub use payments::{PaymentPlan, RequestPayment};
+pub use records::{UploadRecord, Uploaded};
 pub use sessions::{Authenticated, SignedIn};
 
 /// Why a command service call failed.

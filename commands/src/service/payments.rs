@@ -10,6 +10,15 @@ use eventstore::{CommandMeta, CommandOutcome};
 
 use super::{id_of, map, CommandError, Commands, Done, PatientPersonal};
 
+/// What [`Commands::request_payment`] asks for.
+pub struct RequestPayment<'a> {
+    pub payer: Actor,
+    pub purpose: domain::payment::Purpose,
+    pub amount_kes: u64,
+    /// What [`Commands::plan_payment`] allowed.
+    pub plan: &'a PaymentPlan,
+}
+
 impl Commands {
     /// Decides whether `payer` may have an M-Pesa prompt pushed, and to whom, from what
     /// the event store holds now (see [`domain::payment::payment_parties`]): the
@@ -110,12 +119,15 @@ impl Commands {
     /// sealed under the patient's key, with its keyed hash to match the callback's.
     pub async fn request_payment(
         &self,
-        payer: Actor,
-        purpose: domain::payment::Purpose,
-        amount_kes: u64,
-        plan: &PaymentPlan,
+        input: RequestPayment<'_>,
         meta: CommandMeta,
     ) -> Result<Done<PaymentId>, CommandError> {
+        let RequestPayment {
+            payer,
+            purpose,
+            amount_kes,
+            plan,
+        } = input;
         if let Some(done) = self.earlier_payment(&meta).await? {
             return Ok(done);
         }

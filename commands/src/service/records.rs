@@ -25,42 +25,48 @@ pub struct Uploaded {
     pub outcome: CommandOutcome,
 }
 
+/// What [`Commands::upload_record`] records of an upload, besides its body.
+pub struct UploadRecord<'a> {
+    pub by: Actor,
+    pub patient_id: PatientId,
+    pub category: Category,
+    pub media_type: MediaType,
+    /// Sealed under the patient's key.
+    pub filename: Option<&'a Filename>,
+}
+
 impl Commands {
     /// Encrypts `body` under a fresh data key, stores the ciphertext, and records the
     /// upload. The filename is sealed under the patient's key. A repeat under the same
     /// idempotency key encrypts and stores nothing and answers as the first did.
-    #[allow(clippy::too_many_arguments)]
     pub async fn upload_record(
         &self,
-        by: Actor,
-        patient_id: PatientId,
-        category: Category,
-        media_type: MediaType,
-        filename: Option<&Filename>,
+        input: UploadRecord<'_>,
         body: &[u8],
         meta: CommandMeta,
     ) -> Result<Uploaded, CommandError> {
         let mut owned = Vec::with_capacity(body.len() + crate::keys::RECORD_OVERHEAD);
         owned.extend_from_slice(body);
-        self.upload_record_body(by, patient_id, category, media_type, filename, owned, meta)
-            .await
+        self.upload_record_body(input, owned, meta).await
     }
 
     /// [`Commands::upload_record`] of a body the caller gives up: it is encrypted in
     /// its own buffer, so an upload in flight holds its body once (give the buffer
     /// [`crate::keys::RECORD_OVERHEAD`] bytes of spare capacity, and no reallocation
     /// copies it either).
-    #[allow(clippy::too_many_arguments)]
     pub async fn upload_record_body(
         &self,
-        by: Actor,
-        patient_id: PatientId,
-        category: Category,
-        media_type: MediaType,
-        filename: Option<&Filename>,
+        input: UploadRecord<'_>,
         body: Vec<u8>,
         meta: CommandMeta,
     ) -> Result<Uploaded, CommandError> {
+        let UploadRecord {
+            by,
+            patient_id,
+            category,
+            media_type,
+            filename,
+        } = input;
         if let Some(outcome) = self
             .store
             .earlier_outcome::<domain::record::RecordError>(&meta)
