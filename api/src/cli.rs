@@ -464,7 +464,15 @@ async fn add_staff(
     let password = Password::parse(line.trim_end_matches(['\r', '\n']))?;
     let meta = eventstore::CommandMeta::new("operator:cli");
     let done = commands
-        .register_staff(role, &name, &phone, &password, meta)
+        .register_staff(
+            commands::RegisterStaff {
+                role,
+                name: &name,
+                phone: &phone,
+                password: &password,
+            },
+            meta,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", done.id);

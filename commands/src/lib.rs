@@ -8,5 +8,7 @@ pub mod keys;
 pub mod service;
 
 pub use service::{
-    AuthError, Authenticated, CommandError, Commands, Decided, Done, SignedIn, Uploaded,
+    ApproveAccess, AuthError, Authenticated, CommandError, Commands, Decided, Done, RegisterDoctor,
+    RegisterPatient, RegisterStaff, RegisterWebhook, RequestAccess, RequestPayment, SignedIn,
+    UploadRecord, Uploaded,
 };

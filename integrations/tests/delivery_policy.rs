@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use commands::blobs::LocalBlobStore;
 use commands::keys::{KeyStore, SecretKey};
-use commands::Commands;
+use commands::{Commands, RegisterPatient};
 use domain::clock::FixedClock;
 use domain::value::{BirthDate, Msisdn, Password, PersonName};
 use eventstore::testing::{TestStore, BACKENDS};
@@ -165,10 +165,12 @@ async fn register_patient(cmds: &Commands) {
         .map(|b| char::from(b'0' + b % 10))
         .collect();
     cmds.register_patient(
-        &PersonName::parse("Achieng Otieno").unwrap(),
-        &Msisdn::parse(&format!("07{digits}")).unwrap(),
-        &BirthDate::parse("1987-03-14", Utc::now().date_naive()).unwrap(),
-        &Password::parse("patient password 1").unwrap(),
+        RegisterPatient {
+            name: &PersonName::parse("Achieng Otieno").unwrap(),
+            phone: &Msisdn::parse(&format!("07{digits}")).unwrap(),
+            birth_date: &BirthDate::parse("1987-03-14", Utc::now().date_naive()).unwrap(),
+            password: &Password::parse("patient password 1").unwrap(),
+        },
         CommandMeta::new("test"),
     )
     .await

@@ -11,7 +11,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use chrono::Utc;
 use commands::blobs::LocalBlobStore;
 use commands::keys::{KeyStore, SecretKey};
-use commands::Commands;
+use commands::{ApproveAccess, Commands, RegisterDoctor, RegisterPatient, RequestAccess};
 use domain::actor::Actor;
 use domain::clock::FixedClock;
 use domain::ids::StaffId;
@@ -192,10 +192,12 @@ async fn story(cmds: &Commands) {
     let meta = || CommandMeta::new("test");
     let doctor = cmds
         .register_doctor(
-            &PersonName::parse("Dr Wanjiru Kamau").unwrap(),
-            &random_phone(),
-            LicenceNumber::parse("KMPDC-0042").unwrap(),
-            &Password::parse("doctor password 1").unwrap(),
+            RegisterDoctor {
+                name: &PersonName::parse("Dr Wanjiru Kamau").unwrap(),
+                phone: &random_phone(),
+                licence: LicenceNumber::parse("KMPDC-0042").unwrap(),
+                password: &Password::parse("doctor password 1").unwrap(),
+            },
             meta(),
         )
         .await
@@ -206,10 +208,13 @@ async fn story(cmds: &Commands) {
         .unwrap();
     let patient = cmds
         .register_patient(
-            &PersonName::parse("Achieng Otieno").unwrap(),
-            &random_phone(),
-            &domain::value::BirthDate::parse("1987-03-14", Utc::now().date_naive()).unwrap(),
-            &Password::parse("patient password 1").unwrap(),
+            RegisterPatient {
+                name: &PersonName::parse("Achieng Otieno").unwrap(),
+                phone: &random_phone(),
+                birth_date: &domain::value::BirthDate::parse("1987-03-14", Utc::now().date_naive())
+                    .unwrap(),
+                password: &Password::parse("patient password 1").unwrap(),
+            },
             meta(),
         )
         .await
@@ -219,16 +224,44 @@ async fn story(cmds: &Commands) {
     let purpose = Purpose::parse("Diabetes follow-up for Achieng").unwrap();
     let days = DurationDays::new(30).unwrap();
     let first = cmds
-        .request_access(doctor, patient, scope.clone(), &purpose, days, None, meta())
+        .request_access(
+            RequestAccess {
+                doctor_id: doctor,
+                patient_id: patient,
+                scope: scope.clone(),
+                purpose: &purpose,
+                duration: days,
+                note: None,
+            },
+            meta(),
+        )
         .await
         .unwrap()
         .id;
-    cmds.approve_access(first, Actor::Patient(patient), None, None, meta())
-        .await
-        .unwrap();
-    cmds.request_access(doctor, patient, scope, &purpose, days, None, meta())
-        .await
-        .unwrap();
+    cmds.approve_access(
+        ApproveAccess {
+            request_id: first,
+            by: Actor::Patient(patient),
+            expires_at: None,
+            scope: None,
+        },
+        meta(),
+    )
+    .await
+    .unwrap();
+    cmds.request_access(
+        RequestAccess {
+            doctor_id: doctor,
+            patient_id: patient,
+            scope,
+            purpose: &purpose,
+            duration: days,
+            note: None,
+        },
+        meta(),
+    )
+    .await
+    .unwrap();
 }
 
 /// Ids of the subscribed events now in the log, in log order; asserts that unsubscribed

@@ -10,7 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use commands::blobs::LocalBlobStore;
 use commands::keys::{KeyStore, SecretKey};
-use commands::{CommandError, Commands};
+use commands::{
+    ApproveAccess, CommandError, Commands, RegisterDoctor, RegisterPatient, RegisterWebhook,
+    RequestAccess, RequestPayment, UploadRecord,
+};
 use domain::actor::Actor;
 use domain::clock::Clock;
 use domain::ids::StaffId;
@@ -78,10 +81,12 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         let today = clock.now().date_naive();
         let patient = cmds
             .register_patient(
-                &PersonName::parse(NAME).unwrap(),
-                &Msisdn::parse(PHONE).unwrap(),
-                &BirthDate::parse(BIRTH, today).unwrap(),
-                &Password::parse(PASSWORD).unwrap(),
+                RegisterPatient {
+                    name: &PersonName::parse(NAME).unwrap(),
+                    phone: &Msisdn::parse(PHONE).unwrap(),
+                    birth_date: &BirthDate::parse(BIRTH, today).unwrap(),
+                    password: &Password::parse(PASSWORD).unwrap(),
+                },
                 meta(),
             )
             .await
@@ -102,11 +107,13 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .await
             .unwrap();
         cmds.register_webhook(
-            integrator,
-            domain::ids::WebhookId::new(),
-            "https://claims.example/hooks/afya?token=hook-url-token",
-            ["RecordUploaded".to_owned()].into_iter().collect(),
-            "hook signing secret value",
+            RegisterWebhook {
+                integrator_id: integrator,
+                webhook_id: domain::ids::WebhookId::new(),
+                url: "https://claims.example/hooks/afya?token=hook-url-token",
+                types: ["RecordUploaded".to_owned()].into_iter().collect(),
+                secret: "hook signing secret value",
+            },
             meta(),
         )
         .await
@@ -114,13 +121,15 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         // A consultation fee paid by M-Pesa, and a callback that settled nothing.
         let paid = cmds
             .request_payment(
-                Actor::Patient(patient),
-                domain::payment::Purpose::ConsultationFee,
-                500,
-                &cmds
-                    .plan_payment(Actor::Patient(patient), None, &[])
-                    .await
-                    .unwrap(),
+                RequestPayment {
+                    payer: Actor::Patient(patient),
+                    purpose: domain::payment::Purpose::ConsultationFee,
+                    amount_kes: 500,
+                    plan: &cmds
+                        .plan_payment(Actor::Patient(patient), None, &[])
+                        .await
+                        .unwrap(),
+                },
                 meta(),
             )
             .await
@@ -161,10 +170,12 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         .unwrap();
         let doctor = cmds
             .register_doctor(
-                &PersonName::parse("Dr Kamau").unwrap(),
-                &Msisdn::parse("0722000111").unwrap(),
-                LicenceNumber::parse("KMPDC-0042").unwrap(),
-                &Password::parse("doctor password 1").unwrap(),
+                RegisterDoctor {
+                    name: &PersonName::parse("Dr Kamau").unwrap(),
+                    phone: &Msisdn::parse("0722000111").unwrap(),
+                    licence: LicenceNumber::parse("KMPDC-0042").unwrap(),
+                    password: &Password::parse("doctor password 1").unwrap(),
+                },
                 meta(),
             )
             .await
@@ -172,11 +183,13 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .id;
         let lab = cmds
             .upload_record(
-                Actor::Patient(patient),
-                patient,
-                Category::Lab,
-                MediaType::parse("application/pdf").unwrap(),
-                Some(&Filename::parse(FILENAME).unwrap()),
+                UploadRecord {
+                    by: Actor::Patient(patient),
+                    patient_id: patient,
+                    category: Category::Lab,
+                    media_type: MediaType::parse("application/pdf").unwrap(),
+                    filename: Some(&Filename::parse(FILENAME).unwrap()),
+                },
                 CONTENT,
                 meta(),
             )
@@ -185,11 +198,13 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
             .record_id;
         let _imaging = cmds
             .upload_record(
-                Actor::Patient(patient),
-                patient,
-                Category::Imaging,
-                MediaType::parse("image/png").unwrap(),
-                None,
+                UploadRecord {
+                    by: Actor::Patient(patient),
+                    patient_id: patient,
+                    category: Category::Imaging,
+                    media_type: MediaType::parse("image/png").unwrap(),
+                    filename: None,
+                },
                 b"\x89PNG fake",
                 meta(),
             )
@@ -203,12 +218,14 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         // An unverified doctor cannot ask.
         let refused = cmds
             .request_access(
-                doctor,
-                patient,
-                lab_scope.clone(),
-                &purpose,
-                thirty,
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: lab_scope.clone(),
+                    purpose: &purpose,
+                    duration: thirty,
+                    note: None,
+                },
                 meta(),
             )
             .await;
@@ -222,28 +239,40 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
 
         let granted = cmds
             .request_access(
-                doctor,
-                patient,
-                lab_scope.clone(),
-                &purpose,
-                thirty,
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: lab_scope.clone(),
+                    purpose: &purpose,
+                    duration: thirty,
+                    note: None,
+                },
                 meta(),
             )
             .await
             .unwrap()
             .id;
-        cmds.approve_access(granted, Actor::Patient(patient), None, None, meta())
-            .await
-            .unwrap();
+        cmds.approve_access(
+            ApproveAccess {
+                request_id: granted,
+                by: Actor::Patient(patient),
+                expires_at: None,
+                scope: None,
+            },
+            meta(),
+        )
+        .await
+        .unwrap();
         let rejected = cmds
             .request_access(
-                doctor,
-                patient,
-                lab_scope.clone(),
-                &purpose,
-                thirty,
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: lab_scope.clone(),
+                    purpose: &purpose,
+                    duration: thirty,
+                    note: None,
+                },
                 meta(),
             )
             .await
@@ -259,37 +288,57 @@ async fn read_models_follow_the_consent_story_and_rebuild_to_the_same_tables() {
         .unwrap();
         let revoked = cmds
             .request_access(
-                doctor,
-                patient,
-                lab_scope.clone(),
-                &purpose,
-                thirty,
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: lab_scope.clone(),
+                    purpose: &purpose,
+                    duration: thirty,
+                    note: None,
+                },
                 meta(),
             )
             .await
             .unwrap()
             .id;
-        cmds.approve_access(revoked, Actor::Patient(patient), None, None, meta())
-            .await
-            .unwrap();
+        cmds.approve_access(
+            ApproveAccess {
+                request_id: revoked,
+                by: Actor::Patient(patient),
+                expires_at: None,
+                scope: None,
+            },
+            meta(),
+        )
+        .await
+        .unwrap();
         let short = cmds
             .request_access(
-                doctor,
-                patient,
-                lab_scope.clone(),
-                &purpose,
-                thirty,
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: lab_scope.clone(),
+                    purpose: &purpose,
+                    duration: thirty,
+                    note: None,
+                },
                 meta(),
             )
             .await
             .unwrap()
             .id;
         let in_a_day = clock.now() + chrono::Duration::days(1);
-        cmds.approve_access(short, Actor::Patient(patient), Some(in_a_day), None, meta())
-            .await
-            .unwrap();
+        cmds.approve_access(
+            ApproveAccess {
+                request_id: short,
+                by: Actor::Patient(patient),
+                expires_at: Some(in_a_day),
+                scope: None,
+            },
+            meta(),
+        )
+        .await
+        .unwrap();
 
         // The doctor reads under the grant: recorded. The patient's own read: not.
         let record = cmds.record(lab).await.unwrap().unwrap();

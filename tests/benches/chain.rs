@@ -21,7 +21,7 @@ use chain_adapter::chain::{Chain, ChainIntake, ChainMode, ChainSettings, ChainWr
 use commands::blobs::LocalBlobStore;
 use commands::clock::SystemClock;
 use commands::keys::{KeyStore, SecretKey};
-use commands::Commands;
+use commands::{ApproveAccess, Commands, RegisterDoctor, RegisterPatient, RequestAccess};
 use domain::actor::Actor;
 use domain::ids::StaffId;
 use domain::value::{
@@ -88,10 +88,12 @@ async fn run(grants: usize) {
     let password = Password::parse("bench password 123").unwrap();
     let patient = commands
         .register_patient(
-            &PersonName::parse("Bench Patient").unwrap(),
-            &Msisdn::parse("254712345678").unwrap(),
-            &BirthDate::parse("1990-01-01", today).unwrap(),
-            &password,
+            RegisterPatient {
+                name: &PersonName::parse("Bench Patient").unwrap(),
+                phone: &Msisdn::parse("254712345678").unwrap(),
+                birth_date: &BirthDate::parse("1990-01-01", today).unwrap(),
+                password: &password,
+            },
             CommandMeta::new("bench"),
         )
         .await
@@ -99,10 +101,12 @@ async fn run(grants: usize) {
         .id;
     let doctor = commands
         .register_doctor(
-            &PersonName::parse("Bench Doctor").unwrap(),
-            &Msisdn::parse("254712345679").unwrap(),
-            LicenceNumber::parse("KMPDC-9999").unwrap(),
-            &password,
+            RegisterDoctor {
+                name: &PersonName::parse("Bench Doctor").unwrap(),
+                phone: &Msisdn::parse("254712345679").unwrap(),
+                licence: LicenceNumber::parse("KMPDC-9999").unwrap(),
+                password: &password,
+            },
             CommandMeta::new("bench"),
         )
         .await
@@ -147,12 +151,14 @@ async fn run(grants: usize) {
     for _ in 0..grants {
         let request = commands
             .request_access(
-                doctor,
-                patient,
-                scope.clone(),
-                &Purpose::parse("Follow-up").unwrap(),
-                DurationDays::new(30).unwrap(),
-                None,
+                RequestAccess {
+                    doctor_id: doctor,
+                    patient_id: patient,
+                    scope: scope.clone(),
+                    purpose: &Purpose::parse("Follow-up").unwrap(),
+                    duration: DurationDays::new(30).unwrap(),
+                    note: None,
+                },
                 CommandMeta::new("bench"),
             )
             .await
@@ -160,10 +166,12 @@ async fn run(grants: usize) {
             .id;
         commands
             .approve_access(
-                request,
-                Actor::Patient(patient),
-                None,
-                None,
+                ApproveAccess {
+                    request_id: request,
+                    by: Actor::Patient(patient),
+                    expires_at: None,
+                    scope: None,
+                },
                 CommandMeta::new("bench"),
             )
             .await

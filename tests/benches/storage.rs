@@ -24,7 +24,7 @@ use chain_adapter::storage::{ReplicationSettings, Replicator, S3Remote, S3Settin
 use commands::blobs::LocalBlobStore;
 use commands::clock::SystemClock;
 use commands::keys::{KeyStore, SecretKey};
-use commands::Commands;
+use commands::{Commands, RegisterPatient, UploadRecord};
 use domain::actor::Actor;
 use domain::value::{BirthDate, Category, MediaType, Msisdn, Password, PersonName};
 use eventstore::testing::TestStore;
@@ -101,10 +101,12 @@ async fn run(backend: Backend, records: usize, size: usize, concurrency: usize) 
     let today = commands.now().date_naive();
     let patient = commands
         .register_patient(
-            &PersonName::parse("Bench Patient").unwrap(),
-            &Msisdn::parse("254712345678").unwrap(),
-            &BirthDate::parse("1990-01-01", today).unwrap(),
-            &Password::parse("bench password 123").unwrap(),
+            RegisterPatient {
+                name: &PersonName::parse("Bench Patient").unwrap(),
+                phone: &Msisdn::parse("254712345678").unwrap(),
+                birth_date: &BirthDate::parse("1990-01-01", today).unwrap(),
+                password: &Password::parse("bench password 123").unwrap(),
+            },
             CommandMeta::new("bench"),
         )
         .await
@@ -115,11 +117,13 @@ async fn run(backend: Backend, records: usize, size: usize, concurrency: usize) 
         rand::thread_rng().fill_bytes(&mut body);
         commands
             .upload_record(
-                Actor::Patient(patient),
-                patient,
-                Category::Lab,
-                MediaType::parse("application/pdf").unwrap(),
-                None,
+                UploadRecord {
+                    by: Actor::Patient(patient),
+                    patient_id: patient,
+                    category: Category::Lab,
+                    media_type: MediaType::parse("application/pdf").unwrap(),
+                    filename: None,
+                },
                 &body,
                 CommandMeta::new("bench"),
             )

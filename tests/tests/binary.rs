@@ -75,10 +75,12 @@ async fn events_tail_prints_the_log_and_rebuild_replays_it() {
         // Each sign-up appends PatientRegistered and AccountOpened.
         for phone in ["254712345678", "254712345679", "254712345670"] {
             cmds.register_patient(
-                &name,
-                &domain::value::Msisdn::parse(phone).unwrap(),
-                &birth,
-                &password,
+                commands::RegisterPatient {
+                    name: &name,
+                    phone: &domain::value::Msisdn::parse(phone).unwrap(),
+                    birth_date: &birth,
+                    password: &password,
+                },
                 eventstore::CommandMeta::new("system"),
             )
             .await

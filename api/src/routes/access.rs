@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use actix_web::web::{Data, Path, Query};
 use actix_web::{HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
-use commands::Decided;
+use commands::{ApproveAccess, Decided, RequestAccess};
 use domain::access::{AccessEvent, AccessStatus};
 use domain::actor::Actor;
 use domain::ids::{AccessRequestId, DoctorId, PatientId, RecordId};
@@ -298,12 +298,14 @@ pub async fn request(
     let done = state
         .commands
         .request_access(
-            doctor_id,
-            checked(patient_id)?,
-            checked(scope)?,
-            &checked(purpose)?,
-            checked(duration)?,
-            note.as_ref(),
+            RequestAccess {
+                doctor_id,
+                patient_id: checked(patient_id)?,
+                scope: checked(scope)?,
+                purpose: &checked(purpose)?,
+                duration: checked(duration)?,
+                note: note.as_ref(),
+            },
             meta,
         )
         .await?;
@@ -528,7 +530,15 @@ pub async fn approve(
     let meta = command_meta(&req, Some(caller.actor()), body.bytes())?;
     let decided = state
         .commands
-        .approve_access(request_id, caller.actor(), expires_at, scope, meta)
+        .approve_access(
+            ApproveAccess {
+                request_id,
+                by: caller.actor(),
+                expires_at,
+                scope,
+            },
+            meta,
+        )
         .await
         .map_err(|e| decision_refused(e.into()))?;
     answer(&state, decided).await

@@ -5,7 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::web::{Data, Path};
 use actix_web::{HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
-use commands::CommandError;
+use commands::{CommandError, RegisterDoctor, RegisterPatient};
 use domain::ids::{DoctorId, PatientId};
 use domain::value::{BirthDate, LicenceNumber, Msisdn, Password, PersonName};
 use serde::{Deserialize, Serialize};
@@ -112,10 +112,12 @@ pub async fn sign_up_patient(
         state
             .commands
             .register_patient(
-                &checked(name)?,
-                &phone,
-                &checked(birth_date)?,
-                &checked(password)?,
+                RegisterPatient {
+                    name: &checked(name)?,
+                    phone: &phone,
+                    birth_date: &checked(birth_date)?,
+                    password: &checked(password)?,
+                },
                 meta,
             )
             .await
@@ -151,10 +153,12 @@ pub async fn sign_up_doctor(
         state
             .commands
             .register_doctor(
-                &checked(name)?,
-                &phone,
-                checked(licence)?,
-                &checked(password)?,
+                RegisterDoctor {
+                    name: &checked(name)?,
+                    phone: &phone,
+                    licence: checked(licence)?,
+                    password: &checked(password)?,
+                },
                 meta,
             )
             .await

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::web::{Data, Path, Query};
 use actix_web::{HttpRequest, HttpResponse};
+use commands::RequestPayment;
 use domain::actor::Actor;
 use domain::ids::{AccessRequestId, DoctorId, PatientId, PaymentId};
 use domain::payment::{PaymentCommand, Purpose, Receipt, RejectedCallbackCommand, SettledBy};
@@ -274,7 +275,15 @@ pub async fn create(
     let counted = state.limits.begin(&limits).await?.keep();
     let done = match state
         .commands
-        .request_payment(payer, purpose, input.amount_kes, &plan, meta)
+        .request_payment(
+            RequestPayment {
+                payer,
+                purpose,
+                amount_kes: input.amount_kes,
+                plan: &plan,
+            },
+            meta,
+        )
         .await
     {
         Ok(done) => done,

@@ -6,6 +6,7 @@ use actix_web::http::header::{self, ContentDisposition, DispositionParam, Dispos
 use actix_web::http::StatusCode;
 use actix_web::web::{Data, Path, Payload, Query};
 use actix_web::{HttpRequest, HttpResponse};
+use commands::UploadRecord;
 use domain::actor::Actor;
 use domain::ids::{AccessRequestId, PatientId, RecordId};
 use domain::value::{Category, Filename, MediaType, Scope};
@@ -161,11 +162,13 @@ pub async fn upload(
     let uploaded = state
         .commands
         .upload_record_body(
-            caller.actor(),
-            patient_id,
-            category,
-            media_type,
-            filename.as_ref(),
+            UploadRecord {
+                by: caller.actor(),
+                patient_id,
+                category,
+                media_type,
+                filename: filename.as_ref(),
+            },
             body,
             meta,
         )

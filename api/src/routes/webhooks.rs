@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use actix_web::web::{Data, Path, Query};
 use actix_web::{HttpRequest, HttpResponse};
 use base64::Engine as _;
+use commands::RegisterWebhook;
 use domain::ids::{IntegratorId, WebhookId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -124,11 +125,13 @@ pub async fn register(
     let outcome = state
         .commands
         .register_webhook(
-            integrator_id,
-            WebhookId::new(),
-            &input.url,
-            types,
-            &secret,
+            RegisterWebhook {
+                integrator_id,
+                webhook_id: WebhookId::new(),
+                url: &input.url,
+                types,
+                secret: &secret,
+            },
             meta,
         )
         .await?;
