@@ -34,11 +34,8 @@ pub struct App {
     pub live: crate::live::LiveLog,
     /// One deliverer per registered webhook.
     pub webhooks: Arc<crate::webhooks::WebhookSupervisor>,
-    /// The M-Pesa worker's stop switch and task.
-    mpesa: Option<(
-        tokio::sync::watch::Sender<bool>,
-        actix_rt::task::JoinHandle<()>,
-    )>,
+    /// The M-Pesa worker.
+    mpesa: Option<actix::Addr<mpesa_adapter::worker::MpesaWorker>>,
 }
 
 /// Where blobs are kept, as configured (nothing is contacted yet).
@@ -86,8 +83,13 @@ impl App {
             .iter()
             .find(|(name, _)| name == chain_adapter::storage::queue::SOURCE_PROJECTION)
             .map(|(_, handle)| handle.subscribe());
-        let replicator =
-            Replicator::start(store.clone(), commands.clone(), storage.clone(), wake).await?;
+        let replicator = chain_adapter::storage::replicator::start(
+            store.clone(),
+            commands.clone(),
+            storage.clone(),
+            wake,
+        )
+        .await?;
         if let Some(backend) = storage.backend() {
             tracing::info!(backend, "replicating blobs to remote storage");
         }
@@ -106,7 +108,7 @@ impl App {
                     operator = %chain.operator,
                     "minting record tokens on chain"
                 );
-                Some(chain_adapter::chain::ChainWriter::start(
+                Some(chain_adapter::chain::minter::start(
                     store.clone(),
                     commands.clone(),
                     chain,
@@ -152,16 +154,15 @@ impl App {
                 let handle = ConsumerActor::spawn(store.clone(), intake).await?;
                 let wake = Some(handle.subscribe());
                 consumers.push(("mpesa_intake".to_owned(), handle));
-                let worker = mpesa_adapter::worker::Worker::new(
+                let worker = mpesa_adapter::worker::start(
                     store.clone(),
                     commands.clone(),
                     daraja,
                     settings.worker.clone(),
+                    wake,
                 );
-                let (stop, stopped) = tokio::sync::watch::channel(false);
-                let running = actix_rt::spawn(worker.run(stopped, wake));
                 tracing::info!(base_url = %settings.daraja.base_url, "M-Pesa payments on");
-                Some((stop, running))
+                Some(worker)
             }
             None => None,
         };
@@ -186,9 +187,8 @@ impl App {
         let _ = self.expiry.send(crate::expiry::Shutdown).await;
         self.live.stop();
         self.webhooks.shutdown().await;
-        if let Some((stop, running)) = self.mpesa {
-            let _ = stop.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(15), running).await;
+        if let Some(worker) = &self.mpesa {
+            let _ = worker.send(mpesa_adapter::worker::Stop).await;
         }
         if let Some(writer) = &self.chain_writer {
             let _ = writer.send(chain_adapter::chain::minter::Stop).await;

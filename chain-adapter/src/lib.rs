@@ -5,4 +5,3 @@
 
 pub mod chain;
 pub mod storage;
-pub mod worker;

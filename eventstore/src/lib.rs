@@ -16,6 +16,7 @@ pub mod notify;
 pub mod pg_append;
 pub mod store;
 pub mod testing;
+pub mod work;
 
 pub use consumer::{
     ConsumerActor, ConsumerHandle, ConsumerLock, ConsumerStatus, LogHandler, Runner,

@@ -21,6 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use commands::Commands;
@@ -29,7 +30,8 @@ use domain::ids::PaymentId;
 use domain::payment::{PaymentCommand, SettledBy};
 use eventstore::consumer::ReadModelTx;
 use eventstore::jobs::{self, Job, NewJob};
-use eventstore::{Backend, ConsumerLock, LogHandler, Store, StoredEvent};
+use eventstore::work::{self, Outcome, WorkerActor};
+use eventstore::{Backend, LogHandler, Store, StoredEvent};
 use tokio::sync::watch;
 
 use crate::daraja::{Daraja, DarajaError, StkPush, StkStatus};
@@ -42,6 +44,45 @@ pub const WORKER: &str = "mpesa";
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The worker actor.
+pub type MpesaWorker = WorkerActor<Worker>;
+
+pub use eventstore::work::Stop;
+
+#[async_trait(?Send)]
+impl work::Worker for Worker {
+    fn name(&self) -> &'static str {
+        LOCK_NAME
+    }
+
+    async fn activate(&self) -> anyhow::Result<()> {
+        tracing::info!("M-Pesa worker active");
+        adopt_old_jobs(&self.store).await?;
+        self.recover().await
+    }
+
+    /// Not cancelled mid-push: a push cut short would leave its fate unknown. The
+    /// round looks at `stop` between payments.
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
+        self.push_round(round).await?;
+        Ok(Outcome::Idle)
+    }
+}
+
+/// Starts the worker on the current arbiter; `wake` (the intake's progress) starts a
+/// round at once, and one runs every `settings.poll`.
+pub fn start(
+    store: Store,
+    commands: Arc<Commands>,
+    daraja: Arc<Daraja>,
+    settings: WorkerSettings,
+    wake: Option<watch::Receiver<eventstore::LogCursor>>,
+) -> Addr<MpesaWorker> {
+    let poll = settings.poll;
+    let worker = Worker::new(store.clone(), commands, daraja, settings);
+    WorkerActor::launch(worker, store, poll, wake)
 }
 
 /// Moves the work list of versions before the shared job queue (`mpesa_jobs`) into it.
@@ -146,69 +187,6 @@ impl Worker {
         }
     }
 
-    /// Runs until `stop` turns true; `wake` (the intake's progress) starts a round at
-    /// once. Only the holder of the lock works; others wait to take it over.
-    pub async fn run(
-        self,
-        mut stop: watch::Receiver<bool>,
-        mut wake: Option<watch::Receiver<eventstore::LogCursor>>,
-    ) {
-        let mut lock: Option<ConsumerLock> = None;
-        loop {
-            if *stop.borrow() {
-                break;
-            }
-            if lock.is_none() {
-                match ConsumerLock::try_take(&self.store, LOCK_NAME).await {
-                    Ok(Some(taken)) => {
-                        tracing::info!("M-Pesa worker active");
-                        lock = Some(taken);
-                        if let Err(error) = adopt_old_jobs(&self.store).await {
-                            tracing::warn!(error = %format!("{error:#}"), "moving old M-Pesa jobs failed");
-                        }
-                        if let Err(error) = self.recover().await {
-                            tracing::warn!(error = %format!("{error:#}"), "recovering M-Pesa jobs failed");
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(error = %format!("{error:#}"), "taking the M-Pesa worker lock failed")
-                    }
-                }
-            } else if let Some(held) = lock.as_mut() {
-                if !held.is_alive().await {
-                    tracing::warn!("M-Pesa worker lost its lock; standing by");
-                    lock = None;
-                }
-            }
-            if lock.is_some() {
-                // Not cancelled mid-push: a push cut short would leave its fate unknown.
-                // The round looks at `stop` between payments.
-                if let Err(error) = self.round(&stop).await {
-                    tracing::warn!(error = %format!("{error:#}"), "M-Pesa round failed");
-                }
-            }
-            let woken = async {
-                match wake.as_mut() {
-                    Some(w) => {
-                        if w.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(self.settings.poll) => {}
-                _ = woken => {}
-                _ = stop.wait_for(|s| *s) => break,
-            }
-        }
-        if let Some(held) = lock {
-            held.release().await;
-        }
-    }
-
     /// Jobs a killed run left `sending`: the push may have reached Daraja, so it is
     /// never sent again; the payment is recorded as failed with an unknown outcome.
     async fn recover(&self) -> anyhow::Result<()> {
@@ -224,7 +202,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn round(&self, stop: &watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn push_round(&self, round: &work::Round) -> anyhow::Result<()> {
         let pool = self.store.any_pool();
         // Acceptances a failed write left unrecorded.
         for job in jobs::in_state(pool, WORKER, "sending").await? {
@@ -232,7 +210,7 @@ impl Worker {
         }
         let due = jobs::due(pool, WORKER, None, 32).await?;
         for job in due {
-            if *stop.borrow() {
+            if round.stopping() {
                 return Ok(());
             }
             match self.push(&job).await {
@@ -247,7 +225,7 @@ impl Worker {
                 }
             }
         }
-        if *stop.borrow() {
+        if round.stopping() {
             return Ok(());
         }
         self.reconcile().await

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use alloy::node_bindings::Anvil;
 use alloy::primitives::B256;
 use alloy::providers::Provider;
-use chain_adapter::chain::{Chain, ChainIntake, ChainMode, ChainSettings, ChainWriter};
+use chain_adapter::chain::{Chain, ChainIntake, ChainMode, ChainSettings};
 use commands::blobs::LocalBlobStore;
 use commands::clock::SystemClock;
 use commands::keys::{KeyStore, SecretKey};
@@ -134,7 +134,7 @@ async fn run(grants: usize) {
                 .await
                 .unwrap();
         let chain = Chain::connect(settings).await.unwrap();
-        let writer = ChainWriter::start(
+        let writer = chain_adapter::chain::minter::start(
             t.store.clone(),
             commands.clone(),
             chain.clone(),

@@ -20,7 +20,7 @@ mod s3;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chain_adapter::storage::{ReplicationSettings, Replicator, S3Remote, S3Settings, Storage};
+use chain_adapter::storage::{ReplicationSettings, S3Remote, S3Settings, Storage};
 use commands::blobs::LocalBlobStore;
 use commands::clock::SystemClock;
 use commands::keys::{KeyStore, SecretKey};
@@ -139,10 +139,11 @@ async fn run(backend: Backend, records: usize, size: usize, concurrency: usize) 
     projection.drain().await.unwrap();
 
     let started = Instant::now();
-    let replicator = Replicator::start(t.store.clone(), commands.clone(), storage, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let replicator =
+        chain_adapter::storage::replicator::start(t.store.clone(), commands.clone(), storage, None)
+            .await
+            .unwrap()
+            .unwrap();
     loop {
         let stored: i64 =
             sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'RecordStored'")

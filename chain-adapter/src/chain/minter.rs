@@ -30,14 +30,14 @@ use domain::ids::RecordId;
 use domain::record::ChainTx;
 use eventstore::consumer::ReadModelTx;
 use eventstore::jobs::{self, Job, NewJob};
-use eventstore::{Backend, ConsumerLock, LogCursor, LogHandler, Store, StoredEvent};
+use eventstore::work::{self, Outcome, WorkerActor};
+use eventstore::{Backend, LogCursor, LogHandler, Store, StoredEvent};
 use tokio::sync::{watch, Mutex};
 
 use super::{
     custodial_address, event_id, token_id, Chain, ChainMode, ConsentRegistry, Fees, RecordToken,
 };
 use crate::storage::remote::one_line;
-use crate::worker::{stop_and_release, RoundActor, Rounds};
 use domain::access::{AccessStatus, ChainReceipt};
 use domain::ids::AccessRequestId;
 
@@ -184,10 +184,8 @@ enum Failure {
 }
 
 struct State {
-    lock: Option<ConsumerLock>,
     /// Whether the node was checked since the lock was taken (see `preflight`).
     checked: bool,
-    paused_until: Option<Instant>,
     pause: Duration,
 }
 
@@ -199,7 +197,6 @@ pub struct Writer {
     token: Address,
     registry: Option<Address>,
     max_attempts: i64,
-    stop: watch::Sender<bool>,
     state: Mutex<State>,
 }
 
@@ -214,64 +211,28 @@ const RECEIPT_POLL: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 impl Writer {
-    async fn round(&self) -> anyhow::Result<bool> {
-        let mut stop = self.stop.subscribe();
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
         let mut state = self.state.lock().await;
-        if *stop.borrow() || state.paused_until.is_some_and(|u| Instant::now() < u) {
-            return Ok(false);
-        }
-        if let Some(lock) = state.lock.as_mut() {
-            let alive = tokio::time::timeout(Duration::from_secs(10), lock.is_alive()).await;
-            if !matches!(alive, Ok(true)) {
-                state.lock = None;
-            }
-        }
-        if state.lock.is_none() {
-            let taken = tokio::time::timeout(
-                Duration::from_secs(10),
-                ConsumerLock::try_take(&self.store, LOCK_NAME),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("taking the chain writer lock timed out"))??;
-            match taken {
-                Some(lock) => {
-                    // The work list of versions before the shared job queue.
-                    jobs::adopt(
-                        self.store.any_pool(),
-                        self.store.backend(),
-                        "chain_jobs",
-                        "SELECT 'chain', kind, subject, event_id, NULL, position, state, \
-                         attempts, next_attempt_at, last_error, updated_at FROM chain_jobs",
-                    )
-                    .await?;
-                    tracing::info!(
-                        chain_id = self.chain.settings.chain_id,
-                        "chain writer active"
-                    );
-                    state.lock = Some(lock);
-                    state.checked = false;
-                }
-                None => return Ok(false),
-            }
+        if round.stopping() {
+            return Ok(Outcome::Idle);
         }
         if !state.checked {
             let checked = tokio::select! {
                 checked = self.preflight() => checked,
-                _ = stop.wait_for(|s| *s) => return Ok(false),
+                _ = round.stopped() => return Ok(Outcome::Idle),
             };
             match checked {
                 Ok(()) => state.checked = true,
                 Err(Failure::Job(reason)) => {
                     tracing::error!(error = %reason, "chain writer cannot start; no transaction is sent");
-                    state.paused_until = Some(Instant::now() + MAX_PAUSE);
-                    return Ok(false);
+                    return Ok(Outcome::Pause(MAX_PAUSE));
                 }
                 Err(Failure::Node(error) | Failure::Wait(error)) => {
                     let error = one_line(&format!("{error:#}"));
                     tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
-                    state.paused_until = Some(Instant::now() + state.pause);
+                    let pause = state.pause;
                     state.pause = (state.pause * 2).min(MAX_PAUSE);
-                    return Ok(false);
+                    return Ok(Outcome::Pause(pause));
                 }
             }
         }
@@ -300,17 +261,13 @@ impl Writer {
         for unit in units {
             // A round can be long: the lock is checked before each transaction, so a
             // standby that took over never races this one for nonces.
-            if let Some(lock) = state.lock.as_mut() {
-                let alive = tokio::time::timeout(Duration::from_secs(10), lock.is_alive()).await;
-                if !matches!(alive, Ok(true)) {
-                    tracing::warn!("chain writer lost its lock; standing by");
-                    state.lock = None;
-                    return Ok(false);
-                }
+            if !round.still_active().await {
+                tracing::warn!("chain writer lost its lock; standing by");
+                return Ok(Outcome::Idle);
             }
             let outcomes = tokio::select! {
                 outcomes = self.run_unit(unit) => outcomes,
-                _ = stop.wait_for(|s| *s) => return Ok(false),
+                _ = round.stopped() => return Ok(Outcome::Idle),
             };
             // Whether the node is down is asked once per unit, and every job of the
             // unit is settled before the writer pauses.
@@ -344,12 +301,12 @@ impl Writer {
                 }
             }
             if node_down == Some(true) {
-                state.paused_until = Some(Instant::now() + state.pause);
+                let pause = state.pause;
                 state.pause = (state.pause * 2).min(MAX_PAUSE);
-                return Ok(false);
+                return Ok(Outcome::Pause(pause));
             }
         }
-        Ok(full)
+        Ok(if full { Outcome::More } else { Outcome::Idle })
     }
 
     /// Before the first transaction of a run: the node must serve the configured
@@ -1109,54 +1066,63 @@ fn estimate_failure(error: alloy::transports::TransportError) -> Failure {
 }
 
 /// The writer actor.
-pub type ChainWriter = RoundActor<Writer>;
+pub type ChainWriter = WorkerActor<Writer>;
 
-pub use crate::worker::Stop;
+pub use eventstore::work::Stop;
 
 #[async_trait(?Send)]
-impl Rounds for Writer {
+impl work::Worker for Writer {
     fn name(&self) -> &'static str {
-        "chain writer"
+        LOCK_NAME
     }
 
-    async fn round(&self) -> anyhow::Result<bool> {
-        Writer::round(self).await
+    async fn activate(&self) -> anyhow::Result<()> {
+        // The work list of versions before the shared job queue.
+        jobs::adopt(
+            self.store.any_pool(),
+            self.store.backend(),
+            "chain_jobs",
+            "SELECT 'chain', kind, subject, event_id, NULL, position, state, \
+             attempts, next_attempt_at, last_error, updated_at FROM chain_jobs",
+        )
+        .await?;
+        tracing::info!(
+            chain_id = self.chain.settings.chain_id,
+            "chain writer active"
+        );
+        self.state.lock().await.checked = false;
+        Ok(())
     }
 
-    async fn stop(&self) {
-        stop_and_release(&self.stop, &self.state, |s| &mut s.lock).await;
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
+        Writer::round(self, round).await
     }
 }
 
-impl RoundActor<Writer> {
-    /// Starts the writer; `wake` follows the `chain_intake` consumer.
-    pub fn start(
-        store: Store,
-        commands: Arc<Commands>,
-        chain: Chain,
-        wake: Option<watch::Receiver<LogCursor>>,
-    ) -> anyhow::Result<Addr<ChainWriter>> {
-        let token = chain
-            .settings
-            .record_token
-            .context("AFYA_RECORD_TOKEN_ADDRESS must be set for the chain adapter")?;
-        let poll = chain.settings.poll;
-        let registry = chain.settings.consent_registry;
-        let writer = Writer {
-            store,
-            commands,
-            chain,
-            token,
-            registry,
-            max_attempts: 10,
-            stop: watch::channel(false).0,
-            state: Mutex::new(State {
-                lock: None,
-                checked: false,
-                paused_until: None,
-                pause: MIN_PAUSE,
-            }),
-        };
-        Ok(RoundActor::launch(writer, poll, wake))
-    }
+/// Starts the chain writer; `wake` follows the `chain_intake` consumer.
+pub fn start(
+    store: Store,
+    commands: Arc<Commands>,
+    chain: Chain,
+    wake: Option<watch::Receiver<LogCursor>>,
+) -> anyhow::Result<Addr<ChainWriter>> {
+    let token = chain
+        .settings
+        .record_token
+        .context("AFYA_RECORD_TOKEN_ADDRESS must be set for the chain adapter")?;
+    let poll = chain.settings.poll;
+    let registry = chain.settings.consent_registry;
+    let writer = Writer {
+        store: store.clone(),
+        commands,
+        chain,
+        token,
+        registry,
+        max_attempts: 10,
+        state: Mutex::new(State {
+            checked: false,
+            pause: MIN_PAUSE,
+        }),
+    };
+    Ok(WorkerActor::launch(writer, store, poll, wake))
 }

@@ -17,27 +17,23 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::Addr;
 use commands::blobs::{sha256_hex, BlobStore, IntegrityFailure, LocalBlobStore};
 use commands::{CommandError, Commands};
 use domain::ids::RecordId;
-use eventstore::{ConsumerLock, LogCursor, Store};
+use eventstore::work::{self, Outcome, WorkerActor};
+use eventstore::{LogCursor, Store};
 use futures::StreamExt;
 use tokio::sync::{watch, Mutex};
 
 use super::queue::{self, Job};
 use super::remote::{object_key, one_line, RemoteError, RemoteState, S3Remote};
 use super::{ReplicationSettings, Storage};
-use crate::worker::{stop_and_release, RoundActor, Rounds};
 
 /// The name of the replicator's consumer lock.
 pub const LOCK_NAME: &str = "storage_replicator";
-
-/// Bound on checking or taking the lock (a half-open database connection must not
-/// hold the round, or a shutdown, for minutes).
-const LOCK_CHECK: Duration = Duration::from_secs(10);
 
 /// Why one blob was not replicated.
 enum Failure {
@@ -56,9 +52,7 @@ enum Failure {
 }
 
 struct WorkerState {
-    lock: Option<ConsumerLock>,
     intake_mark: LogCursor,
-    paused_until: Option<Instant>,
     outage_backoff: Duration,
     remote_state: RemoteState,
 }
@@ -72,17 +66,13 @@ pub struct Worker {
     settings: ReplicationSettings,
     /// Told what the worker learns of the remote store (for `/readyz`).
     storage: Storage,
-    /// Set on shutdown: the round in flight drops its calls (every step is idempotent).
-    stop: watch::Sender<bool>,
     state: Mutex<WorkerState>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Round {
-    /// Another instance is the active replicator.
-    Standby,
-    /// The remote store is down; waiting out the pause.
-    Paused,
+    /// The remote store is down; no round before this pause is over.
+    Paused(Duration),
     /// Nothing more is due now.
     Idle,
     /// More may be due at once (a full batch, or jobs skipped).
@@ -100,39 +90,10 @@ impl Worker {
         eventstore::jobs::backoff(self.settings.retry_base, self.settings.retry_max, attempts)
     }
 
-    async fn round(&self) -> anyhow::Result<Round> {
-        let mut stop = self.stop.subscribe();
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Round> {
         let mut state = self.state.lock().await;
-        if *stop.borrow() {
+        if round.stopping() {
             return Ok(Round::Stopped);
-        }
-        if state
-            .paused_until
-            .is_some_and(|until| Instant::now() < until)
-        {
-            return Ok(Round::Paused);
-        }
-        if let Some(lock) = state.lock.as_mut() {
-            let alive = tokio::time::timeout(LOCK_CHECK, lock.is_alive()).await;
-            if !matches!(alive, Ok(true)) {
-                tracing::warn!("storage replicator lost its lock; standing by");
-                state.lock = None;
-            }
-        }
-        if state.lock.is_none() {
-            let taken =
-                tokio::time::timeout(LOCK_CHECK, ConsumerLock::try_take(&self.store, LOCK_NAME))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("taking the replicator lock timed out"))??;
-            match taken {
-                Some(lock) => {
-                    tracing::info!(backend = self.backend(), "storage replicator active");
-                    state.lock = Some(lock);
-                    // Another instance may have worked meanwhile: look at everything.
-                    state.intake_mark = LogCursor::START;
-                }
-                None => return Ok(Round::Standby),
-            }
         }
         let pool = self.store.any_pool();
         let upto = queue::source_checkpoint(pool).await?;
@@ -169,7 +130,7 @@ impl Worker {
             .collect::<Vec<_>>();
         let results: Vec<(&Job, Result<(), Failure>)> = tokio::select! {
             results = work => results,
-            _ = stop.wait_for(|stopping| *stopping) => return Ok(Round::Stopped),
+            _ = round.stopped() => return Ok(Round::Stopped),
         };
         let refused_credentials = results
             .iter()
@@ -222,9 +183,9 @@ impl Worker {
                     );
                 }
                 state.remote_state = down;
-                state.paused_until = Some(Instant::now() + state.outage_backoff);
+                let pause = state.outage_backoff;
                 state.outage_backoff = (state.outage_backoff * 2).min(self.settings.retry_max);
-                Ok(Round::Paused)
+                Ok(Round::Paused(pause))
             }
             None => {
                 if stored > 0 {
@@ -234,7 +195,6 @@ impl Worker {
                         state.remote_state = RemoteState::Ok;
                     }
                 }
-                state.paused_until = None;
                 state.outage_backoff = self.settings.retry_base;
                 if jobs.len() as i64 == batch || skipped > 0 {
                     Ok(Round::More)
@@ -410,58 +370,60 @@ impl Worker {
 }
 
 /// The replicator actor.
-pub type Replicator = RoundActor<Worker>;
+pub type Replicator = WorkerActor<Worker>;
 
-pub use crate::worker::Stop;
+pub use eventstore::work::Stop;
 
 #[async_trait::async_trait(?Send)]
-impl Rounds for Worker {
+impl work::Worker for Worker {
     fn name(&self) -> &'static str {
-        "storage replicator"
+        LOCK_NAME
     }
 
-    async fn round(&self) -> anyhow::Result<bool> {
-        Ok(Worker::round(self).await? == Round::More)
+    /// Another instance may have worked meanwhile: look at everything.
+    async fn activate(&self) -> anyhow::Result<()> {
+        tracing::info!(backend = self.backend(), "storage replicator active");
+        self.state.lock().await.intake_mark = LogCursor::START;
+        Ok(())
     }
 
-    async fn stop(&self) {
-        stop_and_release(&self.stop, &self.state, |s| &mut s.lock).await;
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
+        Ok(match Worker::round(self, round).await? {
+            Round::More => Outcome::More,
+            Round::Paused(pause) => Outcome::Pause(pause),
+            Round::Idle | Round::Stopped => Outcome::Idle,
+        })
     }
 }
 
-impl RoundActor<Worker> {
-    /// Creates the work list and starts the actor on the current arbiter; `None` when
-    /// `storage` has no remote store. `wake` follows the `record_storage` projection,
-    /// so a new upload is picked up at once.
-    pub async fn start(
-        store: Store,
-        commands: Arc<Commands>,
-        storage: Storage,
-        wake: Option<watch::Receiver<LogCursor>>,
-    ) -> anyhow::Result<Option<Addr<Replicator>>> {
-        let Some(remote) = storage.remote.clone() else {
-            return Ok(None);
-        };
-        queue::ensure_schema(&store).await?;
-        let settings = storage.replication.clone();
-        let local = storage.local.clone();
-        let poll = settings.poll;
-        let worker = Worker {
-            state: Mutex::new(WorkerState {
-                lock: None,
-                intake_mark: LogCursor::START,
-                paused_until: None,
-                outage_backoff: settings.retry_base,
-                remote_state: RemoteState::Ok,
-            }),
-            store,
-            commands,
-            local,
-            remote,
-            settings,
-            storage,
-            stop: watch::channel(false).0,
-        };
-        Ok(Some(RoundActor::launch(worker, poll, wake)))
-    }
+/// Creates the work list and starts the replicator on the current arbiter; `None` when
+/// `storage` has no remote store. `wake` follows the `record_storage` projection, so a
+/// new upload is picked up at once.
+pub async fn start(
+    store: Store,
+    commands: Arc<Commands>,
+    storage: Storage,
+    wake: Option<watch::Receiver<LogCursor>>,
+) -> anyhow::Result<Option<Addr<Replicator>>> {
+    let Some(remote) = storage.remote.clone() else {
+        return Ok(None);
+    };
+    queue::ensure_schema(&store).await?;
+    let settings = storage.replication.clone();
+    let local = storage.local.clone();
+    let poll = settings.poll;
+    let worker = Worker {
+        state: Mutex::new(WorkerState {
+            intake_mark: LogCursor::START,
+            outage_backoff: settings.retry_base,
+            remote_state: RemoteState::Ok,
+        }),
+        store: store.clone(),
+        commands,
+        local,
+        remote,
+        settings,
+        storage,
+    };
+    Ok(Some(WorkerActor::launch(worker, store, poll, wake)))
 }

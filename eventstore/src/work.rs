@@ -1,0 +1,305 @@
+//! The one runtime of the background workers (the storage replicator, the chain
+//! writer, the M-Pesa worker): a [`Worker`] says what one round of its work is; the
+//! [`WorkerActor`] drives it.
+//!
+//! The driver makes the worker the one active instance of its name (it takes the
+//! worker's [`ConsumerLock`], checks it is still held between rounds, and stands by
+//! while another instance holds it), runs a round when woken (the progress of the log
+//! consumer that feeds the worker), on a poll interval, or at once when the last
+//! round left more due, never two at a time; after a failed round it backs off, and
+//! on [`Stop`] it tells the round in flight to let go (every step of a worker is
+//! idempotent), waits for it a bounded time and releases the lock.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use async_trait::async_trait;
+use tokio::sync::{watch, Mutex};
+
+use crate::consumer::failure_backoff;
+use crate::locks::ConsumerLock;
+use crate::log::LogCursor;
+use crate::store::Store;
+
+/// How long a lock operation may take before it counts as failed.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Stop`] waits for the round in flight.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+/// What a round found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing more is due now: wait to be woken or for the poll.
+    Idle,
+    /// More is due at once (a full batch).
+    More,
+    /// An outside service is down: no round before this long, however often woken.
+    Pause(Duration),
+}
+
+/// What a round can ask of the driver.
+pub struct Round {
+    stop: watch::Receiver<bool>,
+    lock: Arc<Mutex<Option<ConsumerLock>>>,
+}
+
+impl Round {
+    /// Whether the worker is stopping: a round looks between steps.
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Resolves when the worker is told to stop (to `select!` a long call against).
+    pub async fn stopped(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
+    /// Whether this instance still holds the worker's lock, asked before a step that
+    /// must never run in two instances at once (a chain transaction and its nonce).
+    pub async fn still_active(&self) -> bool {
+        let mut lock = self.lock.lock().await;
+        match lock.as_mut() {
+            Some(held) => matches!(
+                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
+                Ok(true)
+            ),
+            None => false,
+        }
+    }
+}
+
+/// Background work done in rounds by one active instance per name.
+/// The futures run on the actor's arbiter, so they need not be `Send`.
+#[async_trait(?Send)]
+pub trait Worker: 'static {
+    /// For the log, and the name of the lock that makes one instance active.
+    fn name(&self) -> &'static str;
+    /// This instance has just become the active one (another may have worked
+    /// meanwhile): recover what a killed run left, forget what was cached.
+    async fn activate(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// One round of work.
+    async fn round(&self, round: &Round) -> anyhow::Result<Outcome>;
+}
+
+/// Drives one [`Worker`] (see the module documentation).
+pub struct WorkerActor<W: Worker> {
+    worker: Rc<W>,
+    store: Store,
+    poll: Duration,
+    wake: Option<watch::Receiver<LogCursor>>,
+    lock: Arc<Mutex<Option<ConsumerLock>>>,
+    /// Held by the round in flight, so that [`Stop`] can wait for it.
+    busy: Arc<Mutex<()>>,
+    stop: watch::Sender<bool>,
+    running: bool,
+    again: bool,
+    stopping: bool,
+    failures: u32,
+    paused_until: Option<Instant>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
+/// Let go of the round in flight, release the lock and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl<W: Worker> WorkerActor<W> {
+    /// Starts `worker` on the current arbiter; `wake` follows the consumer that feeds
+    /// it, and a round also runs every `poll`.
+    pub fn launch(
+        worker: W,
+        store: Store,
+        poll: Duration,
+        wake: Option<watch::Receiver<LogCursor>>,
+    ) -> Addr<WorkerActor<W>> {
+        WorkerActor {
+            worker: Rc::new(worker),
+            store,
+            poll,
+            wake,
+            lock: Arc::new(Mutex::new(None)),
+            busy: Arc::new(Mutex::new(())),
+            stop: watch::channel(false).0,
+            running: false,
+            again: false,
+            stopping: false,
+            failures: 0,
+            paused_until: None,
+        }
+        .start()
+    }
+}
+
+/// Takes the lock if this instance does not hold it, or checks it still holds.
+/// `Ok(true)`: active, and just became so; `Ok(false)`: active already, or standby
+/// (the lock is then `None`).
+async fn hold(
+    store: &Store,
+    name: &str,
+    lock: &Mutex<Option<ConsumerLock>>,
+) -> anyhow::Result<bool> {
+    let mut lock = lock.lock().await;
+    if let Some(held) = lock.as_mut() {
+        if matches!(
+            tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
+            Ok(true)
+        ) {
+            return Ok(false);
+        }
+        tracing::warn!(worker = name, "lost the worker lock; standing by");
+        *lock = None;
+    }
+    let taken = tokio::time::timeout(LOCK_TIMEOUT, ConsumerLock::try_take(store, name))
+        .await
+        .map_err(|_| anyhow::anyhow!("taking the {name} lock timed out"))??;
+    let active = taken.is_some();
+    *lock = taken;
+    Ok(active)
+}
+
+impl<W: Worker> Actor for WorkerActor<W> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(wake) = self.wake.take() {
+            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            }));
+        }
+        ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
+        ctx.notify(Tick);
+    }
+}
+
+impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
+    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
+        ctx.notify(Tick);
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl<W: Worker> Handler<Tick> for WorkerActor<W> {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Tick, _: &mut Self::Context) -> Self::Result {
+        if self.stopping
+            || self
+                .paused_until
+                .is_some_and(|until| Instant::now() < until)
+        {
+            return Box::pin(fut::ready(()));
+        }
+        if self.running {
+            self.again = true;
+            return Box::pin(fut::ready(()));
+        }
+        self.running = true;
+        self.paused_until = None;
+        let worker = self.worker.clone();
+        let store = self.store.clone();
+        let lock = self.lock.clone();
+        let busy = self.busy.clone();
+        let round = Round {
+            stop: self.stop.subscribe(),
+            lock: lock.clone(),
+        };
+        Box::pin(
+            async move {
+                let _busy = busy.lock().await;
+                if round.stopping() {
+                    return Ok(Outcome::Idle);
+                }
+                let name = worker.name();
+                if hold(&store, name, &lock).await? {
+                    if let Err(error) = worker.activate().await {
+                        // Not active until activated: the lock goes, and is taken
+                        // (and the activation tried) again after the back-off.
+                        if let Some(held) = lock.lock().await.take() {
+                            held.release().await;
+                        }
+                        return Err(error.context(format!("activating {name}")));
+                    }
+                }
+                if lock.lock().await.is_none() {
+                    return Ok(Outcome::Idle);
+                }
+                worker.round(&round).await
+            }
+            .into_actor(self)
+            .map(|result: anyhow::Result<Outcome>, actor, ctx| {
+                actor.running = false;
+                let again = std::mem::take(&mut actor.again);
+                let name = actor.worker.name();
+                match result {
+                    Ok(outcome) => {
+                        actor.failures = 0;
+                        match outcome {
+                            Outcome::More => ctx.notify(Tick),
+                            Outcome::Idle if again => ctx.notify(Tick),
+                            Outcome::Idle => {}
+                            Outcome::Pause(pause) => {
+                                actor.paused_until = Some(Instant::now() + pause);
+                                ctx.notify_later(Tick, pause);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        actor.failures = actor.failures.saturating_add(1);
+                        let backoff = failure_backoff(actor.failures);
+                        if Store::is_unavailable(&error) {
+                            tracing::warn!(
+                                worker = name,
+                                error = format!("{error:#}"),
+                                ?backoff,
+                                "event store unavailable; worker retrying"
+                            );
+                        } else {
+                            tracing::error!(
+                                worker = name,
+                                error = format!("{error:#}"),
+                                ?backoff,
+                                "round failed; retrying"
+                            );
+                        }
+                        actor.paused_until = Some(Instant::now() + backoff);
+                        ctx.notify_later(Tick, backoff);
+                    }
+                }
+            }),
+        )
+    }
+}
+
+impl<W: Worker> Handler<Stop> for WorkerActor<W> {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        self.stop.send_replace(true);
+        let (lock, busy) = (self.lock.clone(), self.busy.clone());
+        Box::pin(
+            async move {
+                // The round in flight sees `stop` and returns; if it does not in time,
+                // the lock goes with the process.
+                if let Ok(_idle) = tokio::time::timeout(STOP_WAIT, busy.lock()).await {
+                    if let Some(held) = lock.lock().await.take() {
+                        held.release().await;
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        )
+    }
+}
