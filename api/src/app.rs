@@ -67,6 +67,27 @@ pub async fn open(config: &Config) -> anyhow::Result<(Store, Arc<Commands>, Stor
 }
 
 impl App {
+    /// The background workers, by their name in the job queue.
+    pub fn workers(&self) -> Vec<(&'static str, actix::Recipient<eventstore::work::Status>)> {
+        let mut workers = Vec::new();
+        if let Some(addr) = &self.replicator {
+            workers.push((
+                chain_adapter::storage::queue::WORKER,
+                addr.clone().recipient(),
+            ));
+        }
+        if let Some(addr) = &self.chain_writer {
+            workers.push((
+                chain_adapter::chain::minter::WORKER,
+                addr.clone().recipient(),
+            ));
+        }
+        if let Some(addr) = &self.mpesa {
+            workers.push((mpesa_adapter::worker::WORKER, addr.clone().recipient()));
+        }
+        workers
+    }
+
     /// Opens everything and starts the projection actors, the expiry sweep and, with a
     /// remote blob store, the storage replicator on the current arbiter.
     pub async fn start(config: Config) -> anyhow::Result<App> {

@@ -37,6 +37,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The projections this process runs, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
+    /// The background workers this process runs (`storage`, `chain`, `mpesa`), for
+    /// `/readyz` and `/metrics`.
+    pub workers: Vec<(&'static str, actix::Recipient<eventstore::work::Status>)>,
     /// Where blobs are kept (for `storage_status` and `/readyz`).
     pub storage: Storage,
     /// The live tail of the event streams.
@@ -70,6 +73,7 @@ impl AppState {
             )),
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
+            workers: app.workers(),
             storage: app.storage.clone(),
             live: app.live.clone(),
             webhooks: app.webhooks.clone(),

@@ -101,7 +101,28 @@ pub struct WorkerActor<W: Worker> {
     stopping: bool,
     failures: u32,
     paused_until: Option<Instant>,
+    /// Whether this instance held the lock after its last round.
+    active: bool,
+    /// Whether the last round found an outside service down (it asked for a pause).
+    outage: bool,
 }
+
+/// How a worker is doing, for `/readyz` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerStatus {
+    /// This instance is the active one (another holds the lock otherwise).
+    pub active: bool,
+    /// The outside service it works against is down: its last round paused for it.
+    pub outage: bool,
+    /// Rounds failed in a row (its own database or a fault).
+    pub failures: u32,
+}
+
+/// Asks a worker's driver for its [`WorkerStatus`] (answered at once, even while a
+/// round runs).
+#[derive(Message)]
+#[rtype(result = "WorkerStatus")]
+pub struct Status;
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -134,6 +155,8 @@ impl<W: Worker> WorkerActor<W> {
             stopping: false,
             failures: 0,
             paused_until: None,
+            active: false,
+            outage: false,
         }
         .start()
     }
@@ -218,7 +241,7 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
             async move {
                 let _busy = busy.lock().await;
                 if round.stopping() {
-                    return Ok(Outcome::Idle);
+                    return Ok((Outcome::Idle, false));
                 }
                 let name = worker.name();
                 if hold(&store, name, &lock).await? {
@@ -232,18 +255,21 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     }
                 }
                 if lock.lock().await.is_none() {
-                    return Ok(Outcome::Idle);
+                    return Ok((Outcome::Idle, false));
                 }
-                worker.round(&round).await
+                let outcome = worker.round(&round).await?;
+                Ok((outcome, lock.lock().await.is_some()))
             }
             .into_actor(self)
-            .map(|result: anyhow::Result<Outcome>, actor, ctx| {
+            .map(|result: anyhow::Result<(Outcome, bool)>, actor, ctx| {
                 actor.running = false;
                 let again = std::mem::take(&mut actor.again);
                 let name = actor.worker.name();
                 match result {
-                    Ok(outcome) => {
+                    Ok((outcome, active)) => {
                         actor.failures = 0;
+                        actor.active = active;
+                        actor.outage = matches!(outcome, Outcome::Pause(_));
                         match outcome {
                             Outcome::More => ctx.notify(Tick),
                             Outcome::Idle if again => ctx.notify(Tick),
@@ -278,6 +304,18 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                 }
             }),
         )
+    }
+}
+
+impl<W: Worker> Handler<Status> for WorkerActor<W> {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
+        MessageResult(WorkerStatus {
+            active: self.active,
+            outage: self.outage,
+            failures: self.failures,
+        })
     }
 }
 

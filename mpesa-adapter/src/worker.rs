@@ -66,8 +66,12 @@ impl work::Worker for Worker {
     /// Not cancelled mid-push: a push cut short would leave its fate unknown. The
     /// round looks at `stop` between payments.
     async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
-        self.push_round(round).await?;
-        Ok(Outcome::Idle)
+        if self.push_round(round).await? {
+            Ok(Outcome::Idle)
+        } else {
+            // Daraja is down: look again at the next poll.
+            Ok(Outcome::Pause(self.settings.poll))
+        }
     }
 }
 
@@ -202,7 +206,8 @@ impl Worker {
         Ok(())
     }
 
-    async fn push_round(&self, round: &work::Round) -> anyhow::Result<()> {
+    /// One round; `false` when Daraja was found unavailable.
+    async fn push_round(&self, round: &work::Round) -> anyhow::Result<bool> {
         let pool = self.store.any_pool();
         // Acceptances a failed write left unrecorded.
         for job in jobs::in_state(pool, WORKER, "sending").await? {
@@ -211,12 +216,12 @@ impl Worker {
         let due = jobs::due(pool, WORKER, None, 32).await?;
         for job in due {
             if round.stopping() {
-                return Ok(());
+                return Ok(true);
             }
             match self.push(&job).await {
                 Ok(true) => {}
                 // Daraja is down: the rest waits too.
-                Ok(false) => break,
+                Ok(false) => return Ok(false),
                 Err(error) => {
                     // One payment's trouble holds up no other: it waits a while.
                     let error = format!("{error:#}");
@@ -226,9 +231,10 @@ impl Worker {
             }
         }
         if round.stopping() {
-            return Ok(());
+            return Ok(true);
         }
-        self.reconcile().await
+        self.reconcile().await?;
+        Ok(true)
     }
 
     /// Puts a job in state `from` back to `pending`, due after a pause that grows with

@@ -35,7 +35,7 @@ pub async fn client_config(state: Data<AppState>) -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile. `integrations` lists each configured publisher (today `nats`): `status` (`ok`, or `down` while its last attempts failed), `lag` (events of the log it has not yet published) and `failures` (attempts failed in a row); one that is down does not fail readiness either."),
+    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile. `integrations` lists each configured publisher (`nats`: `status` `ok`, or `down` while its last attempts failed; `lag`, events of the log it has not yet published; `failures`, attempts failed in a row) and each background worker (`storage`, `chain`, `mpesa`: `status` `ok`, `degraded` with dead letters waiting, or `down` while its outside service is down or its rounds fail; `active`, whether this instance is the one working; `lag`, its jobs waiting; `dead_letters`; `failures`); one that is down does not fail readiness either."),
               (status = 503, description = "The event store does not answer", body = crate::problem::Details, content_type = "application/problem+json")))]
 pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
     match state.store.ping().await {
@@ -80,7 +80,56 @@ async fn integrations_report(state: &AppState) -> serde_json::Value {
             }),
         );
     }
+    let counts = match eventstore::jobs::counts(state.store.any_pool()).await {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "counting jobs");
+            Vec::new()
+        }
+    };
+    for (name, worker) in &state.workers {
+        let status = worker_status(worker).await;
+        let (mut pending, mut dead) = (0, 0);
+        for count in counts.iter().filter(|c| c.worker == *name) {
+            match count.state.as_str() {
+                "dead" => dead += count.jobs,
+                _ => pending += count.jobs,
+            }
+        }
+        report.insert(
+            (*name).to_owned(),
+            serde_json::json!({
+                "status": health(status.as_ref(), dead),
+                "active": status.map(|s| s.active),
+                "lag": pending,
+                "dead_letters": dead,
+                "failures": status.map(|s| s.failures),
+            }),
+        );
+    }
     serde_json::Value::Object(report)
+}
+
+/// A worker's state, asked of its driver (which answers at once, even mid-round).
+async fn worker_status(
+    worker: &actix::Recipient<eventstore::work::Status>,
+) -> Option<eventstore::work::WorkerStatus> {
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        worker.send(eventstore::work::Status),
+    );
+    asked.await.ok().and_then(Result::ok)
+}
+
+/// `down` while the outside service is down (or the worker's rounds fail, or it does
+/// not answer); `degraded` with dead letters waiting for an operator; else `ok`.
+fn health(status: Option<&eventstore::work::WorkerStatus>, dead_letters: i64) -> &'static str {
+    match status {
+        Some(s) if s.outage || s.failures > 0 => "down",
+        None => "down",
+        Some(_) if dead_letters > 0 => "degraded",
+        Some(_) => "ok",
+    }
 }
 
 async fn storage_report(state: &AppState) -> serde_json::Value {
@@ -117,6 +166,43 @@ async fn storage_report(state: &AppState) -> serde_json::Value {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: Data<AppState>) -> HttpResponse {
     let mut body = state.metrics.render(&state.consumers);
+    match eventstore::jobs::counts(state.store.any_pool()).await {
+        Ok(counts) => {
+            body.push_str("# HELP afyachain_jobs Jobs of each background worker waiting (pending, or a worker's own state) and dead letters (dead).\n# TYPE afyachain_jobs gauge\n");
+            for count in counts {
+                body.push_str(&format!(
+                    "afyachain_jobs{{worker=\"{}\",kind=\"{}\",state=\"{}\"}} {}\n",
+                    count.worker.replace(['\\', '"', '\n'], "_"),
+                    count.kind.replace(['\\', '"', '\n'], "_"),
+                    count.state.replace(['\\', '"', '\n'], "_"),
+                    count.jobs
+                ));
+            }
+        }
+        Err(error) => tracing::warn!(error = format!("{error:#}"), "counting jobs"),
+    }
+    if !state.workers.is_empty() {
+        let mut statuses = Vec::with_capacity(state.workers.len());
+        for (name, worker) in &state.workers {
+            statuses.push((*name, worker_status(worker).await));
+        }
+        body.push_str("# HELP afyachain_worker_up Whether a background worker's outside service answers (1) or is down (0).\n# TYPE afyachain_worker_up gauge\n");
+        for (name, status) in &statuses {
+            let up = status.is_some_and(|s| !s.outage && s.failures == 0);
+            body.push_str(&format!(
+                "afyachain_worker_up{{worker=\"{name}\"}} {}\n",
+                u8::from(up)
+            ));
+        }
+        body.push_str("# HELP afyachain_worker_active Whether this instance is the active one of a worker.\n# TYPE afyachain_worker_active gauge\n");
+        for (name, status) in &statuses {
+            let active = status.is_some_and(|s| s.active);
+            body.push_str(&format!(
+                "afyachain_worker_active{{worker=\"{name}\"}} {}\n",
+                u8::from(active)
+            ));
+        }
+    }
     if state.storage.backend().is_some() {
         match chain_adapter::storage::queue::counts(state.store.any_pool()).await {
             Ok(counts) => {

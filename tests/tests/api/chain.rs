@@ -615,6 +615,7 @@ async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     drop(node);
 
+    let started = Instant::now();
     let created = app
         .upload(
             &p.token,
@@ -625,6 +626,9 @@ async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
         )
         .await
         .ok(201);
+    // The upload does not wait for the chain.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "an upload waited {took:?}");
     let second = created["record_id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -642,13 +646,45 @@ async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(app.server.logs().contains("chain node unavailable"));
+    // Ready all the same, with the chain reported down and its mint waiting.
+    let down = chain_report(&app, |c| c["status"] == "down").await;
+    assert_eq!(
+        (&down["status"], &down["active"]),
+        (&"down".into(), &true.into()),
+        "{down}"
+    );
+    assert!(down["lag"].as_i64().unwrap() >= 1, "the mint waits: {down}");
+    let metrics = app.get("/metrics", None).await.text();
+    assert!(
+        metrics.contains("afyachain_worker_up{worker=\"chain\"} 0"),
+        "{metrics}"
+    );
 
     // The node comes back with its state: the work left waiting goes through.
     let node = start(Some(port));
     all_minted(&app, &p, 2).await;
     assert_eq!(minted_on_chain(&node, token_address).await, 2);
+    let back = chain_report(&app, |c| c["status"] == "ok" && c["lag"] == 0).await;
+    assert_eq!(
+        (&back["status"], &back["lag"]),
+        (&"ok".into(), &0.into()),
+        "{back}"
+    );
     app.stop().await;
     let _ = std::fs::remove_file(&state);
+}
+
+/// `/readyz`'s report of the chain writer once `done` holds of it (or after 30 s).
+async fn chain_report(app: &TestApp, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/readyz", None).await.ok(200);
+        let chain = ready["integrations"]["chain"].clone();
+        if done(&chain) || Instant::now() > deadline {
+            return chain;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[actix_rt::test]

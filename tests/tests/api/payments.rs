@@ -566,6 +566,20 @@ async fn daraja_down_then_a_kill_between_push_and_callback() {
             .ok(200)["status"],
         "pending"
     );
+    // Ready all the same, with M-Pesa reported down and the push waiting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let down = loop {
+        let mpesa = app.get("/readyz", None).await.ok(200)["integrations"]["mpesa"].clone();
+        if mpesa["status"] == "down" || Instant::now() > deadline {
+            break mpesa;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (&down["status"], &down["lag"]),
+        (&"down".into(), &1.into()),
+        "{down}"
+    );
     let mut config = SandboxConfig::public_sandbox();
     config.callback_delay = Duration::from_millis(2500);
     let sb = Sandbox::start_on(config, address).await.unwrap();

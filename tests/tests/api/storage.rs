@@ -432,6 +432,13 @@ async fn a_blob_that_keeps_failing_is_dead_lettered_and_can_be_retried() {
         let ready = readyz(&app).await;
         if ready["storage"]["dead_letters"] == 1 {
             assert_eq!(ready["storage"]["remote"], "ok");
+            // The worker's report: up, with a dead letter for an operator.
+            let worker = &ready["integrations"]["storage"];
+            assert_eq!(
+                (&worker["status"], &worker["dead_letters"]),
+                (&"degraded".into(), &1.into()),
+                "{ready}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "{ready}");
@@ -441,6 +448,13 @@ async fn a_blob_that_keeps_failing_is_dead_lettered_and_can_be_retried() {
     assert!(
         metrics.contains(&format!(
             "afyachain_storage_jobs{{backend=\"s3:{}\",state=\"dead\"}} 1",
+            s3.bucket
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "afyachain_jobs{{worker=\"storage\",kind=\"s3:{}\",state=\"dead\"}} 1",
             s3.bucket
         )),
         "{metrics}"
