@@ -92,7 +92,6 @@ impl App {
     /// remote blob store, the storage replicator on the current arbiter.
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let (store, commands, storage) = open(&config).await?;
-        crate::ratelimit::create_schema(&store).await?;
         let mut consumers = Vec::new();
         for projection in projections::all() {
             let name = projection.name().to_owned();

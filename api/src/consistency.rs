@@ -77,21 +77,12 @@ impl ReadYourWrites {
     }
 
     async fn checkpoints_reached(&self, target: LogCursor) -> bool {
-        let rows: Result<Vec<(String, i64, i64)>, _> =
-            sqlx::query_as("SELECT name, tx, position FROM consumer_checkpoints")
-                .fetch_all(self.store.any_pool())
-                .await;
-        let Ok(rows) = rows else {
+        let Ok(rows) = eventstore::consumer::cursors(self.store.any_pool()).await else {
             return false;
         };
         self.names.iter().all(|name| {
-            rows.iter().any(|(n, tx, position)| {
-                n == name
-                    && LogCursor {
-                        tx: *tx,
-                        position: *position,
-                    } >= target
-            })
+            rows.iter()
+                .any(|(n, cursor)| n == name && *cursor >= target)
         })
     }
 }

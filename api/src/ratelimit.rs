@@ -19,29 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use anyhow::Context as _;
 use commands::Commands;
 use eventstore::Store;
 
 use crate::problem::Problem;
-
-/// The table, the same on both backends.
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rate_limits (
-    bucket TEXT NOT NULL,
-    key TEXT NOT NULL,
-    window_start BIGINT NOT NULL,
-    hits BIGINT NOT NULL,
-    PRIMARY KEY (bucket, key)
-)";
-
-/// Creates the limits' table if it is missing.
-pub async fn create_schema(store: &Store) -> anyhow::Result<()> {
-    sqlx::query(SCHEMA)
-        .execute(store.any_pool())
-        .await
-        .context("creating the rate limit table")?;
-    Ok(())
-}
 
 /// What one limit allows: `limit` attempts per `window`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,24 +92,9 @@ impl Limits {
         let key = self.stored_key(limit.bucket, limit.key);
         // A finished window starts again at one; otherwise one more, held at one past
         // the limit so that refused attempts do not pile up behind it.
-        let (window_start, hits): (i64, i64) = sqlx::query_as(
-            "INSERT INTO rate_limits (bucket, key, window_start, hits) VALUES ($1, $2, $3, 1)
-             ON CONFLICT (bucket, key) DO UPDATE SET
-               hits = CASE WHEN rate_limits.window_start <= $3 - $4 THEN 1
-                           WHEN rate_limits.hits > $5 THEN $5 + 1
-                           ELSE rate_limits.hits + 1 END,
-               window_start = CASE WHEN rate_limits.window_start <= $3 - $4 THEN $3
-                                   ELSE rate_limits.window_start END
-             RETURNING window_start, hits",
-        )
-        .bind(limit.bucket)
-        .bind(key.clone())
-        .bind(now)
-        .bind(window)
-        .bind(cap)
-        .fetch_one(self.store.any_pool())
-        .await
-        .context("counting an attempt against a rate limit")?;
+        let (window_start, hits) =
+            eventstore::counters::hit(self.store.any_pool(), limit.bucket, &key, now, window, cap)
+                .await?;
         if self.takes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep(now).await;
         }
@@ -147,12 +113,12 @@ impl Limits {
     /// Forgets windows that ended a day ago or more (no limit here is longer).
     async fn sweep(&self, now: i64) {
         let day = 24 * 3600 * 1000;
-        let swept = sqlx::query("DELETE FROM rate_limits WHERE window_start < $1")
-            .bind(now - day)
-            .execute(self.store.any_pool())
-            .await;
+        let swept = eventstore::counters::sweep(self.store.any_pool(), now - day).await;
         if let Err(error) = swept {
-            tracing::warn!(%error, "sweeping finished rate limit windows failed");
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "sweeping finished rate limit windows failed"
+            );
         }
     }
 
@@ -199,28 +165,18 @@ impl Limits {
     /// Returns one counted attempt to the window it was counted in (not to a later
     /// one).
     async fn give_back(&self, counted: &Counted) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE rate_limits SET hits = hits - 1
-             WHERE bucket = $1 AND key = $2 AND window_start = $3 AND hits > 0",
+        eventstore::counters::give_back(
+            self.store.any_pool(),
+            counted.bucket,
+            &counted.key,
+            counted.window_start,
         )
-        .bind(counted.bucket)
-        .bind(counted.key.clone())
-        .bind(counted.window_start)
-        .execute(self.store.any_pool())
         .await
-        .context("giving back a rate-limited attempt")?;
-        Ok(())
     }
 
     /// Forgets the window of one bucket and key (a success that clears failures).
     async fn clear(&self, counted: &Counted) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM rate_limits WHERE bucket = $1 AND key = $2")
-            .bind(counted.bucket)
-            .bind(counted.key.clone())
-            .execute(self.store.any_pool())
-            .await
-            .context("clearing a rate limit")?;
-        Ok(())
+        eventstore::counters::clear(self.store.any_pool(), counted.bucket, &counted.key).await
     }
 }
 
@@ -348,7 +304,6 @@ mod tests {
         let (config, admin, name, _) = fresh_config(backend).await?;
         let cleanup = Cleanup(admin.zip(name));
         let store = Store::open(config).await.unwrap();
-        create_schema(&store).await.unwrap();
         let keys = Arc::new(commands::keys::KeyStore::new(
             commands::keys::SecretKey::generate(),
             store.any_pool().clone(),
@@ -504,10 +459,7 @@ mod tests {
             let refused = limits.take("prompt_doctor", "doctor-42", r).await;
             let problem = refused.err().unwrap();
             assert_eq!((problem.status, problem.code), (429, "too_many_attempts"));
-            let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM rate_limits")
-                .fetch_all(store.any_pool())
-                .await
-                .unwrap();
+            let keys = eventstore::counters::keys(store.any_pool()).await.unwrap();
             assert_eq!(keys.len(), 1);
             assert!(!keys[0].contains("doctor-42"));
         }

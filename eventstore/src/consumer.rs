@@ -301,6 +301,19 @@ pub async fn checkpoint_of(pool: &sqlx::AnyPool, name: &str) -> anyhow::Result<O
     Ok(row.map(|(tx, position)| LogCursor { tx, position }))
 }
 
+/// Every consumer's stored cursor, by name (read-your-writes compares them).
+pub async fn cursors(pool: &sqlx::AnyPool) -> anyhow::Result<Vec<(String, LogCursor)>> {
+    let rows: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT name, tx, position FROM consumer_checkpoints")
+            .fetch_all(pool)
+            .await
+            .context("reading consumer checkpoints")?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, tx, position)| (name, LogCursor { tx, position }))
+        .collect())
+}
+
 /// A consumer's stored checkpoint, for operators.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct Checkpoint {

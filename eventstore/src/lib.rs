@@ -8,6 +8,7 @@
 //! over it as actix actors.
 
 pub mod consumer;
+pub mod counters;
 pub mod execute;
 pub mod jobs;
 pub mod locks;

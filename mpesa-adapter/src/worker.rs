@@ -46,6 +46,20 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The payment whose accepted push Daraja gave `checkout_request_id`, as the worker
+/// kept it before recording the acceptance (so a callback finds its payment even
+/// before the read models have caught up).
+pub async fn checkout_payment(
+    pool: &sqlx::AnyPool,
+    checkout_request_id: &str,
+) -> anyhow::Result<Option<String>> {
+    sqlx::query_scalar("SELECT payment_id FROM mpesa_checkouts WHERE checkout_request_id = $1")
+        .bind(checkout_request_id.to_owned())
+        .fetch_optional(pool)
+        .await
+        .context("looking up a kept CheckoutRequestID")
+}
+
 /// The worker actor.
 pub type MpesaWorker = WorkerActor<Worker>;
 

@@ -470,12 +470,9 @@ pub async fn stk_callback(
     let pool = state.store.any_pool();
     // The M-Pesa worker keeps each CheckoutRequestID before it records the acceptance,
     // so the payment is found here even before the read models have caught up.
-    let kept: Option<String> =
-        sqlx::query_scalar("SELECT payment_id FROM mpesa_checkouts WHERE checkout_request_id = $1")
-            .bind(callback.checkout_request_id.clone())
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| Problem::internal(&e.into()))?;
+    let kept = mpesa_adapter::worker::checkout_payment(pool, &callback.checkout_request_id)
+        .await
+        .map_err(|e| Problem::internal(&e))?;
     let row = match kept {
         Some(payment_id) => Some(payment_id),
         None => queries::payment_by_checkout(pool, &callback.checkout_request_id)
