@@ -93,11 +93,16 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let (store, commands, storage) = open(&config).await?;
         let mut consumers = Vec::new();
-        for projection in projections::all() {
-            let name = projection.name().to_owned();
-            consumers.push((name, ConsumerActor::spawn(store.clone(), projection).await?));
+        let mut projections = Vec::new();
+        for handler in projections::all() {
+            let name = handler.name().to_owned();
+            let is_projection = handler.kind() == eventstore::Kind::Projection;
+            let handle = ConsumerActor::spawn(store.clone(), handler).await?;
+            if is_projection {
+                projections.push((name.clone(), handle.clone()));
+            }
+            consumers.push((name, handle));
         }
-        let projections = consumers.clone();
         let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
         let wake = consumers
             .iter()

@@ -25,13 +25,37 @@ use crate::store::{Backend, Store};
 /// The transaction a handler writes its read models in.
 pub type ReadModelTx = Transaction<'static, Any>;
 
+/// The two kinds of consumer (docs/architecture.md, "Consumers of the log").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Writes read models in the checkpoint's transaction; rebuildable from the log at
+    /// any time, and rebuilt on start when its schema version changes. Read-your-
+    /// writes waits for these.
+    Projection,
+    /// Queues external work in the checkpoint's transaction (an intake), or performs
+    /// an external effect itself (a publisher); idempotent by event id. Its tables are
+    /// delivery state, which a rebuild keeps; nothing waits for it.
+    Reactor,
+}
+
 /// What a consumer does with events. Implementations write only through `tx`.
 #[async_trait]
 pub trait LogHandler: Send + Sync + 'static {
     /// Unique, stable name: the checkpoint and the lock are keyed by it.
     fn name(&self) -> &str;
+    /// A projection unless it says otherwise.
+    fn kind(&self) -> Kind {
+        Kind::Projection
+    }
     /// Statements creating the read-model tables if they do not exist.
     fn schema(&self, backend: Backend) -> Vec<String>;
+    /// The version of [`LogHandler::schema`] (0: not versioned). When a projection's
+    /// version differs from the one the store last built, its tables are dropped and
+    /// created anew and it replays the log from the start, instead of `CREATE TABLE
+    /// IF NOT EXISTS` silently keeping the old shape.
+    fn schema_version(&self) -> u32 {
+        0
+    }
     /// Tables emptied by a rebuild.
     fn tables(&self) -> Vec<String>;
     /// Applies one event. Events arrive in log order, each exactly once.
@@ -76,6 +100,9 @@ impl Runner {
                 .with_context(|| format!("creating the tables of consumer {}", handler.name()))?;
         }
         create_checkpoint(store.any_pool(), handler.name(), LogCursor::START).await?;
+        if handler.kind() == Kind::Projection && handler.schema_version() > 0 {
+            settle_schema(&store, handler.as_ref()).await?;
+        }
         let mut runner = Runner {
             store,
             handler,
@@ -231,6 +258,97 @@ impl Runner {
         self.reload_checkpoint().await?;
         self.drain().await
     }
+}
+
+/// Makes the store hold `handler`'s current schema version: a projection built under
+/// another version (or under none, with events applied) has its tables dropped and
+/// created anew and its checkpoint reset, in one transaction, so it replays the log.
+/// Of several instances starting together, the one that moves the stored version
+/// does it; the others find it done.
+async fn settle_schema(store: &Store, handler: &dyn LogHandler) -> anyhow::Result<()> {
+    let name = handler.name();
+    let version = i64::from(handler.schema_version());
+    let pool = store.any_pool();
+    let stored: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM consumer_schemas WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(pool)
+            .await
+            .context("reading a read model's schema version")?;
+    if stored == Some(version) {
+        return Ok(());
+    }
+    let fresh = load_checkpoint(pool, name).await? == LogCursor::START;
+    let mut tx = store.begin_write().await?;
+    let claimed = match stored {
+        None => {
+            sqlx::query(
+                "INSERT INTO consumer_schemas (name, version, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name.to_owned())
+            .bind(version)
+            .bind(now_text())
+            .execute(&mut *tx)
+            .await
+        }
+        Some(old) => {
+            sqlx::query(
+                "UPDATE consumer_schemas SET version = $1, updated_at = $2 \
+             WHERE name = $3 AND version = $4",
+            )
+            .bind(version)
+            .bind(now_text())
+            .bind(name.to_owned())
+            .bind(old)
+            .execute(&mut *tx)
+            .await
+        }
+    }
+    .context("recording a read model's schema version")?
+    .rows_affected()
+        == 1;
+    if !claimed {
+        tx.rollback().await.ok();
+        return Ok(());
+    }
+    if stored.is_none() && fresh {
+        // Nothing was built under another schema: nothing to rebuild.
+        tx.commit()
+            .await
+            .context("recording a read model's schema version")?;
+        return Ok(());
+    }
+    for table in handler.tables() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("dropping {table}"))?;
+    }
+    for statement in handler.schema(store.backend()) {
+        sqlx::query(&statement)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("creating the tables of consumer {name}"))?;
+    }
+    sqlx::query(
+        "UPDATE consumer_checkpoints SET tx = 0, position = 0, updated_at = $1 WHERE name = $2",
+    )
+    .bind(now_text())
+    .bind(name.to_owned())
+    .execute(&mut *tx)
+    .await
+    .context("resetting a consumer")?;
+    tx.commit()
+        .await
+        .context("rebuilding a read model's schema")?;
+    tracing::info!(
+        consumer = name,
+        from = stored,
+        to = version,
+        "read model schema changed; rebuilding it from the log"
+    );
+    Ok(())
 }
 
 /// Moves checkpoint `name` from `from` to `to` inside `tx`, only if it still is at

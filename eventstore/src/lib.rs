@@ -20,7 +20,7 @@ pub mod testing;
 pub mod work;
 
 pub use consumer::{
-    ConsumerActor, ConsumerHandle, ConsumerLock, ConsumerStatus, LogHandler, Runner,
+    ConsumerActor, ConsumerHandle, ConsumerLock, ConsumerStatus, Kind, LogHandler, Runner,
 };
 pub use execute::{CommandMeta, CommandOutcome, ExecuteError};
 pub use log::{LogCursor, StoredEvent};

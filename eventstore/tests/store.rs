@@ -905,3 +905,99 @@ async fn the_job_queue_keeps_one_row_per_job_and_its_dead_letters() {
         t.cleanup().await.unwrap();
     }
 }
+
+/// A read model whose schema is versioned: version 1 keeps positions; version 2 adds
+/// the aggregate id.
+struct Shaped {
+    version: u32,
+}
+
+#[async_trait::async_trait]
+impl eventstore::LogHandler for Shaped {
+    fn name(&self) -> &str {
+        "shaped"
+    }
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![match self.version {
+            1 => "CREATE TABLE IF NOT EXISTS rm_shaped (position BIGINT PRIMARY KEY)".into(),
+            _ => "CREATE TABLE IF NOT EXISTS rm_shaped (position BIGINT PRIMARY KEY, \
+                  aggregate_id TEXT NOT NULL)"
+                .into(),
+        }]
+    }
+    fn schema_version(&self) -> u32 {
+        self.version
+    }
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_shaped".into()]
+    }
+    async fn apply(
+        &self,
+        tx: &mut eventstore::consumer::ReadModelTx,
+        event: &eventstore::StoredEvent,
+    ) -> anyhow::Result<()> {
+        let sql = match self.version {
+            1 => "INSERT INTO rm_shaped (position) VALUES ($1)",
+            _ => "INSERT INTO rm_shaped (position, aggregate_id) VALUES ($1, $2)",
+        };
+        let mut query = sqlx::query(sql).bind(event.position);
+        if self.version > 1 {
+            query = query.bind(event.aggregate_id.clone());
+        }
+        query.execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+/// A projection started under a new schema version drops its tables, creates them in
+/// the new shape and replays the log, instead of keeping the old shape; started again
+/// under the same version it keeps what it built.
+#[actix_rt::test]
+async fn a_changed_read_model_schema_is_rebuilt_from_the_log_on_start() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        for i in 0..3 {
+            add(&t.store, &format!("s{i}"), 1, CommandMeta::new("a")).await;
+        }
+        let mut v1 = Runner::new(t.store.clone(), Arc::new(Shaped { version: 1 }))
+            .await
+            .unwrap();
+        assert!(v1.try_lock().await.unwrap());
+        assert_eq!(v1.drain().await.unwrap(), 3);
+        v1.unlock().await;
+        drop(v1);
+
+        let mut v2 = Runner::new(t.store.clone(), Arc::new(Shaped { version: 2 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            v2.cursor(),
+            LogCursor::START,
+            "{backend:?}: replayed from the start"
+        );
+        assert!(v2.try_lock().await.unwrap());
+        assert_eq!(v2.drain().await.unwrap(), 3, "{backend:?}");
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT aggregate_id FROM rm_shaped ORDER BY position")
+                .fetch_all(t.store.any_pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            ids,
+            ["s0", "s1", "s2"],
+            "{backend:?}: the new column is filled"
+        );
+        let end = v2.cursor();
+        v2.unlock().await;
+        drop(v2);
+
+        let again = Runner::new(t.store.clone(), Arc::new(Shaped { version: 2 }))
+            .await
+            .unwrap();
+        assert_eq!(again.cursor(), end, "{backend:?}: the same version is kept");
+        drop(again);
+        t.cleanup().await.unwrap();
+    }
+}

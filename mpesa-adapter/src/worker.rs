@@ -124,6 +124,11 @@ impl LogHandler for PaymentIntake {
         "mpesa_intake"
     }
 
+    /// An intake: it queues work, which a rebuild keeps.
+    fn kind(&self) -> eventstore::Kind {
+        eventstore::Kind::Reactor
+    }
+
     fn schema(&self, _: Backend) -> Vec<String> {
         vec![
             // Daraja's CheckoutRequestID of each accepted push, written before the

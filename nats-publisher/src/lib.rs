@@ -254,6 +254,11 @@ impl LogHandler for NatsPublisher {
         CONSUMER_NAME
     }
 
+    /// A publisher: its effect is outside, idempotent by event id (the message id).
+    fn kind(&self) -> eventstore::Kind {
+        eventstore::Kind::Reactor
+    }
+
     fn schema(&self, _backend: Backend) -> Vec<String> {
         Vec::new()
     }

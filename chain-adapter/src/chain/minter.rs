@@ -63,6 +63,11 @@ impl LogHandler for ChainIntake {
         "chain_intake"
     }
 
+    /// An intake: it queues work, which a rebuild keeps.
+    fn kind(&self) -> eventstore::Kind {
+        eventstore::Kind::Reactor
+    }
+
     fn schema(&self, _: Backend) -> Vec<String> {
         vec![
             "CREATE TABLE IF NOT EXISTS chain_log_leaves (
