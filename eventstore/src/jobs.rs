@@ -96,6 +96,30 @@ where
     Ok(done.rows_affected() == 1)
 }
 
+/// Queues the job `event` asks of `worker` (of `kind`, on `subject`), in the
+/// transaction that moves the queueing consumer's checkpoint.
+pub async fn enqueue_event<'e, E>(
+    executor: E,
+    worker: &str,
+    kind: &str,
+    subject: &str,
+    event: &crate::log::StoredEvent,
+) -> anyhow::Result<bool>
+where
+    E: Executor<'e, Database = Any>,
+{
+    let event_id = event.event_id.to_string();
+    let job = NewJob {
+        worker,
+        kind,
+        subject,
+        event_id: Some(&event_id),
+        payload: None,
+        position: event.position,
+    };
+    enqueue(executor, &job).await
+}
+
 /// Queues, for `worker` and `kind`, one job per row of `select`, which yields
 /// `(subject, event_id, payload, position)` from bound parameters `binds` (numbered
 /// from `$1`): an intake from a read model. Returns how many were queued now.

@@ -29,7 +29,7 @@ use domain::actor::Actor;
 use domain::ids::PaymentId;
 use domain::payment::{PaymentCommand, SettledBy};
 use eventstore::consumer::ReadModelTx;
-use eventstore::jobs::{self, Job, NewJob};
+use eventstore::jobs::{self, Job};
 use eventstore::work::{self, Outcome, WorkerActor};
 use eventstore::{Backend, LogHandler, Store, StoredEvent};
 use tokio::sync::watch;
@@ -159,16 +159,7 @@ impl LogHandler for PaymentIntake {
         if event.aggregate_type != "payment" || event.event_type != "PaymentRequested" {
             return Ok(());
         }
-        let event_id = event.event_id.to_string();
-        let job = NewJob {
-            worker: WORKER,
-            kind: "push",
-            subject: &event.aggregate_id,
-            event_id: Some(&event_id),
-            payload: None,
-            position: event.position,
-        };
-        jobs::enqueue(&mut **tx, &job)
+        jobs::enqueue_event(&mut **tx, WORKER, "push", &event.aggregate_id, event)
             .await
             .context("listing a payment to push")?;
         Ok(())

@@ -29,7 +29,7 @@ use commands::Commands;
 use domain::ids::RecordId;
 use domain::record::ChainTx;
 use eventstore::consumer::ReadModelTx;
-use eventstore::jobs::{self, Job, NewJob};
+use eventstore::jobs::{self, Job};
 use eventstore::work::{self, Outcome, WorkerActor};
 use eventstore::{Backend, LogCursor, LogHandler, Store, StoredEvent};
 use tokio::sync::{watch, Mutex};
@@ -98,16 +98,7 @@ impl LogHandler for ChainIntake {
             ("access_request", "AccessRevoked" | "AccessExpired") => "revoke",
             _ => return Ok(()),
         };
-        let event_id = event.event_id.to_string();
-        let job = NewJob {
-            worker: WORKER,
-            kind,
-            subject: &event.aggregate_id,
-            event_id: Some(&event_id),
-            payload: None,
-            position: event.position,
-        };
-        jobs::enqueue(&mut **tx, &job)
+        jobs::enqueue_event(&mut **tx, WORKER, kind, &event.aggregate_id, event)
             .await
             .context("queueing chain work")?;
         Ok(())
@@ -160,16 +151,7 @@ impl ChainIntake {
             .execute(&mut **tx)
             .await
             .context("keeping an anchored range")?;
-            let (subject, event_id) = (format!("{from}-{to}"), event.event_id.to_string());
-            let job = NewJob {
-                worker: WORKER,
-                kind: "anchor",
-                subject: &subject,
-                event_id: Some(&event_id),
-                payload: None,
-                position: event.position,
-            };
-            jobs::enqueue(&mut **tx, &job)
+            jobs::enqueue_event(&mut **tx, WORKER, "anchor", &format!("{from}-{to}"), event)
                 .await
                 .context("queueing an anchor")?;
             from = to + 1;
