@@ -103,7 +103,7 @@ impl App {
             }
             consumers.push((name, handle));
         }
-        let expiry = crate::expiry::ExpirySweeper::start(commands.clone());
+        let expiry = crate::expiry::start(commands.clone());
         let wake = consumers
             .iter()
             .find(|(name, _)| name == chain_adapter::storage::queue::SOURCE_PROJECTION)
@@ -209,7 +209,7 @@ impl App {
 
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
-        let _ = self.expiry.send(crate::expiry::Shutdown).await;
+        let _ = self.expiry.send(crate::expiry::Stop).await;
         self.live.stop();
         self.webhooks.shutdown().await;
         if let Some(worker) = &self.mpesa {

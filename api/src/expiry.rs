@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
+use actix::Addr;
 use commands::{CommandError, Commands};
 use domain::actor::Actor as Party;
 use domain::ids::AccessRequestId;
+use eventstore::work::{self, Outcome, WorkerActor};
 use eventstore::CommandMeta;
 
 const EVERY: Duration = Duration::from_secs(30);
@@ -18,76 +19,44 @@ const EVERY: Duration = Duration::from_secs(30);
 /// `Store::expire_idempotency_keys`).
 const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// The sweeping actor.
-pub struct ExpirySweeper {
+/// The sweep, run by the work runtime: one active instance (lock `expiry_sweeper`).
+pub struct ExpirySweep {
     commands: Arc<Commands>,
-    running: bool,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Sweep;
+/// The sweeping actor.
+pub type ExpirySweeper = WorkerActor<ExpirySweep>;
 
-/// Stops the sweep after the one in flight.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Shutdown;
+pub use eventstore::work::Stop;
 
-impl ExpirySweeper {
-    pub fn start(commands: Arc<Commands>) -> Addr<ExpirySweeper> {
-        ExpirySweeper {
-            commands,
-            running: false,
+/// Starts the sweep on the current arbiter: at once, then every 30 s.
+pub fn start(commands: Arc<Commands>) -> Addr<ExpirySweeper> {
+    let store = commands.store().clone();
+    WorkerActor::launch(ExpirySweep { commands }, store, EVERY, None)
+}
+
+#[async_trait::async_trait(?Send)]
+impl work::Worker for ExpirySweep {
+    fn name(&self) -> &'static str {
+        "expiry_sweeper"
+    }
+
+    async fn round(&self, _: &work::Round) -> anyhow::Result<Outcome> {
+        if let Err(error) = sweep(&self.commands).await {
+            tracing::warn!(error = format!("{error:#}"), "expiry sweep failed");
         }
-        .start()
-    }
-}
-
-impl Actor for ExpirySweeper {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.notify(Sweep);
-        ctx.run_interval(EVERY, |_, ctx| ctx.notify(Sweep));
-    }
-}
-
-impl Handler<Sweep> for ExpirySweeper {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Sweep, _: &mut Self::Context) -> Self::Result {
-        if self.running {
-            return Box::pin(fut::ready(()));
+        if let Err(error) = self
+            .commands
+            .store()
+            .expire_idempotency_keys(IDEMPOTENCY_KEY_TTL)
+            .await
+        {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "expiring idempotency keys failed"
+            );
         }
-        self.running = true;
-        let commands = self.commands.clone();
-        Box::pin(
-            async move {
-                if let Err(error) = sweep(&commands).await {
-                    tracing::warn!(error = format!("{error:#}"), "expiry sweep failed");
-                }
-                if let Err(error) = commands
-                    .store()
-                    .expire_idempotency_keys(IDEMPOTENCY_KEY_TTL)
-                    .await
-                {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "expiring idempotency keys failed"
-                    );
-                }
-            }
-            .into_actor(self)
-            .map(|(), actor, _| actor.running = false),
-        )
-    }
-}
-
-impl Handler<Shutdown> for ExpirySweeper {
-    type Result = ();
-
-    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
-        ctx.stop();
+        Ok(Outcome::Idle)
     }
 }
 
