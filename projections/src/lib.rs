@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use eventstore::LogHandler;
 
-pub mod audit;
 mod codec;
 pub mod projection;
 pub mod queries;
+pub mod read_models;
+
+pub use read_models::audit;
 
 pub use projection::{
     AccessLog, AccessRequests, AuditTrail, Directory, DoctorGrants, DoctorProfiles, LogAnchors,

@@ -1,4 +1,5 @@
-//! Tamper evidence for the audit trail: a hash chain over the event log.
+//! The audit trail: its projection, auditors' reads of it, and its tamper evidence, a
+//! hash chain over the event log.
 //!
 //! The audit projection ([`crate::AuditTrail`]) gives every event, in log order, the
 //! hash `SHA-256(previous hash ‖ event ‖ time)` where the event is encoded field by
@@ -12,12 +13,17 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use eventstore::{Store, StoredEvent};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use eventstore::consumer::ReadModelTx;
+use eventstore::{Backend, LogHandler, Store, StoredEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::AnyPool;
 
+use super::access_log::AccessLogRow;
+use super::shared::{exec, page, Int, OptText, Page, Text};
 use crate::codec::time;
-use crate::queries::AccessLogRow;
 
 /// The "previous hash" of the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -27,6 +33,163 @@ const BATCH: i64 = 1000;
 
 /// At most this many problems are listed (all are counted).
 const MAX_LISTED: usize = 100;
+
+/// The whole event history for auditors, one row per event in log order (`ordinal`,
+/// 1-based, the order the log is consumed in, so a cursor never skips an event that
+/// committed late), with its metadata lifted into columns to filter on. Payloads are
+/// kept as stored: personal fields stay sealed.
+///
+/// Each row also carries `hash`, SHA-256 over the previous row's hash and the event as
+/// stored ([`crate::audit::chain_hash`]): a hash chain that
+/// [`crate::audit::verify`] recomputes from the event log, so an event modified or
+/// deleted after it was recorded here is detected.
+#[derive(Default)]
+pub struct AuditTrail;
+
+#[async_trait]
+impl LogHandler for AuditTrail {
+    fn name(&self) -> &str {
+        "audit_trail"
+    }
+
+    fn schema(&self, _: Backend) -> Vec<String> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS rm_audit_trail (
+                ordinal BIGINT PRIMARY KEY,
+                position BIGINT NOT NULL UNIQUE,
+                event_id TEXT NOT NULL,
+                recorded_at TEXT NOT NULL,
+                aggregate_type TEXT NOT NULL,
+                aggregate_id TEXT NOT NULL,
+                sequence BIGINT NOT NULL,
+                event_type TEXT NOT NULL,
+                event_version TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                correlation_id TEXT,
+                causation_id TEXT,
+                payload TEXT NOT NULL,
+                hash TEXT NOT NULL
+            )"
+            .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_aggregate ON rm_audit_trail \
+             (aggregate_type, aggregate_id, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_type ON rm_audit_trail (event_type, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_actor ON rm_audit_trail (actor, ordinal)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS rm_audit_trail_time ON rm_audit_trail (recorded_at)"
+                .into(),
+        ]
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["rm_audit_trail".into()]
+    }
+
+    async fn apply(&self, tx: &mut ReadModelTx, event: &StoredEvent) -> anyhow::Result<()> {
+        let columns = crate::audit::TrailColumns::of(event);
+        let last: Option<(i64, String)> = sqlx::query_as(
+            "SELECT ordinal, hash FROM rm_audit_trail ORDER BY ordinal DESC LIMIT 1",
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
+        let (ordinal, prev) = match last {
+            Some((ordinal, hash)) => (ordinal + 1, crate::audit::parse_hash(&hash)?),
+            None => (1, crate::audit::GENESIS),
+        };
+        let hash = crate::audit::chain_hash(&prev, event);
+        exec(
+            tx,
+            "INSERT INTO rm_audit_trail (ordinal, position, event_id, recorded_at, \
+             aggregate_type, aggregate_id, sequence, event_type, event_version, actor, \
+             correlation_id, causation_id, payload, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            vec![
+                Int(ordinal),
+                Int(event.position),
+                Text(event.event_id.to_string()),
+                Text(columns.recorded_at),
+                Text(columns.aggregate_type),
+                Text(columns.aggregate_id),
+                Int(columns.sequence),
+                Text(columns.event_type),
+                Text(columns.event_version),
+                Text(columns.actor),
+                OptText(columns.correlation_id),
+                OptText(columns.causation_id),
+                Text(columns.payload),
+                Text(crate::audit::hex(&hash)),
+            ],
+        )
+        .await
+    }
+}
+
+/// One event of the audit history.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct AuditEventRow {
+    pub ordinal: i64,
+    pub position: i64,
+    pub event_id: String,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub event: crate::audit::TrailColumns,
+    /// This event's link in the trail's hash chain (hex).
+    pub hash: String,
+}
+
+/// Filters of the audit history; `None` leaves a field unfiltered.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub actor: Option<String>,
+    pub from_time: Option<DateTime<Utc>>,
+    pub to_time: Option<DateTime<Utc>>,
+    pub from_position: Option<i64>,
+}
+
+/// The events matching `filter` after ordinal `after`, in log order.
+pub async fn audit_events(
+    pool: &AnyPool,
+    filter: &AuditFilter,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Page<AuditEventRow>> {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let from_time = filter.from_time.as_ref().map(time).unwrap_or_default();
+    let to_time = filter.to_time.as_ref().map(time).unwrap_or_default();
+    let rows: Vec<AuditEventRow> = sqlx::query_as(
+        "SELECT ordinal, position, event_id, recorded_at, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, actor, correlation_id, causation_id, payload, \
+         hash FROM rm_audit_trail WHERE ordinal > $1 \
+         AND ($2 = '' OR aggregate_type = $3) AND ($4 = '' OR aggregate_id = $5) \
+         AND ($6 = '' OR event_type = $7) AND ($8 = '' OR actor = $9) \
+         AND ($10 = '' OR recorded_at >= $11) AND ($12 = '' OR recorded_at < $13) \
+         AND position >= $14 ORDER BY ordinal LIMIT $15",
+    )
+    .bind(after)
+    .bind(text(&filter.aggregate_type))
+    .bind(text(&filter.aggregate_type))
+    .bind(text(&filter.aggregate_id))
+    .bind(text(&filter.aggregate_id))
+    .bind(text(&filter.event_type))
+    .bind(text(&filter.event_type))
+    .bind(text(&filter.actor))
+    .bind(text(&filter.actor))
+    .bind(from_time.clone())
+    .bind(from_time)
+    .bind(to_time.clone())
+    .bind(to_time)
+    .bind(filter.from_position.unwrap_or(0))
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("reading the audit history")?;
+    Ok(page(rows, limit, |r| r.ordinal))
+}
 
 /// The chain link of `event` after `prev`: SHA-256 over `prev`, the event as stored
 /// ([`StoredEvent::canonical_bytes`]) and its recorded time, length-prefixed.
@@ -376,7 +539,7 @@ pub async fn uncovered_reads(
     after: i64,
     limit: i64,
     after_end_only: bool,
-) -> anyhow::Result<crate::queries::Page<UncoveredRead>> {
+) -> anyhow::Result<Page<UncoveredRead>> {
     let mut found = Vec::new();
     let mut scanned = after;
     while (found.len() as i64) <= limit {
@@ -410,7 +573,7 @@ pub async fn uncovered_reads(
             });
         }
     }
-    Ok(crate::queries::page(found, limit, |r| r.read.position))
+    Ok(page(found, limit, |r| r.read.position))
 }
 
 #[cfg(test)]
