@@ -1,5 +1,6 @@
 //! Who read which of a patient's records, and the reads of that log.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -11,6 +12,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, Int, OptText, Page, RecordEvent, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/access_log.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/access_log.sql"));
 
 /// Who read which of a patient's records, when, under which request.
 #[derive(Default)]
@@ -25,21 +29,11 @@ impl LogHandler for AccessLog {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_access_log (
-                position BIGINT PRIMARY KEY,
-                event_id TEXT NOT NULL,
-                patient_id TEXT NOT NULL,
-                record_id TEXT NOT NULL,
-                accessor TEXT NOT NULL,
-                request_id TEXT,
-                category TEXT NOT NULL,
-                accessed_at TEXT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_access_log_patient ON rm_access_log (patient_id, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

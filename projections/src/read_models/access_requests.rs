@@ -1,5 +1,6 @@
 //! Access requests with their current status, and the reads of them.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,6 +13,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, AccessEvent, Int, Page, Text, Upcasters};
 use crate::codec::{json, time};
+
+/// The tables, from `projections/sql/access_requests.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/access_requests.sql"));
 
 /// Every access request with its current status, for the patient's inbox and history.
 #[derive(Default)]
@@ -26,29 +30,11 @@ impl LogHandler for AccessRequests {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_access_requests (
-                request_id TEXT PRIMARY KEY,
-                patient_id TEXT NOT NULL,
-                doctor_id TEXT NOT NULL,
-                status TEXT NOT NULL,
-                scope TEXT NOT NULL,
-                purpose_sealed TEXT NOT NULL,
-                duration_days BIGINT NOT NULL,
-                requested_at TEXT NOT NULL,
-                decided_at TEXT,
-                expires_at TEXT,
-                closed_at TEXT,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_access_requests_patient \
-             ON rm_access_requests (patient_id, status, position)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_access_requests_doctor \
-             ON rm_access_requests (doctor_id, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

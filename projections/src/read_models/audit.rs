@@ -10,6 +10,7 @@
 //! (the next link then fails). The same trail's Merkle roots can also be anchored on
 //! chain (`afyachain audit verify`), which covers a rewrite of the whole tail.
 
+use crate::read_models::shared::Schema;
 use std::collections::HashMap;
 
 use anyhow::Context;
@@ -24,6 +25,9 @@ use sqlx::AnyPool;
 use super::access_log::AccessLogRow;
 use super::shared::{exec, page, Int, OptText, Page, Text};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/audit_trail.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/audit_trail.sql"));
 
 /// The "previous hash" of the first event.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -53,34 +57,11 @@ impl LogHandler for AuditTrail {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_audit_trail (
-                ordinal BIGINT PRIMARY KEY,
-                position BIGINT NOT NULL UNIQUE,
-                event_id TEXT NOT NULL,
-                recorded_at TEXT NOT NULL,
-                aggregate_type TEXT NOT NULL,
-                aggregate_id TEXT NOT NULL,
-                sequence BIGINT NOT NULL,
-                event_type TEXT NOT NULL,
-                event_version TEXT NOT NULL,
-                actor TEXT NOT NULL,
-                correlation_id TEXT,
-                causation_id TEXT,
-                payload TEXT NOT NULL,
-                hash TEXT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_trail_aggregate ON rm_audit_trail \
-             (aggregate_type, aggregate_id, ordinal)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_trail_type ON rm_audit_trail (event_type, ordinal)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_trail_actor ON rm_audit_trail (actor, ordinal)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_audit_trail_time ON rm_audit_trail (recorded_at)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

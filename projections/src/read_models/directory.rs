@@ -1,6 +1,7 @@
 //! The directory: patients, their wallets, doctors and share codes, by id and by
 //! blind index, and the look-ups sign-in and sharing make in it.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,6 +15,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, DoctorEvent, Int, PatientEvent, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/directory.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/directory.sql"));
 
 /// Patients and doctors: ids, the phone blind index (sign-in), licence and verification
 /// state. No names or numbers: those stay sealed in the events.
@@ -29,39 +33,11 @@ impl LogHandler for Directory {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_patients (
-                patient_id TEXT PRIMARY KEY,
-                phone_index TEXT NOT NULL,
-                registered_at TEXT NOT NULL,
-                updated_at TEXT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_patients_phone ON rm_patients (phone_index)".into(),
-            "CREATE TABLE IF NOT EXISTS rm_patient_wallets (
-                wallet_index TEXT PRIMARY KEY,
-                patient_id TEXT NOT NULL
-            )"
-            .into(),
-            "CREATE TABLE IF NOT EXISTS rm_doctors (
-                doctor_id TEXT PRIMARY KEY,
-                phone_index TEXT NOT NULL,
-                licence TEXT NOT NULL,
-                status TEXT NOT NULL,
-                registered_at TEXT NOT NULL,
-                updated_at TEXT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_doctors_phone ON rm_doctors (phone_index)".into(),
-            // A patient's current share code, by its keyed hash (never the code).
-            "CREATE TABLE IF NOT EXISTS rm_share_codes (
-                code_index TEXT PRIMARY KEY,
-                patient_id TEXT NOT NULL UNIQUE,
-                expires_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Doctors' active grants, and the reads of them.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,6 +13,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, AccessEvent, Int, Text, Upcasters};
 use crate::codec::{json, time};
+
+/// The tables, from `projections/sql/doctor_grants.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/doctor_grants.sql"));
 
 /// A doctor's active grants: added on approval, removed on revocation or expiry. A
 /// grant past its expiry but not yet marked expired is filtered out when read.
@@ -27,21 +31,11 @@ impl LogHandler for DoctorGrants {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_doctor_grants (
-                request_id TEXT PRIMARY KEY,
-                doctor_id TEXT NOT NULL,
-                patient_id TEXT NOT NULL,
-                scope TEXT NOT NULL,
-                approved_at TEXT NOT NULL,
-                expires_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_doctor_grants_doctor \
-             ON rm_doctor_grants (doctor_id, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Doctors with their sealed personal fields, and the reads of them.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -11,6 +12,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, DoctorEvent, Int, Page, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/doctor_profiles.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/doctor_profiles.sql"));
 
 /// Doctors with their sealed personal fields (name and phone, under the doctor's own
 /// key), for the registrar's queue and the names patients see. Only the name is ever
@@ -27,19 +31,11 @@ impl LogHandler for DoctorProfiles {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_doctor_profiles (
-                doctor_id TEXT PRIMARY KEY,
-                personal_sealed TEXT NOT NULL,
-                licence TEXT NOT NULL,
-                status TEXT NOT NULL,
-                registered_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_doctor_profiles_status ON rm_doctor_profiles (status, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Audit anchors of log ranges, and the reads of them.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -10,6 +11,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, Int, Page, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/log_anchors.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/log_anchors.sql"));
 
 /// Audit anchors of log ranges, as recorded (`LogRangeAnchored`).
 #[derive(Default)]
@@ -24,18 +28,11 @@ impl LogHandler for LogAnchors {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec!["CREATE TABLE IF NOT EXISTS rm_log_anchors (
-                from_ordinal BIGINT PRIMARY KEY,
-                to_ordinal BIGINT NOT NULL,
-                root TEXT NOT NULL,
-                chain_id BIGINT NOT NULL,
-                contract TEXT NOT NULL,
-                tx_hash TEXT NOT NULL,
-                block BIGINT NOT NULL,
-                anchored_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-        .into()]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! A patient's records: the projection of uploads and the record reads, joined with
 //! where each blob is stored and its token.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -12,6 +13,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, Int, OptText, Page, RecordEvent, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/patient_records.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/patient_records.sql"));
 
 /// A patient's records.
 #[derive(Default)]
@@ -26,24 +30,11 @@ impl LogHandler for PatientRecords {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_patient_records (
-                record_id TEXT PRIMARY KEY,
-                patient_id TEXT NOT NULL,
-                category TEXT NOT NULL,
-                media_type TEXT NOT NULL,
-                size BIGINT NOT NULL,
-                sha256 TEXT NOT NULL,
-                wrapped_key TEXT NOT NULL,
-                filename_sealed TEXT,
-                uploaded_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_patient_records_patient \
-             ON rm_patient_records (patient_id, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Payments and rejected M-Pesa callbacks, and the reads of payments.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -10,6 +11,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, page, Int, OptText, Page, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/payments.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/payments.sql"));
 
 type PaymentEvent = <domain::payment::Payment as Aggregate>::Event;
 
@@ -28,45 +32,11 @@ impl LogHandler for Payments {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_payments (
-                payment_id TEXT PRIMARY KEY,
-                payer TEXT NOT NULL,
-                patient_id TEXT,
-                doctor_id TEXT,
-                access_request_id TEXT,
-                purpose TEXT NOT NULL,
-                amount_kes BIGINT NOT NULL,
-                status TEXT NOT NULL,
-                checkout_request_id TEXT,
-                merchant_request_id TEXT,
-                mpesa_receipt TEXT,
-                result_code BIGINT,
-                result_desc TEXT,
-                requested_at TEXT NOT NULL,
-                pushed_at TEXT,
-                settled_at TEXT,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_payments_checkout ON rm_payments (checkout_request_id)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_payments_patient ON rm_payments (patient_id, position)"
-                .into(),
-            "CREATE INDEX IF NOT EXISTS rm_payments_doctor ON rm_payments (doctor_id, position)"
-                .into(),
-            "CREATE TABLE IF NOT EXISTS rm_mpesa_rejected_callbacks (
-                position BIGINT PRIMARY KEY,
-                checkout_request_id TEXT NOT NULL,
-                reason TEXT NOT NULL,
-                result_code BIGINT NOT NULL,
-                mpesa_receipt TEXT,
-                amount_kes BIGINT,
-                payment_id TEXT,
-                recorded_at TEXT NOT NULL
-            )"
-            .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! Where each record's encrypted blob is kept (read by the storage adapter's queue and
 //! joined into the record reads).
 
+use crate::read_models::shared::Schema;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
 use domain::record::MedicalRecord;
@@ -9,6 +10,9 @@ use eventstore::{Backend, LogHandler, StoredEvent};
 
 use super::shared::{exec, Int, OptText, RecordEvent, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/record_storage.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/record_storage.sql"));
 
 /// Where each record's encrypted blob is kept: every upload (the storage adapter's
 /// intake, in log order: `log_tx`, `position`) and every confirmed remote copy
@@ -25,28 +29,11 @@ impl LogHandler for RecordStorage {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_record_blobs (
-                record_id TEXT PRIMARY KEY,
-                sha256 TEXT NOT NULL,
-                size BIGINT NOT NULL,
-                log_tx BIGINT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_record_blobs_log ON rm_record_blobs (log_tx, position)"
-                .into(),
-            "CREATE TABLE IF NOT EXISTS rm_record_replicas (
-                record_id TEXT NOT NULL,
-                backend TEXT NOT NULL,
-                object_key TEXT NOT NULL,
-                etag TEXT,
-                stored_at TEXT NOT NULL,
-                position BIGINT NOT NULL,
-                PRIMARY KEY (record_id, backend)
-            )"
-            .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Each record's token on chain (joined into the record reads).
 
+use crate::read_models::shared::Schema;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
 use domain::record::MedicalRecord;
@@ -8,6 +9,9 @@ use eventstore::{Backend, LogHandler, StoredEvent};
 
 use super::shared::{exec, Int, RecordEvent, Text, Upcasters};
 use crate::codec::time;
+
+/// The tables, from `projections/sql/record_tokens.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/record_tokens.sql"));
 
 /// Each record's token on chain, once minted.
 #[derive(Default)]
@@ -22,17 +26,11 @@ impl LogHandler for RecordTokens {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec!["CREATE TABLE IF NOT EXISTS rm_record_tokens (
-                record_id TEXT PRIMARY KEY,
-                chain_id BIGINT NOT NULL,
-                contract TEXT NOT NULL,
-                token_id TEXT NOT NULL,
-                tx_hash TEXT NOT NULL,
-                block BIGINT NOT NULL,
-                minted_at TEXT NOT NULL,
-                position BIGINT NOT NULL
-            )"
-        .into()]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {

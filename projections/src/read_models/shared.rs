@@ -87,3 +87,61 @@ pub async fn dump_table(pool: &AnyPool, table: &str) -> anyhow::Result<Vec<Vec<O
     }
     Ok(out)
 }
+
+/// A read model's DDL, kept in `projections/sql/<name>.sql`: statements ended by `;`,
+/// `--` comments, and a header line `-- schema version: N` (none: not versioned, the
+/// tables are created if missing and never rebuilt on their own).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Schema(pub &'static str);
+
+impl Schema {
+    pub(crate) fn version(self) -> u32 {
+        self.0
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("-- schema version:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn statements(self) -> Vec<String> {
+        let text: Vec<&str> = self
+            .0
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect();
+        text.join("\n")
+            .split(';')
+            .map(str::trim)
+            .filter(|statement| !statement.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventstore::{Backend, Kind};
+
+    /// Every read model's DDL file parses into CREATE statements, and every projection
+    /// but the audit trail (never rebuilt on its own) has a schema version.
+    #[test]
+    fn every_read_model_has_versioned_ddl() {
+        for handler in crate::all() {
+            let name = handler.name().to_owned();
+            let statements = handler.schema(Backend::Sqlite);
+            assert!(!statements.is_empty(), "{name}");
+            for statement in &statements {
+                assert!(statement.starts_with("CREATE "), "{name}: {statement}");
+                assert!(
+                    !statement.contains(';') && !statement.contains("--"),
+                    "{name}"
+                );
+            }
+            assert_eq!(handler.kind(), Kind::Projection, "{name}");
+            match name.as_str() {
+                "audit_trail" => assert_eq!(handler.schema_version(), 0),
+                _ => assert!(handler.schema_version() >= 1, "{name}"),
+            }
+        }
+    }
+}

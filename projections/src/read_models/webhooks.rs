@@ -1,5 +1,6 @@
 //! Integrators' webhooks, and the reads of them.
 
+use crate::read_models::shared::Schema;
 use anyhow::Context;
 use async_trait::async_trait;
 use cqrs_es::Aggregate;
@@ -10,6 +11,9 @@ use sqlx::AnyPool;
 
 use super::shared::{exec, Int, Text, Upcasters};
 use crate::codec::{json, time};
+
+/// The tables, from `projections/sql/webhooks.sql`.
+const SCHEMA: Schema = Schema(include_str!("../../sql/webhooks.sql"));
 
 /// Integrators' webhooks as registered, with where in the log each was registered
 /// (its deliveries start after that event). URLs and secrets stay sealed.
@@ -25,22 +29,11 @@ impl LogHandler for Webhooks {
     }
 
     fn schema(&self, _: Backend) -> Vec<String> {
-        vec![
-            "CREATE TABLE IF NOT EXISTS rm_webhooks (
-                webhook_id TEXT PRIMARY KEY,
-                integrator_id TEXT NOT NULL,
-                url_sealed TEXT NOT NULL,
-                types TEXT NOT NULL,
-                secret_sealed TEXT NOT NULL,
-                registered_at TEXT NOT NULL,
-                tx BIGINT NOT NULL,
-                position BIGINT NOT NULL,
-                disabled_at TEXT
-            )"
-            .into(),
-            "CREATE INDEX IF NOT EXISTS rm_webhooks_integrator ON rm_webhooks (integrator_id, position)"
-                .into(),
-        ]
+        SCHEMA.statements()
+    }
+
+    fn schema_version(&self) -> u32 {
+        SCHEMA.version()
     }
 
     fn tables(&self) -> Vec<String> {
