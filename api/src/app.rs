@@ -212,17 +212,25 @@ impl App {
         let _ = self.expiry.send(crate::expiry::Stop).await;
         self.live.stop();
         self.webhooks.shutdown().await;
-        if let Some(worker) = &self.mpesa {
-            let _ = worker.send(mpesa_adapter::worker::Stop).await;
-        }
-        if let Some(writer) = &self.chain_writer {
-            let _ = writer.send(chain_adapter::chain::minter::Stop).await;
-        }
-        if let Some(replicator) = &self.replicator {
-            let _ = replicator
-                .send(chain_adapter::storage::replicator::Stop)
-                .await;
-        }
+        // The workers stop together, each letting its round in flight finish.
+        let mpesa = async {
+            if let Some(worker) = &self.mpesa {
+                let _ = worker.send(mpesa_adapter::worker::Stop).await;
+            }
+        };
+        let chain = async {
+            if let Some(writer) = &self.chain_writer {
+                let _ = writer.send(chain_adapter::chain::minter::Stop).await;
+            }
+        };
+        let storage = async {
+            if let Some(replicator) = &self.replicator {
+                let _ = replicator
+                    .send(chain_adapter::storage::replicator::Stop)
+                    .await;
+            }
+        };
+        futures::join!(mpesa, chain, storage);
         for (_, consumer) in &self.consumers {
             consumer.stop().await;
         }

@@ -353,7 +353,6 @@ async fn consumers_command(
 ) -> anyhow::Result<()> {
     use eventstore::jobs;
     let pool = store.any_pool();
-    chain_adapter::storage::queue::ensure_schema(store).await?;
     match command {
         ConsumersCommand::Status => {
             let end = store.log_end().await?;

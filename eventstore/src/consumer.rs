@@ -145,8 +145,18 @@ impl Runner {
 
     /// Takes the consumer's lock if no other instance holds it.
     pub async fn try_lock(&mut self) -> anyhow::Result<bool> {
-        if self.lock.is_some() {
-            return Ok(true);
+        match &self.lock {
+            Some(lock) if lock.is_current() => return Ok(true),
+            Some(_) => {
+                // Its session was lost, and the lock with it: another instance may be
+                // active now. Take it again before applying anything.
+                tracing::warn!(
+                    consumer = self.handler.name(),
+                    "consumer lost its lock; taking it again"
+                );
+                self.lock = None;
+            }
+            None => {}
         }
         let Some(lock) = ConsumerLock::try_take(&self.store, self.handler.name()).await? else {
             return Ok(false);

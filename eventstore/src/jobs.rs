@@ -343,7 +343,19 @@ pub async fn adopt(
     table: &str,
     select: &str,
 ) -> anyhow::Result<u64> {
-    let exists: bool = match backend {
+    if !table_exists(pool, backend, table).await? {
+        return Ok(0);
+    }
+    match move_in(pool, table, select).await {
+        Ok(moved) => Ok(moved),
+        // Another instance moved it in and dropped it meanwhile.
+        Err(_) if !table_exists(pool, backend, table).await? => Ok(0),
+        Err(error) => Err(error),
+    }
+}
+
+async fn table_exists(pool: &AnyPool, backend: Backend, table: &str) -> anyhow::Result<bool> {
+    Ok(match backend {
         Backend::Postgres => sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
             .bind(table.to_owned())
             .fetch_one(pool)
@@ -359,10 +371,10 @@ pub async fn adopt(
             .context("looking for an old work list")?
                 > 0
         }
-    };
-    if !exists {
-        return Ok(0);
-    }
+    })
+}
+
+async fn move_in(pool: &AnyPool, table: &str, select: &str) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
     let moved = sqlx::query(&format!(
         "INSERT INTO jobs ({COLUMNS}) SELECT * FROM ({select}) old WHERE true \

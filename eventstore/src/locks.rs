@@ -13,6 +13,7 @@
 //! to standby and takes it again.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -62,9 +63,15 @@ impl Drop for PgHeld {
 }
 
 /// The one PostgreSQL session a process holds its advisory locks on.
+///
+/// Every operation on it runs in a task of its own, which the caller awaits: a caller
+/// that gives up waiting (a timeout, a shutdown) does not cut an operation off halfway,
+/// so what the session holds and what it believes it holds never part.
 pub(crate) struct PgLocks {
     url: String,
     session: Mutex<Session>,
+    /// The session's epoch, readable without waiting for it (see `is_current`).
+    epoch: AtomicU64,
     /// Names held in the current epoch.
     held: StdMutex<HashSet<String>>,
     /// Locks dropped without being released, to unlock on the next use.
@@ -82,6 +89,7 @@ impl PgLocks {
         Arc::new(PgLocks {
             url,
             session: Mutex::new(Session::default()),
+            epoch: AtomicU64::new(0),
             held: StdMutex::new(HashSet::new()),
             pending: StdMutex::new(Vec::new()),
         })
@@ -93,11 +101,14 @@ impl PgLocks {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn queue_unlock(&self, name: String, epoch: u64) {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(String, u64)>> {
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push((name, epoch));
+    }
+
+    fn queue_unlock(&self, name: String, epoch: u64) {
+        self.pending().push((name, epoch));
     }
 
     /// The session was lost: PostgreSQL released all its locks.
@@ -106,6 +117,7 @@ impl PgLocks {
             drop(conn);
         }
         session.epoch += 1;
+        self.epoch.store(session.epoch, Ordering::SeqCst);
         self.held().clear();
     }
 
@@ -158,16 +170,19 @@ impl PgLocks {
         }
     }
 
-    /// Unlocks what was dropped without a release, if still of this epoch.
+    /// Unlocks what was dropped without a release, if still of this epoch, one at a
+    /// time (each leaves the queue only once it is done).
     async fn flush(&self, session: &mut Session) {
-        let pending: Vec<(String, u64)> = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        for (name, epoch) in pending {
+        loop {
+            let next = self.pending().last().cloned();
+            let Some((name, epoch)) = next else {
+                return;
+            };
             self.unlock(session, &name, epoch).await;
+            let mut pending = self.pending();
+            if let Some(i) = pending.iter().rposition(|p| p.0 == name && p.1 == epoch) {
+                pending.remove(i);
+            }
         }
     }
 
@@ -175,8 +190,7 @@ impl PgLocks {
         if epoch != session.epoch || session.conn.is_none() {
             return;
         }
-        self.held().remove(name);
-        if let Err(e) = self
+        match self
             .run(
                 session,
                 "SELECT pg_advisory_unlock(hashtextextended($1, 4471))",
@@ -184,52 +198,68 @@ impl PgLocks {
             )
             .await
         {
+            Ok(_) => {
+                self.held().remove(name);
+            }
             // The session is gone, and the lock with it.
-            tracing::debug!(lock = name, error = %e, "consumer lock released with its session");
+            Err(e) => {
+                tracing::debug!(lock = name, error = %e, "consumer lock released with its session")
+            }
         }
     }
 
-    async fn try_take(self: &Arc<Self>, name: &str) -> anyhow::Result<Option<PgHeld>> {
+    async fn try_take(self: Arc<Self>, name: String) -> anyhow::Result<Option<PgHeld>> {
         let mut session = self.session.lock().await;
         self.flush(&mut session).await;
-        if self.held().contains(name) {
+        if self.held().contains(&name) {
             return Ok(None);
         }
         let locked = self
             .run(
                 &mut session,
                 "SELECT pg_try_advisory_lock(hashtextextended($1, 4471))",
-                Some(name),
+                Some(&name),
             )
             .await
             .context("taking a consumer lock")?;
         if !locked {
             return Ok(None);
         }
-        self.held().insert(name.to_owned());
+        self.held().insert(name.clone());
+        let epoch = session.epoch;
+        drop(session);
         Ok(Some(PgHeld {
             locks: self.clone(),
-            name: name.to_owned(),
-            epoch: session.epoch,
+            name,
+            epoch,
             released: false,
         }))
     }
 
-    async fn is_alive(&self, held: &PgHeld) -> bool {
+    async fn is_alive(self: Arc<Self>, epoch: u64) -> bool {
         let mut session = self.session.lock().await;
         self.flush(&mut session).await;
-        if held.epoch != session.epoch || session.conn.is_none() {
+        if epoch != session.epoch || session.conn.is_none() {
             return false;
         }
         self.run(&mut session, "SELECT true", None).await.is_ok()
     }
 
-    async fn release(&self, held: &mut PgHeld) {
-        held.released = true;
+    async fn release(self: Arc<Self>, name: String, epoch: u64) {
         let mut session = self.session.lock().await;
         self.flush(&mut session).await;
-        self.unlock(&mut session, &held.name, held.epoch).await;
+        self.unlock(&mut session, &name, epoch).await;
     }
+}
+
+/// Runs `work` in a task of its own and waits for it: cancelling the wait leaves the
+/// work to finish.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| anyhow::anyhow!("a consumer-lock task failed: {e}"))
 }
 
 fn lock_key(name: &str) -> String {
@@ -241,7 +271,7 @@ impl ConsumerLock {
     pub async fn try_take(store: &Store, name: &str) -> anyhow::Result<Option<ConsumerLock>> {
         let guard = match (&store.typed, store.config(), store.locks()) {
             (Typed::Postgres(_), StoreConfig::Postgres { .. }, Some(locks)) => {
-                match locks.try_take(name).await? {
+                match detached(locks.clone().try_take(name.to_owned())).await?? {
                     Some(held) => LockGuard::Postgres(held),
                     None => return Ok(None),
                 }
@@ -271,7 +301,18 @@ impl ConsumerLock {
     /// instance).
     pub async fn is_alive(&mut self) -> bool {
         match &self.0 {
-            LockGuard::Postgres(held) => held.locks.clone().is_alive(held).await,
+            LockGuard::Postgres(held) => detached(held.locks.clone().is_alive(held.epoch))
+                .await
+                .unwrap_or(false),
+            LockGuard::File(_) => true,
+        }
+    }
+
+    /// Whether the session the lock was taken on is, as far as this process knows,
+    /// still the one it holds (no query: a session seen lost makes this false at once).
+    pub fn is_current(&self) -> bool {
+        match &self.0 {
+            LockGuard::Postgres(held) => held.locks.epoch.load(Ordering::SeqCst) == held.epoch,
             LockGuard::File(_) => true,
         }
     }
@@ -279,8 +320,10 @@ impl ConsumerLock {
     pub async fn release(self) {
         match self.0 {
             LockGuard::Postgres(mut held) => {
-                let locks = held.locks.clone();
-                locks.release(&mut held).await;
+                let released = detached(held.locks.clone().release(held.name.clone(), held.epoch));
+                if released.await.is_ok() {
+                    held.released = true;
+                }
             }
             LockGuard::File(file) => {
                 let _ = file.unlock();

@@ -147,7 +147,7 @@ impl Store {
                     .await
                     .context("creating the PostgreSQL schema")?;
                 let any = AnyPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(pg_read_pool_size())
                     .acquire_timeout(pg_acquire_timeout())
                     .connect(url)
                     .await
@@ -235,7 +235,6 @@ impl Store {
         }
     }
 
-    /// Whether the database answers (readiness).
     /// Whether `error` is the store being out of reach (down, restarting, refusing
     /// connections, or every connection busy past the acquire timeout) rather than a
     /// fault of the request: the caller answers 503 and the client tries again.
@@ -246,6 +245,7 @@ impl Store {
             .any(sqlx_unavailable)
     }
 
+    /// Whether the database answers (readiness).
     pub async fn ping(&self) -> anyhow::Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.any)
@@ -282,15 +282,26 @@ pub(crate) fn sqlx_unavailable(error: &sqlx::Error) -> bool {
 }
 
 /// How long a request waits for a PostgreSQL connection before the store counts as
-/// unavailable (`AFYA_PG_ACQUIRE_TIMEOUT_MS`, default 1.5 s): a stopped database then
+/// unavailable (`AFYA_PG_ACQUIRE_TIMEOUT_MS`, default 1 s): a stopped database then
 /// answers 503 within 2 s instead of a pool retrying its connects for 10 s.
 fn pg_acquire_timeout() -> Duration {
     let ms = std::env::var("AFYA_PG_ACQUIRE_TIMEOUT_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|ms| (1..=60_000).contains(ms))
-        .unwrap_or(1_500);
+        .unwrap_or(1_000);
     Duration::from_millis(ms)
+}
+
+/// PostgreSQL connections for read models, checkpoints and queries
+/// (`AFYA_PG_READ_POOL_SIZE`, default 12): every consumer's batch, worker round and
+/// API read shares them.
+fn pg_read_pool_size() -> u32 {
+    std::env::var("AFYA_PG_READ_POOL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(12)
 }
 
 fn pg_pool_size() -> u32 {

@@ -84,6 +84,11 @@ pub trait Worker: 'static {
     }
     /// One round of work.
     async fn round(&self, round: &Round) -> anyhow::Result<Outcome>;
+    /// How long [`Stop`] waits for the round in flight before it is dropped: longer
+    /// than any one step the worker must not be cut off in (an M-Pesa push).
+    fn stop_grace(&self) -> Duration {
+        STOP_WAIT
+    }
 }
 
 /// Drives one [`Worker`] (see the module documentation).
@@ -326,11 +331,12 @@ impl<W: Worker> Handler<Stop> for WorkerActor<W> {
         self.stopping = true;
         self.stop.send_replace(true);
         let (lock, busy) = (self.lock.clone(), self.busy.clone());
+        let grace = self.worker.stop_grace();
         Box::pin(
             async move {
                 // The round in flight sees `stop` and returns; if it does not in time,
                 // the lock goes with the process.
-                if let Ok(_idle) = tokio::time::timeout(STOP_WAIT, busy.lock()).await {
+                if let Ok(_idle) = tokio::time::timeout(grace, busy.lock()).await {
                     if let Some(held) = lock.lock().await.take() {
                         held.release().await;
                     }

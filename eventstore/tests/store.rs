@@ -765,6 +765,7 @@ async fn consumer_locks_share_one_session_and_die_with_it() {
     assert!(taken.is_some(), "a dropped lock is unlocked");
     for lock in &mut locks {
         assert!(lock.is_alive().await);
+        assert!(lock.is_current());
     }
     // The session dies: every lock of it is dead, and free for the other process.
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
@@ -775,6 +776,8 @@ async fn consumer_locks_share_one_session_and_die_with_it() {
     assert!(killed);
     for lock in &mut locks {
         assert!(!lock.is_alive().await, "a lock of a lost session is dead");
+        // And a consumer about to apply a batch sees it without asking the database.
+        assert!(!lock.is_current());
     }
     for i in 2..20 {
         assert!(

@@ -77,6 +77,12 @@ impl work::Worker for Worker {
         self.recover().await
     }
 
+    /// A push in flight is never cut off by a shutdown: longer than its two calls
+    /// (a token, the push) may take.
+    fn stop_grace(&self) -> Duration {
+        self.daraja.config().timeout * 2 + Duration::from_secs(5)
+    }
+
     /// Not cancelled mid-push: a push cut short would leave its fate unknown. The
     /// round looks at `stop` between payments.
     async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
@@ -225,7 +231,9 @@ impl Worker {
         }
         let due = jobs::due(pool, WORKER, None, 32).await?;
         for job in due {
-            if round.stopping() {
+            // Never two instances pushing: a standby that took over would find this
+            // push `sending` and call its outcome unknown.
+            if round.stopping() || !round.still_active().await {
                 return Ok(true);
             }
             match self.push(&job).await {

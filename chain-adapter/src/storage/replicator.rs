@@ -383,6 +383,7 @@ impl work::Worker for Worker {
     /// Another instance may have worked meanwhile: look at everything.
     async fn activate(&self) -> anyhow::Result<()> {
         tracing::info!(backend = self.backend(), "storage replicator active");
+        queue::ensure_schema(&self.store).await?;
         self.state.lock().await.intake_mark = LogCursor::START;
         Ok(())
     }
@@ -408,7 +409,6 @@ pub async fn start(
     let Some(remote) = storage.remote.clone() else {
         return Ok(None);
     };
-    queue::ensure_schema(&store).await?;
     let settings = storage.replication.clone();
     let local = storage.local.clone();
     let poll = settings.poll;
