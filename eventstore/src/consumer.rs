@@ -87,8 +87,14 @@ pub struct Runner {
     batch_size: i64,
     cursor: LogCursor,
     lock: Option<ConsumerLock>,
+    /// When the lock's session was last asked whether it is up.
+    lock_checked: std::time::Instant,
     progress: watch::Sender<LogCursor>,
 }
+
+/// How often an active consumer asks its lock's session, and how long it waits.
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
+const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Runner {
     /// Creates the handler's tables and its checkpoint row, and loads the checkpoint.
@@ -109,6 +115,7 @@ impl Runner {
             batch_size: 1000,
             cursor: LogCursor::START,
             lock: None,
+            lock_checked: std::time::Instant::now(),
             progress: watch::channel(LogCursor::START).0,
         };
         runner.reload_checkpoint().await?;
@@ -145,6 +152,14 @@ impl Runner {
 
     /// Takes the consumer's lock if no other instance holds it.
     pub async fn try_lock(&mut self) -> anyhow::Result<bool> {
+        // Every so often the session is asked too: a process whose consumers alone use
+        // it would otherwise not notice it was lost.
+        if self.lock.is_some() && self.lock_checked.elapsed() >= LOCK_CHECK_EVERY {
+            self.lock_checked = std::time::Instant::now();
+            if let Some(lock) = self.lock.as_mut() {
+                let _ = tokio::time::timeout(LOCK_CHECK_TIMEOUT, lock.is_alive()).await;
+            }
+        }
         match &self.lock {
             Some(lock) if lock.is_current() => return Ok(true),
             Some(_) => {

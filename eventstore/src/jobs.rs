@@ -348,9 +348,11 @@ pub async fn adopt(
     }
     match move_in(pool, table, select).await {
         Ok(moved) => Ok(moved),
-        // Another instance moved it in and dropped it meanwhile.
-        Err(_) if !table_exists(pool, backend, table).await? => Ok(0),
-        Err(error) => Err(error),
+        Err(error) => match table_exists(pool, backend, table).await {
+            // Another instance moved it in and dropped it meanwhile.
+            Ok(false) => Ok(0),
+            _ => Err(error),
+        },
     }
 }
 

@@ -320,10 +320,11 @@ impl ConsumerLock {
     pub async fn release(self) {
         match self.0 {
             LockGuard::Postgres(mut held) => {
-                let released = detached(held.locks.clone().release(held.name.clone(), held.epoch));
-                if released.await.is_ok() {
-                    held.released = true;
-                }
+                // The release runs to its end in its own task, even if this wait is
+                // cancelled: the guard must not queue a second unlock, which could
+                // release a later take of the same name.
+                held.released = true;
+                let _ = detached(held.locks.clone().release(held.name.clone(), held.epoch)).await;
             }
             LockGuard::File(file) => {
                 let _ = file.unlock();

@@ -77,10 +77,21 @@ impl work::Worker for Worker {
         self.recover().await
     }
 
-    /// A push in flight is never cut off by a shutdown: longer than its two calls
-    /// (a token, the push) may take.
+    /// A push in flight is never cut off by a shutdown: longer than its calls (a
+    /// token, a second one after a 401, the push), each with all its attempts and the
+    /// pauses between them, may take.
     fn stop_grace(&self) -> Duration {
-        self.daraja.config().timeout * 2 + Duration::from_secs(5)
+        let config = self.daraja.config();
+        let attempts = config.attempts.max(1);
+        let pauses = config
+            .backoff
+            .saturating_mul(2u32.saturating_pow(attempts).saturating_sub(1));
+        let call = config
+            .timeout
+            .saturating_mul(attempts)
+            .saturating_add(pauses);
+        call.saturating_mul(3)
+            .saturating_add(Duration::from_secs(5))
     }
 
     /// Not cancelled mid-push: a push cut short would leave its fate unknown. The
@@ -233,7 +244,7 @@ impl Worker {
         for job in due {
             // Never two instances pushing: a standby that took over would find this
             // push `sending` and call its outcome unknown.
-            if round.stopping() || !round.still_active().await {
+            if !round.still_active().await || round.stopping() {
                 return Ok(true);
             }
             match self.push(&job).await {
