@@ -29,18 +29,7 @@ impl OwnNats {
 
     /// `None` when `nats-server` is not installed (outside CI).
     fn start() -> Option<OwnNats> {
-        let installed = Command::new(Self::program())
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                !eventstore::testing::in_ci(),
-                "nats-server is not installed (CI installs it)"
-            );
-            eprintln!("SKIPPED: nats-server is not installed");
+        if !crate::support::installed(&Self::program(), "CI installs it") {
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0")

@@ -20,6 +20,25 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_afyachain-under-test"))
 }
 
+/// Whether `program --version` runs. When it does not, a test skips outside CI and
+/// fails in CI, where `why` says who installs it.
+pub fn installed(program: &str, why: &str) -> bool {
+    let installed = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            !eventstore::testing::in_ci(),
+            "{program} is not installed ({why})"
+        );
+        eprintln!("SKIPPED: {program} is not installed");
+    }
+    installed
+}
+
 /// An environment for the binary: a data directory, and a database on PostgreSQL.
 pub struct Env {
     pub backend: Backend,

@@ -34,18 +34,7 @@ fn as_owner(program: &str, args: &[&str]) -> Command {
 impl OwnPostgres {
     /// `None` when `initdb` is not installed (outside CI).
     pub fn start() -> Option<OwnPostgres> {
-        let installed = Command::new("initdb")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                !eventstore::testing::in_ci(),
-                "initdb is not installed (CI has PostgreSQL)"
-            );
-            eprintln!("SKIPPED: initdb is not installed");
+        if !super::installed("initdb", "CI has PostgreSQL") {
             return None;
         }
         let dir = std::env::temp_dir().join(format!("afya-pg-{}", uuid::Uuid::new_v4()));
