@@ -279,8 +279,15 @@ pub struct BodyLimits {
     /// `AFYA_UPLOAD_MEMORY_BYTES`, default 4 × `AFYA_MAX_UPLOAD_BYTES`: upload bodies
     /// held at once over all accounts (one account: one largest upload's worth).
     pub upload_memory_bytes: usize,
-    /// `AFYA_UPLOAD_WAIT_SECS`, default 120: how long an upload waits for that memory
-    /// before it is answered 503.
+    /// `AFYA_UPLOAD_SPOOL_BYTES`, default 64 × `AFYA_MAX_UPLOAD_BYTES`: the disk that
+    /// upload bodies still arriving may fill at once over all accounts (one account:
+    /// four largest uploads' worth). A body is kept there, sealed under a key held in
+    /// memory only, until it is whole; only then does it take its share of the memory.
+    pub upload_spool_bytes: usize,
+    /// The spool's share of one account: four largest uploads.
+    pub upload_spool_account_bytes: usize,
+    /// `AFYA_UPLOAD_WAIT_SECS`, default 120: how long an upload waits for its share of
+    /// the spool, and then of the memory, before it is answered 503.
     pub upload_wait: Duration,
     /// `AFYA_JSON_BODY_SECS`, default 15: a JSON body must arrive whole within this.
     pub json_within: Duration,
@@ -306,8 +313,17 @@ fn body_limits(max_upload_bytes: usize) -> anyhow::Result<BodyLimits> {
     if upload_memory_bytes < max_upload_bytes {
         anyhow::bail!("AFYA_UPLOAD_MEMORY_BYTES must be at least AFYA_MAX_UPLOAD_BYTES");
     }
+    let upload_spool_bytes = number(
+        "AFYA_UPLOAD_SPOOL_BYTES",
+        max_upload_bytes.saturating_mul(64),
+    )?;
+    if upload_spool_bytes < max_upload_bytes {
+        anyhow::bail!("AFYA_UPLOAD_SPOOL_BYTES must be at least AFYA_MAX_UPLOAD_BYTES");
+    }
     Ok(BodyLimits {
         upload_memory_bytes,
+        upload_spool_bytes,
+        upload_spool_account_bytes: max_upload_bytes.saturating_mul(4).min(upload_spool_bytes),
         upload_wait: seconds_in_a_day("AFYA_UPLOAD_WAIT_SECS", 120)?,
         json_within: seconds_in_a_day("AFYA_JSON_BODY_SECS", 15)?,
         upload_min_rate: number("AFYA_UPLOAD_MIN_BYTES_PER_SEC", 1024)?,

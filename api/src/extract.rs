@@ -18,6 +18,7 @@ use actix_web::http::header;
 use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::web::{Bytes, Data};
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use commands::spool::Spool;
 use commands::Authenticated;
 use domain::actor::Actor;
 use eventstore::CommandMeta;
@@ -294,6 +295,53 @@ pub async fn read_into<S>(
 where
     S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
 {
+    read_paced(payload, Sink::Memory(body), limit, pace).await
+}
+
+/// Like [`read_into`], but into an upload [`Spool`] on disk, so that however slowly the
+/// body arrives it holds no more than a piece of memory meanwhile.
+pub async fn read_to_spool<S>(
+    payload: &mut S,
+    spool: &mut Spool,
+    limit: usize,
+    pace: Pace,
+) -> Result<(), Problem>
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    read_paced(payload, Sink::Spool(spool), limit, pace).await
+}
+
+/// Where a body is read to.
+enum Sink<'a> {
+    Memory(&'a mut Vec<u8>),
+    Spool(&'a mut Spool),
+}
+
+impl Sink<'_> {
+    async fn append(&mut self, bytes: &[u8]) -> Result<(), Problem> {
+        match self {
+            Sink::Memory(body) => {
+                body.extend_from_slice(bytes);
+                Ok(())
+            }
+            Sink::Spool(spool) => spool
+                .write(bytes)
+                .await
+                .map_err(|error| Problem::internal(&error.context("spooling an upload"))),
+        }
+    }
+}
+
+async fn read_paced<S>(
+    payload: &mut S,
+    mut sink: Sink<'_>,
+    limit: usize,
+    pace: Pace,
+) -> Result<(), Problem>
+where
+    S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
+{
     let start = Instant::now();
     let mut last = start;
     let mut received = 0usize;
@@ -321,17 +369,19 @@ where
         if received + chunk.len() > limit {
             return Err(too_large(limit));
         }
-        body.extend_from_slice(&chunk);
+        sink.append(&chunk).await?;
         received += chunk.len();
         last = Instant::now();
     }
 }
 
-/// The memory upload bodies may hold while they are read, encrypted and stored, in
-/// units of [`BUDGET_UNIT`] bytes: overall, and per account (one largest upload's
-/// worth), so that neither many accounts nor one account's many parallel uploads
-/// hold more. An upload waits for its share before it is read; the waiting is not
-/// counted against its pace, but is bounded (503 after that).
+/// A byte budget for upload bodies, in units of [`BUDGET_UNIT`] bytes: overall, and per
+/// account, so that neither many accounts nor one account's many parallel uploads hold
+/// more. Two are kept: the disk their spools may fill while bodies arrive (a share of
+/// it taken before a byte is read), and the memory a whole body holds while it is
+/// encrypted and stored (taken once it has arrived, one largest upload's worth per
+/// account). An upload waits for its share; the waiting is not counted against its
+/// pace, but is bounded (503 after that).
 pub struct UploadBudget {
     total: Arc<Semaphore>,
     total_units: u32,

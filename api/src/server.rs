@@ -32,8 +32,10 @@ pub struct AppState {
     /// The Daraja client a success callback is checked with (STK Push Query), when
     /// M-Pesa is configured.
     pub daraja: Option<Arc<mpesa_adapter::daraja::Daraja>>,
-    /// The memory upload bodies in flight may hold, per account and overall.
+    /// The memory upload bodies may hold once whole, per account and overall.
     pub uploads: Arc<crate::extract::UploadBudget>,
+    /// The disk upload bodies may fill while they arrive (see `UploadBudget`).
+    pub spools: Arc<crate::extract::UploadBudget>,
     pub metrics: Arc<Metrics>,
     /// The projections this process runs, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
@@ -71,6 +73,11 @@ impl AppState {
                 app.config.max_upload_bytes,
                 app.config.bodies.upload_wait,
             )),
+            spools: Arc::new(crate::extract::UploadBudget::new(
+                app.config.bodies.upload_spool_bytes,
+                app.config.bodies.upload_spool_account_bytes,
+                app.config.bodies.upload_wait,
+            )),
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
             workers: app.workers(),
@@ -87,6 +94,17 @@ impl AppState {
 pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
     let state = AppState::new(&app);
     let addr = listener.local_addr()?;
+    // Spools a crash left behind (their keys died with it): older than any upload
+    // still arriving can be, so another instance's on this data directory stay.
+    let stale = app.config.bodies.upload_within.saturating_mul(2);
+    match commands::spool::clear_stale(&app.config.data_dir, stale) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "removed upload spools left by a crash"),
+        Err(error) => tracing::warn!(
+            error = format!("{error:#}"),
+            "could not clear the upload spool"
+        ),
+    }
     // Our own signal handlers, in place before the server says it is listening: a
     // SIGTERM right after start must still stop it gracefully.
     use tokio::signal::unix::{signal, SignalKind};

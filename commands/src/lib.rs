@@ -6,6 +6,7 @@ pub mod clock;
 pub mod credentials;
 pub mod keys;
 pub mod service;
+pub mod spool;
 
 pub use service::{
     ApproveAccess, AuthError, Authenticated, CommandError, Commands, Decided, Done, RegisterDoctor,

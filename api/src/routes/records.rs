@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::extract::{closing, command_meta, declared_length, read_into, Caller, Pace};
+use commands::spool::Spool;
+
+use crate::extract::{closing, command_meta, declared_length, read_to_spool, Caller, Pace};
 use crate::problem::{Problem, Validation};
 use crate::routes::{own_patient, path_id, PageQuery};
 use crate::server::AppState;
@@ -129,26 +131,34 @@ pub async fn upload(
         .and_then(|f| v.check(Filename::parse(f)));
     v.finish()?;
     let category = crate::problem::checked(category)?;
-    // The body's memory is taken from the budget before a byte of it is read: its
-    // declared length (or, unknown, the largest allowed), in one allocation with room
-    // for the encryption, which then works in place. The permit lasts until the
-    // ciphertext is stored.
+    // The body is received into a spool on disk, for which it first takes its share
+    // of the spool budget (its declared length, or unknown, the largest allowed): a
+    // slow sender holds a file, not memory. Once whole, it takes its share of the
+    // memory budget and is read back into one allocation with room for the
+    // encryption, which then works in place; that permit lasts until the ciphertext
+    // is stored.
     let limit = state.config.max_upload_bytes;
+    let account = patient_id.to_string();
     let read = async {
         let length = declared_length(&req, limit)?;
         let expected = length.unwrap_or(limit);
-        let permit = state
-            .uploads
-            .acquire(&patient_id.to_string(), expected)
-            .await?;
-        let mut body = Vec::with_capacity(expected + commands::keys::RECORD_OVERHEAD);
-        read_into(
+        let spooled = state.spools.acquire(&account, expected).await?;
+        let mut spool = Spool::create(&state.config.data_dir)
+            .await
+            .map_err(|error| Problem::internal(&error))?;
+        read_to_spool(
             &mut payload,
-            &mut body,
+            &mut spool,
             expected,
             Pace::upload(&state.config.bodies),
         )
         .await?;
+        let permit = state.uploads.acquire(&account, spool.len()).await?;
+        let body = spool
+            .into_body(commands::keys::RECORD_OVERHEAD)
+            .await
+            .map_err(|error| Problem::internal(&error))?;
+        drop(spooled);
         Ok::<_, Problem>((permit, body))
     };
     let (permit, body) = match read.await {
@@ -237,10 +247,7 @@ pub async fn list(
         if !covered {
             continue;
         }
-        let filename = match &row.filename_sealed {
-            Some(sealed) => state.commands.open_text(&row.patient_id, sealed).await,
-            None => None,
-        };
+        let filename = opened_name(&state, &row.patient_id, row.filename_sealed.as_deref()).await;
         items.push(RecordItem {
             record_id: Uuid::parse_str(&row.record_id).unwrap_or_default(),
             category: row.category,
@@ -299,10 +306,7 @@ pub async fn get(
     if !allowed {
         return Err(not_found());
     }
-    let filename = match &row.filename_sealed {
-        Some(sealed) => state.commands.open_text(&row.patient_id, sealed).await,
-        None => None,
-    };
+    let filename = opened_name(&state, &row.patient_id, row.filename_sealed.as_deref()).await;
     Ok(HttpResponse::Ok().json(RecordItem {
         record_id: record_id.as_uuid(),
         category: row.category,
@@ -403,10 +407,8 @@ pub async fn content(
         parameters: Vec::new(),
     };
     if let (Some(sealed), Some(patient_id)) = (record.filename(), record.patient_id()) {
-        if let Some(name) = state
-            .commands
-            .open_text(&patient_id.to_string(), sealed.as_str())
-            .await
+        if let Some(name) =
+            opened_name(&state, &patient_id.to_string(), Some(sealed.as_str())).await
         {
             // A plain ASCII name as well, for clients that do not read `filename*`.
             let plain: String = name
@@ -431,6 +433,20 @@ pub async fn content(
     }
     response.insert_header(disposition);
     Ok(response.body(bytes))
+}
+
+/// A record's file name as shown: opened from its seal, without the bidirectional and
+/// other control characters that names stored before they were refused may hold (a
+/// right-to-left override would make `invoice_fdp.exe` read as `invoice_exe.pdf`).
+async fn opened_name(state: &AppState, patient_id: &str, sealed: Option<&str>) -> Option<String> {
+    let name = state.commands.open_text(patient_id, sealed?).await?;
+    Some(shown_name(&name))
+}
+
+fn shown_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| !domain::value::is_bidi_control(*c) && !c.is_control())
+        .collect()
 }
 
 /// The type record content is served as: its own when no browser runs or renders
@@ -507,7 +523,7 @@ fn choose_request(
 
 #[cfg(test)]
 mod tests {
-    use super::served_type;
+    use super::{served_type, shown_name};
 
     #[test]
     fn active_types_are_served_as_bytes_and_documents_as_themselves() {
@@ -543,5 +559,19 @@ mod tests {
             assert_eq!(served_type(Some(passive)), passive);
         }
         assert_eq!(served_type(None), "application/octet-stream");
+    }
+
+    #[test]
+    fn names_stored_before_bidi_controls_were_refused_are_shown_without_them() {
+        assert_eq!(shown_name("invoice_\u{202E}fdp.exe"), "invoice_fdp.exe");
+        assert_eq!(
+            shown_name("\u{2066}scan\u{2069}\u{200F}\u{061C}.pdf"),
+            "scan.pdf"
+        );
+        assert_eq!(shown_name("line\r\nbreak\u{0}.pdf"), "linebreak.pdf");
+        assert_eq!(
+            shown_name("Matokeo ya maabara é.pdf"),
+            "Matokeo ya maabara é.pdf"
+        );
     }
 }
