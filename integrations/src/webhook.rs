@@ -268,6 +268,21 @@ type FailureRow = (String, i64, String, String, i64, String, String, i64);
 
 fn failure_from_row(row: FailureRow) -> anyhow::Result<Failure> {
     let (webhook_id, position, event_id, event_type, attempts, last_error, failed_at, replay) = row;
+    // Rows parked before the address policy may hold the connect error's own text
+    // ("connection failed … 127.0.0.1:PORT …"), which tells a closed port from an open
+    // one: anything but the words a delivery records now is shown as `unreachable`.
+    let shown = |text: String| {
+        let status = text.strip_prefix("HTTP ").map(str::as_bytes);
+        let known = text == "unreachable"
+            || text == "timeout"
+            || status.is_some_and(|s| s.len() == 3 && s.iter().all(u8::is_ascii_digit));
+        if known {
+            text
+        } else {
+            DeliveryError::Unreachable.to_string()
+        }
+    };
+    let last_error = shown(last_error);
     Ok(Failure {
         webhook_id: Uuid::parse_str(&webhook_id).context("webhook_failures.webhook_id")?,
         position,
@@ -883,6 +898,51 @@ mod tests {
         assert_eq!(s.backoff(3), Duration::from_secs(2));
         assert_eq!(s.backoff(10), Duration::from_secs(60));
         assert_eq!(s.backoff(1000), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_failure_shows_only_unreachable_timeout_or_an_http_status() {
+        let row = |last_error: &str| -> FailureRow {
+            (
+                Uuid::nil().to_string(),
+                7,
+                Uuid::nil().to_string(),
+                "RecordUploaded".into(),
+                3,
+                last_error.into(),
+                "2026-01-01T00:00:00Z".into(),
+                0,
+            )
+        };
+        let shown = |last_error: &str| failure_from_row(row(last_error)).unwrap().last_error;
+        for kept in ["unreachable", "timeout", "HTTP 404", "HTTP 500", "HTTP 418"] {
+            assert_eq!(shown(kept), kept);
+        }
+        // Words of older versions, and anything else a row may hold.
+        for old in [
+            "connection failed: error sending request for url (http://127.0.0.1:41234/hook): \
+             tcp connect error: Connection refused (os error 111)",
+            "connection failed",
+            "error sending request for url (http://10.0.0.5:22/)",
+            "HTTP 4040",
+            "HTTP 40",
+            "HTTP abc",
+            "HTTP 404 Not Found",
+            "http 404",
+            " HTTP 404",
+            "timeout ",
+            "Timeout",
+            "unreachable: 127.0.0.1:8080",
+            "",
+        ] {
+            assert_eq!(shown(old), "unreachable", "{old:?}");
+        }
+        // The rest of the row is read as it is.
+        let failure = failure_from_row(row("HTTP 503")).unwrap();
+        assert_eq!(failure.position, 7);
+        assert_eq!(failure.attempts, 3);
+        assert_eq!(failure.event_type, "RecordUploaded");
+        assert!(!failure.replay_requested);
     }
 
     #[test]

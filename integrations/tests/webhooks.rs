@@ -425,6 +425,24 @@ async fn events_failing_every_attempt_are_parked_and_delivered_on_replay() {
             .await
             .unwrap()
             .is_empty());
+        // A row parked by a version before the address policy holds the connect
+        // error's own words, which told a closed port from an open one: shown only
+        // as `unreachable`.
+        let old = "connection failed: error sending request for url \
+                   (http://127.0.0.1:9/hook): tcp connect error: Connection refused";
+        let changed = sqlx::query(
+            "UPDATE webhook_failures SET last_error = $1 WHERE webhook_id = $2 AND position = $3",
+        )
+        .bind(old)
+        .bind(id.to_string())
+        .bind(parked[0].position)
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+        let shown = webhook::failures(&pool, id, 0, 100).await.unwrap();
+        assert_eq!(shown[0].last_error, "unreachable", "{backend:?}");
+        assert!(shown[1..].iter().all(|f| f.last_error == "HTTP 500"));
 
         // A replay that fails again stays parked, one attempt more, not re-requested.
         assert_eq!(

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! A failure carries no `CallbackMetadata`. Callbacks are not signed: what they say is
-//! checked against the payment they name before it counts.
+//! checked against the payment they name, and then against Daraja's own answer to an
+//! STK Push Query ([`verdict`]), before it counts, a failure as much as a success.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -184,13 +185,19 @@ pub fn parse(body: &[u8]) -> Result<StkCallback, CallbackError> {
     })
 }
 
-/// What an STK Push Query says of a callback that claims the payment went through.
-/// Callbacks are unsigned and their path token is the only secret, so a success is
-/// believed only when Daraja, asked directly, says the same.
+/// What an STK Push Query says of what a callback claims. Callbacks are unsigned and
+/// their path token is the only secret, so neither a success nor a failure is
+/// believed until Daraja, asked directly, says the same: a forged failure could
+/// otherwise fail a payment the customer has made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Daraja says it was paid (ResultCode 0).
-    Agrees,
+    /// Daraja says the same: paid (ResultCode 0) of a success callback, not paid (a
+    /// non-zero ResultCode) of a failure callback. The code and description are the
+    /// query's, which may name another failure than the callback.
+    Agrees {
+        result_code: i64,
+        result_desc: String,
+    },
     /// Daraja says it ended otherwise: the callback is not to be believed.
     Disagrees { result_code: i64 },
     /// Daraja could not say now (still processing, unreachable, refusing the
@@ -198,10 +205,16 @@ pub enum Verdict {
     Unknown(String),
 }
 
-/// The verdict of a query's answer on a success callback.
-pub fn verdict(answer: &Result<StkStatus, DarajaError>) -> Verdict {
+/// The verdict of a query's answer on a callback whose `ResultCode` is `claimed`.
+pub fn verdict(claimed: i64, answer: &Result<StkStatus, DarajaError>) -> Verdict {
     match answer {
-        Ok(StkStatus::Done { result_code: 0, .. }) => Verdict::Agrees,
+        Ok(StkStatus::Done {
+            result_code,
+            result_desc,
+        }) if (*result_code == 0) == (claimed == 0) => Verdict::Agrees {
+            result_code: *result_code,
+            result_desc: result_desc.clone(),
+        },
         Ok(StkStatus::Done { result_code, .. }) => Verdict::Disagrees {
             result_code: *result_code,
         },
@@ -217,24 +230,15 @@ pub fn verdict(answer: &Result<StkStatus, DarajaError>) -> Verdict {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_darajas_own_success_confirms_a_success_callback() {
-        let done = |result_code| {
-            Ok(StkStatus::Done {
-                result_code,
-                result_desc: "d".into(),
-            })
-        };
-        assert_eq!(verdict(&done(0)), Verdict::Agrees);
-        assert_eq!(
-            verdict(&done(1037)),
-            Verdict::Disagrees { result_code: 1037 }
-        );
-        assert_eq!(
-            verdict(&done(1032)),
-            Verdict::Disagrees { result_code: 1032 }
-        );
-        for unsure in [
+    fn done(result_code: i64) -> Result<StkStatus, DarajaError> {
+        Ok(StkStatus::Done {
+            result_code,
+            result_desc: format!("d{result_code}"),
+        })
+    }
+
+    fn unsure() -> Vec<Result<StkStatus, DarajaError>> {
+        vec![
             Ok(StkStatus::Pending),
             Err(DarajaError::Unavailable("503".into())),
             Err(DarajaError::Unknown("cut".into())),
@@ -243,8 +247,56 @@ mod tests {
                 code: "400.002.02".into(),
                 message: "Bad Request".into(),
             }),
-        ] {
-            assert!(matches!(verdict(&unsure), Verdict::Unknown(_)));
+        ]
+    }
+
+    #[test]
+    fn only_darajas_own_success_confirms_a_success_callback() {
+        assert_eq!(
+            verdict(0, &done(0)),
+            Verdict::Agrees {
+                result_code: 0,
+                result_desc: "d0".into()
+            }
+        );
+        assert_eq!(
+            verdict(0, &done(1037)),
+            Verdict::Disagrees { result_code: 1037 }
+        );
+        assert_eq!(
+            verdict(0, &done(1032)),
+            Verdict::Disagrees { result_code: 1032 }
+        );
+        for answer in unsure() {
+            assert!(matches!(verdict(0, &answer), Verdict::Unknown(_)));
+        }
+    }
+
+    #[test]
+    fn only_darajas_own_failure_fails_on_a_failure_callback() {
+        // Daraja's failure, whichever: its own code and description count.
+        assert_eq!(
+            verdict(1032, &done(1032)),
+            Verdict::Agrees {
+                result_code: 1032,
+                result_desc: "d1032".into()
+            }
+        );
+        assert_eq!(
+            verdict(1032, &done(1037)),
+            Verdict::Agrees {
+                result_code: 1037,
+                result_desc: "d1037".into()
+            }
+        );
+        // Daraja says paid: the failure is not to be believed.
+        assert_eq!(
+            verdict(1032, &done(0)),
+            Verdict::Disagrees { result_code: 0 }
+        );
+        assert_eq!(verdict(1, &done(0)), Verdict::Disagrees { result_code: 0 });
+        for answer in unsure() {
+            assert!(matches!(verdict(1032, &answer), Verdict::Unknown(_)));
         }
     }
 

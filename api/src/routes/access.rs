@@ -85,7 +85,10 @@ pub struct Approval {
     /// A subset of the requested categories.
     #[schema(value_type = Option<Vec<CategoryName>>)]
     pub categories: Option<Vec<String>>,
-    /// A subset of the requested records.
+    /// A subset of the requested records. Whatever is asked, a record that is not the
+    /// patient's is never granted: a request stored before requests were checked may
+    /// name one, and it is left out of the grant (422 `records_not_the_patients` on
+    /// `record_ids` if nothing else would be granted).
     #[schema(value_type = Option<Vec<Uuid>>)]
     pub record_ids: Option<Vec<String>>,
 }
@@ -245,6 +248,7 @@ fn decision_refused(problem: Problem) -> Problem {
     let field = match problem.code {
         "expiry_in_past" | "expiry_beyond_requested" => "expires_at",
         "scope_not_narrower" | "empty_scope" => "categories",
+        "records_not_the_patients" => "record_ids",
         "not_the_patient" => return not_found(),
         _ => return problem,
     };

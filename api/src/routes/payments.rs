@@ -401,13 +401,13 @@ pub async fn of_doctor(
     list(&state, PaymentParty::Doctor, &doctor_id.to_string(), &query).await
 }
 
-/// Bound on the STK Push Query a success callback waits for (the token and the
-/// query together), so that Daraja's acknowledgement stays fast.
+/// Bound on the STK Push Query a callback waits for (the token and the query
+/// together), so that Daraja's acknowledgement stays fast.
 const CALLBACK_QUERY_BOUND: Duration = Duration::from_secs(4);
 
-/// The Daraja client success callbacks are checked with: one attempt per call, each
-/// within [`CALLBACK_QUERY_BOUND`] (what it cannot answer now the reconciler asks
-/// later). `None` without M-Pesa.
+/// The Daraja client callbacks (successes and failures alike) are checked with: one
+/// attempt per call, each within [`CALLBACK_QUERY_BOUND`] (what it cannot answer now
+/// the reconciler asks later). `None` without M-Pesa.
 pub fn callback_client(config: &Config) -> Option<Arc<Daraja>> {
     let mut daraja = config.mpesa.as_ref()?.daraja.clone();
     daraja.timeout = daraja.timeout.min(CALLBACK_QUERY_BOUND);
@@ -415,20 +415,20 @@ pub fn callback_client(config: &Config) -> Option<Arc<Daraja>> {
     match Daraja::new(daraja) {
         Ok(client) => Some(Arc::new(client)),
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "building the Daraja client for callbacks failed; success callbacks wait for reconciliation");
+            tracing::error!(error = format!("{error:#}"), "building the Daraja client for callbacks failed; callbacks wait for reconciliation");
             None
         }
     }
 }
 
 /// What Daraja itself says of a callback's payment, asked within
-/// [`CALLBACK_QUERY_BOUND`].
-async fn ask_daraja(state: &AppState, checkout_request_id: &str) -> Verdict {
+/// [`CALLBACK_QUERY_BOUND`], against the callback's `ResultCode` `claimed`.
+async fn ask_daraja(state: &AppState, checkout_request_id: &str, claimed: i64) -> Verdict {
     let Some(daraja) = state.daraja.as_ref() else {
         return Verdict::Unknown("no Daraja client".into());
     };
     match tokio::time::timeout(CALLBACK_QUERY_BOUND, daraja.stk_query(checkout_request_id)).await {
-        Ok(answer) => mpesa_adapter::callback::verdict(&answer),
+        Ok(answer) => mpesa_adapter::callback::verdict(claimed, &answer),
         Err(_) => Verdict::Unknown(format!(
             "no answer to the STK Push Query within {} s",
             CALLBACK_QUERY_BOUND.as_secs()
@@ -507,55 +507,81 @@ pub async fn stk_callback(
         .await
         .map_err(|e| Problem::internal(&e))?
         .ok_or_else(|| Problem::internal(&anyhow::anyhow!("a listed payment is missing")))?;
-    let receipt = match &callback.paid {
-        Some(paid) => {
-            let phone_index = state.commands.keys().phone_index(&paid.phone);
-            let reason = if paid.amount_kes != payment.amount_kes() {
-                Some("amount_mismatch")
-            } else if phone_index != payment.phone_index() {
-                Some("phone_mismatch")
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                tracing::warn!(payment_id = %payment_id, reason, "STK callback does not match its payment; kept as rejected");
-                state
-                    .commands
-                    .reject_callback(reject(reason, Some(payment_id)))
-                    .await?;
-                return Ok(ack());
-            }
-            // Settled already: nothing to ask Daraja about.
-            if payment.status() != domain::payment::PaymentStatus::Pending {
-                tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "duplicate or late STK callback for a settled payment; nothing changed");
-                return Ok(ack());
-            }
-            match ask_daraja(&state, &callback.checkout_request_id).await {
-                Verdict::Agrees => {}
-                Verdict::Disagrees { result_code } => {
-                    tracing::warn!(payment_id = %payment_id, query_result_code = result_code, "STK callback claims a payment Daraja's query does not confirm; kept as rejected");
-                    state
-                        .commands
-                        .reject_callback(reject("query_disagrees", Some(payment_id)))
-                        .await?;
-                    return Ok(ack());
-                }
-                Verdict::Unknown(why) => {
-                    tracing::warn!(payment_id = %payment_id, why = %why, "STK callback claims a payment that Daraja cannot confirm now; it stays pending until the reconciling query settles it");
-                    return Ok(ack());
-                }
-            }
-            Some(Receipt {
-                receipt: paid.receipt.clone(),
-                amount_kes: paid.amount_kes,
-                transaction_date: paid.transaction_date.clone(),
-                phone: state
-                    .commands
-                    .seal_for(&payment.phone_subject(), &paid.phone)
-                    .await
-                    .map_err(|e| Problem::internal(&e))?,
-            })
+    if let Some(paid) = &callback.paid {
+        let phone_index = state.commands.keys().phone_index(&paid.phone);
+        let reason = if paid.amount_kes != payment.amount_kes() {
+            Some("amount_mismatch")
+        } else if phone_index != payment.phone_index() {
+            Some("phone_mismatch")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            tracing::warn!(payment_id = %payment_id, reason, "STK callback does not match its payment; kept as rejected");
+            state
+                .commands
+                .reject_callback(reject(reason, Some(payment_id)))
+                .await?;
+            return Ok(ack());
         }
+    }
+    // Settled already: nothing to ask Daraja about.
+    if payment.status() != domain::payment::PaymentStatus::Pending {
+        tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "duplicate or late STK callback for a settled payment; nothing changed");
+        return Ok(ack());
+    }
+    // The path token is the only secret, so a failure is checked like a success:
+    // believed as is, a forged failure would fail a payment the customer has made.
+    let claims = if callback.paid.is_some() {
+        "a payment"
+    } else {
+        "a failure"
+    };
+    let verdict = ask_daraja(&state, &callback.checkout_request_id, callback.result_code).await;
+    let (result_code, result_desc) = match verdict {
+        Verdict::Agrees {
+            result_code,
+            result_desc,
+        } => {
+            if result_code == callback.result_code {
+                (callback.result_code, callback.result_desc.clone())
+            } else {
+                // Both failures, told apart (1032 cancelled, 1037 timed out…):
+                // Daraja's own answer is the one kept.
+                tracing::warn!(payment_id = %payment_id, result_code = callback.result_code, query_result_code = result_code, "STK callback names another failure than Daraja's query; settled as the query says");
+                (result_code, result_desc)
+            }
+        }
+        Verdict::Disagrees { result_code } => {
+            if callback.paid.is_some() {
+                tracing::warn!(payment_id = %payment_id, query_result_code = result_code, "STK callback claims a payment Daraja's query does not confirm; kept as rejected");
+            } else {
+                // Not settled from the query here either: the reconciling query
+                // settles it as Daraja says, as for a callback that never came.
+                tracing::warn!(payment_id = %payment_id, result_code = callback.result_code, query_result_code = result_code, "STK callback claims a failure Daraja's query does not confirm (it says paid); kept as rejected, the payment stays pending until the reconciling query settles it");
+            }
+            state
+                .commands
+                .reject_callback(reject("query_disagrees", Some(payment_id)))
+                .await?;
+            return Ok(ack());
+        }
+        Verdict::Unknown(why) => {
+            tracing::warn!(payment_id = %payment_id, result_code = callback.result_code, why = %why, "STK callback claims {claims} that Daraja cannot confirm now; it stays pending until the reconciling query settles it");
+            return Ok(ack());
+        }
+    };
+    let receipt = match &callback.paid {
+        Some(paid) => Some(Receipt {
+            receipt: paid.receipt.clone(),
+            amount_kes: paid.amount_kes,
+            transaction_date: paid.transaction_date.clone(),
+            phone: state
+                .commands
+                .seal_for(&payment.phone_subject(), &paid.phone)
+                .await
+                .map_err(|e| Problem::internal(&e))?,
+        }),
         None => None,
     };
     let settle = || {
@@ -563,8 +589,8 @@ pub async fn stk_callback(
             payment_id,
             PaymentCommand::Settle {
                 by: Actor::System,
-                result_code: callback.result_code,
-                result_desc: callback.result_desc.clone(),
+                result_code,
+                result_desc: result_desc.clone(),
                 receipt: receipt.clone(),
                 settled_by: SettledBy::Callback,
             },
@@ -588,7 +614,7 @@ pub async fn stk_callback(
     // Daraja is answered at once: read models catch up on their own.
     match settled {
         Ok(_) => {
-            tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "payment settled by callback");
+            tracing::info!(payment_id = %payment_id, result_code, "payment settled by callback");
         }
         Err(commands::CommandError::Rejected {
             code: "payment_already_settled",

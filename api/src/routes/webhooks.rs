@@ -47,11 +47,17 @@ pub struct WebhookList {
     pub items: Vec<Webhook>,
 }
 
+/// The one answer to a host that is, resolves to, or does not resolve to a public
+/// internet address.
+const NOT_PUBLIC: &str = "must lead to a public internet address: a public IP address, or a host name that resolves only to public ones (AFYA_WEBHOOK_ALLOW_PRIVATE allows others, for development)";
+
 /// Checks a webhook URL with the address policy deliveries use: an `http(s)` URL whose
 /// host is an allowed address, or a name that resolves (within a few seconds) only to
 /// allowed addresses. A name that does not resolve is refused too: nothing could be
 /// delivered to it, and a name registered before it exists could later point anywhere
-/// (each delivery checks again).
+/// (each delivery checks again). A name that does not resolve and one that resolves to
+/// a refused address get the same words, so that registering cannot be used to learn
+/// which names the server's internal DNS knows.
 async fn check_url(v: &mut Validation, url: &str, policy: &integrations::AddressPolicy) {
     use integrations::address::Refusal;
     let parsed = reqwest::Url::parse(url).ok().filter(|u| {
@@ -66,11 +72,11 @@ async fn check_url(v: &mut Validation, url: &str, policy: &integrations::Address
     match policy.check_url(&parsed).await {
         Ok(()) => {}
         Err(Refusal::NotHttp) => v.fail("url", "must be an http(s) URL of at most 2000 characters"),
-        Err(Refusal::NotPublic) => v.fail(
-            "url",
-            "must not name or resolve to a loopback, private, link-local or other non-public address (AFYA_WEBHOOK_ALLOW_PRIVATE)",
-        ),
-        Err(Refusal::DoesNotResolve) => v.fail("url", "the host name does not resolve"),
+        // A server that delivers to private addresses too has nothing to hide here.
+        Err(Refusal::DoesNotResolve) if policy.allow_private() => {
+            v.fail("url", "the host name does not resolve")
+        }
+        Err(Refusal::NotPublic | Refusal::DoesNotResolve) => v.fail("url", NOT_PUBLIC),
         Err(Refusal::LookupTimedOut) => {
             v.fail("url", "the host name did not resolve in time; try again")
         }

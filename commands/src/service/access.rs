@@ -4,8 +4,9 @@
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use domain::access::{AccessCommand, AccessError, AccessRequest};
+use domain::access::{AccessCommand, AccessError, AccessRequest, AccessStatus};
 use domain::actor::Actor;
+use domain::error::RuleKind;
 use domain::ids::{AccessRequestId, DoctorId, PatientId};
 use domain::value::{DurationDays, Note, Purpose, Scope};
 use eventstore::{CommandMeta, CommandOutcome};
@@ -90,7 +91,9 @@ impl Commands {
         })
     }
 
-    /// The patient approves (possibly narrowing); answers with the approval event.
+    /// The patient approves (possibly narrowing); answers with the approval event,
+    /// whose scope is what was granted. Never grants a record that is not the
+    /// patient's (see `own_records_only`).
     pub async fn approve_access(
         &self,
         input: ApproveAccess,
@@ -102,6 +105,7 @@ impl Commands {
             expires_at,
             scope,
         } = input;
+        let scope = self.own_records_only(request_id, by, scope).await?;
         let outcome = self
             .access_command(
                 request_id,
@@ -114,6 +118,68 @@ impl Commands {
             )
             .await?;
         self.decided(outcome).await
+    }
+
+    /// The scope an approval grants (`scope`, or the request's whole scope if `None`)
+    /// without the requested records that are not the request's patient's.
+    ///
+    /// A request is refused such records when it is made, but one stored before that
+    /// check could name another patient's record. It is narrowed away, not refused: the
+    /// patient consents to their own records only, and another patient's record was
+    /// never theirs to give (a doctor's read of it is refused anyway). A clinician
+    /// expects the patient's approval of an otherwise sound request to grant what the
+    /// patient can grant; refusing it would leave the patient, who cannot edit the
+    /// doctor's request, unable to approve it without listing record ids by hand. The
+    /// approval's answer and the doctor's grants show what was granted. Only when
+    /// nothing is left to grant is it refused (`records_not_the_patients`, 422 on
+    /// `record_ids`): the patient can reject it, and the doctor ask again.
+    ///
+    /// Records outside the request are left to the aggregate (an approval may only
+    /// narrow), and so is a request that is not this patient's or no longer pending.
+    async fn own_records_only(
+        &self,
+        request_id: AccessRequestId,
+        by: Actor,
+        scope: Option<Scope>,
+    ) -> Result<Option<Scope>, CommandError> {
+        let Actor::Patient(patient) = by else {
+            return Ok(scope);
+        };
+        let Some(request) = self.access_request(request_id).await? else {
+            return Ok(scope);
+        };
+        if request.patient_id() != Some(patient) || request.status() != AccessStatus::Pending {
+            return Ok(scope);
+        }
+        let mut foreign = Vec::new();
+        for id in &request.scope().record_ids {
+            let owner = self.record(*id).await?.and_then(|r| r.patient_id());
+            if owner != Some(patient) {
+                foreign.push(*id);
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(scope);
+        }
+        let mut granted = scope.unwrap_or_else(|| request.scope().clone());
+        let before = granted.record_ids.len();
+        for id in &foreign {
+            granted.record_ids.remove(id);
+        }
+        if granted.is_empty() {
+            return Err(CommandError::Rejected {
+                kind: RuleKind::Unprocessable,
+                code: "records_not_the_patients",
+                message: "none of the records this request names is yours, and it names no \
+                          category: there is nothing to approve (reject it instead)"
+                    .to_owned(),
+            });
+        }
+        let dropped = before - granted.record_ids.len();
+        if dropped > 0 {
+            tracing::warn!(request_id = %request_id, dropped, "an access request stored before its records were checked names records that are not its patient's; approved without them");
+        }
+        Ok(Some(granted))
     }
 
     pub async fn reject_access(

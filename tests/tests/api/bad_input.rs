@@ -923,6 +923,163 @@ async fn a_request_naming_another_patients_record_is_refused_like_an_unknown_one
     }
 }
 
+/// An access request stored before requests were checked may name another patient's
+/// record. Approving it never grants that record: it is narrowed away (the patient
+/// grants what is theirs to give, and the answer and the doctor's grants show it), and
+/// a request that would grant nothing else is refused, 422 on `record_ids`, appending
+/// nothing; the patient may still reject it.
+#[actix_rt::test]
+async fn approving_an_old_request_naming_another_patients_record_never_grants_it() {
+    for backend in BACKENDS {
+        let Some(app) = TestApp::start(backend).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let record_of = |r: Resp| r.ok(201)["record_id"].as_str().unwrap().to_owned();
+        let own = record_of(
+            app.upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab",
+                "application/pdf",
+                PDF,
+            )
+            .await,
+        );
+        let foreign = record_of(
+            app.upload(
+                &w.other_patient.token,
+                &w.other_patient.id,
+                "category=imaging",
+                "application/pdf",
+                PDF,
+            )
+            .await,
+        );
+        // Requests as today's server takes them, then stored again under new ids
+        // naming the other patient's record, as a server before the check stored them.
+        let asked = |doctor: &Party, categories: Value| {
+            let mut body = access_request(&w.patient.id);
+            body["categories"] = categories;
+            body["record_ids"] = json!([own]);
+            let token = doctor.token.clone();
+            let app = &app;
+            async move {
+                app.post("/v1/access-requests", Some(&token), body)
+                    .await
+                    .ok(201)["request_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        let as_before = |request_id: String, record_ids: Value| {
+            let app = &app;
+            async move {
+                let old = uuid::Uuid::new_v4().to_string();
+                let (payload, metadata) = match backend {
+                    eventstore::Backend::Postgres => (
+                        format!(
+                            "jsonb_set(jsonb_set(payload::jsonb, '{{AccessRequested,request_id}}', \
+                             '\"{old}\"'), '{{AccessRequested,scope,record_ids}}', \
+                             '{record_ids}')::json"
+                        ),
+                        "(metadata::jsonb - 'idempotency_key')::json",
+                    ),
+                    eventstore::Backend::Sqlite => (
+                        format!(
+                            "json_set(payload, '$.AccessRequested.request_id', '{old}', \
+                             '$.AccessRequested.scope.record_ids', json('{record_ids}'))"
+                        ),
+                        "json_remove(metadata, '$.idempotency_key')",
+                    ),
+                };
+                let copied = app
+                    .tamper(&format!(
+                        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                         event_version, payload, metadata) SELECT aggregate_type, '{old}', \
+                         sequence, event_type, event_version, {payload}, {metadata} \
+                         FROM events WHERE aggregate_id = '{request_id}' \
+                         AND event_type = 'AccessRequested'"
+                    ))
+                    .await;
+                assert_eq!(copied, 1);
+                old
+            }
+        };
+        let with_lab = as_before(
+            asked(&w.doctor, json!(["lab"])).await,
+            json!([own, foreign]),
+        )
+        .await;
+        let only_foreign =
+            as_before(asked(&w.other_doctor, json!([])).await, json!([foreign])).await;
+        let approval = |request_id: &str| format!("/v1/access-requests/{request_id}/approval");
+        let token = Some(w.patient.token.as_str());
+
+        // Nothing of the patient's to grant but the other patient's record: refused.
+        let before = app.event_count().await;
+        let r = app.post_empty(&approval(&only_foreign), token).await;
+        let problem = at(&r, 422, "records_not_the_patients", "record_ids");
+        assert!(!problem.to_string().contains(&foreign), "{problem}");
+        assert_eq!(app.event_count().await, before, "{backend:?}");
+        app.post_empty(
+            &format!("/v1/access-requests/{only_foreign}/rejection"),
+            token,
+        )
+        .await
+        .ok(200);
+
+        // Approved as asked, the other patient's record left out; so too when the
+        // patient narrows the categories and keeps the records asked for.
+        let approved = app.post_empty(&approval(&with_lab), token).await.ok(200);
+        assert_eq!(approved["record_ids"], json!([own]), "{approved}");
+        assert_eq!(approved["categories"], json!(["lab"]), "{approved}");
+        let grants = app
+            .get(
+                &format!("/v1/doctors/{}/grants", w.doctor.id),
+                Some(&w.doctor.token),
+            )
+            .await
+            .ok(200);
+        let grant = grants["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["request_id"] == with_lab.as_str())
+            .unwrap_or_else(|| panic!("{grants}"));
+        assert_eq!(grant["record_ids"], json!([own]), "{grants}");
+        let narrowed = as_before(
+            asked(&w.doctor, json!(["lab", "imaging"])).await,
+            json!([own, foreign]),
+        )
+        .await;
+        let approved = app
+            .post(&approval(&narrowed), token, json!({"categories": ["lab"]}))
+            .await
+            .ok(200);
+        assert_eq!(approved["record_ids"], json!([own]), "{approved}");
+        assert_eq!(
+            app.scalar(&format!(
+                "SELECT count(*) FROM events WHERE event_type = 'AccessApproved' \
+                 AND CAST(payload AS TEXT) LIKE '%{foreign}%'"
+            ))
+            .await,
+            0,
+            "{backend:?}"
+        );
+        // The doctor still cannot read the other patient's record under it.
+        let read = app
+            .get(
+                &format!("/v1/records/{foreign}/content?request_id={with_lab}"),
+                Some(&w.doctor.token),
+            )
+            .await;
+        assert!(matches!(read.status, 403 | 404), "{}", read.text());
+        app.stop().await;
+    }
+}
+
 #[actix_rt::test]
 async fn bidirectional_controls_in_free_text_are_refused_naming_the_field() {
     for backend in BACKENDS {

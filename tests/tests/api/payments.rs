@@ -486,6 +486,107 @@ async fn a_forged_success_callback_that_darajas_query_denies_confirms_nothing() 
     }
 }
 
+/// A failure callback as Daraja posts it (no `CallbackMetadata`).
+fn failure(checkout: &str, result_code: i64, result_desc: &str) -> Value {
+    json!({"Body": {"stkCallback": {
+        "MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout,
+        "ResultCode": result_code, "ResultDesc": result_desc}}})
+}
+
+/// Posts a callback, timing Daraja's acknowledgement: it stays fast whatever the
+/// STK Push Query behind it does (bounded at 4 s).
+async fn acknowledged(app: &TestApp, body: Value) {
+    let started = Instant::now();
+    let ack = callback(app, body).await;
+    assert_eq!(ack, json!({"ResultCode": 0, "ResultDesc": "Accepted"}));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A failure callback is no more trusted than a success: whoever holds the path token
+/// could otherwise fail a payment the customer has made. A forged cancellation of a
+/// payment Daraja's STK Push Query says was paid fails nothing: the callback is kept
+/// as rejected (`query_disagrees`) and the reconciling query confirms the payment. One
+/// posted while Daraja still processes the payment fails nothing either, and Daraja's
+/// own success callback confirms it with its receipt. A genuine failure, the query
+/// agreeing, still settles the payment as failed, from the callback.
+#[actix_rt::test]
+async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fails_nothing() {
+    for backend in eventstore::testing::BACKENDS {
+        let sb = sandbox(200).await;
+        let port = free_port();
+        // Reconciled 5 s after the push: well after the forged callbacks below.
+        let vars = vars(&sb, port, 5);
+        let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+            continue;
+        };
+        let w = app.world().await;
+        let rejected =
+            || app.scalar("SELECT count(*) FROM events WHERE event_type = 'MpesaCallbackRejected'");
+        // Paid, and Daraja's own callback lost: the query says paid (0).
+        let request = grant(&app, &w.doctor, &w.patient, None).await;
+        sb.set_outcome(&w.patient.phone, Outcome::PaidNoCallback, None);
+        let id = fee(&app, &w.doctor, &request, 2500, "k1").await;
+        let checkout = checkout_of(&app, &w.patient, &id).await;
+        // The sandbox's query knows the outcome once its delay has passed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        acknowledged(&app, failure(&checkout, 1032, "Request cancelled by user.")).await;
+        let p = app
+            .get(&format!("/v1/payments/{id}"), Some(&w.patient.token))
+            .await
+            .ok(200);
+        assert_eq!(p["status"], "pending", "{p}");
+        assert_eq!(count(&app, "PaymentFailed", &id).await, 0);
+        assert_eq!(rejected().await, 1);
+        assert!(app.raw_events().await.contains("query_disagrees"));
+        assert!(app
+            .server
+            .logs()
+            .contains("claims a failure Daraja's query does not confirm"));
+        // Left to the reconciler, which settles it as Daraja says.
+        let p = settled(&app, &w.patient, &id).await;
+        assert_eq!(p["status"], "confirmed", "{p}");
+        assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
+        assert_eq!(count(&app, "PaymentConfirmed", &id).await, 1);
+        assert_eq!(count(&app, "PaymentFailed", &id).await, 0);
+
+        // Still being processed (the customer answers after 2 s): the forged failure
+        // waits, and Daraja's own success callback confirms with its receipt.
+        let payer = patient(&app, &sb, Outcome::Success).await;
+        sb.set_outcome(
+            &payer.phone,
+            Outcome::Success,
+            Some(Duration::from_millis(2000)),
+        );
+        let paid = pay(&app, &payer, 700, "k2").await;
+        let checkout = checkout_of(&app, &payer, &paid).await;
+        acknowledged(&app, failure(&checkout, 1, "The balance is insufficient.")).await;
+        wait_log(&app, "claims a failure that Daraja cannot confirm now").await;
+        assert_eq!(count(&app, "PaymentFailed", &paid).await, 0);
+        let p = settled(&app, &payer, &paid).await;
+        assert_eq!(p["status"], "confirmed", "{p}");
+        assert_eq!(p["mpesa_receipt"].as_str().unwrap().len(), 10, "{p}");
+        assert_eq!(count(&app, "PaymentReconciled", &paid).await, 0);
+        assert_eq!(count(&app, "PaymentFailed", &paid).await, 0);
+        assert_eq!(rejected().await, 1);
+
+        // The real thing: the customer cancels, Daraja's callback and query agree.
+        let cancels = patient(&app, &sb, Outcome::Cancelled).await;
+        let cancelled = pay(&app, &cancels, 800, "k3").await;
+        let p = settled(&app, &cancels, &cancelled).await;
+        assert_eq!(p["status"], "cancelled", "{p}");
+        assert_eq!(p["result_code"], 1032, "{p}");
+        assert_eq!(count(&app, "PaymentFailed", &cancelled).await, 1);
+        assert_eq!(count(&app, "PaymentReconciled", &cancelled).await, 0);
+        assert_eq!(rejected().await, 1);
+        app.stop().await;
+        sb.stop().await;
+    }
+}
+
 /// A callback that never comes: the reconciler asks Daraja (STK Push Query) and settles
 /// the payment (`PaymentReconciled`). Tokens that expire are fetched again. A success
 /// callback that cannot be checked with Daraja now (the query fails) confirms nothing
