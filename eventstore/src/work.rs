@@ -1,14 +1,17 @@
 //! The one runtime of the background workers (the storage replicator, the chain
-//! writer, the M-Pesa worker): a [`Worker`] says what one round of its work is; the
-//! [`WorkerActor`] drives it.
+//! writer, the M-Pesa worker, the webhook deliverers and their supervisor, the live
+//! tail of the event streams, the expiry sweep): a [`Worker`] says what one round of
+//! its work is; the [`WorkerActor`] drives it.
 //!
-//! The driver makes the worker the one active instance of its name (it takes the
-//! worker's [`ConsumerLock`], checks it is still held between rounds, and stands by
-//! while another instance holds it), runs a round when woken (the progress of the log
-//! consumer that feeds the worker), on a poll interval, or at once when the last
-//! round left more due, never two at a time; after a failed round it backs off, and
-//! on [`Stop`] it tells the round in flight to let go (every step of a worker is
-//! idempotent), waits for it a bounded time and releases the lock.
+//! The driver makes an exclusive worker the one active instance of its name (it takes
+//! the worker's [`ConsumerLock`], checks it is still held between rounds, and stands
+//! by while another instance holds it); a worker every instance runs for itself (a
+//! live tail) takes no lock. It runs a round when woken (the progress of the log
+//! consumer that feeds the worker, or every commit to the log), when asked
+//! ([`Wake`]), on a poll interval, or at once when the last round left more due, never
+//! two at a time; after a failed round it backs off, and on [`Stop`] it tells the
+//! round in flight to let go (every step of a worker is idempotent), waits for it a
+//! bounded time and releases the lock.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -27,6 +30,9 @@ use crate::store::Store;
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Stop`] waits for the round in flight.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How often an active worker asks its lock's session whether it is still up (in
+/// between, the session's epoch, read without a query, tells).
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// What a round found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +41,9 @@ pub enum Outcome {
     Idle,
     /// More is due at once (a full batch).
     More,
+    /// Look again after this long (work held back behind a running transaction),
+    /// or sooner when woken.
+    After(Duration),
     /// An outside service is down: no round before this long, however often woken.
     Pause(Duration),
 }
@@ -43,6 +52,7 @@ pub enum Outcome {
 pub struct Round {
     stop: watch::Receiver<bool>,
     lock: Arc<Mutex<Option<ConsumerLock>>>,
+    exclusive: bool,
 }
 
 impl Round {
@@ -60,6 +70,9 @@ impl Round {
     /// Whether this instance still holds the worker's lock, asked before a step that
     /// must never run in two instances at once (a chain transaction and its nonce).
     pub async fn still_active(&self) -> bool {
+        if !self.exclusive {
+            return !self.stopping();
+        }
         let mut lock = self.lock.lock().await;
         match lock.as_mut() {
             Some(held) => matches!(
@@ -76,7 +89,12 @@ impl Round {
 #[async_trait(?Send)]
 pub trait Worker: 'static {
     /// For the log, and the name of the lock that makes one instance active.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
+    /// Whether one instance of all those on a store does this work (holding the lock
+    /// named [`Worker::name`]), or every instance its own (a live tail of its clients).
+    fn exclusive(&self) -> bool {
+        true
+    }
     /// This instance has just become the active one (another may have worked
     /// meanwhile): recover what a killed run left, forget what was cached.
     async fn activate(&self) -> anyhow::Result<()> {
@@ -91,12 +109,28 @@ pub trait Worker: 'static {
     }
 }
 
+/// What wakes a worker for a round, besides its poll and [`Wake`].
+pub enum WakeOn {
+    /// Nothing else.
+    Nothing,
+    /// The progress of the log consumer that feeds it.
+    Progress(watch::Receiver<LogCursor>),
+    /// Every commit to the log (by this process, or seen by its notifier).
+    Commits,
+}
+
+impl From<Option<watch::Receiver<LogCursor>>> for WakeOn {
+    fn from(progress: Option<watch::Receiver<LogCursor>>) -> WakeOn {
+        progress.map_or(WakeOn::Nothing, WakeOn::Progress)
+    }
+}
+
 /// Drives one [`Worker`] (see the module documentation).
 pub struct WorkerActor<W: Worker> {
     worker: Rc<W>,
     store: Store,
     poll: Duration,
-    wake: Option<watch::Receiver<LogCursor>>,
+    wake: Option<WakeOn>,
     lock: Arc<Mutex<Option<ConsumerLock>>>,
     /// Held by the round in flight, so that [`Stop`] can wait for it.
     busy: Arc<Mutex<()>>,
@@ -110,6 +144,8 @@ pub struct WorkerActor<W: Worker> {
     active: bool,
     /// Whether the last round found an outside service down (it asked for a pause).
     outage: bool,
+    /// When the lock's session was last asked whether it is up.
+    lock_checked: Rc<std::cell::Cell<Instant>>,
 }
 
 /// How a worker is doing, for `/readyz` and `/metrics`.
@@ -138,20 +174,26 @@ struct Tick;
 #[rtype(result = "()")]
 pub struct Stop;
 
+/// Run a round now (after the round in flight, if any): there is work the worker's
+/// wake-ups do not announce (an operator's replay request).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wake;
+
 impl<W: Worker> WorkerActor<W> {
-    /// Starts `worker` on the current arbiter; `wake` follows the consumer that feeds
-    /// it, and a round also runs every `poll`.
+    /// Starts `worker` on the current arbiter; a round runs when `wake` says, and
+    /// every `poll`.
     pub fn launch(
         worker: W,
         store: Store,
         poll: Duration,
-        wake: Option<watch::Receiver<LogCursor>>,
+        wake: impl Into<WakeOn>,
     ) -> Addr<WorkerActor<W>> {
         WorkerActor {
             worker: Rc::new(worker),
             store,
             poll,
-            wake,
+            wake: Some(wake.into()),
             lock: Arc::new(Mutex::new(None)),
             busy: Arc::new(Mutex::new(())),
             stop: watch::channel(false).0,
@@ -162,30 +204,40 @@ impl<W: Worker> WorkerActor<W> {
             paused_until: None,
             active: false,
             outage: false,
+            lock_checked: Rc::new(std::cell::Cell::new(Instant::now())),
         }
         .start()
     }
 }
 
-/// Takes the lock if this instance does not hold it, or checks it still holds.
+/// Takes the lock if this instance does not hold it, or checks it still holds (by
+/// the session's epoch, and every [`LOCK_CHECK_EVERY`] by asking the session).
 /// `Ok(true)`: active, and just became so; `Ok(false)`: active already, or standby
 /// (the lock is then `None`).
 async fn hold(
     store: &Store,
     name: &str,
     lock: &Mutex<Option<ConsumerLock>>,
+    checked: &std::cell::Cell<Instant>,
 ) -> anyhow::Result<bool> {
     let mut lock = lock.lock().await;
     if let Some(held) = lock.as_mut() {
-        if matches!(
-            tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
-            Ok(true)
-        ) {
+        let alive = if checked.get().elapsed() >= LOCK_CHECK_EVERY {
+            checked.set(Instant::now());
+            matches!(
+                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
+                Ok(true)
+            )
+        } else {
+            held.is_current()
+        };
+        if alive {
             return Ok(false);
         }
         tracing::warn!(worker = name, "lost the worker lock; standing by");
         *lock = None;
     }
+    checked.set(Instant::now());
     let taken = tokio::time::timeout(LOCK_TIMEOUT, ConsumerLock::try_take(store, name))
         .await
         .map_err(|_| anyhow::anyhow!("taking the {name} lock timed out"))??;
@@ -198,11 +250,21 @@ impl<W: Worker> Actor for WorkerActor<W> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(wake) = self.wake.take() {
-            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
-                rx.changed().await.ok()?;
-                Some(((), rx))
-            }));
+        match self.wake.take() {
+            Some(WakeOn::Progress(progress)) => {
+                ctx.add_stream(futures::stream::unfold(progress, |mut rx| async move {
+                    rx.changed().await.ok()?;
+                    Some(((), rx))
+                }));
+            }
+            Some(WakeOn::Commits) => {
+                let commits = self.store.notifier().subscribe();
+                ctx.add_stream(futures::stream::unfold(commits, |mut rx| async move {
+                    rx.changed().await.ok()?;
+                    Some(((), rx))
+                }));
+            }
+            Some(WakeOn::Nothing) | None => {}
         }
         ctx.run_interval(self.poll, |_, ctx| ctx.notify(Tick));
         ctx.notify(Tick);
@@ -215,6 +277,15 @@ impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
     }
 
     fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl<W: Worker> Handler<Wake> for WorkerActor<W> {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Self::Context) {
+        // A pause for an outage or a back-off stands: the worker is woken after it.
+        ctx.notify(Tick);
+    }
 }
 
 impl<W: Worker> Handler<Tick> for WorkerActor<W> {
@@ -238,18 +309,25 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
         let store = self.store.clone();
         let lock = self.lock.clone();
         let busy = self.busy.clone();
+        let exclusive = self.worker.exclusive();
         let round = Round {
             stop: self.stop.subscribe(),
             lock: lock.clone(),
+            exclusive,
         };
+        let checked = self.lock_checked.clone();
         Box::pin(
             async move {
                 let _busy = busy.lock().await;
                 if round.stopping() {
                     return Ok((Outcome::Idle, false));
                 }
+                if !exclusive {
+                    let outcome = worker.round(&round).await?;
+                    return Ok((outcome, true));
+                }
                 let name = worker.name();
-                if hold(&store, name, &lock).await? {
+                if hold(&store, name, &lock, &checked).await? {
                     if let Err(error) = worker.activate().await {
                         // Not active until activated: the lock goes, and is taken
                         // (and the activation tried) again after the back-off.
@@ -279,6 +357,10 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                             Outcome::More => ctx.notify(Tick),
                             Outcome::Idle if again => ctx.notify(Tick),
                             Outcome::Idle => {}
+                            Outcome::After(_) if again => ctx.notify(Tick),
+                            Outcome::After(after) => {
+                                ctx.notify_later(Tick, after);
+                            }
                             Outcome::Pause(pause) => {
                                 actor.paused_until = Some(Instant::now() + pause);
                                 ctx.notify_later(Tick, pause);
