@@ -176,7 +176,8 @@ fn problem_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
-/// The header every POST accepts.
+/// The header every POST accepts: what the server takes (`extract::keyed_meta`; it
+/// trims blanks around the key first).
 fn idempotency_key() -> utoipa::openapi::path::Parameter {
     ParameterBuilder::new()
         .name("Idempotency-Key")
@@ -191,7 +192,8 @@ fn idempotency_key() -> utoipa::openapi::path::Parameter {
             ObjectBuilder::new()
                 .schema_type(Type::String)
                 .min_length(Some(1))
-                .max_length(Some(255)),
+                .max_length(Some(255))
+                .pattern(Some("^[!-~]+$")),
         ))
         .build()
 }
@@ -231,12 +233,15 @@ impl Modify for Errors {
                 };
                 if method == "post" {
                     let parameters = op.parameters.get_or_insert_with(Vec::new);
-                    let declared = parameters.iter().any(|p| {
+                    let declared = parameters.iter_mut().find(|p| {
                         p.parameter_in == ParameterIn::Header
                             && p.name.eq_ignore_ascii_case("Idempotency-Key")
                     });
-                    if !declared {
-                        parameters.push(idempotency_key());
+                    match declared {
+                        // The operation says what the key means to it, and whether it is
+                        // required; what a key is, is said here.
+                        Some(declared) => declared.schema = idempotency_key().schema,
+                        None => parameters.push(idempotency_key()),
                     }
                 }
                 // Handlers of different modules share names (`list`, `get`), and an
@@ -301,6 +306,110 @@ mod tests {
             .collect()
     }
 
+    /// The document as JSON, and the properties of one of its schemas.
+    fn properties(doc: &serde_json::Value, schema: &str) -> serde_json::Value {
+        doc["components"]["schemas"][schema]["properties"].clone()
+    }
+
+    #[test]
+    fn a_payment_is_documented_as_it_is_validated() {
+        use domain::payment::{Purpose, MAX_AMOUNT_KES};
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let new = properties(&doc, "NewPayment");
+        assert_eq!(new["amount_kes"]["minimum"], 1, "{new}");
+        assert_eq!(new["amount_kes"]["maximum"], MAX_AMOUNT_KES, "{new}");
+        // Every purpose, each accepted: a new one fails to compile here until it is
+        // listed, and the test until it is documented.
+        let all = [Purpose::ConsultationFee, Purpose::AccessFee];
+        for p in all {
+            match p {
+                Purpose::ConsultationFee | Purpose::AccessFee => {}
+            }
+            assert_eq!(Purpose::parse(p.as_str()), Some(p));
+        }
+        let accepted: Vec<&str> = all.iter().map(|p| p.as_str()).collect();
+        for (schema, field) in [("NewPayment", "purpose"), ("PaymentView", "purpose")] {
+            assert_eq!(
+                properties(&doc, schema)[field]["$ref"],
+                "#/components/schemas/PaymentPurpose",
+                "{schema}.{field}"
+            );
+        }
+        let documented = &doc["components"]["schemas"]["PaymentPurpose"]["enum"];
+        assert_eq!(*documented, serde_json::json!(accepted));
+        for id in ["doctor_id", "access_request_id"] {
+            assert_eq!(new[id]["format"], "uuid", "{new}");
+        }
+    }
+
+    /// What a pattern of the document stands for, and values that fit it (written
+    /// out here, the crate has no regular expressions): the parser must take each.
+    const PHONE: &str = r"^\+?(254|0)[ -]?[17]([ -]?[0-9]){8}$";
+    const PHONES: &[&str] = &[
+        "254712345678",
+        "254112345678",
+        "0712345678",
+        "0112345678",
+        "+254712345678",
+        "+0712345678",
+        "254 712 345 678",
+        "0712-345-678",
+        "+254-7-1-2-3-4-5-6-7-8",
+        "0 7 1 2 3 4 5 6 7 8",
+        "254799999999",
+        "254100000000",
+    ];
+    const NAMES: &[&str] = &[
+        "A",
+        "Achieng Otieno",
+        "أمينة حسن",
+        "Dr\u{200D}Kamau",
+        "N\u{a0}M",
+        "O'Brien-Wanjiru",
+        "\u{ff21}",
+    ];
+
+    #[test]
+    fn sign_up_and_sign_in_are_documented_as_the_parsers_validate() {
+        use domain::value::{LicenceNumber, Msisdn, Password, PersonName};
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for schema in ["PatientSignUp", "DoctorSignUp", "SignIn", "NewPayment"] {
+            let phone = &properties(&doc, schema)["phone"];
+            assert_eq!(phone["pattern"], PHONE, "{schema}");
+        }
+        for phone in PHONES {
+            assert!(Msisdn::parse(phone).is_ok(), "{phone}");
+        }
+        for schema in ["PatientSignUp", "DoctorSignUp"] {
+            let p = properties(&doc, schema);
+            assert_eq!(
+                (&p["password"]["minLength"], &p["password"]["maxLength"]),
+                (&serde_json::json!(10), &serde_json::json!(128)),
+                "{schema}"
+            );
+            assert_eq!(p["name"]["maxLength"], 100, "{schema}");
+            assert_eq!(
+                p["name"]["pattern"],
+                properties(&doc, "PatientSignUp")["name"]["pattern"]
+            );
+        }
+        assert!(Password::parse(&"p".repeat(10)).is_ok());
+        assert!(Password::parse(&"p".repeat(128)).is_ok());
+        assert!(Password::parse(&"\u{10348}".repeat(128)).is_ok());
+        for name in NAMES {
+            assert!(PersonName::parse(name).is_ok(), "{name}");
+        }
+        assert!(PersonName::parse(&"\u{10348}".repeat(100)).is_ok());
+        let sign_in = properties(&doc, "SignIn");
+        assert_eq!(sign_in["password"]["minLength"], 1);
+        assert_eq!(sign_in["password"]["maxLength"], 128);
+        let licence = &properties(&doc, "DoctorSignUp")["license_number"];
+        assert_eq!(licence["pattern"], "^[A-Za-z0-9/-]{2,32}$");
+        for licence in ["AB", "kmpdc/12-34", "--", "//", &"Z9".repeat(16)] {
+            assert!(LicenceNumber::parse(licence).is_ok(), "{licence}");
+        }
+    }
+
     #[test]
     fn every_operation_lists_the_errors_its_shape_allows() {
         let doc = ApiDoc::openapi();
@@ -318,6 +427,20 @@ mod tests {
             [200, 401, 500, 503]
         );
         assert_eq!(statuses(&doc, "/healthz", "get"), [200, 500, 503]);
+        // A payment without a key is refused (400 `idempotency_key_required`).
+        let mut payments = doc.paths.paths.get("/v1/payments").cloned().unwrap();
+        let create = operation(&mut payments, "post").unwrap();
+        let key = create
+            .parameters
+            .iter()
+            .flatten()
+            .find(|p| p.name == "Idempotency-Key")
+            .unwrap();
+        assert!(matches!(key.required, Required::True));
+        assert_eq!(
+            serde_json::to_value(&key.schema).unwrap(),
+            serde_json::to_value(idempotency_key().schema).unwrap()
+        );
         let mut ids = std::collections::BTreeSet::new();
         for (path, item) in &doc.paths.paths {
             for method in METHODS {

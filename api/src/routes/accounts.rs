@@ -20,18 +20,41 @@ use crate::server::AppState;
 
 // Bodies and answers that hold a password or a token derive no `Debug`: they cannot be
 // printed by accident.
+//
+// The `pattern`s below describe what the domain's parsers accept (`domain::value`), or
+// a part of it: a value that fits one is never refused for its form, since schemathesis
+// generates valid requests from them. They are written for both the ECMA-262 regular
+// expressions of JSON Schema and Python's (which schemathesis generates with): no
+// `\d`, `\s` or `\w`, whose meaning differs between the two and from the parsers'.
+// - phone (`Msisdn`): 2547…, 2541…, 07…, 01… or +254…, spaces or hyphens between the
+//   digits (the parser also takes them elsewhere);
+// - name (`PersonName`): no control or bidirectional control character, no blank at
+//   either end (the parser trims it), at most 100 characters;
+// - password (`Password`): 10 to 128 characters at sign-up.
 
 /// A patient signs up.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatientSignUp {
-    /// Kenyan mobile number: 2547XXXXXXXX, 2541XXXXXXXX, 07…, 01… or +254….
-    #[schema(example = "254712345678")]
+    /// Kenyan mobile number: 2547XXXXXXXX, 2541XXXXXXXX, 07…, 01… or +254…, spaces or
+    /// hyphens between the digits allowed.
+    #[schema(
+        pattern = r"^\+?(254|0)[ -]?[17]([ -]?[0-9]){8}$",
+        example = "254712345678"
+    )]
     pub phone: String,
     /// 10 to 128 characters.
+    #[schema(min_length = 10, max_length = 128)]
     pub password: String,
-    #[schema(example = "Achieng Otieno")]
+    /// 1 to 100 characters, no control or bidirectional control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u061c\u1680\u2000-\u200f\u2028-\u202f\u205f\u2066-\u2069\u3000]([^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u061c\u1680\u2000-\u200f\u2028-\u202f\u205f\u2066-\u2069\u3000])?$",
+        example = "Achieng Otieno"
+    )]
     pub name: String,
+    /// `YYYY-MM-DD`, from 1900-01-01 to today.
     #[schema(format = Date, example = "1987-03-14")]
     pub birth_date: String,
 }
@@ -45,12 +68,31 @@ pub struct PatientCreated {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DoctorSignUp {
-    #[schema(example = "254722000111")]
+    /// Kenyan mobile number, as for a patient.
+    #[schema(
+        pattern = r"^\+?(254|0)[ -]?[17]([ -]?[0-9]){8}$",
+        example = "254722000111"
+    )]
     pub phone: String,
+    /// 10 to 128 characters.
+    #[schema(min_length = 10, max_length = 128)]
     pub password: String,
+    /// 1 to 100 characters, no control or bidirectional control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u061c\u1680\u2000-\u200f\u2028-\u202f\u205f\u2066-\u2069\u3000]([^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u061c\u1680\u2000-\u200f\u2028-\u202f\u205f\u2066-\u2069\u3000])?$",
+        example = "Dr Kamau"
+    )]
     pub name: String,
-    /// As the registrar issues it: 2 to 32 of A-Z, 0-9, / and -.
-    #[schema(example = "KMPDC-0042")]
+    /// As the registrar issues it: 2 to 32 of A-Z, 0-9, / and - (lowercase letters are
+    /// taken as uppercase).
+    #[schema(
+        min_length = 2,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9/-]{2,32}$",
+        example = "KMPDC-0042"
+    )]
     pub license_number: String,
 }
 
@@ -64,7 +106,14 @@ pub struct DoctorState {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignIn {
+    /// The account's phone, in any form sign-up takes.
+    #[schema(
+        pattern = r"^\+?(254|0)[ -]?[17]([ -]?[0-9]){8}$",
+        example = "254712345678"
+    )]
     pub phone: String,
+    /// 1 to 128 characters (one shorter than 10 matches no account: 401).
+    #[schema(min_length = 1, max_length = 128)]
     pub password: String,
 }
 
@@ -332,11 +381,16 @@ pub async fn sign_out(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WalletRegistration {
-    /// The wallet's address, 0x and 40 hex digits.
-    #[schema(example = "0x52908400098527886E0F7030069857D2E4169EE7")]
+    /// The wallet's address, 0x and 40 hex digits (not the zero address).
+    #[schema(
+        pattern = "^0x[0-9a-fA-F]{40}$",
+        example = "0x52908400098527886E0F7030069857D2E4169EE7"
+    )]
     pub address: String,
-    /// The wallet's EIP-191 `personal_sign` (65 bytes, hex) of the message `GET` on this
-    /// resource gives, with `{address}` replaced by the checksummed address.
+    /// The wallet's EIP-191 `personal_sign` (65 bytes, hex, 0x optional) of the message
+    /// `GET` on this resource gives, with `{address}` replaced by the checksummed
+    /// address.
+    #[schema(pattern = "^(0x)?[0-9a-fA-F]{130}$")]
     pub signature: String,
 }
 

@@ -32,23 +32,41 @@ use crate::server::AppState;
 /// account.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"purpose": "consultation_fee", "amount_kes": 500}))]
 pub struct NewPayment {
-    /// `consultation_fee` or `access_fee`.
+    #[schema(value_type = PaymentPurpose)]
     pub purpose: String,
-    /// Whole shillings, 1 to 250000.
+    /// Whole shillings, 1 to 250000 (`domain::payment::MAX_AMOUNT_KES`).
+    #[schema(minimum = 1, maximum = 250000, example = 500)]
     pub amount_kes: u64,
-    /// A patient only, and optional: their own registered number (2547XXXXXXXX, 07…,
-    /// +254…); the prompt goes there whatever is sent, and any other number is refused
-    /// (422 `phone_not_registered`). A doctor sends none (422 naming `phone`): a fee's
-    /// prompt goes to its patient's registered phone, which the doctor never learns.
-    #[schema(example = "254712345678")]
+    /// A patient only, and optional: their own registered number (2547XXXXXXXX,
+    /// 2541XXXXXXXX, 07…, 01… or +254…, spaces or hyphens between the digits allowed);
+    /// the prompt goes there whatever is sent, and any other number is refused (422
+    /// `phone_not_registered`). A doctor sends none (422 naming `phone`): a fee's prompt
+    /// goes to its patient's registered phone, which the doctor never learns.
+    #[schema(
+        pattern = r"^\+?(254|0)[ -]?[17]([ -]?[0-9]){8}$",
+        example = "254712345678"
+    )]
     pub phone: Option<String>,
     /// A patient: the doctor paid (one they granted access still in force). A doctor:
     /// themself, if given (another doctor's id is 403 `fee_for_another_doctor`).
+    #[schema(value_type = Option<Uuid>)]
     pub doctor_id: Option<String>,
     /// The access request the payment is under: a doctor's fee must name it (approved
     /// and not expired, else 403 `no_grant`); the fee is asked of its patient.
+    #[schema(value_type = Option<Uuid>)]
     pub access_request_id: Option<String>,
+}
+
+/// What a payment is for, as the document names it (the domain's closed list,
+/// `domain::payment::Purpose`: a test keeps the two the same).
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // only described, never built: requests carry the names as text
+pub enum PaymentPurpose {
+    ConsultationFee,
+    AccessFee,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -62,6 +80,7 @@ pub struct PaymentCreated {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PaymentView {
     pub payment_id: Uuid,
+    #[schema(value_type = PaymentPurpose)]
     pub purpose: String,
     pub amount_kes: i64,
     /// `pending`, `confirmed`, `failed`, `cancelled` or `timed_out`.
@@ -116,7 +135,7 @@ const PER_PATIENT: &str = "prompts_per_patient";
 
 #[utoipa::path(post, path = "/v1/payments", tag = "payments",
     request_body = NewPayment,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the same payment and never push twice")),
+    params(("Idempotency-Key" = String, Header, description = "Required (400 `idempotency_key_required` without it): retries with the same key return the same payment and never push twice")),
     security(("bearer" = [])),
     responses((status = 202, description = "Asked for: the STK Push goes to the patient's registered phone (patients, and verified doctors under an access request in force). Refused: 403 `doctor_not_verified`, `no_grant`, `doctor_not_granted`, `fee_for_another_doctor`; 422 `phone_not_registered` (a patient's number that is not theirs), 422 naming `phone` (a doctor sending any number); 429 past `AFYA_PROMPTS_PER_DOCTOR` or `AFYA_PROMPTS_PER_PATIENT`", body = PaymentCreated)))]
 #[tracing::instrument(skip_all)]

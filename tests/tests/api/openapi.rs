@@ -298,3 +298,169 @@ async fn the_openapi_document_describes_exactly_what_the_server_serves() {
     assert_eq!(served, documented_routes);
     app.stop().await;
 }
+
+/// `POST /v1/webhooks` (operation `register`), which the schemathesis test leaves out
+/// because a generated URL would send deliveries off this machine: each refusal it can
+/// give, and its 201 for a loopback receiver, is an answer its operation documents.
+/// Every URL sent leads to loopback, or is no http(s) URL at all.
+#[actix_rt::test]
+async fn every_answer_of_a_webhook_registration_is_documented() {
+    let Some(app) = TestApp::start_with(
+        Backend::Sqlite,
+        // The receiver below is on loopback.
+        &[("AFYA_WEBHOOK_ALLOW_PRIVATE", "true")],
+    )
+    .await
+    else {
+        return;
+    };
+    let doc = app.get("/v1/openapi.json", None).await.ok(200);
+    let w = app.world().await;
+    let (ok, out, err) = app.env.run(&[
+        "integrator",
+        "add",
+        "--name",
+        "Webhook Lab",
+        "--events",
+        "RecordUploaded,AccessApproved",
+    ]);
+    assert!(ok, "{err}");
+    let key = out.lines().last().unwrap().trim().to_owned();
+    // A loopback port nothing listens on: whatever is delivered goes nowhere.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let valid = json!({"url": url, "types": ["RecordUploaded"]});
+    let json_type = ("content-type", "application/json");
+    let bytes = |v: &Value| serde_json::to_vec(v).unwrap();
+    // The refusal expected, and documented: its status.
+    let refused = |resp: Resp, status: u16, code: &str, field: Option<&str>| {
+        let body = resp.problem(status, code);
+        if let Some(field) = field {
+            assert_eq!(body["field"], field, "{body}");
+        }
+        documented(&doc, "post", "/v1/webhooks", &resp);
+        resp.status
+    };
+    let mut seen = BTreeSet::new();
+
+    // 401: no token, or one that is not a token.
+    let r = register(&app, None, &[json_type], bytes(&valid)).await;
+    seen.insert(refused(r, 401, "unauthenticated", None));
+    let r = register(&app, Some("not-a-token"), &[json_type], bytes(&valid)).await;
+    seen.insert(refused(r, 401, "token_malformed", None));
+    // 403: every role but the integrator's, and types the key does not allow.
+    for who in [&w.patient, &w.doctor, &w.registrar, &w.auditor] {
+        let r = register(&app, Some(&who.token), &[json_type], bytes(&valid)).await;
+        seen.insert(refused(r, 403, "role_forbidden", None));
+    }
+    let body = json!({"url": url, "types": ["AccessRevoked"]});
+    let r = register(&app, Some(&key), &[json_type], bytes(&body)).await;
+    seen.insert(refused(r, 403, "event_types_not_allowed", None));
+    // 415: not declared JSON.
+    let untyped: [&[(&str, &str)]; 2] = [&[], &[("content-type", "text/plain")]];
+    for headers in untyped {
+        let r = register(&app, Some(&key), headers, bytes(&valid)).await;
+        seen.insert(refused(
+            r,
+            415,
+            "unsupported_media_type",
+            Some("Content-Type"),
+        ));
+    }
+    // 400: not JSON, or cut off.
+    for body in [&b"{\"url\": "[..], b"url=x", b""] {
+        let r = register(&app, Some(&key), &[json_type], body.to_vec()).await;
+        seen.insert(refused(r, 400, "malformed_json", None));
+    }
+    // 413: larger than a JSON body may be.
+    let large = json!({"url": url, "types": ["RecordUploaded"], "secret": "s".repeat(70_000)});
+    let r = register(&app, Some(&key), &[json_type], bytes(&large)).await;
+    seen.insert(refused(r, 413, "body_too_large", None));
+    // 422: a URL, types or secret that do not fit, an unknown field, a malformed
+    // Idempotency-Key, and a key reused for another request.
+    let long = format!("http://127.0.0.1:{port}/{}", "x".repeat(2000));
+    for (body, field) in [
+        (
+            json!({"url": format!("ftp://127.0.0.1:{port}/hook"), "types": ["RecordUploaded"]}),
+            "url",
+        ),
+        (
+            json!({"url": "not a url", "types": ["RecordUploaded"]}),
+            "url",
+        ),
+        (json!({"url": long, "types": ["RecordUploaded"]}), "url"),
+        (json!({"url": 7, "types": ["RecordUploaded"]}), "url"),
+        (json!({"types": ["RecordUploaded"]}), "url"),
+        (json!({"url": url, "types": []}), "types"),
+        (json!({"url": url, "types": ["Nope"]}), "types"),
+        (json!({"url": url, "types": "RecordUploaded"}), "types"),
+        (
+            json!({"url": url, "types": ["RecordUploaded"], "secret": "short"}),
+            "secret",
+        ),
+        (
+            json!({"url": url, "types": ["RecordUploaded"], "secret": "sixteen\ncharacters"}),
+            "secret",
+        ),
+        (
+            json!({"url": url, "types": ["RecordUploaded"], "extra": 1}),
+            "extra",
+        ),
+    ] {
+        let r = register(&app, Some(&key), &[json_type], bytes(&body)).await;
+        seen.insert(refused(r, 422, "invalid_request", Some(field)));
+    }
+    let too_long = "k".repeat(256);
+    for bad_key in ["two words", too_long.as_str()] {
+        let headers = [json_type, ("idempotency-key", bad_key)];
+        let r = register(&app, Some(&key), &headers, bytes(&valid)).await;
+        seen.insert(refused(r, 422, "invalid_request", Some("Idempotency-Key")));
+    }
+    // 201: a loopback receiver (AFYA_WEBHOOK_ALLOW_PRIVATE), once with a key; the key
+    // again with the same request is the same webhook, with another request 422.
+    let keyed = [json_type, ("idempotency-key", "webhook-1")];
+    let first = register(&app, Some(&key), &keyed, bytes(&valid)).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    documented(&doc, "post", "/v1/webhooks", &first);
+    seen.insert(first.status);
+    assert_eq!(first.json()["url"], url.as_str());
+    let again = register(&app, Some(&key), &keyed, bytes(&valid)).await;
+    assert_eq!(again.status, 201, "{}", again.text());
+    assert_eq!(again.json()["webhook_id"], first.json()["webhook_id"]);
+    let other = json!({"url": url, "types": ["AccessApproved"]});
+    let r = register(&app, Some(&key), &keyed, bytes(&other)).await;
+    seen.insert(refused(r, 422, "idempotency_key_reused", None));
+    let r = register(&app, Some(&key), &[json_type], bytes(&valid)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    documented(&doc, "post", "/v1/webhooks", &r);
+    assert_ne!(r.json()["webhook_id"], first.json()["webhook_id"]);
+
+    // What the operation lists beyond these answers: a body too slow (408, tested in
+    // `limits`), a concurrent change (409), and failures of ours or of the store.
+    let listed: BTreeSet<u16> = doc["paths"]["/v1/webhooks"]["post"]["responses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect();
+    assert_eq!(
+        listed.difference(&seen).copied().collect::<Vec<_>>(),
+        [408, 409, 500, 503]
+    );
+    app.stop().await;
+}
+
+/// `POST /v1/webhooks` with these headers and body.
+async fn register(
+    app: &TestApp,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Resp {
+    app.send(Method::POST, "/v1/webhooks", token, headers, Some(body))
+        .await
+}
