@@ -193,7 +193,8 @@ pub fn parse(body: &[u8]) -> Result<StkCallback, CallbackError> {
 pub enum Verdict {
     /// Daraja says the same: paid (ResultCode 0) of a success callback, not paid (a
     /// non-zero ResultCode) of a failure callback. The code and description are the
-    /// query's, which may name another failure than the callback.
+    /// query's, which may name another failure than the callback: they are the ones to
+    /// record, since the callback's `ResultDesc` is whatever its sender wrote.
     Agrees {
         result_code: i64,
         result_desc: String,
@@ -241,6 +242,7 @@ mod tests {
         vec![
             Ok(StkStatus::Pending),
             Err(DarajaError::Unavailable("503".into())),
+            Err(DarajaError::Unavailable("429 Too Many Requests".into())),
             Err(DarajaError::Unknown("cut".into())),
             Err(DarajaError::Rejected {
                 status: 400,

@@ -3,12 +3,16 @@
 //! once on a 401), STK Push (`POST /mpesa/stkpush/v1/processrequest`) and STK Push
 //! Query (`POST /mpesa/stkpushquery/v1/query`).
 //!
-//! Each call is bounded by a timeout. A connection that could not be made, a 503, or a
-//! 5xx saying Daraja is busy is retried with a growing pause; a 4xx is Daraja refusing
-//! the request, returned with its error code and message. An STK Push whose request may
-//! have been processed (it timed out, the connection broke after sending, or another
-//! 5xx came back) is never sent again: the customer could be asked to pay twice. It is
-//! reported as [`DarajaError::Unknown`].
+//! Each call is bounded by a timeout. A connection that could not be made, a 503, a 5xx
+//! saying Daraja is busy, a 429 (too many requests), or a 401 again after a fresh token
+//! is retried with a growing pause, and reported as [`DarajaError::Unavailable`] once
+//! the attempts are spent: Daraja turned the request away before doing anything with
+//! it, and may take it later. So is a 408 (request timeout) to an STK Push Query or the
+//! OAuth call. Any other 4xx is Daraja refusing the request, returned with its error
+//! code and message. An STK Push whose request may have been processed (it timed out,
+//! the connection broke after sending, a 408, or another 5xx came back) is never sent
+//! again: the customer could be asked to pay twice. It is reported as
+//! [`DarajaError::Unknown`].
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -217,6 +221,14 @@ const STILL_PROCESSING: &str = "500.001.1001";
 /// busy"); with a 503, the only 5xx after which an STK Push is sent again.
 const BUSY: &[&str] = &["500.003.02", "500.003.03"];
 
+/// A 4xx that says "not now" rather than "never": too many requests, or a request
+/// timeout. Answered to the OAuth call it is retried like a 5xx, and never taken for
+/// wrong credentials: a payment would otherwise be failed, or never asked about
+/// again, for a moment's rate limit.
+fn not_now(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+}
+
 /// A Daraja client. Cheap to share (`Arc`); the token is cached inside.
 pub struct Daraja {
     config: DarajaConfig,
@@ -315,7 +327,7 @@ impl Daraja {
                     *cached = Some((reply.access_token.clone(), Instant::now() + life));
                     return Ok(reply.access_token);
                 }
-                Answer::Reply(status, body) if status.is_client_error() => {
+                Answer::Reply(status, body) if status.is_client_error() && !not_now(status) => {
                     return Err(Self::rejected(status, &body));
                 }
                 Answer::Reply(status, _) => format!("OAuth answered {status}"),
@@ -332,8 +344,9 @@ impl Daraja {
     }
 
     /// Posts `body` to `path` with the bearer token, retrying what may be retried:
-    /// a 401 once with a new token; a 5xx or a refused connection with a growing
-    /// pause; a request that may have been sent only if `repeatable`.
+    /// a 401 at once with a new token; a 5xx, a refused connection, a 429 or a 401
+    /// again with a growing pause (and a new token after a 401); a request that may
+    /// have been sent (a 408 included) only if `repeatable`.
     async fn post<T: Serialize>(
         &self,
         path: &str,
@@ -342,10 +355,11 @@ impl Daraja {
     ) -> Result<(StatusCode, Vec<u8>), DarajaError> {
         let mut pause = self.config.backoff;
         let mut refreshed = false;
+        let mut renew = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let token = self.token(false).await?;
+            let token = self.token(std::mem::take(&mut renew)).await?;
             let request = self.http.post(self.url(path)).bearer_auth(token).json(body);
             let failure = match self.exchange(request).await {
                 Answer::Reply(StatusCode::UNAUTHORIZED, _) if !refreshed => {
@@ -353,6 +367,25 @@ impl Daraja {
                     self.token(true).await?;
                     attempt -= 1;
                     continue;
+                }
+                // A token Daraja has just issued and refuses all the same: its gateway
+                // not yet knowing the token is a known Daraja hiccup, and nothing was
+                // processed. Tried again after a pause, with yet another token.
+                Answer::Reply(status @ StatusCode::UNAUTHORIZED, body) => {
+                    renew = true;
+                    error_text(status, &body)
+                }
+                // Turned away before anything was done with it.
+                Answer::Reply(status @ StatusCode::TOO_MANY_REQUESTS, body) => {
+                    error_text(status, &body)
+                }
+                Answer::Reply(status @ StatusCode::REQUEST_TIMEOUT, body) => {
+                    // Whether the request got through is not certain: a push is never
+                    // sent again.
+                    if !repeatable {
+                        return Err(DarajaError::Unknown(error_text(status, &body)));
+                    }
+                    error_text(status, &body)
                 }
                 Answer::Reply(status, body) if !status.is_server_error() => {
                     return Ok((status, body));
@@ -369,10 +402,7 @@ impl Daraja {
                         || reply
                             .as_ref()
                             .is_some_and(|r| BUSY.contains(&r.error_code.as_str()));
-                    let failure = format!(
-                        "{status}: {}",
-                        reply.map(|r| r.error_message).unwrap_or_default()
-                    );
+                    let failure = error_text(status, &body);
                     // Any other 5xx to a push may come after Daraja processed it.
                     if !repeatable && !refused_unprocessed {
                         return Err(DarajaError::Unknown(failure));
@@ -468,6 +498,15 @@ impl Daraja {
             result_desc: reply.result_desc,
         })
     }
+}
+
+/// A failed answer on one line: its status and Daraja's error message, if any.
+fn error_text(status: StatusCode, body: &[u8]) -> String {
+    let reply: Option<ErrorReply> = serde_json::from_slice(body).ok();
+    format!(
+        "{status}: {}",
+        reply.map(|r| r.error_message).unwrap_or_default()
+    )
 }
 
 fn code_text(value: &Value) -> String {

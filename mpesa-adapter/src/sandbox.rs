@@ -1,11 +1,11 @@
 //! A local stand-in for Safaricom's Daraja: OAuth, STK Push and STK Push Query on the
 //! same paths, with the same status codes and JSON, and the STK callback delivered to
 //! the `CallBackURL` after a delay with a chosen outcome. Control endpoints under
-//! `/sandbox/` (and the same calls on [`Sandbox`]) choose outcomes, expire tokens and
-//! inject failures. Logs carry only opaque ids: never a credential, token, password or
+//! `/sandbox/` (and the same calls on [`Sandbox`]) choose outcomes, hold them until
+//! released, expire tokens and inject failures. Logs carry only opaque ids: never a credential, token, password or
 //! phone number.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
 use std::str::FromStr;
@@ -215,6 +215,12 @@ impl Sandbox {
                 .route("/sandbox/pushes", web::get().to(list_pushes))
                 .route("/sandbox/expire-tokens", web::post().to(expire_tokens))
                 .route("/sandbox/fail-next", web::post().to(fail_next))
+                .route(
+                    "/sandbox/fail-next-queries",
+                    web::post().to(fail_next_queries),
+                )
+                .route("/sandbox/hold", web::post().to(hold))
+                .route("/sandbox/release", web::post().to(release))
                 .default_service(web::to(|| async { DarajaError::NotFound.error_response() }))
                 .wrap(from_fn(log_request))
         })
@@ -254,6 +260,19 @@ impl Sandbox {
         self.shared.set_outcome(phone, outcome, delay);
     }
 
+    /// Pushes to `phone` from now on stay in process until [`Sandbox::release`]: the
+    /// query answers that the transaction is being processed, and no callback is sent,
+    /// however long it takes (their delay counts from the release).
+    pub fn hold(&self, phone: &str) {
+        self.shared.state().held.insert(phone.to_owned());
+    }
+
+    /// Ends the hold on `phone`: the pushes held end now in their outcomes (the query
+    /// gives the result), their callbacks delivered after their delay.
+    pub fn release(&self, phone: &str) {
+        self.shared.release(phone);
+    }
+
     /// Every token issued so far becomes invalid (401 on use).
     pub fn expire_tokens(&self) {
         self.shared.state().tokens.clear();
@@ -263,6 +282,13 @@ impl Sandbox {
     /// 5xx; anything else means 500) with Daraja's error JSON. Checked after the token.
     pub fn fail_next(&self, status: u16, count: usize) {
         self.shared.fail_next(status, count);
+    }
+
+    /// The next `count` STK Push Queries answer `status` (a 4xx or 5xx; anything else
+    /// means 500) with Daraja's error JSON, as [`Sandbox::fail_next`] does, while STK
+    /// Pushes go through. A 429 is Daraja's rate limit.
+    pub fn fail_next_queries(&self, status: u16, count: usize) {
+        self.shared.fail_next_queries(status, count);
     }
 
     /// How many access tokens were issued.
@@ -295,6 +321,11 @@ struct State {
     scenarios: HashMap<String, (Outcome, Option<Duration>)>,
     fail_status: u16,
     fail_count: usize,
+    /// Failures injected into STK Push Queries only.
+    query_fail_status: u16,
+    query_fail_count: usize,
+    /// Phones whose pushes are held in process until released.
+    held: HashSet<String>,
     checkouts: HashMap<String, Checkout>,
 }
 
@@ -305,6 +336,8 @@ struct Checkout {
     accepted: Instant,
     /// The result is known once this much time has passed since `accepted`.
     delay: Duration,
+    /// Held in process (see [`Sandbox::hold`]): no result yet, whatever the time.
+    held: bool,
 }
 
 /// A callback to deliver.
@@ -329,12 +362,40 @@ impl Shared {
 
     fn fail_next(&self, status: u16, count: usize) {
         let mut state = self.state();
-        state.fail_status = if (400..=599).contains(&status) {
-            status
-        } else {
-            500
-        };
+        state.fail_status = failure_status(status);
         state.fail_count = count;
+    }
+
+    fn fail_next_queries(&self, status: u16, count: usize) {
+        let mut state = self.state();
+        state.query_fail_status = failure_status(status);
+        state.query_fail_count = count;
+    }
+
+    /// Ends the hold on `phone` (see [`Sandbox::release`]).
+    fn release(&self, phone: &str) {
+        let mut state = self.state();
+        state.held.remove(phone);
+        let State {
+            pushes, checkouts, ..
+        } = &mut *state;
+        let mut released = Vec::new();
+        for push in pushes.iter().filter(|p| p.phone == phone) {
+            if let Some(checkout) = checkouts.get_mut(&push.checkout_request_id) {
+                if checkout.held {
+                    checkout.held = false;
+                    let delay = checkout.delay;
+                    // Known once the delay has passed from now.
+                    checkout.delay = checkout.accepted.elapsed() + delay;
+                    released.push((push.clone(), checkout.outcome, delay));
+                }
+            }
+        }
+        drop(state);
+        for (push, outcome, delay) in released {
+            tracing::info!(checkout_request_id = %push.checkout_request_id, "STK push released");
+            self.schedule(push, outcome, delay);
+        }
     }
 
     /// The bearer token is one issued, not expired and not revoked.
@@ -353,7 +414,30 @@ impl Shared {
             return Ok(());
         }
         state.fail_count -= 1;
-        Err(DarajaError::Busy(state.fail_status))
+        Err(DarajaError::injected(state.fail_status))
+    }
+
+    /// Consumes one failure injected into STK Push Queries, if any are left.
+    fn injected_query_failure(&self) -> Result<(), DarajaError> {
+        let mut state = self.state();
+        if state.query_fail_count == 0 {
+            return Ok(());
+        }
+        state.query_fail_count -= 1;
+        Err(DarajaError::injected(state.query_fail_status))
+    }
+
+    /// Delivers the callback of `push`, ending in `outcome`, after `delay` (none for
+    /// the outcomes without one).
+    fn schedule(&self, push: Push, outcome: Outcome, delay: Duration) {
+        if !matches!(outcome, Outcome::NoCallback | Outcome::PaidNoCallback) {
+            // Fails only once the sandbox is stopping; the callback is dropped then.
+            let _ = self.deliveries.send(Delivery {
+                push,
+                outcome,
+                delay,
+            });
+        }
     }
 
     /// Records the push and schedules its callback.
@@ -373,6 +457,7 @@ impl Shared {
                 break id;
             }
         };
+        let held = state.held.contains(&request.phone);
         let push = Push {
             merchant_request_id: numeric_id(),
             checkout_request_id,
@@ -389,6 +474,7 @@ impl Shared {
                 outcome,
                 accepted: Instant::now(),
                 delay,
+                held,
             },
         );
         state.pushes.push(push.clone());
@@ -397,15 +483,11 @@ impl Shared {
             checkout_request_id = %push.checkout_request_id,
             outcome = outcome.as_str(),
             delay_ms = delay.as_millis() as u64,
+            held,
             "STK push accepted"
         );
-        if !matches!(outcome, Outcome::NoCallback | Outcome::PaidNoCallback) {
-            // Fails only once the sandbox is stopping; the callback is dropped then.
-            let _ = self.deliveries.send(Delivery {
-                push: push.clone(),
-                outcome,
-                delay,
-            });
+        if !held {
+            self.schedule(push.clone(), outcome, delay);
         }
         push
     }
@@ -428,6 +510,9 @@ enum DarajaError {
     /// An injected failure with this status.
     #[error("System is busy. Please try again in few minutes.")]
     Busy(u16),
+    /// An injected 429: Daraja's rate limit, in its usual error JSON.
+    #[error("Rate limit exceeded")]
+    RateLimited,
     #[error("Request entity too large")]
     TooLarge,
     #[error("Resource not found")]
@@ -435,6 +520,14 @@ enum DarajaError {
 }
 
 impl DarajaError {
+    /// An injected failure answering `status`.
+    fn injected(status: u16) -> DarajaError {
+        match status {
+            429 => DarajaError::RateLimited,
+            other => DarajaError::Busy(other),
+        }
+    }
+
     /// The HTTP status and Daraja's `errorCode`.
     fn parts(&self) -> (StatusCode, String) {
         let (status, code) = match self {
@@ -451,6 +544,7 @@ impl DarajaError {
                     format!("{status}.003.01"),
                 );
             }
+            DarajaError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "429.001.01"),
             DarajaError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "413.001.01"),
             DarajaError::NotFound => (StatusCode::NOT_FOUND, "404.001.01"),
         };
@@ -608,13 +702,14 @@ async fn stk_query(
 ) -> Result<HttpResponse, DarajaError> {
     shared.authorize(&req)?;
     shared.injected_failure()?;
+    shared.injected_query_failure()?;
     let raw: RawQuery = read_json(payload).await?;
     check_password(&shared.config, &raw.password)?;
     let state = shared.state();
     let (id, checkout) = text(raw.checkout_request_id.as_ref())
         .and_then(|id| Some((id, state.checkouts.get(id)?)))
         .ok_or(DarajaError::Invalid("CheckoutRequestID"))?;
-    if checkout.accepted.elapsed() < checkout.delay {
+    if checkout.held || checkout.accepted.elapsed() < checkout.delay {
         return Err(DarajaError::Processing);
     }
     let (code, description) = checkout.outcome.result();
@@ -679,6 +774,49 @@ async fn fail_next(
     }
     shared.fail_next(body.status, body.count);
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /sandbox/fail-next-queries` {"status","count"}.
+async fn fail_next_queries(
+    shared: Data<Shared>,
+    payload: web::Payload,
+) -> Result<HttpResponse, DarajaError> {
+    let body: FailNextBody = read_json(payload).await?;
+    if !(400..=599).contains(&body.status) {
+        return Err(DarajaError::Invalid("status"));
+    }
+    shared.fail_next_queries(body.status, body.count);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+struct PhoneBody {
+    phone: String,
+}
+
+/// `POST /sandbox/hold` {"phone"}.
+async fn hold(shared: Data<Shared>, payload: web::Payload) -> Result<HttpResponse, DarajaError> {
+    let body: PhoneBody = read_json(payload).await?;
+    let phone = msisdn(Some(&Value::String(body.phone))).ok_or(DarajaError::Invalid("phone"))?;
+    shared.state().held.insert(phone);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /sandbox/release` {"phone"}.
+async fn release(shared: Data<Shared>, payload: web::Payload) -> Result<HttpResponse, DarajaError> {
+    let body: PhoneBody = read_json(payload).await?;
+    let phone = msisdn(Some(&Value::String(body.phone))).ok_or(DarajaError::Invalid("phone"))?;
+    shared.release(&phone);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// An injected failure's status: a 4xx or 5xx, else 500.
+fn failure_status(status: u16) -> u16 {
+    if (400..=599).contains(&status) {
+        status
+    } else {
+        500
+    }
 }
 
 /// One log line per request: method, route pattern (no query string), status.

@@ -10,6 +10,9 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse, HttpServer};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use mpesa_adapter::daraja::{
+    Daraja, DarajaConfig, DarajaError, StkPush, StkStatus, TransactionType,
+};
 use mpesa_adapter::sandbox::{Outcome, Sandbox, SandboxConfig};
 use serde_json::{json, Value};
 
@@ -111,6 +114,26 @@ impl TestApp {
             "AccountReference": "INV-0042",
             "TransactionDesc": "Consultation",
         })
+    }
+
+    /// The platform's Daraja client against this sandbox: three attempts per call, a
+    /// short pause between them.
+    fn client(&self) -> Daraja {
+        let c = SandboxConfig::public_sandbox();
+        Daraja::new(DarajaConfig {
+            base_url: self.sandbox.url.clone(),
+            consumer_key: c.consumer_key,
+            consumer_secret: c.consumer_secret,
+            shortcode: c.shortcode,
+            till_number: None,
+            passkey: c.passkey,
+            callback_url: self.receiver.url.clone(),
+            transaction_type: TransactionType::PayBill,
+            timeout: Duration::from_secs(5),
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+        })
+        .unwrap()
     }
 
     /// Pushes to `phone` and answers the CheckoutRequestID.
@@ -735,4 +758,147 @@ async fn stop_releases_the_port() {
         .send()
         .await;
     assert!(answer.is_err());
+}
+
+#[tokio::test]
+async fn fail_next_queries_fails_only_queries_and_a_429_is_darajas_rate_limit() {
+    let app = TestApp::spawn().await;
+    let token = app.token().await;
+    app.sandbox.fail_next_queries(429, 2);
+    // Pushes go through meanwhile.
+    let checkout = app.accepted_push(&token, PHONE).await;
+    let (status, body) = app.query(&token, &checkout).await;
+    assert_eq!(status, 429);
+    assert!(
+        is_daraja_error(&body, "429.001.01", "Rate limit exceeded"),
+        "{body}"
+    );
+    assert_eq!(app.query(&token, &checkout).await.0, 429);
+    app.receiver.wait_for(1).await;
+    assert_eq!(app.query(&token, &checkout).await.0, 200);
+    // And over HTTP.
+    let fail = json!({"status": 408, "count": 1});
+    let answer = app
+        .http
+        .post(app.url("/sandbox/fail-next-queries"))
+        .json(&fail)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 204);
+    assert_eq!(app.query(&token, &checkout).await.0, 408);
+    assert_eq!(app.query(&token, &checkout).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_held_push_stays_in_process_until_released() {
+    let app = TestApp::spawn().await;
+    let token = app.token().await;
+    app.sandbox.hold(PHONE);
+    let checkout = app.accepted_push(&token, PHONE).await;
+    // Long past its delay: still being processed, and no callback.
+    tokio::time::sleep(DELAY * 4).await;
+    let (status, body) = app.query(&token, &checkout).await;
+    assert_eq!(status, 500);
+    assert_eq!(body["errorCode"], "500.001.1001");
+    assert!(app.receiver.received().is_empty());
+    // Other phones are not held.
+    app.accepted_push(&token, "254711111111").await;
+    app.receiver.wait_for(1).await;
+    app.sandbox.release(PHONE);
+    let received = app.receiver.wait_for(2).await;
+    assert!(received
+        .iter()
+        .any(|c| c["Body"]["stkCallback"]["CheckoutRequestID"] == checkout.as_str()));
+    let (status, body) = app.query(&token, &checkout).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ResultCode"], "0");
+    // Pushes after the release are not held; holding again over HTTP holds the next.
+    let control = |path: &str| {
+        let request = app.http.post(app.url(path)).json(&json!({"phone": PHONE}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(control("/sandbox/hold").await, 204);
+    let held = app.accepted_push(&token, PHONE).await;
+    tokio::time::sleep(DELAY * 4).await;
+    assert_eq!(app.query(&token, &held).await.0, 500);
+    assert_eq!(app.receiver.received().len(), 2);
+    assert_eq!(control("/sandbox/release").await, 204);
+    app.receiver.wait_for(3).await;
+}
+
+/// The client takes a 429, a 408 or a 401 after a fresh token to a query for "not
+/// now": retried with a pause, then Daraja unavailable, never Daraja refusing the
+/// question (the reconciler would never ask again). A 400 is a refusal.
+#[tokio::test]
+async fn the_client_retries_a_rate_limited_or_timed_out_query_and_never_calls_it_refused() {
+    let app = TestApp::spawn().await;
+    let daraja = app.client();
+    let checkout = app.accepted_push(&app.token().await, PHONE).await;
+    app.receiver.wait_for(1).await;
+    let paid = StkStatus::Done {
+        result_code: 0,
+        result_desc: "The service request is processed successfully.".into(),
+    };
+    for status in [429, 408] {
+        // Two refusals, then the answer, within the three attempts.
+        app.sandbox.fail_next_queries(status, 2);
+        assert_eq!(daraja.stk_query(&checkout).await, Ok(paid.clone()));
+        // More than the attempts: unavailable, to be asked again later.
+        app.sandbox.fail_next_queries(status, 3);
+        let answer = daraja.stk_query(&checkout).await;
+        assert!(
+            matches!(&answer, Err(DarajaError::Unavailable(e)) if e.contains(&status.to_string())),
+            "{status}: {answer:?}"
+        );
+        assert_eq!(daraja.stk_query(&checkout).await, Ok(paid.clone()));
+    }
+    // A 401, a new token, a 401 again: tried again with yet another token.
+    let tokens = app.sandbox.token_requests();
+    app.sandbox.fail_next_queries(401, 2);
+    assert_eq!(daraja.stk_query(&checkout).await, Ok(paid.clone()));
+    assert_eq!(app.sandbox.token_requests(), tokens + 2);
+    app.sandbox.fail_next_queries(401, 4);
+    let answer = daraja.stk_query(&checkout).await;
+    assert!(
+        matches!(&answer, Err(DarajaError::Unavailable(e)) if e.contains("401")),
+        "{answer:?}"
+    );
+    // A plain refusal is one.
+    app.sandbox.fail_next_queries(400, 1);
+    let answer = daraja.stk_query(&checkout).await;
+    assert!(
+        matches!(&answer, Err(DarajaError::Rejected { status: 400, .. })),
+        "{answer:?}"
+    );
+}
+
+/// A 429 to an STK Push is retried (Daraja turned it away unprocessed); a 408 never
+/// is (the push may have got through), and its outcome is unknown.
+#[tokio::test]
+async fn a_rate_limited_push_is_sent_again_and_a_timed_out_one_never() {
+    let app = TestApp::spawn().await;
+    let daraja = app.client();
+    let push = StkPush {
+        amount_kes: 150,
+        phone: PHONE.into(),
+        account_reference: "INV-0042".into(),
+        description: "Consultation".into(),
+    };
+    app.sandbox.fail_next(429, 2);
+    daraja.stk_push(&push).await.unwrap();
+    assert_eq!(app.sandbox.pushes().len(), 1);
+    app.sandbox.fail_next(429, 3);
+    let answer = daraja.stk_push(&push).await;
+    assert!(
+        matches!(&answer, Err(DarajaError::Unavailable(_))),
+        "{answer:?}"
+    );
+    app.sandbox.fail_next(408, 1);
+    let answer = daraja.stk_push(&push).await;
+    assert!(
+        matches!(&answer, Err(DarajaError::Unknown(_))),
+        "{answer:?}"
+    );
+    assert_eq!(app.sandbox.pushes().len(), 1);
 }

@@ -455,6 +455,31 @@ async fn ask_daraja(state: &AppState, checkout_request_id: &str, claimed: i64) -
     }
 }
 
+/// Warns when a callback for a settled payment names another M-Pesa receipt than the
+/// one recorded. The STK Push Query cannot check a receipt, so a forged success the
+/// query confirmed, posted before Daraja's own callback, records the forger's receipt;
+/// Daraja's callback coming later is the sign of it. Neither receipt is logged: the
+/// payment id is enough for an operator to look, and nothing in the log is personal.
+/// Read from the read model, so a callback right behind the first may find nothing to
+/// compare with yet.
+async fn warn_if_another_receipt(state: &AppState, payment_id: PaymentId, receipt: &str) {
+    match queries::payment(state.store.any_pool(), &payment_id.to_string()).await {
+        Ok(Some(row)) => {
+            if row
+                .mpesa_receipt
+                .as_deref()
+                .is_some_and(|kept| kept != receipt)
+            {
+                tracing::warn!(payment_id = %payment_id, "STK callback for a confirmed payment names another M-Pesa receipt than the one recorded; one of the two callbacks was not Daraja's");
+            }
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::warn!(payment_id = %payment_id, error = format!("{error:#}"), "reading a settled payment's receipt failed; not compared with its callback's");
+        }
+    }
+}
+
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
@@ -547,6 +572,9 @@ pub async fn stk_callback(
     // Settled already: nothing to ask Daraja about.
     if payment.status() != domain::payment::PaymentStatus::Pending {
         tracing::info!(payment_id = %payment_id, result_code = callback.result_code, "duplicate or late STK callback for a settled payment; nothing changed");
+        if let Some(paid) = &callback.paid {
+            warn_if_another_receipt(&state, payment_id, &paid.receipt).await;
+        }
         return Ok(ack());
     }
     // The path token is the only secret, so a failure is checked like a success:
@@ -558,18 +586,18 @@ pub async fn stk_callback(
     };
     let verdict = ask_daraja(&state, &callback.checkout_request_id, callback.result_code).await;
     let (result_code, result_desc) = match verdict {
+        // Daraja's own code and description, never the callback's: whoever forged a
+        // callback the query happens to agree with would otherwise choose the words
+        // the payer reads (`result_desc`).
         Verdict::Agrees {
             result_code,
             result_desc,
         } => {
-            if result_code == callback.result_code {
-                (callback.result_code, callback.result_desc.clone())
-            } else {
-                // Both failures, told apart (1032 cancelled, 1037 timed out…):
-                // Daraja's own answer is the one kept.
+            if result_code != callback.result_code {
+                // Both failures, told apart (1032 cancelled, 1037 timed out…).
                 tracing::warn!(payment_id = %payment_id, result_code = callback.result_code, query_result_code = result_code, "STK callback names another failure than Daraja's query; settled as the query says");
-                (result_code, result_desc)
             }
+            (result_code, result_desc)
         }
         Verdict::Disagrees { result_code } => {
             if callback.paid.is_some() {

@@ -186,7 +186,8 @@ async fn wait_log(app: &TestApp, text: &str) {
 }
 
 async fn settled(app: &TestApp, who: &Party, payment_id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: some payments wait for the reconciler (up to 15 s after the push).
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let p = app
             .get(&format!("/v1/payments/{payment_id}"), Some(&who.token))
@@ -518,8 +519,9 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
     for backend in eventstore::testing::BACKENDS {
         let sb = sandbox(200).await;
         let port = free_port();
-        // Reconciled 5 s after the push: well after the forged callbacks below.
-        let vars = vars(&sb, port, 5);
+        // Reconciled 15 s after the push: well after the forged callbacks below, even
+        // on a loaded machine.
+        let vars = vars(&sb, port, 15);
         let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
             continue;
         };
@@ -553,19 +555,23 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
         assert_eq!(count(&app, "PaymentConfirmed", &id).await, 1);
         assert_eq!(count(&app, "PaymentFailed", &id).await, 0);
 
-        // Still being processed (the customer answers after 2 s): the forged failure
+        // Still being processed (the customer has not answered: the sandbox holds the
+        // outcome until released, however slow this machine): the forged failure
         // waits, and Daraja's own success callback confirms with its receipt.
         let payer = patient(&app, &sb, Outcome::Success).await;
-        sb.set_outcome(
-            &payer.phone,
-            Outcome::Success,
-            Some(Duration::from_millis(2000)),
-        );
+        sb.hold(&payer.phone);
         let paid = pay(&app, &payer, 700, "k2").await;
         let checkout = checkout_of(&app, &payer, &paid).await;
         acknowledged(&app, failure(&checkout, 1, "The balance is insufficient.")).await;
         wait_log(&app, "claims a failure that Daraja cannot confirm now").await;
         assert_eq!(count(&app, "PaymentFailed", &paid).await, 0);
+        assert_eq!(
+            app.get(&format!("/v1/payments/{paid}"), Some(&payer.token))
+                .await
+                .ok(200)["status"],
+            "pending"
+        );
+        sb.release(&payer.phone);
         let p = settled(&app, &payer, &paid).await;
         assert_eq!(p["status"], "confirmed", "{p}");
         assert_eq!(p["mpesa_receipt"].as_str().unwrap().len(), 10, "{p}");
@@ -582,6 +588,153 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
         assert_eq!(count(&app, "PaymentFailed", &cancelled).await, 1);
         assert_eq!(count(&app, "PaymentReconciled", &cancelled).await, 0);
         assert_eq!(rejected().await, 1);
+        app.stop().await;
+        sb.stop().await;
+    }
+}
+
+/// When Daraja's STK Push Query agrees with a callback, Daraja's own code and
+/// description are recorded, never the callback's: whoever forged it would otherwise
+/// choose the words the payer reads. The query cannot check a receipt, so a forged
+/// success it confirms, posted before Daraja's own callback, records the forger's
+/// receipt (a known limit, in docs/payments.md); a later callback with another receipt
+/// is logged as a warning naming the payment only.
+#[actix_rt::test]
+async fn a_callback_darajas_query_agrees_with_keeps_darajas_own_words() {
+    for backend in eventstore::testing::BACKENDS {
+        let sb = sandbox(200).await;
+        let port = free_port();
+        let vars = vars(&sb, port, 120);
+        let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+            continue;
+        };
+        // Timed out, Daraja's callback lost: a forged callback of the same failure,
+        // with words of its own for the payer.
+        let silent = patient(&app, &sb, Outcome::NoCallback).await;
+        let id = pay(&app, &silent, 500, "k1").await;
+        let checkout = checkout_of(&app, &silent, &id).await;
+        // The sandbox's query knows the outcome once its delay has passed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lure = "Pay KES 500 again to 0799 000 000 for your refund";
+        acknowledged(&app, failure(&checkout, 1037, lure)).await;
+        let p = settled(&app, &silent, &id).await;
+        assert_eq!(p["status"], "timed_out", "{p}");
+        assert_eq!(p["result_code"], 1037, "{p}");
+        assert_eq!(p["result_desc"], "DS timeout user cannot be reached", "{p}");
+        assert_eq!(count(&app, "PaymentReconciled", &id).await, 0);
+        assert!(!app.raw_events().await.contains("refund"));
+
+        // Paid, Daraja's callback late: a forged success the query confirms records
+        // its receipt; Daraja's own, coming after, is only logged.
+        let payer = patient(&app, &sb, Outcome::PaidNoCallback).await;
+        let paid = pay(&app, &payer, 700, "k2").await;
+        let checkout = checkout_of(&app, &payer, &paid).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        acknowledged(&app, success(&checkout, 700, &payer.phone, "FORGED0003")).await;
+        let p = settled(&app, &payer, &paid).await;
+        assert_eq!(p["status"], "confirmed", "{p}");
+        assert_eq!(p["mpesa_receipt"], "FORGED0003", "{p}");
+        let warning = "names another M-Pesa receipt than the one recorded";
+        assert!(!app.server.logs().contains(warning));
+        // The same receipt again (Daraja's duplicate) is nothing to warn of.
+        acknowledged(&app, success(&checkout, 700, &payer.phone, "FORGED0003")).await;
+        acknowledged(&app, success(&checkout, 700, &payer.phone, "GENUINE001")).await;
+        wait_log(&app, warning).await;
+        let logs = app.server.logs();
+        assert_eq!(logs.matches(warning).count(), 1, "{logs}");
+        for private in ["FORGED0003", "GENUINE001", &payer.phone[3..]] {
+            assert!(!logs.contains(private), "{private} in the logs");
+        }
+        let p = app
+            .get(&format!("/v1/payments/{paid}"), Some(&payer.token))
+            .await
+            .ok(200);
+        assert_eq!(p["mpesa_receipt"], "FORGED0003", "{p}");
+        assert_eq!(count(&app, "PaymentConfirmed", &paid).await, 1);
+        app.stop().await;
+        sb.stop().await;
+    }
+}
+
+/// Daraja rate-limiting the reconciling STK Push Query (429) means "not now", not a
+/// refusal: the payment is asked about again after a pause and settled once Daraja
+/// answers. A payment Daraja never tells about does not stay pending for good: a day
+/// after it was asked for, and one more unanswered query, it is failed with an unknown
+/// outcome (ResultCode -1, `unknown_outcome`), so the clinic knows to check the M-Pesa
+/// statement rather than wait.
+#[actix_rt::test]
+async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_fails_after_a_day() {
+    for backend in eventstore::testing::BACKENDS {
+        let sb = sandbox(200).await;
+        let port = free_port();
+        let vars = vars(&sb, port, 1);
+        let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+            continue;
+        };
+        // Daraja's callback lost, and its query rate-limited more times than one
+        // call's attempts (three).
+        let silent = patient(&app, &sb, Outcome::NoCallback).await;
+        sb.fail_next_queries(429, 4);
+        let id = pay(&app, &silent, 500, "k1").await;
+        let p = settled(&app, &silent, &id).await;
+        assert_eq!(p["status"], "timed_out", "{p}");
+        assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
+        let logs = app.server.logs();
+        assert!(
+            logs.contains("STK Push Query failed; asking again later"),
+            "{logs}"
+        );
+        assert!(!logs.contains("Daraja refuses to say"), "{logs}");
+
+        // Daraja never answering: asked about again and again, and pending meanwhile.
+        let asked = || {
+            app.server
+                .logs()
+                .matches("STK Push Query failed; asking again later")
+                .count()
+        };
+        let untold = patient(&app, &sb, Outcome::NoCallback).await;
+        sb.fail_next_queries(429, usize::MAX);
+        let id = pay(&app, &untold, 600, "k2").await;
+        checkout_of(&app, &untold, &id).await;
+        let before = asked();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while asked() < before + 2 {
+            assert!(Instant::now() < deadline, "{}", app.server.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let p = app
+            .get(&format!("/v1/payments/{id}"), Some(&untold.token))
+            .await
+            .ok(200);
+        assert_eq!(p["status"], "pending", "{p}");
+        // A day later (as far as the server can tell): failed, outcome unknown.
+        let day_ago = (chrono::Utc::now() - chrono::Duration::hours(25))
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        assert_eq!(
+            app.tamper(&format!(
+                "UPDATE rm_payments SET requested_at = '{day_ago}' WHERE payment_id = '{id}'"
+            ))
+            .await,
+            1
+        );
+        let p = settled(&app, &untold, &id).await;
+        assert_eq!(p["status"], "failed", "{p}");
+        assert_eq!(p["result_code"], -1, "{p}");
+        assert!(
+            p["result_desc"]
+                .as_str()
+                .unwrap()
+                .starts_with("unknown_outcome: "),
+            "{p}"
+        );
+        assert_eq!(p["mpesa_receipt"], Value::Null, "{p}");
+        assert_eq!(count(&app, "PaymentFailed", &id).await, 1);
+        assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
+        assert!(app
+            .server
+            .logs()
+            .contains("settled as failed with an unknown outcome"));
         app.stop().await;
         sb.stop().await;
     }
