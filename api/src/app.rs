@@ -67,7 +67,9 @@ pub async fn open(config: &Config) -> anyhow::Result<(Store, Arc<Commands>, Stor
 }
 
 impl App {
-    /// The background workers, by their name in the job queue.
+    /// The background workers, by their name in the job queue. The live tail and the
+    /// webhook supervisor run on the same runtime but have no jobs, no dead letters and
+    /// no outside service of their own to report, so they are not listed.
     pub fn workers(&self) -> Vec<(&'static str, actix::Recipient<eventstore::work::Status>)> {
         let mut workers = Vec::new();
         if let Some(addr) = &self.replicator {
@@ -210,7 +212,7 @@ impl App {
     /// Lets every consumer finish its batch and checkpoint, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.expiry.send(crate::expiry::Stop).await;
-        self.live.stop();
+        self.live.shutdown().await;
         self.webhooks.shutdown().await;
         // The workers stop together, each letting its round in flight finish.
         let mpesa = async {

@@ -1,16 +1,23 @@
 //! The live tail of the log shared by every Server-Sent-Events client.
 //!
-//! One task follows the log (woken on commits) and broadcasts each event once into a
-//! fixed ring of [`IntegrationSettings::live_buffer`] events. A client catches up from
-//! the store on its own, then takes events from the ring; a client that falls further
-//! behind than the ring reads what it missed from the store again, so no client holds
-//! up another and the ring's size bounds what the tail keeps.
+//! One worker follows the log and broadcasts each event once into a fixed ring of
+//! [`IntegrationSettings::live_buffer`] events. A client catches up from the store on
+//! its own, then takes events from the ring; a client that falls further behind than
+//! the ring reads what it missed from the store again, so no client holds up another
+//! and the ring's size bounds what the tail keeps.
+//!
+//! The tail is a worker of the work runtime ([`eventstore::work`]) that every instance
+//! runs for its own clients (it takes no lock), woken by every commit to the log.
 //!
 //! [`IntegrationSettings::live_buffer`]: crate::config::IntegrationSettings
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
+use anyhow::Context as _;
+use eventstore::work::{self, Outcome, WakeOn, WorkerActor};
 use eventstore::{LogCursor, Store, StoredEvent};
 use tokio::sync::{broadcast, watch};
 
@@ -18,24 +25,31 @@ use tokio::sync::{broadcast, watch};
 const TICK: Duration = Duration::from_secs(1);
 /// How soon it looks again when a running transaction holds events back.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
+/// Events read from the log at a time.
+const BATCH: i64 = 500;
 
 /// The shared live tail.
 #[derive(Clone)]
 pub struct LiveLog {
     events: broadcast::Sender<Arc<StoredEvent>>,
+    tail: Addr<WorkerActor<Tail>>,
     stop: watch::Sender<bool>,
     stopped: watch::Receiver<bool>,
 }
 
 impl LiveLog {
-    /// Starts following the log from its current end.
+    /// Starts following the log from its current end, on the current arbiter.
     pub async fn start(store: Store, buffer: usize) -> anyhow::Result<LiveLog> {
         let (events, _) = broadcast::channel(buffer);
         let (stop, stopped) = watch::channel(false);
-        let cursor = store.log_end().await?;
-        tokio::spawn(follow(store, events.clone(), cursor, stopped.clone()));
+        let tail = Tail {
+            cursor: Cell::new(store.log_end().await?),
+            store: store.clone(),
+            events: events.clone(),
+        };
         Ok(LiveLog {
             events,
+            tail: WorkerActor::launch(tail, store, TICK, WakeOn::Commits),
             stop,
             stopped,
         })
@@ -54,7 +68,15 @@ impl LiveLog {
     /// Stops the tail and ends every client's stream (the server is stopping: open
     /// streams would otherwise hold its graceful shutdown until the timeout).
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
+        self.tail.do_send(work::Stop);
+    }
+
+    /// [`LiveLog::stop`], returning once the tail has stopped.
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        // An error means it has stopped already.
+        let _ = self.tail.send(work::Stop).await;
     }
 
     /// Changes to `true` once [`LiveLog::stop`] is called.
@@ -63,53 +85,44 @@ impl LiveLog {
     }
 }
 
-async fn follow(
+/// Follows the log for [`LiveLog`].
+pub struct Tail {
     store: Store,
     events: broadcast::Sender<Arc<StoredEvent>>,
-    mut cursor: LogCursor,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut wake = store.notifier().subscribe();
-    let mut failures = 0u32;
-    loop {
-        if *stopped.borrow() {
-            return;
+    /// The last event broadcast.
+    cursor: Cell<LogCursor>,
+}
+
+#[async_trait::async_trait(?Send)]
+impl work::Worker for Tail {
+    fn name(&self) -> &'static str {
+        "live_tail"
+    }
+
+    /// Every instance serves its own clients.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
+    async fn round(&self, _: &work::Round) -> anyhow::Result<Outcome> {
+        let cursor = self.cursor.get();
+        let batch = self
+            .store
+            .read_log(cursor, BATCH)
+            .await
+            .context("the live tail could not read the log")?;
+        if let Some(last) = batch.last() {
+            self.cursor.set(last.cursor());
+            for event in batch {
+                // No receiver is fine: the ring just keeps the newest events.
+                let _ = self.events.send(Arc::new(event));
+            }
+            return Ok(Outcome::More);
         }
-        match store.read_log(cursor, 500).await {
-            Ok(batch) if !batch.is_empty() => {
-                failures = 0;
-                for event in batch {
-                    cursor = event.cursor();
-                    // No receiver is fine: the ring just keeps the newest events.
-                    let _ = events.send(Arc::new(event));
-                }
-                continue;
-            }
-            Ok(_) => {
-                failures = 0;
-                if store.log_held_back(cursor).await.unwrap_or(false) {
-                    tokio::time::sleep(HELD_BACK_RETRY).await;
-                    continue;
-                }
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    _ = tokio::time::sleep(TICK) => {}
-                    _ = stopped.changed() => return,
-                }
-            }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let backoff = eventstore::consumer::failure_backoff(failures);
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    ?backoff,
-                    "live tail could not read the log"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped.changed() => return,
-                }
-            }
-        }
+        Ok(if self.store.log_held_back(cursor).await? {
+            Outcome::After(HELD_BACK_RETRY)
+        } else {
+            Outcome::Idle
+        })
     }
 }

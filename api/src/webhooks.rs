@@ -1,12 +1,20 @@
 //! Runs one deliverer per registered webhook (see [`integrations::webhook`]), starting
 //! each as its registration reaches the `webhooks` read model. A webhook's deliveries
 //! start right after the event that registered it, whichever instance sees it first.
+//!
+//! Following the registrations is a worker of the work runtime ([`eventstore::work`])
+//! that every instance runs for itself (it takes no lock): each instance starts a
+//! deliverer per webhook, and the deliverers of one webhook compete for its lock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
+use anyhow::Context as _;
 use commands::Commands;
+use eventstore::work::{self, Outcome, WorkerActor};
 use eventstore::{LogCursor, Store};
 use integrations::{DelivererHandle, DeliverySettings, WebhookSpec};
 use tokio::sync::{watch, Mutex};
@@ -15,21 +23,18 @@ use uuid::Uuid;
 /// How often the registrations are looked at without being woken.
 const TICK: Duration = Duration::from_secs(2);
 
-/// The running deliverers of this process.
+/// The deliverers this process runs, by webhook.
+type Running = Arc<Mutex<HashMap<Uuid, DelivererHandle>>>;
+
+/// The running deliverers of this process and the worker that starts them.
 pub struct WebhookSupervisor {
-    store: Store,
-    commands: Arc<Commands>,
-    settings: DeliverySettings,
-    running: Mutex<HashMap<Uuid, DelivererHandle>>,
-    /// Webhooks whose URL or secret cannot be opened (their integrator's key erased):
-    /// warned about once.
-    unopened: Mutex<std::collections::HashSet<Uuid>>,
-    stop: watch::Sender<bool>,
+    registrations: Addr<WorkerActor<Registrations>>,
+    running: Running,
 }
 
 impl WebhookSupervisor {
-    /// Creates the delivery tables and starts following registrations; `wake` is the
-    /// `webhooks` projection's progress.
+    /// Creates the delivery tables and starts following registrations on the current
+    /// arbiter; `wake` is the `webhooks` projection's progress.
     pub async fn start(
         store: Store,
         commands: Arc<Commands>,
@@ -37,59 +42,77 @@ impl WebhookSupervisor {
         wake: Option<watch::Receiver<LogCursor>>,
     ) -> anyhow::Result<Arc<WebhookSupervisor>> {
         integrations::webhook::create_schema(&store).await?;
-        let (stop, stopped) = watch::channel(false);
-        let supervisor = Arc::new(WebhookSupervisor {
-            store,
+        let running = Running::default();
+        let registrations = Registrations {
+            store: store.clone(),
             commands,
             settings,
-            running: Mutex::new(HashMap::new()),
-            unopened: Mutex::new(std::collections::HashSet::new()),
-            stop,
-        });
-        tokio::spawn(supervisor.clone().run(wake, stopped));
-        Ok(supervisor)
+            running: running.clone(),
+            unopened: RefCell::default(),
+        };
+        Ok(Arc::new(WebhookSupervisor {
+            registrations: WorkerActor::launch(registrations, store, TICK, wake),
+            running,
+        }))
     }
 
-    async fn run(
-        self: Arc<Self>,
-        mut wake: Option<watch::Receiver<LogCursor>>,
-        mut stopped: watch::Receiver<bool>,
-    ) {
-        loop {
-            if *stopped.borrow() {
-                return;
-            }
-            if let Err(error) = self.sync().await {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "could not start webhook deliverers"
-                );
-            }
-            let woken = async {
-                match wake.as_mut() {
-                    Some(rx) => {
-                        if rx.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = woken => {}
-                _ = tokio::time::sleep(TICK) => {}
-                _ = stopped.changed() => return,
-            }
+    /// Makes a webhook's deliverer look again now (after a replay request).
+    pub async fn wake(&self, id: Uuid) {
+        if let Some(handle) = self.running.lock().await.get(&id) {
+            handle.wake();
         }
     }
 
+    /// Stops following registrations, then every deliverer (an attempt in flight is
+    /// delivered again later).
+    pub async fn shutdown(&self) {
+        // An error means it has stopped already.
+        let _ = self.registrations.send(work::Stop).await;
+        let handles: Vec<DelivererHandle> =
+            self.running.lock().await.drain().map(|(_, h)| h).collect();
+        for handle in handles {
+            handle.stop().await;
+        }
+    }
+}
+
+/// Starts and stops this process's deliverers as webhooks are registered and withdrawn.
+pub struct Registrations {
+    store: Store,
+    commands: Arc<Commands>,
+    settings: DeliverySettings,
+    running: Running,
+    /// Webhooks whose URL or secret cannot be opened (their integrator's key erased):
+    /// warned about once.
+    unopened: RefCell<HashSet<Uuid>>,
+}
+
+#[async_trait::async_trait(?Send)]
+impl work::Worker for Registrations {
+    fn name(&self) -> &'static str {
+        "webhook_supervisor"
+    }
+
+    /// Every instance delivers through its own deliverers, which take the locks.
+    fn exclusive(&self) -> bool {
+        false
+    }
+
+    async fn round(&self, round: &work::Round) -> anyhow::Result<Outcome> {
+        self.sync(round)
+            .await
+            .context("could not start webhook deliverers")?;
+        Ok(Outcome::Idle)
+    }
+}
+
+impl Registrations {
     /// Starts a deliverer for every registered webhook not yet running here.
-    async fn sync(&self) -> anyhow::Result<()> {
+    async fn sync(&self, round: &work::Round) -> anyhow::Result<()> {
         let rows = projections::queries::webhooks(self.store.any_pool()).await?;
         let mut running = self.running.lock().await;
         // Webhooks no longer listed (their integrator's key withdrawn) stop.
-        let listed: std::collections::HashSet<&str> =
-            rows.iter().map(|r| r.webhook_id.as_str()).collect();
+        let listed: HashSet<&str> = rows.iter().map(|r| r.webhook_id.as_str()).collect();
         let gone: Vec<Uuid> = running
             .keys()
             .filter(|id| !listed.contains(id.to_string().as_str()))
@@ -102,10 +125,13 @@ impl WebhookSupervisor {
             }
         }
         for row in rows {
+            if round.stopping() {
+                break;
+            }
             let Ok(id) = Uuid::parse_str(&row.webhook_id) else {
                 continue;
             };
-            if running.contains_key(&id) || self.unopened.lock().await.contains(&id) {
+            if running.contains_key(&id) || self.unopened.borrow().contains(&id) {
                 continue;
             }
             let url = self
@@ -118,7 +144,7 @@ impl WebhookSupervisor {
                 .await;
             let (Some(url), Some(secret)) = (url, secret) else {
                 tracing::warn!(webhook_id = %id, "a webhook's URL or secret cannot be opened; not delivering");
-                self.unopened.lock().await.insert(id);
+                self.unopened.borrow_mut().insert(id);
                 continue;
             };
             let types: BTreeSet<String> = serde_json::from_str(&row.types).unwrap_or_default();
@@ -140,22 +166,5 @@ impl WebhookSupervisor {
             tracing::info!(webhook_id = %id, "delivering a webhook");
         }
         Ok(())
-    }
-
-    /// Makes a webhook's deliverer look again now (after a replay request).
-    pub async fn wake(&self, id: Uuid) {
-        if let Some(handle) = self.running.lock().await.get(&id) {
-            handle.wake();
-        }
-    }
-
-    /// Stops every deliverer (an attempt in flight is delivered again later).
-    pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
-        let handles: Vec<DelivererHandle> =
-            self.running.lock().await.drain().map(|(_, h)| h).collect();
-        for handle in handles {
-            handle.stop().await;
-        }
     }
 }

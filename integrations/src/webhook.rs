@@ -1,14 +1,20 @@
 //! Signed webhook deliveries.
 //!
 //! Each webhook is a checkpointed consumer of the global log named `webhook:<id>`: it
-//! POSTs the [`IntegratorEvent`] of every event of a subscribed type, in log order, and
-//! moves its checkpoint after each one. The effect is outside the database, so delivery
-//! is at-least-once (a crash between the POST and the checkpoint delivers again) and
-//! receivers deduplicate by the `AfyaChain-Event-Id` header (docs/architecture.md rule 4). An event
-//! that still fails after [`DeliverySettings::max_attempts`] is parked in
-//! `webhook_failures` so one broken receiver does not stall its own stream forever; an
-//! operator replays parked events with [`request_replay`]. Replayed events arrive
-//! after newer ones; the body's `position` gives their place in the log.
+//! POSTs the [`IntegratorEvent`](crate::view::IntegratorEvent) of every event of a
+//! subscribed type, in log order, and moves its checkpoint after each one. The effect
+//! is outside the database, so delivery is at-least-once (a crash between the POST
+//! and the checkpoint delivers again) and receivers deduplicate by the
+//! `AfyaChain-Event-Id` header (docs/architecture.md rule 4). An event that still
+//! fails after [`DeliverySettings::max_attempts`] is parked in `webhook_failures` so
+//! one broken receiver does not stall its own stream forever; an operator replays
+//! parked events with [`request_replay`]. Replayed events arrive after newer ones; the
+//! body's `position` gives their place in the log.
+//!
+//! Each deliverer is a [`Worker`] of the work runtime ([`eventstore::work`]): one
+//! instance of all those on a store holds the lock `webhook:<id>` and delivers, woken
+//! by every commit and on its poll; a stop abandons the attempt in flight (it is
+//! delivered again: at-least-once) and the pause before the next one.
 //!
 //! Deliveries go only where the webhook's [`AddressPolicy`] allows: an IP literal is
 //! checked before each attempt, and a name is resolved by the policy's resolver, so
@@ -20,19 +26,22 @@
 //! with `AfyaChain-Timestamp` in Unix seconds; receivers should also reject timestamps
 //! far from their clock, against replays.
 
+use std::cell::{Cell, OnceCell};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
 use anyhow::Context as _;
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use eventstore::consumer::{create_checkpoint, failure_backoff, load_checkpoint, now_text};
-use eventstore::{Backend, ConsumerLock, LogCursor, Store, StoredEvent};
+use eventstore::consumer::{create_checkpoint, load_checkpoint, now_text};
+use eventstore::work::{self, Outcome, Round, WakeOn, Worker, WorkerActor};
+use eventstore::{Backend, LogCursor, Store, StoredEvent};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sqlx::AnyPool;
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::address::{AddressPolicy, PolicyResolver};
@@ -53,8 +62,6 @@ const BATCH: i64 = 100;
 const REPLAY_BATCH: i64 = 100;
 /// Upper bound of the retry backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How often a standby instance tries to take the lock.
-const STANDBY_RETRY: Duration = Duration::from_secs(2);
 /// How soon to look again when events are held back behind a running transaction.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
 
@@ -336,10 +343,8 @@ pub async fn request_replay(pool: &AnyPool, webhook_id: Uuid) -> anyhow::Result<
 
 /// A running deliverer of one webhook.
 pub struct DelivererHandle {
-    stop: watch::Sender<bool>,
-    wake: std::sync::Arc<Notify>,
+    addr: Addr<WorkerActor<Deliverer>>,
     progress: watch::Receiver<LogCursor>,
-    task: JoinHandle<()>,
 }
 
 impl DelivererHandle {
@@ -351,44 +356,46 @@ impl DelivererHandle {
     /// Makes the deliverer look at the log and replay requests now (e.g. after
     /// [`request_replay`] in this process) rather than at its next tick.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.addr.do_send(work::Wake);
     }
 
     /// Stops the deliverer: an attempt in flight is abandoned (it is delivered again
     /// later: at-least-once), the lock is released, and this returns once it has.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        if let Err(error) = self.task.await {
-            tracing::error!(%error, "webhook deliverer task ended abnormally");
-        }
+        // An error means it has stopped already.
+        let _ = self.addr.send(work::Stop).await;
     }
 }
 
-/// Starts delivering `spec`'s events on a task of its own (one per webhook, so a slow
-/// receiver delays nobody else). Creates the tables and, if missing, a checkpoint at
-/// the start of the log (call [`ensure_checkpoint`] first to start elsewhere). Must be
-/// called within a Tokio runtime.
+impl Drop for DelivererHandle {
+    /// A deliverer nobody can stop any more stops, without being waited for.
+    fn drop(&mut self) {
+        self.addr.do_send(work::Stop);
+    }
+}
+
+/// Starts delivering `spec`'s events on an actor of its own (one per webhook, so a
+/// slow receiver delays nobody else), driven by the work runtime: one instance holds
+/// the lock `webhook:<id>`, woken by every commit and every
+/// [`DeliverySettings::poll_interval`]. Creates the tables and, if missing, a
+/// checkpoint at the start of the log (call [`ensure_checkpoint`] first to start
+/// elsewhere). Must be called within an actix system (it starts on the current
+/// arbiter).
 pub fn spawn(store: Store, spec: WebhookSpec, settings: DeliverySettings) -> DelivererHandle {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, progress_rx) = watch::channel(LogCursor::START);
-    let wake = std::sync::Arc::new(Notify::new());
+    let (progress, progress_rx) = watch::channel(LogCursor::START);
+    let poll = settings.poll_interval;
     let deliverer = Deliverer {
-        store,
+        name: consumer_name(spec.id),
+        store: store.clone(),
         spec,
         settings,
-        client: None,
-        lock: None,
-        cursor: LogCursor::START,
-        progress: progress_tx,
-        stop: stop_rx,
-        wake: wake.clone(),
+        client: OnceCell::new(),
+        cursor: Cell::new(LogCursor::START),
+        progress,
     };
-    let task = tokio::spawn(deliverer.run());
     DelivererHandle {
-        stop: stop_tx,
-        wake,
+        addr: WorkerActor::launch(deliverer, store, poll, WakeOn::Commits),
         progress: progress_rx,
-        task,
     }
 }
 
@@ -399,97 +406,30 @@ enum Interrupted {
     Moved,
 }
 
-/// The delivery loop of one webhook (see the module documentation).
+/// The deliveries of one webhook (see the module documentation), as a [`Worker`].
 pub struct Deliverer {
+    /// `webhook:<id>`: its checkpoint and its lock.
+    name: String,
     store: Store,
     spec: WebhookSpec,
     settings: DeliverySettings,
-    client: Option<reqwest::Client>,
-    lock: Option<ConsumerLock>,
-    cursor: LogCursor,
+    /// Built at the first activation.
+    client: OnceCell<reqwest::Client>,
+    /// The checkpoint as this instance holds it (moved from this value).
+    cursor: Cell<LogCursor>,
     progress: watch::Sender<LogCursor>,
-    stop: watch::Receiver<bool>,
-    wake: std::sync::Arc<Notify>,
 }
 
-impl Deliverer {
-    fn name(&self) -> String {
-        consumer_name(self.spec.id)
+#[async_trait(?Send)]
+impl Worker for Deliverer {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// Stop was asked for, or the handle was dropped.
-    fn stopped(&self) -> bool {
-        *self.stop.borrow() || self.stop.has_changed().is_err()
-    }
-
-    /// Sleeps for `duration` unless stopped first; returns whether it was stopped.
-    async fn pause(&mut self, duration: Duration) -> bool {
-        if self.stopped() {
-            return true;
-        }
-        tokio::select! {
-            _ = self.stop.changed() => true,
-            () = tokio::time::sleep(duration) => self.stopped(),
-        }
-    }
-
-    async fn run(mut self) {
-        let webhook = self.spec.id;
-        let mut commits = self.store.notifier().subscribe();
-        let mut commits_open = true;
-        let mut failures = 0u32;
-        while !self.stopped() {
-            // Before reading, so a commit made while the pass runs wakes the next one.
-            commits.mark_unchanged();
-            let wait = match self.pass().await {
-                Ok(PassResult::Standby) => {
-                    // Not woken by commits: each try costs a connection.
-                    if self.pause(STANDBY_RETRY).await {
-                        break;
-                    }
-                    continue;
-                }
-                Ok(PassResult::Done { held_back }) => {
-                    failures = 0;
-                    if held_back {
-                        HELD_BACK_RETRY
-                    } else {
-                        self.settings.poll_interval
-                    }
-                }
-                Ok(PassResult::Stopped) => break,
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let backoff = failure_backoff(failures);
-                    tracing::error!(%webhook, error = format!("{error:#}"), ?backoff, "webhook deliverer failed; retrying");
-                    // A lost PostgreSQL session may have released the lock.
-                    if let Some(lock) = self.lock.take() {
-                        lock.release().await;
-                    }
-                    backoff
-                }
-            };
-            tokio::select! {
-                _ = self.stop.changed() => {}
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-                changed = commits.changed(), if commits_open => {
-                    // The store closed: rely on the tick alone.
-                    if changed.is_err() {
-                        commits_open = false;
-                    }
-                }
-            }
-        }
-        if let Some(lock) = self.lock.take() {
-            lock.release().await;
-        }
-        tracing::debug!(%webhook, "webhook deliverer stopped");
-    }
-
-    /// Setup (once), the lock, replays, then new events up to the readable end.
-    async fn pass(&mut self) -> anyhow::Result<PassResult> {
-        if self.client.is_none() {
+    /// Setup (once), then the checkpoint as it is now: another instance may have
+    /// moved it while this one stood by.
+    async fn activate(&self) -> anyhow::Result<()> {
+        if self.client.get().is_none() {
             create_schema(&self.store).await?;
             ensure_checkpoint(&self.store, self.spec.id, LogCursor::START).await?;
             let client = reqwest::Client::builder()
@@ -502,50 +442,50 @@ impl Deliverer {
                 .dns_resolver(Arc::new(PolicyResolver(self.settings.address.clone())))
                 .build()
                 .context("building the webhook HTTP client")?;
-            self.client = Some(client);
+            // Only this actor sets it, and it was empty above.
+            let _ = self.client.set(client);
         }
-        if let Some(lock) = self.lock.as_mut() {
-            if !lock.is_alive().await {
-                self.lock = None;
-            }
-        }
-        if self.lock.is_none() {
-            let Some(lock) = ConsumerLock::try_take(&self.store, &self.name()).await? else {
-                return Ok(PassResult::Standby);
-            };
-            self.lock = Some(lock);
-            self.reload().await?;
-        }
-        match self.replay().await? {
-            Some(Interrupted::Stopped) => return Ok(PassResult::Stopped),
-            Some(Interrupted::Moved) => {
-                self.reload().await?;
-            }
+        self.reload().await
+    }
+
+    /// Replays, then new events up to the readable end.
+    async fn round(&self, round: &Round) -> anyhow::Result<Outcome> {
+        match self.replay(round).await? {
+            Some(Interrupted::Stopped) => return Ok(Outcome::Idle),
+            Some(Interrupted::Moved) => self.reload().await?,
             None => {}
         }
         loop {
-            let events = self.store.read_log(self.cursor, BATCH).await?;
+            let cursor = self.cursor.get();
+            let events = self.store.read_log(cursor, BATCH).await?;
             if events.is_empty() {
-                let held_back = self.store.log_held_back(self.cursor).await?;
-                return Ok(PassResult::Done { held_back });
+                return Ok(if self.store.log_held_back(cursor).await? {
+                    Outcome::After(HELD_BACK_RETRY)
+                } else {
+                    Outcome::Idle
+                });
             }
-            match self.deliver_batch(&events).await? {
-                Some(Interrupted::Stopped) => return Ok(PassResult::Stopped),
+            match self.deliver_batch(&events, round).await? {
+                Some(Interrupted::Stopped) => return Ok(Outcome::Idle),
                 Some(Interrupted::Moved) => self.reload().await?,
                 None => {}
             }
         }
     }
+}
 
-    async fn reload(&mut self) -> anyhow::Result<()> {
-        self.cursor = load_checkpoint(self.store.any_pool(), &self.name()).await?;
-        self.progress.send_replace(self.cursor);
+impl Deliverer {
+    async fn reload(&self) -> anyhow::Result<()> {
+        let cursor = load_checkpoint(self.store.any_pool(), &self.name).await?;
+        self.cursor.set(cursor);
+        self.progress.send_replace(cursor);
         Ok(())
     }
 
     async fn deliver_batch(
-        &mut self,
+        &self,
         events: &[StoredEvent],
+        round: &Round,
     ) -> anyhow::Result<Option<Interrupted>> {
         // Skipped events move the checkpoint together, before the next delivery.
         let mut skipped: Option<LogCursor> = None;
@@ -563,7 +503,7 @@ impl Deliverer {
             let max = self.settings.max_attempts.max(1);
             let parked = loop {
                 attempt += 1;
-                match self.post(event).await {
+                match self.post(event, round).await {
                     Attempt::Delivered => break None,
                     Attempt::Stopped => return Ok(Some(Interrupted::Stopped)),
                     Attempt::Failed(error) => {
@@ -578,8 +518,9 @@ impl Deliverer {
                         if attempt >= max {
                             break Some((attempt, error.to_string()));
                         }
-                        if self.pause(self.settings.backoff(attempt)).await {
-                            return Ok(Some(Interrupted::Stopped));
+                        tokio::select! {
+                            () = round.stopped() => return Ok(Some(Interrupted::Stopped)),
+                            () = tokio::time::sleep(self.settings.backoff(attempt)) => {}
                         }
                     }
                 }
@@ -611,7 +552,7 @@ impl Deliverer {
     /// Moves the checkpoint to `to` (from the value this instance holds), parking
     /// `park` in the same transaction. `false`: another instance moved it meanwhile.
     async fn advance(
-        &mut self,
+        &self,
         to: LogCursor,
         park: Option<(&StoredEvent, u32, &str)>,
     ) -> anyhow::Result<bool> {
@@ -622,7 +563,8 @@ impl Deliverer {
             .await
             .context("starting a webhook checkpoint transaction")?;
         let moved =
-            eventstore::consumer::move_checkpoint(&mut tx, &self.name(), self.cursor, to).await?;
+            eventstore::consumer::move_checkpoint(&mut tx, &self.name, self.cursor.get(), to)
+                .await?;
         if !moved {
             tx.rollback().await.ok();
             tracing::warn!(webhook = %self.spec.id, "checkpoint moved by another instance; continuing from it");
@@ -651,13 +593,13 @@ impl Deliverer {
         tx.commit()
             .await
             .context("committing a webhook checkpoint")?;
-        self.cursor = to;
+        self.cursor.set(to);
         self.progress.send_replace(to);
         Ok(true)
     }
 
     /// One attempt for each parked failure marked for replay, in position order.
-    async fn replay(&mut self) -> anyhow::Result<Option<Interrupted>> {
+    async fn replay(&self, round: &Round) -> anyhow::Result<Option<Interrupted>> {
         let webhook_id = self.spec.id.to_string();
         let mut after = 0i64;
         loop {
@@ -686,7 +628,7 @@ impl Deliverer {
                         .await?;
                     continue;
                 };
-                match self.post(event).await {
+                match self.post(event, round).await {
                     Attempt::Stopped => return Ok(Some(Interrupted::Stopped)),
                     Attempt::Delivered => self.replayed(position, Ok(())).await?,
                     Attempt::Failed(error) => {
@@ -732,8 +674,8 @@ impl Deliverer {
     }
 
     /// One signed POST of `event`'s public view, if the URL's address is allowed.
-    async fn post(&mut self, event: &StoredEvent) -> Attempt {
-        let Some(client) = self.client.clone() else {
+    async fn post(&self, event: &StoredEvent, round: &Round) -> Attempt {
+        let Some(client) = self.client.get() else {
             tracing::error!(webhook = %self.spec.id, "no webhook HTTP client");
             return Attempt::Failed(DeliveryError::Unreachable);
         };
@@ -764,11 +706,11 @@ impl Deliverer {
             .header(HEADER_SIGNATURE, signature)
             .body(body)
             .send();
-        if self.stopped() {
+        if round.stopping() {
             return Attempt::Stopped;
         }
         let result = tokio::select! {
-            _ = self.stop.changed() => return Attempt::Stopped,
+            () = round.stopped() => return Attempt::Stopped,
             result = request => result,
         };
         match result {
@@ -825,15 +767,6 @@ impl std::fmt::Display for DeliveryError {
 enum Attempt {
     Delivered,
     Failed(DeliveryError),
-    Stopped,
-}
-
-enum PassResult {
-    /// Another instance holds the lock.
-    Standby,
-    Done {
-        held_back: bool,
-    },
     Stopped,
 }
 

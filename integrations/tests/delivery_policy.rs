@@ -330,3 +330,57 @@ async fn failures_tell_a_closed_port_from_neither_a_refused_address_nor_an_open_
         t.cleanup().await.unwrap();
     }
 }
+
+#[actix_rt::test]
+async fn a_stop_ends_the_attempt_in_flight_and_the_pause_before_the_next_at_once() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let cmds = commands(&t.store);
+        // One receiver never answers (within a 30 s timeout), the other refuses with
+        // a 30 s pause before the next attempt.
+        let silent = Listener::start(Answer::Silent).await;
+        let refusing = Listener::start(Answer::Status(500)).await;
+        let mut handles = Vec::new();
+        for port in [silent.port, refusing.port] {
+            let hook = spec(format!("http://127.0.0.1:{port}/hook"));
+            webhook::ensure_checkpoint(&t.store, hook.id, LogCursor::START)
+                .await
+                .unwrap();
+            let slow = DeliverySettings {
+                max_attempts: 5,
+                base_backoff: Duration::from_secs(30),
+                timeout: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(100),
+                address: AddressPolicy::new(true),
+            };
+            handles.push((hook.id, webhook::spawn(t.store.clone(), hook, slow)));
+        }
+        register_patient(&cmds).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while silent.connections() == 0 || refusing.connections() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend:?}: no attempt"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (id, handle) in handles {
+            let started = tokio::time::Instant::now();
+            handle.stop().await;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{backend:?}: the stop took {:?}",
+                started.elapsed()
+            );
+            // Abandoned, not parked: it is delivered again by the next run.
+            assert!(webhook::failures(t.store.any_pool(), id, 0, 100)
+                .await
+                .unwrap()
+                .is_empty());
+        }
+        assert_eq!(refusing.connections(), 1, "{backend:?}");
+        t.cleanup().await.unwrap();
+    }
+}
