@@ -281,8 +281,9 @@ pub struct BodyLimits {
     pub upload_memory_bytes: usize,
     /// `AFYA_UPLOAD_SPOOL_BYTES`, default 64 × `AFYA_MAX_UPLOAD_BYTES`: the disk that
     /// upload bodies still arriving may fill at once over all accounts (one account:
-    /// four largest uploads' worth). A body is kept there, sealed under a key held in
-    /// memory only, until it is whole; only then does it take its share of the memory.
+    /// four largest uploads' worth), charged as bodies arrive. A body is kept there,
+    /// sealed under a key held in memory only, until it is whole; only then does it
+    /// take its share of the memory.
     pub upload_spool_bytes: usize,
     /// The spool's share of one account: four largest uploads.
     pub upload_spool_account_bytes: usize,

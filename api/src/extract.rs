@@ -298,24 +298,70 @@ where
     read_paced(payload, Sink::Memory(body), limit, pace).await
 }
 
+/// What an upload spool is charged in the spool budget before a byte arrives: its
+/// file, and the memory it holds while open (a piece and the file's buffer), so that
+/// many tiny uploads cannot hold more than the budget says.
+pub const SPOOL_CHARGE: usize = 256 * 1024;
+/// How the charge grows as the body arrives: a sender holds only what it has sent.
+const SPOOL_STEP: usize = 1024 * 1024;
+/// How long a body that is arriving waits for more of the spool budget.
+const SPOOL_GROW_WAIT: Duration = Duration::from_secs(10);
+
 /// Like [`read_into`], but into an upload [`Spool`] on disk, so that however slowly the
-/// body arrives it holds no more than a piece of memory meanwhile.
+/// body arrives it holds no more than a piece of memory meanwhile. `permit` holds the
+/// spool's share of `budget` (at first [`SPOOL_CHARGE`]) and grows with what arrives.
 pub async fn read_to_spool<S>(
     payload: &mut S,
     spool: &mut Spool,
+    budget: &UploadBudget,
+    permit: &mut UploadPermit,
     limit: usize,
     pace: Pace,
 ) -> Result<(), Problem>
 where
     S: futures::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + Unpin,
 {
-    read_paced(payload, Sink::Spool(spool), limit, pace).await
+    let sink = Sink::Spool {
+        spool,
+        budget,
+        permit,
+        charged: SPOOL_CHARGE,
+        cap: limit.max(SPOOL_CHARGE),
+    };
+    read_paced(payload, sink, limit, pace).await
+}
+
+/// A spool's error as an answer: a full disk, or a process out of files, is a
+/// capacity problem (503, try again later), anything else a fault.
+pub fn spool_problem(error: anyhow::Error) -> Problem {
+    if commands::spool::is_out_of_room(&error) {
+        tracing::warn!(error = format!("{error:#}"), "no room to spool an upload");
+        return busy();
+    }
+    Problem::internal(&error.context("spooling an upload"))
+}
+
+fn busy() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "uploads_busy",
+        "too many uploads are in progress; try again shortly",
+    )
+    .retry_after(10)
 }
 
 /// Where a body is read to.
 enum Sink<'a> {
     Memory(&'a mut Vec<u8>),
-    Spool(&'a mut Spool),
+    Spool {
+        spool: &'a mut Spool,
+        budget: &'a UploadBudget,
+        permit: &'a mut UploadPermit,
+        /// The bytes `permit` holds.
+        charged: usize,
+        /// The most it holds: the body's limit (which fits the budget).
+        cap: usize,
+    },
 }
 
 impl Sink<'_> {
@@ -325,10 +371,23 @@ impl Sink<'_> {
                 body.extend_from_slice(bytes);
                 Ok(())
             }
-            Sink::Spool(spool) => spool
-                .write(bytes)
-                .await
-                .map_err(|error| Problem::internal(&error.context("spooling an upload"))),
+            Sink::Spool {
+                spool,
+                budget,
+                permit,
+                charged,
+                cap,
+            } => {
+                let needed = spool.len() + bytes.len();
+                if needed > *charged {
+                    let more = (needed - *charged)
+                        .max(SPOOL_STEP)
+                        .min(cap.saturating_sub(*charged));
+                    budget.grow(permit, more, SPOOL_GROW_WAIT).await?;
+                    *charged += more;
+                }
+                spool.write(bytes).await.map_err(spool_problem)
+            }
         }
     }
 }
@@ -421,6 +480,19 @@ impl UploadBudget {
         account: &str,
         bytes: usize,
     ) -> Result<UploadPermit, Problem> {
+        self.acquire_staged(account, bytes, bytes).await
+    }
+
+    /// Like [`UploadBudget::acquire`], but taking `account_bytes` of the account's
+    /// share and only `first_bytes` of the overall budget, which [`UploadBudget::grow`]
+    /// adds to as the body arrives: an account's own uploads queue for its share before
+    /// they are read, while slow senders of many accounts hold only what they sent.
+    pub async fn acquire_staged(
+        self: &Arc<Self>,
+        account: &str,
+        account_bytes: usize,
+        first_bytes: usize,
+    ) -> Result<UploadPermit, Problem> {
         let semaphore = {
             let mut accounts = self
                 .accounts
@@ -437,17 +509,16 @@ impl UploadBudget {
             semaphore: semaphore.clone(),
             held: None,
         };
-        let need = units(bytes);
         // The account's share first: one account's uploads queue among themselves
         // without holding the overall budget that other accounts wait for.
         let both = async {
             let own = semaphore
-                .acquire_many_owned(need.min(self.account_units))
+                .acquire_many_owned(units(account_bytes).min(self.account_units))
                 .await?;
             let all = self
                 .total
                 .clone()
-                .acquire_many_owned(need.min(self.total_units))
+                .acquire_many_owned(units(first_bytes).min(self.total_units))
                 .await?;
             Ok::<_, tokio::sync::AcquireError>((own, all))
         };
@@ -457,12 +528,33 @@ impl UploadBudget {
                 Ok(permit)
             }
             Ok(Err(closed)) => Err(Problem::internal(&closed.into())),
-            Err(_) => Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "uploads_busy",
-                "too many uploads are in progress; try again shortly",
-            )
-            .retry_after(10)),
+            Err(_) => Err(busy()),
+        }
+    }
+
+    /// Adds `bytes` of the overall budget to what a permit of
+    /// [`UploadBudget::acquire_staged`] holds, waiting at most `wait` for them (503
+    /// `uploads_busy` then: the upload gives back what it held).
+    pub async fn grow(
+        &self,
+        permit: &mut UploadPermit,
+        bytes: usize,
+        wait: Duration,
+    ) -> Result<(), Problem> {
+        let more = self
+            .total
+            .clone()
+            .acquire_many_owned(units(bytes).min(self.total_units));
+        match (tokio::time::timeout(wait, more).await, permit.held.as_mut()) {
+            (Ok(Ok(more)), Some((_, all))) => {
+                all.merge(more);
+                Ok(())
+            }
+            (Ok(Ok(_)), None) => Err(Problem::internal(&anyhow::anyhow!(
+                "an upload grew a permit it did not hold"
+            ))),
+            (Ok(Err(closed)), _) => Err(Problem::internal(&closed.into())),
+            (Err(_), _) => Err(busy()),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct AppState {
     pub uploads: Arc<crate::extract::UploadBudget>,
     /// The disk upload bodies may fill while they arrive (see `UploadBudget`).
     pub spools: Arc<crate::extract::UploadBudget>,
+    /// This process's folder of upload spools.
+    pub spool_dir: Arc<commands::spool::SpoolDir>,
     pub metrics: Arc<Metrics>,
     /// The projections this process runs, by name.
     pub consumers: Vec<(String, ConsumerHandle)>,
@@ -53,10 +55,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(app: &App) -> AppState {
+    /// The state the routes share; makes this process's upload spool folder (and
+    /// removes those a crash left behind).
+    pub fn new(app: &App) -> anyhow::Result<AppState> {
         let handles: Vec<ConsumerHandle> = app.projections.iter().map(|(_, h)| h.clone()).collect();
         let names = app.projections.iter().map(|(n, _)| n.clone()).collect();
-        AppState {
+        let (spool_dir, removed) = commands::spool::SpoolDir::open(&app.config.data_dir)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed the upload spools of processes that are gone"
+            );
+        }
+        Ok(AppState {
             config: Arc::new(app.config.clone()),
             store: app.store.clone(),
             commands: app.commands.clone(),
@@ -78,6 +89,7 @@ impl AppState {
                 app.config.bodies.upload_spool_account_bytes,
                 app.config.bodies.upload_wait,
             )),
+            spool_dir: Arc::new(spool_dir),
             metrics: Arc::new(Metrics::default()),
             consumers: app.consumers.clone(),
             workers: app.workers(),
@@ -85,26 +97,15 @@ impl AppState {
             live: app.live.clone(),
             webhooks: app.webhooks.clone(),
             streams: Arc::default(),
-        }
+        })
     }
 }
 
 /// Serves until SIGINT/SIGTERM: stops accepting, lets in-flight requests finish, then
 /// stops the consumers after their current batch.
 pub async fn run(app: App, listener: TcpListener) -> anyhow::Result<()> {
-    let state = AppState::new(&app);
+    let state = AppState::new(&app)?;
     let addr = listener.local_addr()?;
-    // Spools a crash left behind (their keys died with it): older than any upload
-    // still arriving can be, so another instance's on this data directory stay.
-    let stale = app.config.bodies.upload_within.saturating_mul(2);
-    match commands::spool::clear_stale(&app.config.data_dir, stale) {
-        Ok(0) => {}
-        Ok(removed) => tracing::info!(removed, "removed upload spools left by a crash"),
-        Err(error) => tracing::warn!(
-            error = format!("{error:#}"),
-            "could not clear the upload spool"
-        ),
-    }
     // Our own signal handlers, in place before the server says it is listening: a
     // SIGTERM right after start must still stop it gracefully.
     use tokio::signal::unix::{signal, SignalKind};

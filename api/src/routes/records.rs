@@ -17,7 +17,10 @@ use uuid::Uuid;
 
 use commands::spool::Spool;
 
-use crate::extract::{closing, command_meta, declared_length, read_to_spool, Caller, Pace};
+use crate::extract::{
+    closing, command_meta, declared_length, read_to_spool, spool_problem, Caller, Pace,
+    SPOOL_CHARGE,
+};
 use crate::problem::{Problem, Validation};
 use crate::routes::{own_patient, path_id, PageQuery};
 use crate::server::AppState;
@@ -131,9 +134,11 @@ pub async fn upload(
         .and_then(|f| v.check(Filename::parse(f)));
     v.finish()?;
     let category = crate::problem::checked(category)?;
-    // The body is received into a spool on disk, for which it first takes its share
-    // of the spool budget (its declared length, or unknown, the largest allowed): a
-    // slow sender holds a file, not memory. Once whole, it takes its share of the
+    // The body is received into a spool on disk. It takes its declared length of the
+    // patient's share of the spool budget before a byte is read (a patient's uploads
+    // queue among themselves), but of the overall spool budget only what it has
+    // received (a spool's file and buffers first): a slow sender holds a file and what
+    // it sent, not memory, and slow senders of many accounts cannot fill the budget. Once whole, it takes its share of the
     // memory budget and is read back into one allocation with room for the
     // encryption, which then works in place; that permit lasts until the ciphertext
     // is stored.
@@ -141,14 +146,22 @@ pub async fn upload(
     let account = patient_id.to_string();
     let read = async {
         let length = declared_length(&req, limit)?;
+        if length == Some(0) {
+            return Err(Problem::field("body", "must not be empty"));
+        }
         let expected = length.unwrap_or(limit);
-        let spooled = state.spools.acquire(&account, expected).await?;
-        let mut spool = Spool::create(&state.config.data_dir)
+        let mut spooled = state
+            .spools
+            .acquire_staged(&account, expected.max(SPOOL_CHARGE), SPOOL_CHARGE)
+            .await?;
+        let mut spool = Spool::create(&state.spool_dir, expected)
             .await
-            .map_err(|error| Problem::internal(&error))?;
+            .map_err(spool_problem)?;
         read_to_spool(
             &mut payload,
             &mut spool,
+            &state.spools,
+            &mut spooled,
             expected,
             Pace::upload(&state.config.bodies),
         )
@@ -157,7 +170,7 @@ pub async fn upload(
         let body = spool
             .into_body(commands::keys::RECORD_OVERHEAD)
             .await
-            .map_err(|error| Problem::internal(&error))?;
+            .map_err(spool_problem)?;
         drop(spooled);
         Ok::<_, Problem>((permit, body))
     };

@@ -23,11 +23,23 @@ pub struct NewWebhook {
     /// Where deliveries are POSTed: `https://…` (or `http://…`), at most 2000
     /// characters, on a public address: an IP literal, or a name that resolves only
     /// to public addresses (checked again at every delivery).
+    #[schema(
+        min_length = 8,
+        max_length = 2000,
+        pattern = "^[Hh][Tt][Tt][Pp][Ss]?://"
+    )]
     pub url: String,
-    /// Event types to deliver; each must be allowed by the key.
+    /// Event types to deliver (1 to 100); each must be allowed by the key.
+    #[schema(min_items = 1, max_items = 100)]
     pub types: Vec<String>,
-    /// The HMAC-SHA256 signing secret, 16 to 200 characters; omit to have one made.
+    /// The HMAC-SHA256 signing secret, 16 to 200 characters and no control characters;
+    /// omit to have one made.
     #[serde(default, skip_serializing)]
+    #[schema(
+        min_length = 16,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub secret: Option<String>,
 }
 
@@ -61,7 +73,7 @@ const NOT_PUBLIC: &str = "must lead to a public internet address: a public IP ad
 async fn check_url(v: &mut Validation, url: &str, policy: &integrations::AddressPolicy) {
     use integrations::address::Refusal;
     let parsed = reqwest::Url::parse(url).ok().filter(|u| {
-        url.len() <= 2000
+        url.chars().count() <= 2000
             && matches!(u.scheme(), "http" | "https")
             && u.host_str().is_some_and(|h| !h.is_empty())
     });

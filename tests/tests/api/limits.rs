@@ -373,17 +373,31 @@ async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() 
     }
 }
 
-/// The upload spool files of the server (`<data>/spool/*.part`).
+/// The upload spool files of the server (`<data>/spool/<process>/*.part`).
 fn spooled(app: &TestApp) -> usize {
-    std::fs::read_dir(app.env.data_dir.join("spool"))
-        .map(|dir| {
-            dir.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".part"))
-            })
-            .count()
+    let Ok(processes) = std::fs::read_dir(app.env.data_dir.join("spool")) else {
+        return 0;
+    };
+    processes
+        .filter_map(|p| std::fs::read_dir(p.ok()?.path()).ok())
+        .flatten()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".part"))
         })
-        .unwrap_or(0)
+        .count()
+}
+
+/// Waits (up to `within`) until `done` holds; whether it did.
+async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    while !done() {
+        if Instant::now() > until {
+            return false;
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
 }
 
 /// Opens an upload by `p` declaring `len` bytes over a raw connection, sends it as
@@ -448,10 +462,10 @@ async fn slow_uploads_hold_no_memory_so_other_uploads_are_stored_without_waiting
             .collect();
         pieces[30].1 = Duration::from_secs(6);
         let paced = raw_upload(&addr, &p, len, pieces);
-        actix_rt::time::sleep(Duration::from_secs(2)).await;
         assert!(
-            spooled(&app) >= 5,
-            "{backend:?}: the bodies arrive into spools"
+            eventually(Duration::from_secs(8), || spooled(&app) >= 5).await,
+            "{backend:?}: the bodies arrive into spools ({} files)",
+            spooled(&app)
         );
         // Meanwhile a largest upload by another patient, and one by the same patient
         // as the paced upload, are stored at once.
@@ -511,15 +525,11 @@ async fn slow_uploads_hold_no_memory_so_other_uploads_are_stored_without_waiting
         for raw in slow {
             assert_cut_slow(&joined(raw).await, "a slow sender that stopped");
         }
-        let mut left = spooled(&app);
-        for _ in 0..100 {
-            if left == 0 {
-                break;
-            }
-            actix_rt::time::sleep(Duration::from_millis(100)).await;
-            left = spooled(&app);
-        }
-        assert_eq!(left, 0, "{backend:?}: spool files left behind");
+        assert!(
+            eventually(Duration::from_secs(10), || spooled(&app) == 0).await,
+            "{backend:?}: {} spool files left behind",
+            spooled(&app)
+        );
         assert_eq!(app.blobs().len(), 3, "{backend:?}");
         app.stop().await;
     }
