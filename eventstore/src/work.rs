@@ -273,7 +273,11 @@ impl<W: Worker> Actor for WorkerActor<W> {
 
 impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
     fn handle(&mut self, _: (), ctx: &mut Self::Context) {
-        ctx.notify(Tick);
+        // On standby, the lock is tried again on the poll, not on every commit (each
+        // try is a statement on the lock session).
+        if self.active || !self.worker.exclusive() {
+            ctx.notify(Tick);
+        }
     }
 
     fn finished(&mut self, _: &mut Self::Context) {}
