@@ -118,12 +118,18 @@ impl Registrations {
             .filter(|id| !listed.contains(id.to_string().as_str()))
             .copied()
             .collect();
-        for id in gone {
-            if let Some(handle) = running.remove(&id) {
-                handle.stop().await;
-                tracing::info!(webhook_id = %id, "webhook stopped: its key was withdrawn");
-            }
-        }
+        let stopping: Vec<(Uuid, DelivererHandle)> = gone
+            .into_iter()
+            .filter_map(|id| running.remove(&id).map(|handle| (id, handle)))
+            .collect();
+        // Stopped together, without the map held (a replay's wake waits for it).
+        drop(running);
+        futures::future::join_all(stopping.into_iter().map(|(id, handle)| async move {
+            handle.stop().await;
+            tracing::info!(webhook_id = %id, "webhook stopped: its key was withdrawn");
+        }))
+        .await;
+        let mut running = self.running.lock().await;
         for row in rows {
             if round.stopping() {
                 break;

@@ -67,6 +67,18 @@ impl Round {
         let _ = stop.wait_for(|s| *s).await;
     }
 
+    /// Whether this instance still holds the worker's lock as far as is known without
+    /// asking its session (the session's epoch): cheap enough before every step.
+    pub async fn holds(&self) -> bool {
+        !self.exclusive
+            || self
+                .lock
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(ConsumerLock::is_current)
+    }
+
     /// Whether this instance still holds the worker's lock, asked before a step that
     /// must never run in two instances at once (a chain transaction and its nonce).
     pub async fn still_active(&self) -> bool {
@@ -274,8 +286,11 @@ impl<W: Worker> Actor for WorkerActor<W> {
 impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
     fn handle(&mut self, _: (), ctx: &mut Self::Context) {
         // On standby, the lock is tried again on the poll, not on every commit (each
-        // try is a statement on the lock session).
-        if self.active || !self.worker.exclusive() {
+        // try is a statement on the lock session). During a round (the one that takes
+        // the lock among them), the wake-up is kept for after it.
+        if self.running {
+            self.again = true;
+        } else if self.active || !self.worker.exclusive() {
             ctx.notify(Tick);
         }
     }
@@ -372,6 +387,10 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                         }
                     }
                     Err(error) => {
+                        // The round may have lost the lock, or failed to take it.
+                        if let Ok(held) = actor.lock.try_lock() {
+                            actor.active = held.is_some() || !actor.worker.exclusive();
+                        }
                         actor.failures = actor.failures.saturating_add(1);
                         let backoff = failure_backoff(actor.failures);
                         if Store::is_unavailable(&error) {

@@ -468,7 +468,9 @@ impl Worker for Deliverer {
             match self.deliver_batch(&events, round).await? {
                 Some(Interrupted::Stopped) => return Ok(Outcome::Idle),
                 Some(Interrupted::Moved) => self.reload().await?,
-                None => {}
+                // A round per batch: the driver checks the lock between rounds, so a
+                // long run of deliveries never goes on in two instances for long.
+                None => return Ok(Outcome::More),
             }
         }
     }
@@ -503,6 +505,10 @@ impl Deliverer {
             let max = self.settings.max_attempts.max(1);
             let parked = loop {
                 attempt += 1;
+                // The lock lost (its session gone): another instance may deliver now.
+                if !round.holds().await {
+                    return Ok(Some(Interrupted::Stopped));
+                }
                 match self.post(event, round).await {
                     Attempt::Delivered => break None,
                     Attempt::Stopped => return Ok(Some(Interrupted::Stopped)),
