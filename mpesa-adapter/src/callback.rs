@@ -202,7 +202,9 @@ pub enum Verdict {
     /// Daraja says it ended otherwise: the callback is not to be believed.
     Disagrees { result_code: i64 },
     /// Daraja could not say now (still processing, unreachable, refusing the
-    /// question): the payment waits for the reconciling query.
+    /// question): the callback settles nothing and is kept as rejected (`unverified`)
+    /// so it is not lost; the payment stays pending for the reconciling query, which
+    /// settles it as Daraja says.
     Unknown(String),
 }
 

@@ -4,15 +4,16 @@
 //! Query (`POST /mpesa/stkpushquery/v1/query`).
 //!
 //! Each call is bounded by a timeout. A connection that could not be made, a 503, a 5xx
-//! saying Daraja is busy, a 429 (too many requests), or a 401 again after a fresh token
-//! is retried with a growing pause, and reported as [`DarajaError::Unavailable`] once
-//! the attempts are spent: Daraja turned the request away before doing anything with
-//! it, and may take it later. So is a 408 (request timeout) to an STK Push Query or the
-//! OAuth call. Any other 4xx is Daraja refusing the request, returned with its error
-//! code and message. An STK Push whose request may have been processed (it timed out,
-//! the connection broke after sending, a 408, or another 5xx came back) is never sent
-//! again: the customer could be asked to pay twice. It is reported as
-//! [`DarajaError::Unknown`].
+//! saying Daraja is busy, or a 429 (too many requests) is retried with a growing pause,
+//! and reported as [`DarajaError::Unavailable`] once the attempts are spent: Daraja
+//! turned the request away before doing anything with it, and may take it later. So
+//! is a 408 (request timeout) to an STK Push Query or the OAuth call, and a 401 to a
+//! query again after a fresh token. Any other 4xx is Daraja refusing the request,
+//! returned with its error code and message; a 401 to an STK Push again after a fresh
+//! token is one too (the push was not processed, so the payment can safely fail). An
+//! STK Push whose request may have been processed (it timed out, the connection broke
+//! after sending, a 408, or another 5xx came back) is never sent again: the customer
+//! could be asked to pay twice. It is reported as [`DarajaError::Unknown`].
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -223,8 +224,7 @@ const BUSY: &[&str] = &["500.003.02", "500.003.03"];
 
 /// A 4xx that says "not now" rather than "never": too many requests, or a request
 /// timeout. Answered to the OAuth call it is retried like a 5xx, and never taken for
-/// wrong credentials: a payment would otherwise be failed, or never asked about
-/// again, for a moment's rate limit.
+/// wrong credentials: a payment would otherwise be failed for a moment's rate limit.
 fn not_now(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
 }
@@ -344,8 +344,9 @@ impl Daraja {
     }
 
     /// Posts `body` to `path` with the bearer token, retrying what may be retried:
-    /// a 401 at once with a new token; a 5xx, a refused connection, a 429 or a 401
-    /// again with a growing pause (and a new token after a 401); a request that may
+    /// a 401 at once with a new token; a 5xx, a refused connection or a 429 with a
+    /// growing pause; a 401 again likewise (with yet another token) only if
+    /// `repeatable`, otherwise it is answered as Daraja's refusal; a request that may
     /// have been sent (a 408 included) only if `repeatable`.
     async fn post<T: Serialize>(
         &self,
@@ -370,8 +371,14 @@ impl Daraja {
                 }
                 // A token Daraja has just issued and refuses all the same: its gateway
                 // not yet knowing the token is a known Daraja hiccup, and nothing was
-                // processed. Tried again after a pause, with yet another token.
+                // processed. A query is tried again after a pause, with yet another
+                // token. A push is refused, as any other 4xx to it: the payment fails
+                // rather than waiting on credentials that may be wrong, and nobody was
+                // asked to pay.
                 Answer::Reply(status @ StatusCode::UNAUTHORIZED, body) => {
+                    if !repeatable {
+                        return Ok((status, body));
+                    }
                     renew = true;
                     error_text(status, &body)
                 }

@@ -16,9 +16,11 @@
 //!
 //! The same worker reconciles: a payment pushed longer than `reconcile_after` ago and
 //! still pending is asked about (STK Push Query) and settled from the answer
-//! (`PaymentReconciled`), since callbacks can be late or never come. One that Daraja
-//! still cannot tell about [`GIVE_UP_AFTER`] after it was asked for is settled as
-//! failed with an unknown outcome ([`UNKNOWN_OUTCOME`]) rather than left pending.
+//! (`PaymentReconciled`), since callbacks can be late or never come. Only Daraja's
+//! own answer settles it: while Daraja cannot say (down, rate-limiting, refusing the
+//! question, still processing), the payment stays pending and is asked about again
+//! after a pause that grows to about an hour, for as long as it takes. It is never
+//! failed for want of an answer, since the customer may have paid.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,27 +207,15 @@ pub struct Worker {
 const MIN_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 
-/// The longest pause between two STK Push Queries about one payment.
-const MAX_QUERY_PAUSE: Duration = Duration::from_secs(300);
+/// The longest pause between two STK Push Queries about one payment Daraja has not
+/// told about yet (still processing, down, rate-limiting or timing out): it is asked
+/// about again at least this often, for as long as it stays pending.
+const MAX_QUERY_PAUSE: Duration = Duration::from_secs(3600);
 
-/// How long after it was asked for a pushed payment may stay pending while Daraja
-/// cannot say how it ended (it keeps refusing the query, rate-limits it, or is down).
-/// An STK prompt expires within minutes, so by then Daraja has long known; a day leaves
-/// room for an outage of Daraja or of this server. Past it the payment is settled as
-/// failed with [`UNKNOWN_OUTCOME`].
-pub const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
-
-/// The `ResultCode` a payment is failed with when Daraja never said how it ended
-/// (none of Daraja's codes is negative). Its `ResultDesc` starts with `unknown_outcome`,
-/// the code an STK Push of unknown fate is failed with: a clinic sees the payment as
-/// not paid, so it is not counted as revenue nor leaves the patient's visit waiting
-/// forever, and the description tells staff to check the M-Pesa statement before
-/// asking the patient to pay again, since the customer may have paid after all.
-pub const UNKNOWN_OUTCOME: i64 = -1;
-
-/// The `ResultDesc` of a payment settled with [`UNKNOWN_OUTCOME`].
-const UNKNOWN_OUTCOME_DESC: &str = "unknown_outcome: M-Pesa could not be asked how this \
-     payment ended; check the M-Pesa statement before asking for it again";
+/// The pause before a payment is asked about again after Daraja refused the question
+/// (a 4xx that is not a 429 or 408): an operator may be fixing the cause (a passkey,
+/// the app's products), but Daraja is not asked over and over meanwhile.
+const REFUSED_PAUSE: Duration = Duration::from_secs(3600);
 
 impl Worker {
     pub fn new(
@@ -489,13 +479,14 @@ impl Worker {
             .context("finishing a payment job")
     }
 
-    /// Asks Daraja about payments whose callback is overdue, and settles them. Each is
-    /// asked again only after a growing pause (still pending, Daraja down, rate-limiting
-    /// or timing out), or an hour after Daraja refused the question (another 4xx), so
-    /// a few old payments neither crowd out newer ones nor flood Daraja. One Daraja has
-    /// still not told about [`GIVE_UP_AFTER`] after it was asked for is settled as failed
-    /// with [`UNKNOWN_OUTCOME`], once a last query has gone unanswered: otherwise a
-    /// payment whose callback was forged or lost would stay pending for good.
+    /// Asks Daraja about payments whose callback is overdue, and settles them as Daraja
+    /// says. Each is asked again only after a pause growing to [`MAX_QUERY_PAUSE`]
+    /// (still processing, Daraja down, rate-limiting or timing out), or
+    /// [`REFUSED_PAUSE`] after Daraja refused the question (another 4xx), so a few old
+    /// payments neither crowd out newer ones nor flood Daraja. None is ever given up
+    /// on or failed without Daraja's answer: a payment whose callback was lost or
+    /// forged may have been paid, and stays pending (visible as such) until Daraja
+    /// says how it ended.
     async fn reconcile(&self) -> anyhow::Result<()> {
         let pool = self.store.any_pool();
         let before = chrono::Utc::now()
@@ -522,28 +513,17 @@ impl Worker {
             .await
             .context("reading when a payment was last asked about")?;
             let attempts = last.map_or(0, |(a, _)| a);
-            let give_up_at = give_up_at(&row.requested_at);
-            // Due at the deadline at the latest: versions before it never asked again
-            // after a 4xx (`next_query_at` far ahead), and such payments are given up
-            // on too.
-            let due = last.map_or(i64::MIN, |(_, next)| {
-                give_up_at.map_or(next, |at| next.min(at))
-            });
-            if due > now_ms() {
+            let now = now_ms();
+            // Not due yet, unless noted further ahead than this version ever puts a
+            // query off: versions before it never asked again after a 4xx
+            // (`next_query_at` far ahead), and no payment is left unasked for good.
+            let latest = now.saturating_add(millis(MAX_QUERY_PAUSE.max(REFUSED_PAUSE)));
+            if last.is_some_and(|(_, next)| next > now && next <= latest) {
                 continue;
             }
             asked += 1;
-            if give_up_at.is_none() {
-                tracing::warn!(payment_id = %payment_id, "the time a pending payment was asked for cannot be read; it is never given up on");
-            }
             let again = |attempts: i64| {
-                let pause = self
-                    .settings
-                    .poll
-                    .max(MIN_PAUSE)
-                    .saturating_mul(1 << attempts.clamp(0, 8) as u32)
-                    .min(MAX_QUERY_PAUSE);
-                now_ms().saturating_add(millis(pause))
+                now_ms().saturating_add(millis(query_pause(self.settings.poll, attempts)))
             };
             let next = match self.daraja.stk_query(checkout).await {
                 Ok(StkStatus::Done {
@@ -561,22 +541,14 @@ impl Worker {
                     code,
                     message,
                 }) => {
-                    tracing::error!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refuses to say how this payment ended; asking again in an hour");
-                    let later = now_ms().saturating_add(millis(REFUSED_PAUSE));
-                    give_up_at.map_or(later, |at| later.min(at))
+                    tracing::error!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refuses to say how this payment ended; it stays pending, asking again in an hour");
+                    now_ms().saturating_add(millis(REFUSED_PAUSE))
                 }
                 Err(error) => {
                     tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed; asking again later");
                     again(attempts)
                 }
             };
-            if give_up_at.is_some_and(|at| now_ms() >= at) {
-                tracing::warn!(payment_id = %payment_id, hours = GIVE_UP_AFTER.as_secs() / 3600, "Daraja has not said how this payment ended since it was asked for; settled as failed with an unknown outcome");
-                self.settle_by_query(payment_id, UNKNOWN_OUTCOME, UNKNOWN_OUTCOME_DESC.to_owned())
-                    .await?;
-                self.forget_queries(&row.payment_id).await?;
-                continue;
-            }
             sqlx::query(
                 "INSERT INTO mpesa_queries (payment_id, attempts, next_query_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (payment_id) DO UPDATE SET attempts = $4, next_query_at = $5",
@@ -637,16 +609,13 @@ impl Worker {
     }
 }
 
-/// The pause before a payment is asked about again after Daraja refused the question
-/// (a 4xx that is not a 429 or 408): an operator may be fixing the cause (a passkey,
-/// the app's products), but Daraja is not asked over and over meanwhile.
-const REFUSED_PAUSE: Duration = Duration::from_secs(3600);
-
-/// When a payment asked for at `requested_at` (RFC 3339, as the read model keeps it) is
-/// given up on, in milliseconds since the epoch.
-fn give_up_at(requested_at: &str) -> Option<i64> {
-    let at = chrono::DateTime::parse_from_rfc3339(requested_at).ok()?;
-    Some(at.timestamp_millis().saturating_add(millis(GIVE_UP_AFTER)))
+/// The pause before a payment Daraja has not told about yet is asked about again,
+/// after `attempts` queries: the poll interval (at least [`MIN_PAUSE`]) doubled with
+/// each attempt, up to [`MAX_QUERY_PAUSE`].
+fn query_pause(poll: Duration, attempts: i64) -> Duration {
+    poll.max(MIN_PAUSE)
+        .saturating_mul(1 << attempts.clamp(0, 12) as u32)
+        .min(MAX_QUERY_PAUSE)
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -654,17 +623,24 @@ fn millis(duration: Duration) -> i64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_payment_is_given_up_on_a_day_after_it_was_asked_for() {
-        let at = give_up_at("2026-12-07T16:20:20.123456Z").unwrap();
-        let asked = chrono::DateTime::parse_from_rfc3339("2026-12-07T16:20:20.123456Z")
-            .unwrap()
-            .timestamp_millis();
-        assert_eq!(at - asked, 24 * 3600 * 1000);
-        assert_eq!(give_up_at("yesterday"), None);
+    fn an_untold_payment_is_asked_about_again_after_a_pause_growing_to_an_hour() {
+        let poll = Duration::from_millis(100);
+        assert_eq!(query_pause(poll, 0), MIN_PAUSE);
+        assert_eq!(query_pause(poll, 1), 2 * MIN_PAUSE);
+        let pauses: Vec<Duration> = (0..40).map(|a| query_pause(poll, a)).collect();
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        // Capped at an hour, however many times it was asked: asked again, never
+        // given up on.
+        assert_eq!(MAX_QUERY_PAUSE, Duration::from_secs(3600));
+        assert_eq!(query_pause(poll, 12), MAX_QUERY_PAUSE);
+        assert_eq!(query_pause(poll, i64::MAX), MAX_QUERY_PAUSE);
+        assert_eq!(
+            query_pause(Duration::from_secs(30), 2),
+            Duration::from_secs(120)
+        );
     }
 }

@@ -829,7 +829,7 @@ async fn a_held_push_stays_in_process_until_released() {
 
 /// The client takes a 429, a 408 or a 401 after a fresh token to a query for "not
 /// now": retried with a pause, then Daraja unavailable, never Daraja refusing the
-/// question (the reconciler would never ask again). A 400 is a refusal.
+/// question (the reconciler would wait an hour to ask again). A 400 is a refusal.
 #[tokio::test]
 async fn the_client_retries_a_rate_limited_or_timed_out_query_and_never_calls_it_refused() {
     let app = TestApp::spawn().await;
@@ -901,4 +901,39 @@ async fn a_rate_limited_push_is_sent_again_and_a_timed_out_one_never() {
         "{answer:?}"
     );
     assert_eq!(app.sandbox.pushes().len(), 1);
+}
+
+/// A single 401 to an STK Push is a stale token: a new one is fetched and the push goes
+/// through. A 401 again with the fresh token is Daraja refusing the push, as before the
+/// client took repeated 401s to queries for "not now": it was not processed, so its
+/// payment may fail (nobody was asked to pay), and it is not sent again and again on
+/// credentials that may be wrong.
+#[tokio::test]
+async fn a_push_refused_again_with_a_fresh_token_is_a_refusal() {
+    let app = TestApp::spawn().await;
+    let daraja = app.client();
+    let push = StkPush {
+        amount_kes: 150,
+        phone: PHONE.into(),
+        account_reference: "INV-0042".into(),
+        description: "Consultation".into(),
+    };
+    daraja.stk_push(&push).await.unwrap();
+    let tokens = app.sandbox.token_requests();
+    app.sandbox.fail_next(401, 1);
+    daraja.stk_push(&push).await.unwrap();
+    assert_eq!(app.sandbox.token_requests(), tokens + 1);
+    assert_eq!(app.sandbox.pushes().len(), 2);
+    app.sandbox.fail_next(401, 2);
+    let answer = daraja.stk_push(&push).await;
+    assert!(
+        matches!(&answer, Err(DarajaError::Rejected { status: 401, .. })),
+        "{answer:?}"
+    );
+    // One fresh token, one attempt with it: no retries with a pause.
+    assert_eq!(app.sandbox.token_requests(), tokens + 2);
+    assert_eq!(app.sandbox.pushes().len(), 2);
+    // The next push, the 401s spent, goes through.
+    daraja.stk_push(&push).await.unwrap();
+    assert_eq!(app.sandbox.pushes().len(), 3);
 }

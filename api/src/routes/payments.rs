@@ -613,8 +613,16 @@ pub async fn stk_callback(
                 .await?;
             return Ok(ack());
         }
-        Verdict::Unknown(why) => {
-            tracing::warn!(payment_id = %payment_id, result_code = callback.result_code, why = %why, "STK callback claims {claims} that Daraja cannot confirm now; it stays pending until the reconciling query settles it");
+        Verdict::Unknown(_) => {
+            // Kept, not dropped: a genuine callback (Daraja's own, of a payment made)
+            // is on record for operators, while the payment waits for the reconciling
+            // query, the only thing that settles it from here. Nothing is failed for
+            // want of an answer.
+            tracing::warn!(payment_id = %payment_id, "STK callback claims {claims} that Daraja cannot confirm now; kept as rejected (unverified), the payment stays pending until the reconciling query settles it");
+            state
+                .commands
+                .reject_callback(reject("unverified", Some(payment_id)))
+                .await?;
             return Ok(ack());
         }
     };

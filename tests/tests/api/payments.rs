@@ -511,8 +511,8 @@ async fn acknowledged(app: &TestApp, body: Value) {
 /// could otherwise fail a payment the customer has made. A forged cancellation of a
 /// payment Daraja's STK Push Query says was paid fails nothing: the callback is kept
 /// as rejected (`query_disagrees`) and the reconciling query confirms the payment. One
-/// posted while Daraja still processes the payment fails nothing either, and Daraja's
-/// own success callback confirms it with its receipt. A genuine failure, the query
+/// posted while Daraja still processes the payment fails nothing either (kept as
+/// `unverified`), and Daraja's own success callback confirms it with its receipt. A genuine failure, the query
 /// agreeing, still settles the payment as failed, from the callback.
 #[actix_rt::test]
 async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fails_nothing() {
@@ -571,13 +571,16 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
                 .ok(200)["status"],
             "pending"
         );
+        // Kept as an unverified callback, changing nothing.
+        assert_eq!(rejected().await, 2);
+        assert!(app.raw_events().await.contains("unverified"));
         sb.release(&payer.phone);
         let p = settled(&app, &payer, &paid).await;
         assert_eq!(p["status"], "confirmed", "{p}");
         assert_eq!(p["mpesa_receipt"].as_str().unwrap().len(), 10, "{p}");
         assert_eq!(count(&app, "PaymentReconciled", &paid).await, 0);
         assert_eq!(count(&app, "PaymentFailed", &paid).await, 0);
-        assert_eq!(rejected().await, 1);
+        assert_eq!(rejected().await, 2);
 
         // The real thing: the customer cancels, Daraja's callback and query agree.
         let cancels = patient(&app, &sb, Outcome::Cancelled).await;
@@ -587,7 +590,7 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
         assert_eq!(p["result_code"], 1032, "{p}");
         assert_eq!(count(&app, "PaymentFailed", &cancelled).await, 1);
         assert_eq!(count(&app, "PaymentReconciled", &cancelled).await, 0);
-        assert_eq!(rejected().await, 1);
+        assert_eq!(rejected().await, 2);
         app.stop().await;
         sb.stop().await;
     }
@@ -658,12 +661,11 @@ async fn a_callback_darajas_query_agrees_with_keeps_darajas_own_words() {
 
 /// Daraja rate-limiting the reconciling STK Push Query (429) means "not now", not a
 /// refusal: the payment is asked about again after a pause and settled once Daraja
-/// answers. A payment Daraja never tells about does not stay pending for good: a day
-/// after it was asked for, and one more unanswered query, it is failed with an unknown
-/// outcome (ResultCode -1, `unknown_outcome`), so the clinic knows to check the M-Pesa
-/// statement rather than wait.
+/// answers. A payment Daraja never tells about is never failed nor given up on, however
+/// long ago it was asked for (only Daraja can say it was not paid): it stays pending,
+/// and is asked about again and again.
 #[actix_rt::test]
-async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_fails_after_a_day() {
+async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_stays_pending() {
     for backend in eventstore::testing::BACKENDS {
         let sb = sandbox(200).await;
         let port = free_port();
@@ -686,20 +688,33 @@ async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_fails_a
         );
         assert!(!logs.contains("Daraja refuses to say"), "{logs}");
 
-        // Daraja never answering: asked about again and again, and pending meanwhile.
-        let asked = || {
+        // Daraja never answering, for a payment asked for a day ago (as far as the
+        // server can tell): asked about again and again, and pending all along.
+        let failed = || {
             app.server
                 .logs()
                 .matches("STK Push Query failed; asking again later")
                 .count()
         };
+        let failed_before = failed();
         let untold = patient(&app, &sb, Outcome::NoCallback).await;
         sb.fail_next_queries(429, usize::MAX);
         let id = pay(&app, &untold, 600, "k2").await;
         checkout_of(&app, &untold, &id).await;
-        let before = asked();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while asked() < before + 2 {
+        let day_ago = (chrono::Utc::now() - chrono::Duration::hours(25))
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let tampered = app
+            .tamper(&format!(
+                "UPDATE rm_payments SET requested_at = '{day_ago}' WHERE payment_id = '{id}'"
+            ))
+            .await;
+        assert_eq!(tampered, 1);
+        let queried = format!(
+            "SELECT COALESCE(MAX(attempts), 0) FROM mpesa_queries WHERE payment_id = '{id}'"
+        );
+        let queries = || app.scalar(&queried);
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while queries().await < 3 {
             assert!(Instant::now() < deadline, "{}", app.server.logs());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -708,33 +723,10 @@ async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_fails_a
             .await
             .ok(200);
         assert_eq!(p["status"], "pending", "{p}");
-        // A day later (as far as the server can tell): failed, outcome unknown.
-        let day_ago = (chrono::Utc::now() - chrono::Duration::hours(25))
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        assert_eq!(
-            app.tamper(&format!(
-                "UPDATE rm_payments SET requested_at = '{day_ago}' WHERE payment_id = '{id}'"
-            ))
-            .await,
-            1
-        );
-        let p = settled(&app, &untold, &id).await;
-        assert_eq!(p["status"], "failed", "{p}");
-        assert_eq!(p["result_code"], -1, "{p}");
-        assert!(
-            p["result_desc"]
-                .as_str()
-                .unwrap()
-                .starts_with("unknown_outcome: "),
-            "{p}"
-        );
-        assert_eq!(p["mpesa_receipt"], Value::Null, "{p}");
-        assert_eq!(count(&app, "PaymentFailed", &id).await, 1);
-        assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
-        assert!(app
-            .server
-            .logs()
-            .contains("settled as failed with an unknown outcome"));
+        assert_eq!(p["result_code"], Value::Null, "{p}");
+        assert_eq!(count(&app, "PaymentFailed", &id).await, 0);
+        assert_eq!(count(&app, "PaymentReconciled", &id).await, 0);
+        assert!(failed() >= failed_before + 3, "{}", app.server.logs());
         app.stop().await;
         sb.stop().await;
     }
@@ -743,7 +735,8 @@ async fn a_rate_limited_query_is_asked_again_and_a_payment_never_told_of_fails_a
 /// A callback that never comes: the reconciler asks Daraja (STK Push Query) and settles
 /// the payment (`PaymentReconciled`). Tokens that expire are fetched again. A success
 /// callback that cannot be checked with Daraja now (the query fails) confirms nothing
-/// yet: the payment stays pending, the log says why, and the reconciler settles it.
+/// yet: it is kept as rejected (`unverified`) rather than lost, the payment stays
+/// pending, and the reconciler settles it.
 #[actix_rt::test]
 async fn a_missing_callback_is_reconciled_and_expired_tokens_are_refreshed() {
     let sb = sandbox(300).await;
@@ -772,17 +765,26 @@ async fn a_missing_callback_is_reconciled_and_expired_tokens_are_refreshed() {
     let checkout = checkout_of(&app, &unsure, &id).await;
     sb.fail_next(503, 1);
     callback(&app, success(&checkout, 550, &unsure.phone, "UNSURE0001")).await;
-    wait_log(&app, "Daraja cannot confirm now; it stays pending").await;
+    wait_log(
+        &app,
+        "Daraja cannot confirm now; kept as rejected (unverified), the payment stays pending",
+    )
+    .await;
     let p = app
         .get(&format!("/v1/payments/{id}"), Some(&unsure.token))
         .await
         .ok(200);
     assert_eq!(p["status"], "pending", "{p}");
+    // Kept, not lost: on record as an unverified callback, with its receipt.
     assert_eq!(
         app.scalar("SELECT count(*) FROM events WHERE event_type = 'MpesaCallbackRejected'")
             .await,
-        0
+        1
     );
+    let raw = app.raw_events().await;
+    assert!(raw.contains("unverified"));
+    assert!(raw.contains("UNSURE0001"));
+    assert!(!app.server.logs().contains("UNSURE0001"));
     let p = settled(&app, &unsure, &id).await;
     assert_eq!(p["status"], "confirmed", "{p}");
     assert_eq!(count(&app, "PaymentReconciled", &id).await, 1);
