@@ -156,6 +156,8 @@ pub struct WorkerActor<W: Worker> {
     active: bool,
     /// Whether the last round found an outside service down (it asked for a pause).
     outage: bool,
+    /// Whether a commit or progress woke it during the round.
+    woken: bool,
     /// When the lock's session was last asked whether it is up.
     lock_checked: Rc<std::cell::Cell<Instant>>,
 }
@@ -216,6 +218,7 @@ impl<W: Worker> WorkerActor<W> {
             paused_until: None,
             active: false,
             outage: false,
+            woken: false,
             lock_checked: Rc::new(std::cell::Cell::new(Instant::now())),
         }
         .start()
@@ -289,7 +292,7 @@ impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
         // try is a statement on the lock session). During a round (the one that takes
         // the lock among them), the wake-up is kept for after it.
         if self.running {
-            self.again = true;
+            self.woken = true;
         } else if self.active || !self.worker.exclusive() {
             ctx.notify(Tick);
         }
@@ -360,17 +363,26 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     return Ok((Outcome::Idle, false));
                 }
                 let outcome = worker.round(&round).await?;
-                Ok((outcome, lock.lock().await.is_some()))
+                let active = lock
+                    .lock()
+                    .await
+                    .as_ref()
+                    .is_some_and(ConsumerLock::is_current);
+                Ok((outcome, active))
             }
             .into_actor(self)
             .map(|result: anyhow::Result<(Outcome, bool)>, actor, ctx| {
                 actor.running = false;
-                let again = std::mem::take(&mut actor.again);
+                let mut again = std::mem::take(&mut actor.again);
+                let woken = std::mem::take(&mut actor.woken);
                 let name = actor.worker.name();
                 match result {
                     Ok((outcome, active)) => {
                         actor.failures = 0;
                         actor.active = active;
+                        // A commit during the round counts only for an active worker:
+                        // a standby one tries the lock on its poll.
+                        again |= woken && (active || !actor.worker.exclusive());
                         actor.outage = matches!(outcome, Outcome::Pause(_));
                         match outcome {
                             Outcome::More => ctx.notify(Tick),
@@ -389,7 +401,8 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     Err(error) => {
                         // The round may have lost the lock, or failed to take it.
                         if let Ok(held) = actor.lock.try_lock() {
-                            actor.active = held.is_some() || !actor.worker.exclusive();
+                            actor.active = held.as_ref().is_some_and(ConsumerLock::is_current)
+                                || !actor.worker.exclusive();
                         }
                         actor.failures = actor.failures.saturating_add(1);
                         let backoff = failure_backoff(actor.failures);

@@ -634,6 +634,10 @@ impl Deliverer {
                         .await?;
                     continue;
                 };
+                // As for new events: a lost lock stops replaying at once.
+                if !round.holds().await {
+                    return Ok(Some(Interrupted::Stopped));
+                }
                 match self.post(event, round).await {
                     Attempt::Stopped => return Ok(Some(Interrupted::Stopped)),
                     Attempt::Delivered => self.replayed(position, Ok(())).await?,

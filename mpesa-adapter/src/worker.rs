@@ -493,63 +493,72 @@ impl Worker {
             - chrono::Duration::from_std(self.settings.reconcile_after)
                 .unwrap_or_else(|_| chrono::Duration::seconds(120));
         let before = before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let overdue = projections::queries::unsettled_payments(pool, &before, 256).await?;
         let mut asked = 0;
-        for row in overdue {
-            if asked >= 16 {
+        // Page on through the pending payments until 16 were asked: payments still not
+        // due (many, if Daraja keeps refusing to say) never hide newer ones that are.
+        let mut after = 0i64;
+        'pages: loop {
+            let overdue =
+                projections::queries::unsettled_payments(pool, &before, after, 256).await?;
+            let Some(last) = overdue.last().map(|row| row.position) else {
                 break;
-            }
-            let (Ok(payment_id), Some(checkout)) = (
-                PaymentId::parse(&row.payment_id),
-                row.checkout_request_id.as_deref(),
-            ) else {
-                continue;
             };
-            let last: Option<(i64, i64)> = sqlx::query_as(
-                "SELECT attempts, next_query_at FROM mpesa_queries WHERE payment_id = $1",
-            )
-            .bind(row.payment_id.clone())
-            .fetch_optional(pool)
-            .await
-            .context("reading when a payment was last asked about")?;
-            let attempts = last.map_or(0, |(a, _)| a);
-            let now = now_ms();
-            // Not due yet, unless noted further ahead than this version ever puts a
-            // query off: versions before it never asked again after a 4xx
-            // (`next_query_at` far ahead), and no payment is left unasked for good.
-            let latest = now.saturating_add(millis(MAX_QUERY_PAUSE.max(REFUSED_PAUSE)));
-            if last.is_some_and(|(_, next)| next > now && next <= latest) {
-                continue;
-            }
-            asked += 1;
-            let again = |attempts: i64| {
-                now_ms().saturating_add(millis(query_pause(self.settings.poll, attempts)))
-            };
-            let next = match self.daraja.stk_query(checkout).await {
-                Ok(StkStatus::Done {
-                    result_code,
-                    result_desc,
-                }) => {
-                    self.settle_by_query(payment_id, result_code, result_desc)
-                        .await?;
-                    self.forget_queries(&row.payment_id).await?;
+            after = last;
+            for row in overdue {
+                if asked >= 16 {
+                    break 'pages;
+                }
+                let (Ok(payment_id), Some(checkout)) = (
+                    PaymentId::parse(&row.payment_id),
+                    row.checkout_request_id.as_deref(),
+                ) else {
+                    continue;
+                };
+                let last: Option<(i64, i64)> = sqlx::query_as(
+                    "SELECT attempts, next_query_at FROM mpesa_queries WHERE payment_id = $1",
+                )
+                .bind(row.payment_id.clone())
+                .fetch_optional(pool)
+                .await
+                .context("reading when a payment was last asked about")?;
+                let attempts = last.map_or(0, |(a, _)| a);
+                let now = now_ms();
+                // Not due yet, unless noted further ahead than this version ever puts a
+                // query off: versions before it never asked again after a 4xx
+                // (`next_query_at` far ahead), and no payment is left unasked for good.
+                let latest = now.saturating_add(millis(MAX_QUERY_PAUSE.max(REFUSED_PAUSE)));
+                if last.is_some_and(|(_, next)| next > now && next <= latest) {
                     continue;
                 }
-                Ok(StkStatus::Pending) => again(attempts),
-                Err(DarajaError::Rejected {
-                    status,
-                    code,
-                    message,
-                }) => {
-                    tracing::error!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refuses to say how this payment ended; it stays pending, asking again in an hour");
-                    now_ms().saturating_add(millis(REFUSED_PAUSE))
-                }
-                Err(error) => {
-                    tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed; asking again later");
-                    again(attempts)
-                }
-            };
-            sqlx::query(
+                asked += 1;
+                let again = |attempts: i64| {
+                    now_ms().saturating_add(millis(query_pause(self.settings.poll, attempts)))
+                };
+                let next = match self.daraja.stk_query(checkout).await {
+                    Ok(StkStatus::Done {
+                        result_code,
+                        result_desc,
+                    }) => {
+                        self.settle_by_query(payment_id, result_code, result_desc)
+                            .await?;
+                        self.forget_queries(&row.payment_id).await?;
+                        continue;
+                    }
+                    Ok(StkStatus::Pending) => again(attempts),
+                    Err(DarajaError::Rejected {
+                        status,
+                        code,
+                        message,
+                    }) => {
+                        tracing::error!(payment_id = %payment_id, status, code = %code, message = %message, "Daraja refuses to say how this payment ended; it stays pending, asking again in an hour");
+                        now_ms().saturating_add(millis(REFUSED_PAUSE))
+                    }
+                    Err(error) => {
+                        tracing::warn!(payment_id = %payment_id, error = %error, "STK Push Query failed; asking again later");
+                        again(attempts)
+                    }
+                };
+                sqlx::query(
                 "INSERT INTO mpesa_queries (payment_id, attempts, next_query_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (payment_id) DO UPDATE SET attempts = $4, next_query_at = $5",
             )
@@ -561,6 +570,7 @@ impl Worker {
             .execute(pool)
             .await
             .context("noting when to ask about a payment again")?;
+            }
         }
         Ok(())
     }

@@ -279,13 +279,16 @@ pub enum PaymentParty {
 pub async fn unsettled_payments(
     pool: &AnyPool,
     pushed_before: &str,
+    after_position: i64,
     limit: i64,
 ) -> anyhow::Result<Vec<PaymentRow>> {
     sqlx::query_as(&format!(
         "SELECT {PAYMENT_COLUMNS} FROM rm_payments WHERE status = 'pending' \
-         AND checkout_request_id IS NOT NULL AND pushed_at < $1 ORDER BY position LIMIT $2"
+         AND checkout_request_id IS NOT NULL AND pushed_at < $1 AND position > $2 \
+         ORDER BY position LIMIT $3"
     ))
     .bind(pushed_before.to_owned())
+    .bind(after_position)
     .bind(limit)
     .fetch_all(pool)
     .await
