@@ -237,33 +237,42 @@ pub struct Outcome<'a> {
 /// Records `outcome` for `job`, if it is still in the state it was read in. `true`:
 /// recorded (another run had not moved it meanwhile).
 pub async fn record(pool: &AnyPool, job: &Job, outcome: &Outcome<'_>) -> anyhow::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE jobs SET state = $1, attempts = $2, next_attempt_at = $3, last_error = $4, \
-         updated_at = $5 WHERE worker = $6 AND kind = $7 AND subject = $8 AND state = $9",
+    set(
+        pool,
+        job,
+        outcome.state,
+        outcome.attempts,
+        outcome.next_attempt_at,
+        Some(outcome.error),
     )
-    .bind(outcome.state.to_owned())
-    .bind(outcome.attempts)
-    .bind(outcome.next_attempt_at)
-    .bind(outcome.error.to_owned())
-    .bind(now_text())
-    .bind(job.worker.clone())
-    .bind(job.kind.clone())
-    .bind(job.subject.clone())
-    .bind(job.state.clone())
-    .execute(pool)
     .await
-    .with_context(|| format!("recording a {} job's attempt", job.worker))?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// Moves a job from its state to `state` without counting an attempt (the M-Pesa
 /// worker's `sending` before a push leaves). `true`: moved.
 pub async fn mark(pool: &AnyPool, job: &Job, state: &str) -> anyhow::Result<bool> {
+    let error = job.last_error.as_deref();
+    set(pool, job, state, job.attempts, job.next_attempt_at, error).await
+}
+
+/// Writes a job's state, attempts, next attempt and last error if it is still in the
+/// state it was read in (optimistic: another run may have moved it).
+async fn set(
+    pool: &AnyPool,
+    job: &Job,
+    state: &str,
+    attempts: i64,
+    next_attempt_at: i64,
+    error: Option<&str>,
+) -> anyhow::Result<bool> {
     let done = sqlx::query(
-        "UPDATE jobs SET state = $1, updated_at = $2 \
-         WHERE worker = $3 AND kind = $4 AND subject = $5 AND state = $6",
+        "UPDATE jobs SET state = $1, attempts = $2, next_attempt_at = $3, last_error = $4, \
+         updated_at = $5 WHERE worker = $6 AND kind = $7 AND subject = $8 AND state = $9",
     )
     .bind(state.to_owned())
+    .bind(attempts)
+    .bind(next_attempt_at)
+    .bind(error.map(str::to_owned))
     .bind(now_text())
     .bind(job.worker.clone())
     .bind(job.kind.clone())
@@ -271,7 +280,7 @@ pub async fn mark(pool: &AnyPool, job: &Job, state: &str) -> anyhow::Result<bool
     .bind(job.state.clone())
     .execute(pool)
     .await
-    .with_context(|| format!("marking a {} job {state}", job.worker))?;
+    .with_context(|| format!("moving a {} job to {state}", job.worker))?;
     Ok(done.rows_affected() == 1)
 }
 

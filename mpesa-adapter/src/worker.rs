@@ -327,25 +327,12 @@ impl Worker {
         merchant_request_id: String,
         checkout_request_id: String,
     ) -> anyhow::Result<()> {
-        match self
-            .commands
-            .payment_command(
-                payment_id,
-                PaymentCommand::AcceptPush {
-                    by: Actor::System,
-                    merchant_request_id,
-                    checkout_request_id,
-                },
-            )
-            .await
-        {
-            Ok(_)
-            | Err(commands::CommandError::Rejected {
-                code: "payment_already_pushed",
-                ..
-            }) => Ok(()),
-            Err(other) => Err(anyhow::anyhow!(other)),
-        }
+        let accepted = PaymentCommand::AcceptPush {
+            by: Actor::System,
+            merchant_request_id,
+            checkout_request_id,
+        };
+        self.record_push(payment_id, accepted).await
     }
 
     /// Pushes one payment; `false` when Daraja is unavailable.
@@ -451,19 +438,22 @@ impl Worker {
         error_code: String,
         error_message: String,
     ) -> anyhow::Result<()> {
-        match self
-            .commands
-            .payment_command(
-                payment_id,
-                PaymentCommand::FailPush {
-                    by: Actor::System,
-                    error_code,
-                    error_message,
-                },
-            )
-            .await
-        {
-            // Recorded already (accepted or failed): nothing to add.
+        let failed = PaymentCommand::FailPush {
+            by: Actor::System,
+            error_code,
+            error_message,
+        };
+        self.record_push(payment_id, failed).await
+    }
+
+    /// Records what became of a push; one recorded already (accepted or failed, by an
+    /// earlier run) is left as it is.
+    async fn record_push(
+        &self,
+        payment_id: PaymentId,
+        outcome: PaymentCommand,
+    ) -> anyhow::Result<()> {
+        match self.commands.payment_command(payment_id, outcome).await {
             Ok(_)
             | Err(commands::CommandError::Rejected {
                 code: "payment_already_pushed",

@@ -202,6 +202,7 @@ async fn reads_back(app: &TestApp, p: &Party, stored: &[(&str, &Vec<u8>)]) {
 
 #[actix_rt::test]
 async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than_100_mb() {
+    crate::support::alone();
     for backend in BACKENDS {
         let Some(app) = TestApp::start(backend).await else {
             continue;
@@ -295,6 +296,7 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
 
 #[actix_rt::test]
 async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() {
+    crate::support::alone();
     for backend in BACKENDS {
         // Uploads whole within 20 s (30 min by default).
         let Some(app) = TestApp::start_with(backend, &[("AFYA_UPLOAD_WITHIN_SECS", "20")]).await
@@ -421,6 +423,7 @@ fn raw_upload(
 
 #[actix_rt::test]
 async fn slow_uploads_hold_no_memory_so_other_uploads_are_stored_without_waiting_for_them() {
+    crate::support::alone();
     for backend in BACKENDS {
         // Memory for two largest uploads at once, and a short wait for it: before the
         // spool, the four slow uploads below held all of it (their declared length,

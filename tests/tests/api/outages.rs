@@ -121,6 +121,7 @@ async fn nats_report(
 
 #[actix_rt::test]
 async fn with_nats_down_commands_answer_at_once_and_the_events_follow_when_it_returns() {
+    crate::support::alone();
     for backend in eventstore::testing::BACKENDS {
         nats_outage(backend).await;
     }
@@ -247,6 +248,7 @@ async fn unavailable(
 /// server serves by itself, its consumers resume, and nothing acknowledged was lost.
 #[actix_rt::test]
 async fn with_postgres_down_requests_answer_503_at_once_and_work_resumes_when_it_returns() {
+    crate::support::alone();
     let Some(pg) = OwnPostgres::start() else {
         return;
     };

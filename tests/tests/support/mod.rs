@@ -2,10 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 pub mod pg;
@@ -39,6 +40,51 @@ pub fn installed(program: &str, why: &str) -> bool {
     installed
 }
 
+/// The end-to-end tests run two at a time (`scripts/test`): every test that starts a
+/// server takes a shared slot; a test whose assertions are timings or that loads the
+/// whole machine calls [`alone`] first, and runs with no other beside it.
+static SLOTS: RwLock<()> = RwLock::new(());
+
+/// A test's slot, held by its thread until the test ends (each test runs on a thread
+/// of its own, whose thread-locals are dropped as it ends).
+enum Slot {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+thread_local! {
+    static SLOT: RefCell<Option<Slot>> = const { RefCell::new(None) };
+}
+
+/// Waits until no other test runs, and keeps the others waiting until this one ends.
+/// Called first in the test, before it starts any server.
+pub fn alone() {
+    SLOT.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        assert!(
+            !matches!(*slot, Some(Slot::Shared(_))),
+            "support::alone() must be called before the test starts a server"
+        );
+        if slot.is_none() {
+            *slot = Some(Slot::Alone(
+                SLOTS.write().unwrap_or_else(PoisonError::into_inner),
+            ));
+        }
+    });
+}
+
+/// Takes a shared slot for the test on this thread, unless it holds one already.
+fn beside_others() {
+    SLOT.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Slot::Shared(
+                SLOTS.read().unwrap_or_else(PoisonError::into_inner),
+            ));
+        }
+    });
+}
+
 /// An environment for the binary: a data directory, and a database on PostgreSQL.
 pub struct Env {
     pub backend: Backend,
@@ -51,6 +97,7 @@ pub struct Env {
 impl Env {
     /// `None`: PostgreSQL unreachable outside CI (skip).
     pub async fn new(backend: Backend) -> Option<Env> {
+        beside_others();
         let (config, admin_url, db_name, dir) = fresh_config(backend).await?;
         let data_dir = dir.unwrap_or_else(|| {
             std::env::temp_dir().join(format!("afya-e2e-{}", uuid::Uuid::new_v4()))
@@ -72,6 +119,7 @@ impl Env {
     /// An environment on an existing PostgreSQL database (a test's own cluster), which
     /// the test removes itself.
     pub fn on_postgres(url: String) -> Env {
+        beside_others();
         let data_dir = std::env::temp_dir().join(format!("afya-e2e-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&data_dir).unwrap();
         Env {
@@ -98,7 +146,11 @@ impl Env {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AFYA_DATA_DIR", &self.data_dir)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // Smaller pools than the defaults (16 + 12): two tests at a time, some with
+            // two servers each, stay under PostgreSQL's default 100 connections.
+            .env("AFYA_PG_POOL_SIZE", "10")
+            .env("AFYA_PG_READ_POOL_SIZE", "8");
         if let Some(url) = &self.database_url {
             cmd.env("DATABASE_URL", url);
         }
