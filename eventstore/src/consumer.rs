@@ -87,14 +87,8 @@ pub struct Runner {
     batch_size: i64,
     cursor: LogCursor,
     lock: Option<ConsumerLock>,
-    /// When the lock's session was last asked whether it is up.
-    lock_checked: std::time::Instant,
     progress: watch::Sender<LogCursor>,
 }
-
-/// How often an active consumer asks its lock's session, and how long it waits.
-const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
-const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Runner {
     /// Creates the handler's tables and its checkpoint row, and loads the checkpoint.
@@ -115,7 +109,6 @@ impl Runner {
             batch_size: 1000,
             cursor: LogCursor::START,
             lock: None,
-            lock_checked: std::time::Instant::now(),
             progress: watch::channel(LogCursor::START).0,
         };
         runner.reload_checkpoint().await?;
@@ -150,28 +143,20 @@ impl Runner {
         Ok(())
     }
 
-    /// Takes the consumer's lock if no other instance holds it.
+    /// Takes the consumer's lock if no other instance holds it, or checks this one
+    /// still holds it ([`ConsumerLock::is_held`]).
     pub async fn try_lock(&mut self) -> anyhow::Result<bool> {
-        // Every so often the session is asked too: a process whose consumers alone use
-        // it would otherwise not notice it was lost.
-        if self.lock.is_some() && self.lock_checked.elapsed() >= LOCK_CHECK_EVERY {
-            self.lock_checked = std::time::Instant::now();
-            if let Some(lock) = self.lock.as_mut() {
-                let _ = tokio::time::timeout(LOCK_CHECK_TIMEOUT, lock.is_alive()).await;
+        if let Some(lock) = self.lock.as_mut() {
+            if lock.is_held().await {
+                return Ok(true);
             }
-        }
-        match &self.lock {
-            Some(lock) if lock.is_current() => return Ok(true),
-            Some(_) => {
-                // Its session was lost, and the lock with it: another instance may be
-                // active now. Take it again before applying anything.
-                tracing::warn!(
-                    consumer = self.handler.name(),
-                    "consumer lost its lock; taking it again"
-                );
-                self.lock = None;
-            }
-            None => {}
+            // Its session was lost, and the lock with it: another instance may be
+            // active now. Take it again before applying anything.
+            tracing::warn!(
+                consumer = self.handler.name(),
+                "consumer lost its lock; taking it again"
+            );
+            self.lock = None;
         }
         let Some(lock) = ConsumerLock::try_take(&self.store, self.handler.name()).await? else {
             return Ok(false);

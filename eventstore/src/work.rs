@@ -30,9 +30,6 @@ use crate::store::Store;
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Stop`] waits for the round in flight.
 const STOP_WAIT: Duration = Duration::from_secs(15);
-/// How often an active worker asks its lock's session whether it is still up (in
-/// between, the session's epoch, read without a query, tells).
-const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// What a round found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,10 +84,7 @@ impl Round {
         }
         let mut lock = self.lock.lock().await;
         match lock.as_mut() {
-            Some(held) => matches!(
-                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
-                Ok(true)
-            ),
+            Some(held) => held.confirm().await,
             None => false,
         }
     }
@@ -158,8 +152,6 @@ pub struct WorkerActor<W: Worker> {
     outage: bool,
     /// Whether a commit or progress woke it during the round.
     woken: bool,
-    /// When the lock's session was last asked whether it is up.
-    lock_checked: Rc<std::cell::Cell<Instant>>,
 }
 
 /// How a worker is doing, for `/readyz` and `/metrics`.
@@ -219,40 +211,27 @@ impl<W: Worker> WorkerActor<W> {
             active: false,
             outage: false,
             woken: false,
-            lock_checked: Rc::new(std::cell::Cell::new(Instant::now())),
         }
         .start()
     }
 }
 
-/// Takes the lock if this instance does not hold it, or checks it still holds (by
-/// the session's epoch, and every [`LOCK_CHECK_EVERY`] by asking the session).
-/// `Ok(true)`: active, and just became so; `Ok(false)`: active already, or standby
-/// (the lock is then `None`).
+/// Takes the lock if this instance does not hold it, or checks it still holds
+/// ([`ConsumerLock::is_held`]). `Ok(true)`: active, and just became so; `Ok(false)`:
+/// active already, or standby (the lock is then `None`).
 async fn hold(
     store: &Store,
     name: &str,
     lock: &Mutex<Option<ConsumerLock>>,
-    checked: &std::cell::Cell<Instant>,
 ) -> anyhow::Result<bool> {
     let mut lock = lock.lock().await;
     if let Some(held) = lock.as_mut() {
-        let alive = if checked.get().elapsed() >= LOCK_CHECK_EVERY {
-            checked.set(Instant::now());
-            matches!(
-                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
-                Ok(true)
-            )
-        } else {
-            held.is_current()
-        };
-        if alive {
+        if held.is_held().await {
             return Ok(false);
         }
         tracing::warn!(worker = name, "lost the worker lock; standing by");
         *lock = None;
     }
-    checked.set(Instant::now());
     let taken = tokio::time::timeout(LOCK_TIMEOUT, ConsumerLock::try_take(store, name))
         .await
         .map_err(|_| anyhow::anyhow!("taking the {name} lock timed out"))??;
@@ -337,7 +316,6 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
             lock: lock.clone(),
             exclusive,
         };
-        let checked = self.lock_checked.clone();
         Box::pin(
             async move {
                 let _busy = busy.lock().await;
@@ -349,7 +327,7 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     return Ok((outcome, true));
                 }
                 let name = worker.name();
-                if hold(&store, name, &lock, &checked).await? {
+                if hold(&store, name, &lock).await? {
                     if let Err(error) = worker.activate().await {
                         // Not active until activated: the lock goes, and is taken
                         // (and the activation tried) again after the back-off.
