@@ -30,6 +30,9 @@ use crate::store::Store;
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Stop`] waits for the round in flight.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How soon a reader of the log looks again when committed events are held back
+/// behind a running transaction (see [`Store::end_of_log`]).
+pub const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 
 /// What a round found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +90,19 @@ impl Round {
             Some(held) => held.confirm().await,
             None => false,
         }
+    }
+}
+
+impl Store {
+    /// The outcome of a round of a reader of the log whose read after `cursor` found
+    /// nothing: look again shortly when committed events are held back behind a
+    /// running transaction ([`Store::log_held_back`]), or wait to be woken.
+    pub async fn end_of_log(&self, cursor: LogCursor) -> anyhow::Result<Outcome> {
+        Ok(if self.log_held_back(cursor).await? {
+            Outcome::After(HELD_BACK_RETRY)
+        } else {
+            Outcome::Idle
+        })
     }
 }
 
