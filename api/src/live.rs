@@ -23,8 +23,6 @@ use tokio::sync::{broadcast, watch};
 
 /// How often the tail looks at the log without being woken.
 const TICK: Duration = Duration::from_secs(1);
-/// How soon it looks again when a running transaction holds events back.
-const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 /// Events read from the log at a time.
 const BATCH: i64 = 500;
 
@@ -119,10 +117,6 @@ impl work::Worker for Tail {
             }
             return Ok(Outcome::More);
         }
-        Ok(if self.store.log_held_back(cursor).await? {
-            Outcome::After(HELD_BACK_RETRY)
-        } else {
-            Outcome::Idle
-        })
+        self.store.end_of_log(cursor).await
     }
 }

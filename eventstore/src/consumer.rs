@@ -5,10 +5,12 @@
 //! checkpoint moves only from the value this instance last saw (optimistic), so even if
 //! two instances ran at once no event would be applied twice. On PostgreSQL one
 //! instance per name is active, holding a session advisory lock; the others wait on
-//! standby. A [`ConsumerActor`] runs a [`Runner`], woken on commits, never polling in a
-//! loop: a safety tick every few seconds covers writers that did not notify.
+//! standby. A [`Runner`] applies a handler's batches; a [`ConsumerActor`] is the work
+//! runtime's driver ([`crate::work`]) over one, which holds the lock, runs it when a
+//! commit lands, never polling in a loop (a safety tick every few seconds covers
+//! writers that did not notify), backs off after a failure and stops after the batch
+//! in flight.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +23,9 @@ use tokio::sync::{watch, Mutex};
 pub use crate::locks::ConsumerLock;
 use crate::log::{LogCursor, StoredEvent};
 use crate::store::{Backend, Store};
+use crate::work::{
+    Outcome, Round, Stop, WakeOn, Worker, WorkerActor, WorkerStatus, HELD_BACK_RETRY,
+};
 
 /// The transaction a handler writes its read models in.
 pub type ReadModelTx = Transaction<'static, Any>;
@@ -79,22 +84,16 @@ pub struct CatchUp {
     pub held_back: bool,
 }
 
-/// Drives one handler over the log. Usable directly (CLI, tests) or inside a
-/// [`ConsumerActor`].
+/// Drives one handler over the log. Usable directly (CLI, tests), taking the lock
+/// itself ([`Runner::try_lock`]), or inside a [`ConsumerActor`], whose driver holds it.
 pub struct Runner {
     store: Store,
     handler: Arc<dyn LogHandler>,
     batch_size: i64,
     cursor: LogCursor,
     lock: Option<ConsumerLock>,
-    /// When the lock's session was last asked whether it is up.
-    lock_checked: std::time::Instant,
     progress: watch::Sender<LogCursor>,
 }
-
-/// How often an active consumer asks its lock's session, and how long it waits.
-const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
-const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Runner {
     /// Creates the handler's tables and its checkpoint row, and loads the checkpoint.
@@ -115,7 +114,6 @@ impl Runner {
             batch_size: 1000,
             cursor: LogCursor::START,
             lock: None,
-            lock_checked: std::time::Instant::now(),
             progress: watch::channel(LogCursor::START).0,
         };
         runner.reload_checkpoint().await?;
@@ -150,28 +148,20 @@ impl Runner {
         Ok(())
     }
 
-    /// Takes the consumer's lock if no other instance holds it.
+    /// Takes the consumer's lock if no other instance holds it, or checks this one
+    /// still holds it ([`ConsumerLock::is_held`]).
     pub async fn try_lock(&mut self) -> anyhow::Result<bool> {
-        // Every so often the session is asked too: a process whose consumers alone use
-        // it would otherwise not notice it was lost.
-        if self.lock.is_some() && self.lock_checked.elapsed() >= LOCK_CHECK_EVERY {
-            self.lock_checked = std::time::Instant::now();
-            if let Some(lock) = self.lock.as_mut() {
-                let _ = tokio::time::timeout(LOCK_CHECK_TIMEOUT, lock.is_alive()).await;
+        if let Some(lock) = self.lock.as_mut() {
+            if lock.is_held().await {
+                return Ok(true);
             }
-        }
-        match &self.lock {
-            Some(lock) if lock.is_current() => return Ok(true),
-            Some(_) => {
-                // Its session was lost, and the lock with it: another instance may be
-                // active now. Take it again before applying anything.
-                tracing::warn!(
-                    consumer = self.handler.name(),
-                    "consumer lost its lock; taking it again"
-                );
-                self.lock = None;
-            }
-            None => {}
+            // Its session was lost, and the lock with it: another instance may be
+            // active now. Take it again before applying anything.
+            tracing::warn!(
+                consumer = self.handler.name(),
+                "consumer lost its lock; taking it again"
+            );
+            self.lock = None;
         }
         let Some(lock) = ConsumerLock::try_take(&self.store, self.handler.name()).await? else {
             return Ok(false);
@@ -473,12 +463,6 @@ pub async fn checkpoints(pool: &sqlx::AnyPool) -> anyhow::Result<Vec<Checkpoint>
         .context("reading consumer checkpoints")
 }
 
-/// The pause after the `failures`-th failure in a row of a log reader: doubling from
-/// 200 ms, at most 30 s.
-pub fn failure_backoff(failures: u32) -> Duration {
-    Duration::from_millis((100u64 << failures.min(8)).min(30_000))
-}
-
 /// Now, as checkpoint and read-model rows record it.
 pub fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -506,224 +490,129 @@ pub struct ConsumerStatus {
     pub cursor: LogCursor,
 }
 
-/// An actix actor running one [`Runner`].
-pub struct ConsumerActor {
-    runner: Arc<Mutex<Runner>>,
+/// The [`Worker`] a [`ConsumerActor`] drives: one [`Runner`], whose lock the driver
+/// holds (the runner's own stays untaken).
+pub struct Consumer {
     name: String,
-    safety_tick: Duration,
-    scheduled: bool,
-    /// Batches failed in a row, shared with [`ConsumerHandle::failures`] (read without
-    /// waiting for a batch).
-    failures: Arc<AtomicU32>,
-    stopping: bool,
+    runner: Mutex<Runner>,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct CatchUpNow;
+#[async_trait(?Send)]
+impl Worker for Consumer {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-/// Finish the batch in flight, release the lock and stop.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stop;
+    /// Another instance may have moved the checkpoint while this one stood by.
+    async fn activate(&self) -> anyhow::Result<()> {
+        self.runner.lock().await.reload_checkpoint().await
+    }
 
-/// Ask for the consumer's status.
-#[derive(Message)]
-#[rtype(result = "ConsumerStatus")]
-pub struct Status;
+    /// Applies batches up to the readable end of the log. Between batches it looks
+    /// whether it is stopping, so a stop comes after the batch in flight commits, and
+    /// whether the lock is still held.
+    async fn round(&self, round: &Round) -> anyhow::Result<Outcome> {
+        let mut runner = self.runner.lock().await;
+        let mut applied = 0u64;
+        let outcome = loop {
+            if round.stopping() {
+                break Outcome::Idle;
+            }
+            if !round.holds().await {
+                // The driver takes the lock again, or stands by, at once.
+                break Outcome::More;
+            }
+            let n = runner.step().await?;
+            if n == 0 {
+                break runner.store.end_of_log(runner.cursor).await?;
+            }
+            applied += n as u64;
+        };
+        if applied > 0 {
+            tracing::debug!(consumer = %self.name, applied, "consumer caught up");
+        }
+        Ok(outcome)
+    }
+}
 
+/// The actor running one consumer: the work runtime's driver over a [`Consumer`],
+/// woken by commits, with a safety tick for writers that did not notify.
+pub type ConsumerActor = WorkerActor<Consumer>;
+
+/// How often a consumer looks at the log without being woken, and how often one on
+/// standby tries the lock.
 const SAFETY_TICK: Duration = Duration::from_secs(3);
-const STANDBY_RETRY: Duration = Duration::from_secs(2);
-const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 
-impl ConsumerActor {
+impl WorkerActor<Consumer> {
     /// Prepares `handler` (tables, checkpoint, lock if free) and starts its actor on the
     /// current arbiter.
     pub async fn spawn(
         store: Store,
         handler: Arc<dyn LogHandler>,
     ) -> anyhow::Result<ConsumerHandle> {
-        let mut runner = Runner::new(store.clone(), handler).await?;
+        let runner = Runner::new(store.clone(), handler).await?;
         // Take the lock now if it is free, so that once the caller goes on (a server
         // starts listening) this instance is known to be the active one; otherwise it
-        // starts on standby and keeps trying.
-        runner.try_lock().await?;
-        Ok(Self::start_runner(store, runner, SAFETY_TICK))
+        // starts on standby and the driver keeps trying.
+        let held = ConsumerLock::try_take(&store, runner.name()).await?;
+        Ok(Self::launch_runner(store, runner, SAFETY_TICK, held))
     }
 
     /// Starts an actor over a prepared runner. `safety_tick` is how often it looks at
     /// the log without being woken (a commit signal normally wakes it first).
     pub fn start_runner(store: Store, runner: Runner, safety_tick: Duration) -> ConsumerHandle {
+        Self::launch_runner(store, runner, safety_tick, None)
+    }
+
+    fn launch_runner(
+        store: Store,
+        mut runner: Runner,
+        safety_tick: Duration,
+        held: Option<ConsumerLock>,
+    ) -> ConsumerHandle {
         let name = runner.name().to_owned();
         let progress = runner.progress();
-        let wake = store.notifier().subscribe();
-        let failures = Arc::new(AtomicU32::new(0));
-        let shared = failures.clone();
-        let addr = ConsumerActor::create(move |ctx| {
-            ctx.add_stream(futures::stream::unfold(wake, |mut rx| async move {
-                rx.changed().await.ok()?;
-                Some(((), rx))
-            }));
-            ConsumerActor {
-                runner: Arc::new(Mutex::new(runner)),
-                name,
-                safety_tick,
-                scheduled: false,
-                failures: shared,
-                stopping: false,
-            }
-        });
+        // One lock per consumer: the driver holds the one a runner took itself.
+        let held = held.or_else(|| runner.lock.take());
+        let consumer = Consumer {
+            name: name.clone(),
+            runner: Mutex::new(runner),
+        };
+        let (addr, status) =
+            WorkerActor::launch_holding(consumer, store, safety_tick, WakeOn::Commits, held);
         ConsumerHandle {
+            name,
             addr,
             progress,
-            failures,
+            status,
         }
-    }
-
-    fn schedule(&mut self, ctx: &mut Context<Self>, after: Option<Duration>) {
-        if self.stopping {
-            return;
-        }
-        match after {
-            None if !self.scheduled => {
-                self.scheduled = true;
-                ctx.notify(CatchUpNow);
-            }
-            None => {}
-            Some(delay) => {
-                ctx.notify_later(CatchUpNow, delay);
-            }
-        }
-    }
-}
-
-impl Actor for ConsumerActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.safety_tick, |actor, ctx| actor.schedule(ctx, None));
-        self.schedule(ctx, None);
-    }
-}
-
-impl StreamHandler<()> for ConsumerActor {
-    fn handle(&mut self, _: (), ctx: &mut Self::Context) {
-        self.schedule(ctx, None);
-    }
-
-    // The commit signal ends only when the store closes; keep running until told.
-    fn finished(&mut self, _: &mut Self::Context) {}
-}
-
-enum RunResult {
-    Standby,
-    Ran(anyhow::Result<CatchUp>),
-}
-
-impl Handler<CatchUpNow> for ConsumerActor {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: CatchUpNow, _: &mut Self::Context) -> Self::Result {
-        self.scheduled = false;
-        let runner = self.runner.clone();
-        let stopping = self.stopping;
-        Box::pin(
-            async move {
-                if stopping {
-                    return RunResult::Ran(Ok(CatchUp::default()));
-                }
-                let mut runner = runner.lock().await;
-                match runner.try_lock().await {
-                    Ok(true) => RunResult::Ran(runner.catch_up().await),
-                    Ok(false) => RunResult::Standby,
-                    Err(e) => RunResult::Ran(Err(e)),
-                }
-            }
-            .into_actor(self)
-            .map(|result, actor, ctx| match result {
-                RunResult::Standby => {
-                    // Another instance is the one at work: none of this one's failures
-                    // stand.
-                    actor.failures.store(0, Ordering::Relaxed);
-                    actor.schedule(ctx, Some(STANDBY_RETRY));
-                }
-                RunResult::Ran(Ok(done)) => {
-                    actor.failures.store(0, Ordering::Relaxed);
-                    if done.applied > 0 {
-                        tracing::debug!(consumer = %actor.name, applied = done.applied, "consumer caught up");
-                    }
-                    if done.held_back {
-                        actor.schedule(ctx, Some(HELD_BACK_RETRY));
-                    }
-                }
-                RunResult::Ran(Err(error)) => {
-                    let failures = actor.failures.load(Ordering::Relaxed).saturating_add(1);
-                    actor.failures.store(failures, Ordering::Relaxed);
-                    let backoff = failure_backoff(failures);
-                    if Store::is_unavailable(&error) {
-                        // An outage, reported by /readyz; it resumes by itself.
-                        tracing::warn!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "event store unavailable; consumer retrying");
-                    } else {
-                        tracing::error!(consumer = %actor.name, error = format!("{error:#}"), ?backoff, "consumer failed; retrying");
-                    }
-                    actor.schedule(ctx, Some(backoff));
-                }
-            }),
-        )
-    }
-}
-
-impl Handler<Stop> for ConsumerActor {
-    type Result = ResponseActFuture<Self, ()>;
-
-    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
-        self.stopping = true;
-        let runner = self.runner.clone();
-        Box::pin(
-            async move {
-                // Waits for the batch in flight, whose checkpoint is then committed.
-                runner.lock().await.unlock().await;
-            }
-            .into_actor(self)
-            .map(|(), _, ctx| ctx.stop()),
-        )
-    }
-}
-
-impl Handler<Status> for ConsumerActor {
-    type Result = ResponseFuture<ConsumerStatus>;
-
-    fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
-        let runner = self.runner.clone();
-        let name = self.name.clone();
-        Box::pin(async move {
-            let runner = runner.lock().await;
-            ConsumerStatus {
-                name,
-                active: runner.is_active(),
-                cursor: runner.cursor(),
-            }
-        })
     }
 }
 
 /// A running consumer.
 #[derive(Clone)]
 pub struct ConsumerHandle {
+    name: String,
     addr: Addr<ConsumerActor>,
     progress: watch::Receiver<LogCursor>,
-    failures: Arc<AtomicU32>,
+    status: watch::Receiver<WorkerStatus>,
 }
 
 impl ConsumerHandle {
-    /// How many times in a row its last batches failed (0: the last one succeeded).
+    /// How many times in a row its last rounds failed (0: the last one succeeded).
     /// Read at once, without waiting for a batch in flight.
     pub fn failures(&self) -> u32 {
-        self.failures.load(Ordering::Relaxed)
+        self.status.borrow().failures
     }
 
+    /// Whether it is the active instance, and its cursor; answered at once, without
+    /// waiting for a batch in flight.
     pub async fn status(&self) -> anyhow::Result<ConsumerStatus> {
-        Ok(self.addr.send(Status).await?)
+        Ok(ConsumerStatus {
+            name: self.name.clone(),
+            active: self.status.borrow().active,
+            cursor: self.cursor(),
+        })
     }
 
     /// Follows the cursor as batches commit.
@@ -746,7 +635,7 @@ impl ConsumerHandle {
             .unwrap_or(false)
     }
 
-    /// Finishes the batch in flight, releases the lock and stops the actor.
+    /// Lets the batch in flight commit, releases the lock and stops the actor.
     pub async fn stop(&self) {
         let _ = self.addr.send(Stop).await;
     }

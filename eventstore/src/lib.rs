@@ -5,7 +5,7 @@
 //! global position, an event id, a recorded-at time and, on PostgreSQL, the writing
 //! transaction id. The global log reads those columns in an order that never skips an
 //! event committed late (see [`log`]); [`consumer`] runs named, checkpointed consumers
-//! over it as actix actors.
+//! over it, on the one runtime of the background workers ([`work`]).
 
 pub mod consumer;
 pub mod counters;

@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::{Connection, PgConnection};
@@ -26,10 +26,19 @@ use crate::store::{Store, StoreConfig, Typed};
 /// How long one statement on the lock session may take before the session is
 /// presumed lost (and with it every lock it held).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`ConsumerLock::is_held`] asks the lock's session whether it is up (in
+/// between, the session's epoch, read without a query, tells).
+const ASK_EVERY: Duration = Duration::from_secs(10);
+/// How long asking the session may take before the lock counts as lost.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The right to be the one active instance of a named consumer. Dropping it releases
 /// it; [`ConsumerLock::release`] does so at once.
-pub struct ConsumerLock(LockGuard);
+pub struct ConsumerLock {
+    guard: LockGuard,
+    /// When the session was last asked whether it is up.
+    asked: Instant,
+}
 
 enum LockGuard {
     Postgres(PgHeld),
@@ -293,14 +302,40 @@ impl ConsumerLock {
             }
             _ => anyhow::bail!("store configuration does not match its pool"),
         };
-        Ok(Some(ConsumerLock(guard)))
+        Ok(Some(ConsumerLock {
+            guard,
+            asked: Instant::now(),
+        }))
+    }
+
+    /// Whether this instance still holds the lock: by the session's epoch
+    /// ([`ConsumerLock::is_current`]), and every ten seconds by asking the session
+    /// ([`ConsumerLock::confirm`]), since a process whose locks alone use the session
+    /// would otherwise not notice it was lost. Cheap enough between any two steps.
+    pub async fn is_held(&mut self) -> bool {
+        if self.asked.elapsed() >= ASK_EVERY {
+            self.confirm().await
+        } else {
+            self.is_current()
+        }
+    }
+
+    /// Asks the lock's session now whether it is up ([`ConsumerLock::is_alive`]);
+    /// no answer in time counts as lost. For a step that must never run in two
+    /// instances at once.
+    pub async fn confirm(&mut self) -> bool {
+        self.asked = Instant::now();
+        matches!(
+            tokio::time::timeout(ASK_TIMEOUT, self.is_alive()).await,
+            Ok(true)
+        )
     }
 
     /// Whether the lock still holds: on PostgreSQL, whether the session it was taken
     /// on is still up (a lost session has released the advisory lock to another
     /// instance).
     pub async fn is_alive(&mut self) -> bool {
-        match &self.0 {
+        match &self.guard {
             LockGuard::Postgres(held) => detached(held.locks.clone().is_alive(held.epoch))
                 .await
                 .unwrap_or(false),
@@ -311,14 +346,14 @@ impl ConsumerLock {
     /// Whether the session the lock was taken on is, as far as this process knows,
     /// still the one it holds (no query: a session seen lost makes this false at once).
     pub fn is_current(&self) -> bool {
-        match &self.0 {
+        match &self.guard {
             LockGuard::Postgres(held) => held.locks.epoch.load(Ordering::SeqCst) == held.epoch,
             LockGuard::File(_) => true,
         }
     }
 
     pub async fn release(self) {
-        match self.0 {
+        match self.guard {
             LockGuard::Postgres(mut held) => {
                 // The release runs to its end in its own task, even if this wait is
                 // cancelled: the guard must not queue a second unlock, which could

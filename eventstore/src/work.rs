@@ -1,7 +1,7 @@
-//! The one runtime of the background workers (the storage replicator, the chain
-//! writer, the M-Pesa worker, the webhook deliverers and their supervisor, the live
-//! tail of the event streams, the expiry sweep): a [`Worker`] says what one round of
-//! its work is; the [`WorkerActor`] drives it.
+//! The one runtime of the background workers (the log's consumers, the storage
+//! replicator, the chain writer, the M-Pesa worker, the webhook deliverers and their
+//! supervisor, the live tail of the event streams, the expiry sweep): a [`Worker`]
+//! says what one round of its work is; the [`WorkerActor`] drives it.
 //!
 //! The driver makes an exclusive worker the one active instance of its name (it takes
 //! the worker's [`ConsumerLock`], checks it is still held between rounds, and stands
@@ -21,7 +21,6 @@ use actix::prelude::*;
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 
-use crate::consumer::failure_backoff;
 use crate::locks::ConsumerLock;
 use crate::log::LogCursor;
 use crate::store::Store;
@@ -30,9 +29,9 @@ use crate::store::Store;
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Stop`] waits for the round in flight.
 const STOP_WAIT: Duration = Duration::from_secs(15);
-/// How often an active worker asks its lock's session whether it is still up (in
-/// between, the session's epoch, read without a query, tells).
-const LOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How soon a reader of the log looks again when committed events are held back
+/// behind a running transaction (see [`Store::end_of_log`]).
+pub const HELD_BACK_RETRY: Duration = Duration::from_millis(5);
 
 /// What a round found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,12 +86,22 @@ impl Round {
         }
         let mut lock = self.lock.lock().await;
         match lock.as_mut() {
-            Some(held) => matches!(
-                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
-                Ok(true)
-            ),
+            Some(held) => held.confirm().await,
             None => false,
         }
+    }
+}
+
+impl Store {
+    /// The outcome of a round of a reader of the log whose read after `cursor` found
+    /// nothing: look again shortly when committed events are held back behind a
+    /// running transaction ([`Store::log_held_back`]), or wait to be woken.
+    pub async fn end_of_log(&self, cursor: LogCursor) -> anyhow::Result<Outcome> {
+        Ok(if self.log_held_back(cursor).await? {
+            Outcome::After(HELD_BACK_RETRY)
+        } else {
+            Outcome::Idle
+        })
     }
 }
 
@@ -150,22 +159,21 @@ pub struct WorkerActor<W: Worker> {
     running: bool,
     again: bool,
     stopping: bool,
-    failures: u32,
     paused_until: Option<Instant>,
-    /// Whether this instance held the lock after its last round.
-    active: bool,
-    /// Whether the last round found an outside service down (it asked for a pause).
-    outage: bool,
+    /// How it is doing, readable without a message ([`WorkerActor::launch_holding`]).
+    status: watch::Sender<WorkerStatus>,
     /// Whether a commit or progress woke it during the round.
     woken: bool,
-    /// When the lock's session was last asked whether it is up.
-    lock_checked: Rc<std::cell::Cell<Instant>>,
+    /// Whether the lock was handed in by the launcher and the worker is still to be
+    /// activated under it.
+    handed_in: bool,
 }
 
 /// How a worker is doing, for `/readyz` and `/metrics`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct WorkerStatus {
-    /// This instance is the active one (another holds the lock otherwise).
+    /// This instance is the active one (another holds the lock otherwise): it took
+    /// the lock, and held it after its last round.
     pub active: bool,
     /// The outside service it works against is down: its last round paused for it.
     pub outage: bool,
@@ -203,56 +211,69 @@ impl<W: Worker> WorkerActor<W> {
         poll: Duration,
         wake: impl Into<WakeOn>,
     ) -> Addr<WorkerActor<W>> {
-        WorkerActor {
+        Self::launch_holding(worker, store, poll, wake, None).0
+    }
+
+    /// Like [`WorkerActor::launch`], for a launcher that has taken the worker's lock
+    /// already (`held`: the worker is active from the start, and activated in its
+    /// first round) and that reads the driver's [`WorkerStatus`] without a message.
+    pub fn launch_holding(
+        worker: W,
+        store: Store,
+        poll: Duration,
+        wake: impl Into<WakeOn>,
+        held: Option<ConsumerLock>,
+    ) -> (Addr<WorkerActor<W>>, watch::Receiver<WorkerStatus>) {
+        let handed_in = held.is_some();
+        let status = watch::channel(WorkerStatus {
+            active: handed_in,
+            ..WorkerStatus::default()
+        })
+        .0;
+        let watched = status.subscribe();
+        let addr = WorkerActor {
             worker: Rc::new(worker),
             store,
             poll,
             wake: Some(wake.into()),
-            lock: Arc::new(Mutex::new(None)),
+            lock: Arc::new(Mutex::new(held)),
             busy: Arc::new(Mutex::new(())),
             stop: watch::channel(false).0,
             running: false,
             again: false,
             stopping: false,
-            failures: 0,
             paused_until: None,
-            active: false,
-            outage: false,
+            status,
             woken: false,
-            lock_checked: Rc::new(std::cell::Cell::new(Instant::now())),
+            handed_in,
         }
-        .start()
+        .start();
+        (addr, watched)
     }
 }
 
-/// Takes the lock if this instance does not hold it, or checks it still holds (by
-/// the session's epoch, and every [`LOCK_CHECK_EVERY`] by asking the session).
-/// `Ok(true)`: active, and just became so; `Ok(false)`: active already, or standby
-/// (the lock is then `None`).
+/// The pause after the `failures`-th failed round in a row: doubling from 200 ms, at
+/// most 30 s.
+fn failure_backoff(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(8)).min(30_000))
+}
+
+/// Takes the lock if this instance does not hold it, or checks it still holds
+/// ([`ConsumerLock::is_held`]). `Ok(true)`: active, and just became so; `Ok(false)`:
+/// active already, or standby (the lock is then `None`).
 async fn hold(
     store: &Store,
     name: &str,
     lock: &Mutex<Option<ConsumerLock>>,
-    checked: &std::cell::Cell<Instant>,
 ) -> anyhow::Result<bool> {
     let mut lock = lock.lock().await;
     if let Some(held) = lock.as_mut() {
-        let alive = if checked.get().elapsed() >= LOCK_CHECK_EVERY {
-            checked.set(Instant::now());
-            matches!(
-                tokio::time::timeout(LOCK_TIMEOUT, held.is_alive()).await,
-                Ok(true)
-            )
-        } else {
-            held.is_current()
-        };
-        if alive {
+        if held.is_held().await {
             return Ok(false);
         }
         tracing::warn!(worker = name, "lost the worker lock; standing by");
         *lock = None;
     }
-    checked.set(Instant::now());
     let taken = tokio::time::timeout(LOCK_TIMEOUT, ConsumerLock::try_take(store, name))
         .await
         .map_err(|_| anyhow::anyhow!("taking the {name} lock timed out"))??;
@@ -293,7 +314,7 @@ impl<W: Worker> StreamHandler<()> for WorkerActor<W> {
         // the lock among them), the wake-up is kept for after it.
         if self.running {
             self.woken = true;
-        } else if self.active || !self.worker.exclusive() {
+        } else if self.status.borrow().active || !self.worker.exclusive() {
             ctx.notify(Tick);
         }
     }
@@ -337,7 +358,8 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
             lock: lock.clone(),
             exclusive,
         };
-        let checked = self.lock_checked.clone();
+        let handed_in = std::mem::take(&mut self.handed_in);
+        let status = self.status.clone();
         Box::pin(
             async move {
                 let _busy = busy.lock().await;
@@ -349,7 +371,11 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     return Ok((outcome, true));
                 }
                 let name = worker.name();
-                if hold(&store, name, &lock, &checked).await? {
+                let taken = hold(&store, name, &lock).await?;
+                if lock.lock().await.is_none() {
+                    return Ok((Outcome::Idle, false));
+                }
+                if taken || handed_in {
                     if let Err(error) = worker.activate().await {
                         // Not active until activated: the lock goes, and is taken
                         // (and the activation tried) again after the back-off.
@@ -358,9 +384,7 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                         }
                         return Err(error.context(format!("activating {name}")));
                     }
-                }
-                if lock.lock().await.is_none() {
-                    return Ok((Outcome::Idle, false));
+                    status.send_modify(|s| s.active = true);
                 }
                 let outcome = worker.round(&round).await?;
                 let active = lock
@@ -378,12 +402,14 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                 let name = actor.worker.name();
                 match result {
                     Ok((outcome, active)) => {
-                        actor.failures = 0;
-                        actor.active = active;
+                        actor.status.send_replace(WorkerStatus {
+                            active,
+                            outage: matches!(outcome, Outcome::Pause(_)),
+                            failures: 0,
+                        });
                         // A commit during the round counts only for an active worker:
                         // a standby one tries the lock on its poll.
                         again |= woken && (active || !actor.worker.exclusive());
-                        actor.outage = matches!(outcome, Outcome::Pause(_));
                         match outcome {
                             Outcome::More => ctx.notify(Tick),
                             Outcome::Idle if again => ctx.notify(Tick),
@@ -400,12 +426,17 @@ impl<W: Worker> Handler<Tick> for WorkerActor<W> {
                     }
                     Err(error) => {
                         // The round may have lost the lock, or failed to take it.
-                        if let Ok(held) = actor.lock.try_lock() {
-                            actor.active = held.as_ref().is_some_and(ConsumerLock::is_current)
-                                || !actor.worker.exclusive();
-                        }
-                        actor.failures = actor.failures.saturating_add(1);
-                        let backoff = failure_backoff(actor.failures);
+                        let active = actor.lock.try_lock().ok().map(|held| {
+                            held.as_ref().is_some_and(ConsumerLock::is_current)
+                                || !actor.worker.exclusive()
+                        });
+                        let mut failures = 0;
+                        actor.status.send_modify(|s| {
+                            s.active = active.unwrap_or(s.active);
+                            s.failures = s.failures.saturating_add(1);
+                            failures = s.failures;
+                        });
+                        let backoff = failure_backoff(failures);
                         if Store::is_unavailable(&error) {
                             tracing::warn!(
                                 worker = name,
@@ -434,11 +465,7 @@ impl<W: Worker> Handler<Status> for WorkerActor<W> {
     type Result = MessageResult<Status>;
 
     fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
-        MessageResult(WorkerStatus {
-            active: self.active,
-            outage: self.outage,
-            failures: self.failures,
-        })
+        MessageResult(*self.status.borrow())
     }
 }
 
@@ -461,7 +488,10 @@ impl<W: Worker> Handler<Stop> for WorkerActor<W> {
                 }
             }
             .into_actor(self)
-            .map(|(), _, ctx| ctx.stop()),
+            .map(|(), actor, ctx| {
+                actor.status.send_modify(|s| s.active = false);
+                ctx.stop();
+            }),
         )
     }
 }

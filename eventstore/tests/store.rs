@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -520,6 +521,221 @@ async fn a_consumer_actor_is_woken_by_a_commit_and_checkpoints_on_stop() {
                 .unwrap();
         assert_eq!(stored, (target.tx, target.position));
         t.cleanup().await.unwrap();
+    }
+}
+
+/// The log cursor of the last event `outcome` appended to counter `id`.
+async fn cursor_after(store: &Store, id: &str, outcome: &eventstore::CommandOutcome) -> LogCursor {
+    store
+        .cursor_of("counter", id, outcome.sequences.unwrap().1)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A consumer started while another instance is active stands by; when the active one
+/// stops, it takes the lock on its poll and goes on from the stored checkpoint, so
+/// every event is applied once.
+#[actix_rt::test]
+async fn a_standby_consumer_takes_over_when_the_active_one_stops() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let recorder = Recorder::new("takeover");
+        let first = ConsumerActor::spawn(t.store.clone(), recorder.clone())
+            .await
+            .unwrap();
+        // The lock was free: taken before `spawn` returned.
+        assert!(first.status().await.unwrap().active, "{backend:?}");
+        let second = ConsumerActor::spawn(t.store.clone(), recorder.clone())
+            .await
+            .unwrap();
+        assert!(!second.status().await.unwrap().active, "{backend:?}");
+
+        let outcome = add(&t.store, "t1", 1, CommandMeta::new("a")).await;
+        let target = cursor_after(&t.store, "t1", &outcome).await;
+        assert!(first.wait_for(target, Duration::from_secs(30)).await);
+        first.stop().await;
+
+        let outcome = add(&t.store, "t2", 1, CommandMeta::new("a")).await;
+        let target = cursor_after(&t.store, "t2", &outcome).await;
+        assert!(
+            second.wait_for(target, Duration::from_secs(30)).await,
+            "{backend:?}: the standby took over"
+        );
+        assert!(second.status().await.unwrap().active);
+        let ids: Vec<String> = recorder
+            .seen()
+            .iter()
+            .map(|e| e.aggregate_id.clone())
+            .collect();
+        assert_eq!(ids, vec!["t1", "t2"], "{backend:?}: each event once");
+        second.stop().await;
+        t.cleanup().await.unwrap();
+    }
+}
+
+/// A stop that comes while a batch is applied waits for that batch to commit its
+/// checkpoint, and no batch starts after it; meanwhile the consumer's status is
+/// answered at once.
+#[actix_rt::test]
+async fn stopping_a_consumer_lets_the_batch_in_flight_commit_and_starts_no_other() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let first = add(&t.store, "g1", 1, CommandMeta::new("a")).await;
+        let first = cursor_after(&t.store, "g1", &first).await;
+        add(&t.store, "g2", 1, CommandMeta::new("a")).await;
+        let gate = Gate::new("gate", true);
+        let runner = Runner::new(t.store.clone(), gate.clone())
+            .await
+            .unwrap()
+            .with_batch_size(1);
+        let handle =
+            ConsumerActor::start_runner(t.store.clone(), runner, Duration::from_secs(3600));
+        tokio::time::timeout(Duration::from_secs(30), gate.entered.notified())
+            .await
+            .expect("the first batch starts");
+
+        let status = tokio::time::timeout(Duration::from_secs(1), handle.status())
+            .await
+            .expect("status does not wait for the batch")
+            .unwrap();
+        assert!(status.active, "{backend:?}: active once it took the lock");
+        assert_eq!(status.cursor, LogCursor::START);
+        assert_eq!(handle.failures(), 0);
+
+        let stopping = actix_rt::spawn({
+            let handle = handle.clone();
+            async move { handle.stop().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !stopping.is_finished(),
+            "{backend:?}: the stop waits for the batch in flight"
+        );
+        // Enough for every batch, were the consumer to go on.
+        gate.open.add_permits(10);
+        stopping.await.unwrap();
+
+        assert_eq!(gate.applied(), vec![first.position], "{backend:?}");
+        let stored: (i64, i64) =
+            sqlx::query_as("SELECT tx, position FROM consumer_checkpoints WHERE name = 'gate'")
+                .fetch_one(t.store.any_pool())
+                .await
+                .unwrap();
+        assert_eq!(stored, (first.tx, first.position), "{backend:?}");
+        assert_eq!(handle.cursor(), first);
+        t.cleanup().await.unwrap();
+    }
+}
+
+/// `failures` counts a consumer's failed rounds in a row, read without waiting for
+/// it, and is back at 0 once a round succeeds; the failed batches left nothing.
+#[actix_rt::test]
+async fn a_failing_consumer_counts_its_failures_and_recovers() {
+    for backend in BACKENDS {
+        let Some(t) = TestStore::new(backend).await else {
+            continue;
+        };
+        let outcome = add(&t.store, "f1", 1, CommandMeta::new("a")).await;
+        let target = cursor_after(&t.store, "f1", &outcome).await;
+        let gate = Gate::new("flaky", false);
+        gate.failing.store(true, Ordering::SeqCst);
+        let handle = ConsumerActor::spawn(t.store.clone(), gate.clone())
+            .await
+            .unwrap();
+        assert!(
+            eventually(|| handle.failures() >= 2).await,
+            "{backend:?}: failures counted"
+        );
+        assert_eq!(handle.cursor(), LogCursor::START);
+        assert!(gate.applied().is_empty());
+
+        gate.failing.store(false, Ordering::SeqCst);
+        assert!(
+            handle.wait_for(target, Duration::from_secs(30)).await,
+            "{backend:?}: it retries after its back-off"
+        );
+        // The count is reset once the round that applied it ends.
+        assert!(
+            eventually(|| handle.failures() == 0).await,
+            "{backend:?}: failures reset"
+        );
+        assert_eq!(gate.applied(), vec![target.position]);
+        handle.stop().await;
+        t.cleanup().await.unwrap();
+    }
+}
+
+/// Whether `holds` becomes true within 30 s.
+async fn eventually(holds: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !holds() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// A consumer under a test's control: it fails while `failing` is set and, if gated,
+/// waits in each event for a permit of `open` (saying so on `entered` first).
+struct Gate {
+    name: String,
+    gated: bool,
+    failing: AtomicBool,
+    entered: tokio::sync::Notify,
+    open: tokio::sync::Semaphore,
+    applied: std::sync::Mutex<Vec<i64>>,
+}
+
+impl Gate {
+    fn new(name: &str, gated: bool) -> Arc<Gate> {
+        Arc::new(Gate {
+            name: name.to_owned(),
+            gated,
+            failing: AtomicBool::new(false),
+            entered: tokio::sync::Notify::new(),
+            open: tokio::sync::Semaphore::new(0),
+            applied: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The positions applied, in order.
+    fn applied(&self) -> Vec<i64> {
+        self.applied.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl eventstore::LogHandler for Gate {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn schema(&self, _: Backend) -> Vec<String> {
+        Vec::new()
+    }
+    fn tables(&self) -> Vec<String> {
+        Vec::new()
+    }
+    async fn apply(
+        &self,
+        _: &mut eventstore::consumer::ReadModelTx,
+        event: &eventstore::StoredEvent,
+    ) -> anyhow::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            anyhow::bail!("refusing the event at {}", event.position);
+        }
+        if self.gated {
+            self.entered.notify_one();
+            self.open.acquire().await?.forget();
+        }
+        self.applied.lock().unwrap().push(event.position);
+        Ok(())
     }
 }
 

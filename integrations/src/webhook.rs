@@ -62,8 +62,6 @@ const BATCH: i64 = 100;
 const REPLAY_BATCH: i64 = 100;
 /// Upper bound of the retry backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How soon to look again when events are held back behind a running transaction.
-const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -459,11 +457,7 @@ impl Worker for Deliverer {
             let cursor = self.cursor.get();
             let events = self.store.read_log(cursor, BATCH).await?;
             if events.is_empty() {
-                return Ok(if self.store.log_held_back(cursor).await? {
-                    Outcome::After(HELD_BACK_RETRY)
-                } else {
-                    Outcome::Idle
-                });
+                return self.store.end_of_log(cursor).await;
             }
             match self.deliver_batch(&events, round).await? {
                 Some(Interrupted::Stopped) => return Ok(Outcome::Idle),
