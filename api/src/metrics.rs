@@ -1,7 +1,8 @@
 //! Prometheus metrics (text exposition format 0.0.4) at `GET /metrics`: requests by
-//! method, route pattern and status, request durations by route, and each projection's
-//! position in the log. Route patterns only (`/v1/records/{record_id}/content`), never
-//! concrete paths or query strings.
+//! method, route pattern and status, request durations by route, each projection's
+//! position in the log, and how webhook delivery is doing ([`webhooks`]). Route
+//! patterns only (`/v1/records/{record_id}/content`), never concrete paths or query
+//! strings.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,6 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eventstore::ConsumerHandle;
+
+use crate::webhooks::WebhooksReport;
 
 const BOUNDS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -105,6 +108,40 @@ impl Metrics {
     }
 }
 
+/// The webhook gauges: delivery's status as `/readyz` reports it (1 for the current one
+/// of `ok`, `degraded` and `down`, 0 for the others), the webhooks registered, delivered
+/// by this instance and failing, the worst lag and the dead letters.
+pub fn webhooks(report: &WebhooksReport) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP afyachain_webhooks_status Webhook delivery's status (1 for the current one of ok, degraded and down).\n# TYPE afyachain_webhooks_status gauge\n");
+    for status in ["ok", "degraded", "down"] {
+        let _ = writeln!(
+            out,
+            "afyachain_webhooks_status{{status=\"{status}\"}} {}",
+            u8::from(report.status == status)
+        );
+    }
+    out.push_str("# HELP afyachain_webhooks Webhooks registered, delivered by this instance (active) and whose last attempts failed (failing).\n# TYPE afyachain_webhooks gauge\n");
+    for (state, n) in [
+        ("registered", report.webhooks),
+        ("active", report.active),
+        ("failing", report.failing),
+    ] {
+        let _ = writeln!(out, "afyachain_webhooks{{state=\"{state}\"}} {n}");
+    }
+    if let Some(lag) = report.lag {
+        out.push_str("# HELP afyachain_webhooks_lag The most log positions a webhook's checkpoint is behind the log's end.\n# TYPE afyachain_webhooks_lag gauge\n");
+        let _ = writeln!(out, "afyachain_webhooks_lag {lag}");
+    }
+    out.push_str("# HELP afyachain_webhooks_dead_letters Webhook deliveries parked after their attempts failed, waiting for a replay.\n# TYPE afyachain_webhooks_dead_letters gauge\n");
+    let _ = writeln!(
+        out,
+        "afyachain_webhooks_dead_letters {}",
+        report.dead_letters
+    );
+    out
+}
+
 fn escape(label: &str) -> String {
     label
         .replace('\\', "\\\\")
@@ -131,5 +168,45 @@ mod tests {
         assert!(
             text.contains("afyachain_http_request_duration_seconds_count{route=\"/healthz\"} 2")
         );
+    }
+
+    #[test]
+    fn webhook_delivery_is_exposed_as_gauges() {
+        let report = WebhooksReport {
+            status: "degraded",
+            webhooks: 3,
+            active: 2,
+            failing: 1,
+            lag: Some(7),
+            dead_letters: 4,
+        };
+        let text = webhooks(&report);
+        for line in [
+            "afyachain_webhooks_status{status=\"ok\"} 0",
+            "afyachain_webhooks_status{status=\"degraded\"} 1",
+            "afyachain_webhooks_status{status=\"down\"} 0",
+            "afyachain_webhooks{state=\"registered\"} 3",
+            "afyachain_webhooks{state=\"active\"} 2",
+            "afyachain_webhooks{state=\"failing\"} 1",
+            "afyachain_webhooks_lag 7",
+            "afyachain_webhooks_dead_letters 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Every sample has its HELP and TYPE.
+        for name in [
+            "afyachain_webhooks_status",
+            "afyachain_webhooks",
+            "afyachain_webhooks_lag",
+            "afyachain_webhooks_dead_letters",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} gauge\n")), "{name}");
+        }
+        // A lag that could not be read is left out, not shown as 0.
+        let unknown = webhooks(&WebhooksReport {
+            lag: None,
+            ..report
+        });
+        assert!(!unknown.contains("afyachain_webhooks_lag"), "{unknown}");
     }
 }

@@ -7,4 +7,7 @@ pub mod webhook;
 
 pub use address::AddressPolicy;
 pub use view::{event_types, public_view, IntegratorEvent};
-pub use webhook::{DelivererHandle, DeliveryError, DeliverySettings, Failure, WebhookSpec};
+pub use webhook::{
+    DelivererHandle, DelivererProbe, DelivererStatus, DeliveryError, DeliverySettings, Failure,
+    WebhookSpec,
+};

@@ -27,6 +27,8 @@
 //! far from their clock, against replays.
 
 use std::cell::{Cell, OnceCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -339,16 +341,82 @@ pub async fn request_replay(pool: &AnyPool, webhook_id: Uuid) -> anyhow::Result<
     Ok(done.rows_affected())
 }
 
+/// The parked, not yet delivered failures of each webhook that has any (its dead
+/// letters).
+pub async fn parked_counts(pool: &AnyPool) -> anyhow::Result<HashMap<Uuid, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT webhook_id, count(*) FROM webhook_failures \
+         WHERE delivered_at IS NULL GROUP BY webhook_id",
+    )
+    .fetch_all(pool)
+    .await
+    .context("counting parked webhook failures")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, n)| Uuid::parse_str(&id).ok().map(|id| (id, n)))
+        .collect())
+}
+
 /// A running deliverer of one webhook.
 pub struct DelivererHandle {
     addr: Addr<WorkerActor<Deliverer>>,
     progress: watch::Receiver<LogCursor>,
+    failed: Arc<AtomicU32>,
+}
+
+/// Asks a running deliverer how it is doing, without waiting on its round (for
+/// `/readyz` and `/metrics`); it can be cloned, and holding one keeps nothing running.
+#[derive(Clone)]
+pub struct DelivererProbe {
+    addr: Addr<WorkerActor<Deliverer>>,
+    failed: Arc<AtomicU32>,
+}
+
+/// How a deliverer is doing in this instance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DelivererStatus {
+    /// This instance holds the webhook's lock and delivers it (as of its last round).
+    pub active: bool,
+    /// Delivery attempts failed in a row while this instance delivers (0 once one
+    /// succeeds, or when another instance takes over): its receiver is down or failing.
+    pub failed_attempts: u32,
+    /// Rounds failed in a row (its own database, or a fault).
+    pub failed_rounds: u32,
+}
+
+impl DelivererStatus {
+    /// Whether its last attempts or rounds failed.
+    pub fn failing(&self) -> bool {
+        self.failed_attempts > 0 || self.failed_rounds > 0
+    }
+}
+
+impl DelivererProbe {
+    /// The deliverer's status; `None` if it does not answer within `wait` (it has
+    /// stopped). The work runtime answers at once, even while a round runs.
+    pub async fn status(&self, wait: Duration) -> Option<DelivererStatus> {
+        let asked = tokio::time::timeout(wait, self.addr.send(work::Status)).await;
+        let worker = asked.ok()?.ok()?;
+        Some(DelivererStatus {
+            active: worker.active,
+            failed_attempts: self.failed.load(Ordering::Relaxed),
+            failed_rounds: worker.failures,
+        })
+    }
 }
 
 impl DelivererHandle {
     /// The checkpoint as this instance last moved it.
     pub fn cursor(&self) -> LogCursor {
         *self.progress.borrow()
+    }
+
+    /// A way to ask how the deliverer is doing (see [`DelivererProbe`]).
+    pub fn probe(&self) -> DelivererProbe {
+        DelivererProbe {
+            addr: self.addr.clone(),
+            failed: self.failed.clone(),
+        }
     }
 
     /// Makes the deliverer look at the log and replay requests now (e.g. after
@@ -382,6 +450,7 @@ impl Drop for DelivererHandle {
 pub fn spawn(store: Store, spec: WebhookSpec, settings: DeliverySettings) -> DelivererHandle {
     let (progress, progress_rx) = watch::channel(LogCursor::START);
     let poll = settings.poll_interval;
+    let failed = Arc::new(AtomicU32::new(0));
     let deliverer = Deliverer {
         name: consumer_name(spec.id),
         store: store.clone(),
@@ -390,10 +459,12 @@ pub fn spawn(store: Store, spec: WebhookSpec, settings: DeliverySettings) -> Del
         client: OnceCell::new(),
         cursor: Cell::new(LogCursor::START),
         progress,
+        failed: failed.clone(),
     };
     DelivererHandle {
         addr: WorkerActor::launch(deliverer, store, poll, WakeOn::Commits),
         progress: progress_rx,
+        failed,
     }
 }
 
@@ -416,6 +487,8 @@ pub struct Deliverer {
     /// The checkpoint as this instance holds it (moved from this value).
     cursor: Cell<LogCursor>,
     progress: watch::Sender<LogCursor>,
+    /// Attempts failed in a row while this instance delivers (read by its probes).
+    failed: Arc<AtomicU32>,
 }
 
 #[async_trait(?Send)]
@@ -443,6 +516,8 @@ impl Worker for Deliverer {
             // Only this actor sets it, and it was empty above.
             let _ = self.client.set(client);
         }
+        // What another instance's receiver did is not known here.
+        self.failed.store(0, Ordering::Relaxed);
         self.reload().await
     }
 
@@ -501,6 +576,7 @@ impl Deliverer {
                 attempt += 1;
                 // The lock lost (its session gone): another instance may deliver now.
                 if !round.holds().await {
+                    self.failed.store(0, Ordering::Relaxed);
                     return Ok(Some(Interrupted::Stopped));
                 }
                 match self.post(event, round).await {
@@ -630,6 +706,7 @@ impl Deliverer {
                 };
                 // As for new events: a lost lock stops replaying at once.
                 if !round.holds().await {
+                    self.failed.store(0, Ordering::Relaxed);
                     return Ok(Some(Interrupted::Stopped));
                 }
                 match self.post(event, round).await {
@@ -677,8 +754,26 @@ impl Deliverer {
         Ok(())
     }
 
-    /// One signed POST of `event`'s public view, if the URL's address is allowed.
+    /// One delivery attempt of `event`, counted for [`DelivererStatus::failed_attempts`].
     async fn post(&self, event: &StoredEvent, round: &Round) -> Attempt {
+        let attempt = self.send(event, round).await;
+        match attempt {
+            Attempt::Delivered => self.failed.store(0, Ordering::Relaxed),
+            Attempt::Failed(_) => {
+                // Saturating: a receiver down for ever does not wrap around to 0.
+                let _ = self
+                    .failed
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_add(1))
+                    });
+            }
+            Attempt::Stopped => {}
+        }
+        attempt
+    }
+
+    /// One signed POST of `event`'s public view, if the URL's address is allowed.
+    async fn send(&self, event: &StoredEvent, round: &Round) -> Attempt {
         let Some(client) = self.client.get() else {
             tracing::error!(webhook = %self.spec.id, "no webhook HTTP client");
             return Attempt::Failed(DeliveryError::Unreachable);

@@ -763,16 +763,23 @@ struct FailNextBody {
     count: usize,
 }
 
+/// The `{"status","count"}` body of the failure knobs: an HTTP error status (400 to
+/// 599) and how many calls get it.
+async fn read_failures(payload: web::Payload) -> Result<(u16, usize), DarajaError> {
+    let body: FailNextBody = read_json(payload).await?;
+    if !(400..=599).contains(&body.status) {
+        return Err(DarajaError::Invalid("status"));
+    }
+    Ok((body.status, body.count))
+}
+
 /// `POST /sandbox/fail-next` {"status","count"}.
 async fn fail_next(
     shared: Data<Shared>,
     payload: web::Payload,
 ) -> Result<HttpResponse, DarajaError> {
-    let body: FailNextBody = read_json(payload).await?;
-    if !(400..=599).contains(&body.status) {
-        return Err(DarajaError::Invalid("status"));
-    }
-    shared.fail_next(body.status, body.count);
+    let (status, count) = read_failures(payload).await?;
+    shared.fail_next(status, count);
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -781,11 +788,8 @@ async fn fail_next_queries(
     shared: Data<Shared>,
     payload: web::Payload,
 ) -> Result<HttpResponse, DarajaError> {
-    let body: FailNextBody = read_json(payload).await?;
-    if !(400..=599).contains(&body.status) {
-        return Err(DarajaError::Invalid("status"));
-    }
-    shared.fail_next_queries(body.status, body.count);
+    let (status, count) = read_failures(payload).await?;
+    shared.fail_next_queries(status, count);
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -790,6 +790,36 @@ async fn fail_next_queries_fails_only_queries_and_a_429_is_darajas_rate_limit() 
     assert_eq!(app.query(&token, &checkout).await.0, 200);
 }
 
+/// Both failure knobs read the same body: an error status and a count, or 400 and
+/// nothing changed.
+#[tokio::test]
+async fn the_failure_knobs_refuse_a_body_that_is_not_an_error_status_and_a_count() {
+    let app = TestApp::spawn().await;
+    let token = app.token().await;
+    let checkout = app.accepted_push(&token, PHONE).await;
+    // Settled, so that a query answers 200 unless told to fail.
+    app.receiver.wait_for(1).await;
+    for path in ["/sandbox/fail-next", "/sandbox/fail-next-queries"] {
+        for bad in [
+            json!({"status": 200, "count": 1}),
+            json!({"status": 600, "count": 1}),
+            json!({"status": 500}),
+            json!({"count": 1}),
+            json!({"status": 500, "count": -1}),
+        ] {
+            let answer = app
+                .http
+                .post(app.url(path))
+                .json(&bad)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 400, "{path} {bad}");
+        }
+        assert_eq!(app.query(&token, &checkout).await.0, 200, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn a_held_push_stays_in_process_until_released() {
     let app = TestApp::spawn().await;

@@ -35,7 +35,7 @@ pub async fn client_config(state: Data<AppState>) -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile. `integrations` lists each configured publisher (`nats`: `status` `ok`, or `down` while its last attempts failed; `lag`, events of the log it has not yet published; `failures`, attempts failed in a row) and each background worker (`storage`, `chain`, `mpesa`: `status` `ok`, `degraded` with dead letters waiting, or `down` while its outside service is down or its rounds fail; `active`, whether this instance is the one working; `lag`, its jobs waiting; `dead_letters`; `failures`); one that is down does not fail readiness either."),
+    responses((status = 200, description = "The event store answers. `storage` reports the blob store: `backend` (`local`, or `s3:<bucket>`) and, with a remote store, its state (`remote`: ok, unreachable, unauthorized, bucket_missing), the blobs waiting to be copied (`pending`) and the dead letters (`dead_letters`). A remote store that is down does not fail readiness: uploads are kept locally meanwhile. `integrations` lists each configured publisher (`nats`: `status` `ok`, or `down` while its last attempts failed; `lag`, events of the log it has not yet published; `failures`, attempts failed in a row) and each background worker (`storage`, `chain`, `mpesa`: `status` `ok`, `degraded` with dead letters waiting, or `down` while its outside service is down or its rounds fail; `active`, whether this instance is the one working; `lag`, its jobs waiting; `dead_letters`; `failures`), and the webhooks, always (`webhooks`: `status` `ok`, `degraded` while some receivers fail or dead letters wait, or `down` while every webhook this instance delivers is failing; `webhooks`, how many are registered; `active`, how many this instance delivers; `failing`, those whose last attempts failed; `lag`, the most log positions a webhook is behind; `dead_letters`, events parked for a replay); one that is down does not fail readiness either."),
               (status = 503, description = "The event store does not answer", body = crate::problem::Details, content_type = "application/problem+json")))]
 pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
     match state.store.ping().await {
@@ -51,8 +51,9 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
     }
 }
 
-/// The publishers among the log consumers, as `/readyz` reports them. Read without
-/// waiting on them: a publisher stalled by its outage may hold its batch for a while.
+/// The publishers among the log consumers, the background workers and the webhooks, as
+/// `/readyz` reports them. Read without waiting on them: a publisher stalled by its
+/// outage may hold its batch for a while, a deliverer its attempt.
 async fn integrations_report(state: &AppState) -> serde_json::Value {
     let mut report = serde_json::Map::new();
     let publishers = [("nats", nats_publisher::CONSUMER_NAME)];
@@ -107,6 +108,19 @@ async fn integrations_report(state: &AppState) -> serde_json::Value {
             }),
         );
     }
+    // Always listed: webhooks need no configuration (with none registered, `ok`).
+    let webhooks = state.webhooks.report().await;
+    report.insert(
+        "webhooks".to_owned(),
+        serde_json::json!({
+            "status": webhooks.status,
+            "webhooks": webhooks.webhooks,
+            "active": webhooks.active,
+            "failing": webhooks.failing,
+            "lag": webhooks.lag,
+            "dead_letters": webhooks.dead_letters,
+        }),
+    );
     serde_json::Value::Object(report)
 }
 
@@ -203,6 +217,7 @@ pub async fn metrics(state: Data<AppState>) -> HttpResponse {
             ));
         }
     }
+    body.push_str(&crate::metrics::webhooks(&state.webhooks.report().await));
     if state.storage.backend().is_some() {
         match chain_adapter::storage::queue::counts(state.store.any_pool()).await {
             Ok(counts) => {

@@ -1,10 +1,13 @@
 //! An integration's outage degrades its feature, never the API: commands answer without
-//! waiting for a publisher that cannot publish, `/readyz` says which integration is
-//! down and stays 200, and the integration catches up by itself when it returns.
+//! waiting for a publisher that cannot publish or a webhook receiver that does not
+//! answer, `/readyz` says which integration is down and stays 200, and the integration
+//! catches up by itself when it returns.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventstore::Backend;
@@ -210,6 +213,374 @@ async fn nats_outage(backend: Backend) {
     let mut info = js.get_stream(&stream).await.unwrap();
     let messages = info.info().await.unwrap().state.messages;
     assert_eq!(messages, total, "one message per event");
+    app.stop().await;
+}
+
+/// A webhook receiver of the test's own on a loopback port that stays the same while
+/// it is answering (200 to every delivery, kept), closed, or accepting connections and
+/// never answering.
+struct OwnReceiver {
+    port: u16,
+    /// The bodies of the deliveries answered.
+    received: Arc<Mutex<Vec<serde_json::Value>>>,
+    server: Option<actix_web::dev::ServerHandle>,
+    hanging: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl OwnReceiver {
+    fn start() -> OwnReceiver {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut receiver = OwnReceiver {
+            port,
+            received: Arc::default(),
+            server: None,
+            hanging: None,
+        };
+        receiver.up();
+        receiver
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hooks/afya", self.port)
+    }
+
+    /// Answers every delivery with 200 and keeps its body.
+    fn up(&mut self) {
+        let received = self.received.clone();
+        let server = actix_web::HttpServer::new(move || {
+            let received = received.clone();
+            actix_web::App::new().default_service(actix_web::web::to(
+                move |body: actix_web::web::Bytes| {
+                    let received = received.clone();
+                    async move {
+                        let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        received.lock().unwrap().push(event);
+                        actix_web::HttpResponse::Ok().finish()
+                    }
+                },
+            ))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(("127.0.0.1", self.port))
+        .unwrap()
+        .run();
+        self.server = Some(server.handle());
+        actix_rt::spawn(server);
+    }
+
+    /// Stops answering and closes the port: connections are refused.
+    async fn close(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop(false).await;
+        }
+        if let Some(hanging) = self.hanging.take() {
+            hanging.abort();
+            let _ = hanging.await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "the receiver's port stays open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Accepts connections and holds them, reading nothing and answering nothing.
+    async fn hang(&mut self) {
+        self.close().await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
+            .unwrap();
+        let listener = socket.listen(64).unwrap();
+        self.hanging = Some(tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        }));
+    }
+
+    /// The record ids of the `RecordUploaded` events delivered.
+    fn uploads(&self) -> BTreeSet<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event_type"] == "RecordUploaded")
+            .filter_map(|e| e["data"]["record_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for OwnReceiver {
+    fn drop(&mut self) {
+        if let Some(hanging) = self.hanging.take() {
+            hanging.abort();
+        }
+        if let Some(server) = self.server.take() {
+            // Not awaited: the test's runtime stops it anyway.
+            drop(server.stop(false));
+        }
+    }
+}
+
+/// `/readyz`'s report of the webhooks once `done` holds of it (up to `secs`); every
+/// `/readyz` on the way answers 200.
+async fn webhooks_report(
+    app: &TestApp,
+    secs: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ready = app.get("/readyz", None).await.ok(200);
+        let webhooks = ready["integrations"]["webhooks"].clone();
+        if done(&webhooks) || Instant::now() > deadline {
+            return webhooks;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `n` readiness reports, each 200: how long each took.
+async fn timed_readyz(app: &TestApp, n: usize) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        app.get("/readyz", None).await.ok(200);
+        took.push(started.elapsed());
+    }
+    took
+}
+
+/// The median of `took`.
+fn median(took: &[Duration]) -> Duration {
+    let mut sorted = took.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+/// Uploads made by the webhook outage test: how long each took, and the record ids.
+async fn timed_uploads(
+    app: &TestApp,
+    w: &crate::app::World,
+    phase: &str,
+    n: usize,
+    ids: &mut BTreeSet<String>,
+) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        let created = app
+            .upload(
+                &w.patient.token,
+                &w.patient.id,
+                "category=lab",
+                "application/pdf",
+                format!("%PDF-1.4 {phase} {i}").as_bytes(),
+            )
+            .await;
+        took.push(started.elapsed());
+        let created = created.ok(201);
+        ids.insert(created["record_id"].as_str().unwrap().to_owned());
+    }
+    took
+}
+
+#[actix_rt::test]
+async fn with_a_webhook_receiver_down_commands_answer_as_fast_and_the_events_follow_when_it_returns(
+) {
+    for backend in eventstore::testing::BACKENDS {
+        webhook_outage(backend).await;
+    }
+}
+
+async fn webhook_outage(backend: Backend) {
+    const UPLOADS: usize = 8;
+    let mut receiver = OwnReceiver::start();
+    // Were read-your-writes to wait for the deliverer, an upload would take these 20 s;
+    // were an upload to wait for one attempt, a second (the hanging receiver's).
+    let vars = [
+        ("AFYA_WEBHOOK_ALLOW_PRIVATE", "true"),
+        ("AFYA_WEBHOOK_MAX_ATTEMPTS", "3"),
+        ("AFYA_WEBHOOK_BACKOFF_MS", "50"),
+        ("AFYA_WEBHOOK_TIMEOUT_SECS", "1"),
+        ("AFYA_CONSISTENCY_TIMEOUT_MS", "20000"),
+    ];
+    let Some(app) = TestApp::start_with(backend, &vars).await else {
+        return;
+    };
+    let w = app.world().await;
+    // No webhook yet: listed all the same, and fine.
+    let none = webhooks_report(&app, 0, |_| true).await;
+    assert_eq!(
+        (&none["status"], &none["webhooks"], &none["dead_letters"]),
+        (&"ok".into(), &0.into(), &0.into()),
+        "{none}"
+    );
+    let (ok, out, err) = app.env.run(&[
+        "integrator",
+        "add",
+        "--name",
+        "Claims Co",
+        "--events",
+        "RecordUploaded",
+    ]);
+    assert!(ok, "{err}");
+    let key = out.lines().last().unwrap().trim().to_owned();
+    let hook = app
+        .post(
+            "/v1/webhooks",
+            Some(&key),
+            serde_json::json!({"url": receiver.url(), "types": ["RecordUploaded"]}),
+        )
+        .await
+        .ok(201);
+    let hook_id = hook["webhook_id"].as_str().unwrap().to_owned();
+    let mut uploaded = BTreeSet::new();
+
+    // Up: the baseline, once an upload has warmed the path and been delivered.
+    timed_uploads(&app, &w, "warm-up", 1, &mut uploaded).await;
+    let up = webhooks_report(&app, 30, |h| {
+        h["active"] == 1 && h["lag"] == 0 && receiver.uploads().len() == 1
+    })
+    .await;
+    assert_eq!(
+        up,
+        serde_json::json!({"status": "ok", "webhooks": 1, "active": 1, "failing": 0, "lag": 0, "dead_letters": 0}),
+    );
+    let before = timed_uploads(&app, &w, "up", UPLOADS, &mut uploaded).await;
+    let ready_up = timed_readyz(&app, 5).await;
+
+    // Closed port: every attempt is refused at once, and the events are parked.
+    receiver.close().await;
+    let closed = timed_uploads(&app, &w, "closed", UPLOADS, &mut uploaded).await;
+    let down = webhooks_report(&app, 30, |h| {
+        h["status"] == "down" && h["dead_letters"].as_i64().unwrap() >= UPLOADS as i64
+    })
+    .await;
+    assert_eq!(
+        (&down["status"], &down["failing"], &down["webhooks"]),
+        (&"down".into(), &1.into(), &1.into()),
+        "{down}"
+    );
+    assert!(
+        down["dead_letters"].as_i64().unwrap() >= UPLOADS as i64,
+        "{down}"
+    );
+    let failures_path = format!("/v1/webhooks/{hook_id}/failures");
+    let parked = app.get(&failures_path, Some(&key)).await.ok(200);
+    assert!(
+        parked["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["last_error"] == "unreachable"),
+        "{parked}"
+    );
+    let metrics = app.get("/metrics", None).await.text();
+    for line in [
+        "afyachain_webhooks_status{status=\"down\"} 1",
+        "afyachain_webhooks{state=\"failing\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("afyachain_webhooks_dead_letters "))
+            .any(|n| n.parse::<i64>().unwrap() >= UPLOADS as i64),
+        "{metrics}"
+    );
+
+    // Accepting and never answering: each attempt waits out its timeout, and no
+    // command waits for it.
+    receiver.hang().await;
+    let hanging = timed_uploads(&app, &w, "hanging", UPLOADS, &mut uploaded).await;
+    // Read meanwhile, while the deliverer's round waits on an attempt.
+    let ready_hanging = timed_readyz(&app, 5).await;
+    let timed_out = webhooks_report(&app, 0, |_| true).await;
+    assert_eq!(timed_out["status"], "down", "{timed_out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = app.get(&failures_path, Some(&key)).await.ok(200);
+        let timeouts = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["last_error"] == "timeout")
+            .count();
+        if timeouts > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no attempt timed out: {page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Back: new events are delivered, the parked ones once replayed, and it is `ok`.
+    receiver.close().await;
+    receiver.up();
+    // Every event handled (delivered, or parked by an attempt cut off by the switch).
+    let caught_up = webhooks_report(&app, 60, |h| h["lag"] == 0).await;
+    assert_eq!(caught_up["lag"], 0, "{caught_up}");
+    app.post_empty(&format!("/v1/webhooks/{hook_id}/replay"), Some(&key))
+        .await
+        .ok(202);
+    let after = timed_uploads(&app, &w, "back", UPLOADS, &mut uploaded).await;
+
+    // The baseline: the slower of the medians with the receiver up, before and after
+    // (the machine's load drifts meanwhile).
+    let baseline = median(&before).max(median(&after));
+    let bound = |baseline: Duration| (baseline * 3).max(baseline + Duration::from_millis(200));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{backend:?}: median upload with the webhook receiver up {:.1} ms (before) and \
+         {:.1} ms (after), closed {:.1} ms, hanging {:.1} ms; slowest closed {:.1} ms, \
+         hanging {:.1} ms; bound {:.1} ms. Median /readyz up {:.1} ms, hanging {:.1} ms",
+        ms(median(&before)),
+        ms(median(&after)),
+        ms(median(&closed)),
+        ms(median(&hanging)),
+        ms(*closed.iter().max().unwrap()),
+        ms(*hanging.iter().max().unwrap()),
+        ms(bound(baseline)),
+        ms(median(&ready_up)),
+        ms(median(&ready_hanging)),
+    );
+    for (what, took) in [("closed", &closed), ("hanging", &hanging)] {
+        assert!(
+            median(took) <= bound(baseline),
+            "with the receiver {what}, uploads took {took:?} (baseline {baseline:?})"
+        );
+    }
+    // `/readyz` asks the deliverer without waiting on its round (which waits out the
+    // request timeout of 1 s).
+    assert!(
+        median(&ready_hanging) <= bound(median(&ready_up)),
+        "with the receiver hanging, /readyz took {ready_hanging:?} (up: {ready_up:?})"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receiver.uploads() != uploaded {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            uploaded.difference(&receiver.uploads()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = webhooks_report(&app, 30, |h| h["status"] == "ok" && h["lag"] == 0).await;
+    assert_eq!(
+        back,
+        serde_json::json!({"status": "ok", "webhooks": 1, "active": 1, "failing": 0, "lag": 0, "dead_letters": 0}),
+    );
+    let after = app.get(&failures_path, Some(&key)).await.ok(200);
+    assert_eq!(after["items"], serde_json::json!([]), "{after}");
     app.stop().await;
 }
 
