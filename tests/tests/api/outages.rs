@@ -396,6 +396,7 @@ async fn timed_uploads(
 #[actix_rt::test]
 async fn with_a_webhook_receiver_down_commands_answer_as_fast_and_the_events_follow_when_it_returns(
 ) {
+    crate::support::alone();
     for backend in eventstore::testing::BACKENDS {
         webhook_outage(backend).await;
     }
