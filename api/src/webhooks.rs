@@ -57,7 +57,8 @@ pub struct WebhooksReport {
     /// `down` while every webhook this instance delivers is failing; `degraded` while
     /// some are, or dead letters wait for a replay; else `ok`.
     pub status: &'static str,
-    /// Registered webhooks (every instance runs a deliverer for each).
+    /// Webhooks this instance runs a deliverer for (every registered one whose URL
+    /// and secret open; every instance runs one for each).
     pub webhooks: usize,
     /// Those this instance delivers (holding their locks; the others stand by).
     pub active: usize,

@@ -8,8 +8,8 @@
 //! standby. A [`Runner`] applies a handler's batches; a [`ConsumerActor`] is the work
 //! runtime's driver ([`crate::work`]) over one, which holds the lock, runs it when a
 //! commit lands, never polling in a loop (a safety tick every few seconds covers
-//! writers that did not notify), backs off after a failure and stops after the batch
-//! in flight.
+//! writers that did not notify), backs off after a failure and on a stop waits (up to
+//! the runtime's grace) for the batch in flight to commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -509,7 +509,7 @@ impl Worker for Consumer {
     }
 
     /// Applies batches up to the readable end of the log. Between batches it looks
-    /// whether it is stopping, so a stop comes after the batch in flight commits, and
+    /// whether it is stopping, so a stop lets the batch in flight commit, and
     /// whether the lock is still held.
     async fn round(&self, round: &Round) -> anyhow::Result<Outcome> {
         let mut runner = self.runner.lock().await;
@@ -635,7 +635,8 @@ impl ConsumerHandle {
             .unwrap_or(false)
     }
 
-    /// Lets the batch in flight commit, releases the lock and stops the actor.
+    /// Lets the batch in flight commit (waiting up to the runtime's stop grace; one cut
+    /// off is rolled back with its checkpoint), releases the lock and stops the actor.
     pub async fn stop(&self) {
         let _ = self.addr.send(Stop).await;
     }

@@ -397,9 +397,16 @@ impl DelivererProbe {
     pub async fn status(&self, wait: Duration) -> Option<DelivererStatus> {
         let asked = tokio::time::timeout(wait, self.addr.send(work::Status)).await;
         let worker = asked.ok()?.ok()?;
+        // Attempts count only while this instance delivers: one that lost the lock
+        // between rounds keeps its last count until it is active again.
+        let failed_attempts = if worker.active {
+            self.failed.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         Some(DelivererStatus {
             active: worker.active,
-            failed_attempts: self.failed.load(Ordering::Relaxed),
+            failed_attempts,
             failed_rounds: worker.failures,
         })
     }

@@ -574,6 +574,7 @@ async fn wait_until_anchored(app: &TestApp, n: i64) {
 
 #[actix_rt::test]
 async fn with_the_node_down_the_api_goes_on_and_the_chain_catches_up() {
+    crate::support::alone();
     let state = std::env::temp_dir().join(format!("afya-anvil-{}.json", uuid::Uuid::new_v4()));
     let path = std::env::var("AFYA_ANVIL")
         .map(PathBuf::from)

@@ -506,8 +506,6 @@ async fn webhook_outage(backend: Backend) {
     let hanging = timed_uploads(&app, &w, "hanging", UPLOADS, &mut uploaded).await;
     // Read meanwhile, while the deliverer's round waits on an attempt.
     let ready_hanging = timed_readyz(&app, 5).await;
-    let timed_out = webhooks_report(&app, 0, |_| true).await;
-    assert_eq!(timed_out["status"], "down", "{timed_out}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let page = app.get(&failures_path, Some(&key)).await.ok(200);

@@ -516,6 +516,7 @@ async fn acknowledged(app: &TestApp, body: Value) {
 /// agreeing, still settles the payment as failed, from the callback.
 #[actix_rt::test]
 async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fails_nothing() {
+    crate::support::alone();
     for backend in eventstore::testing::BACKENDS {
         let sb = sandbox(200).await;
         let port = free_port();
@@ -604,6 +605,7 @@ async fn a_forged_failure_callback_for_a_payment_darajas_query_says_was_paid_fai
 /// is logged as a warning naming the payment only.
 #[actix_rt::test]
 async fn a_callback_darajas_query_agrees_with_keeps_darajas_own_words() {
+    crate::support::alone();
     for backend in eventstore::testing::BACKENDS {
         let sb = sandbox(200).await;
         let port = free_port();

@@ -605,6 +605,7 @@ async fn a_corrupt_local_copy_is_reported_and_repaired_from_the_verified_remote_
 
 #[actix_rt::test]
 async fn a_store_that_never_answers_holds_up_neither_uploads_nor_readiness_nor_shutdown() {
+    crate::support::alone();
     // Accepts connections and never says a word.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

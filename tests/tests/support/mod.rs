@@ -57,7 +57,8 @@ thread_local! {
 }
 
 /// Waits until no other test runs, and keeps the others waiting until this one ends.
-/// Called first in the test, before it starts any server.
+/// Called first in the test, before it starts any server, and like every server start
+/// on the test's own thread (a slot is held by the thread that takes it).
 pub fn alone() {
     SLOT.with(|slot| {
         let mut slot = slot.borrow_mut();
@@ -147,10 +148,11 @@ impl Env {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AFYA_DATA_DIR", &self.data_dir)
             .env("RUST_LOG", "info")
-            // Smaller pools than the defaults (16 + 12): two tests at a time, some with
-            // two servers each, stay under PostgreSQL's default 100 connections.
-            .env("AFYA_PG_POOL_SIZE", "10")
-            .env("AFYA_PG_READ_POOL_SIZE", "8");
+            // 18 connections instead of the defaults' 28: two tests at a time, some with
+            // two servers each, stay under PostgreSQL's default 100 connections. The
+            // read pool keeps its 12: every consumer's batch and API read shares it.
+            .env("AFYA_PG_POOL_SIZE", "6")
+            .env("AFYA_PG_READ_POOL_SIZE", "12");
         if let Some(url) = &self.database_url {
             cmd.env("DATABASE_URL", url);
         }
