@@ -105,21 +105,32 @@ impl Drop for OwnNats {
     }
 }
 
-/// `/readyz`'s report of NATS once `done` holds of it (up to `secs`).
-async fn nats_report(
+/// `/readyz`'s report of the integration `name` once `done` holds of it (up to
+/// `secs`); every `/readyz` on the way answers 200.
+async fn integration_report(
     app: &TestApp,
+    name: &str,
     secs: u64,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let ready = app.get("/readyz", None).await.ok(200);
-        let nats = ready["integrations"]["nats"].clone();
-        if done(&nats) || Instant::now() > deadline {
-            return nats;
+        let report = ready["integrations"][name].clone();
+        if done(&report) || Instant::now() > deadline {
+            return report;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `/readyz`'s report of NATS once `done` holds of it (up to `secs`).
+async fn nats_report(
+    app: &TestApp,
+    secs: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    integration_report(app, "nats", secs, done).await
 }
 
 #[actix_rt::test]
@@ -330,22 +341,13 @@ impl Drop for OwnReceiver {
     }
 }
 
-/// `/readyz`'s report of the webhooks once `done` holds of it (up to `secs`); every
-/// `/readyz` on the way answers 200.
+/// `/readyz`'s report of the webhooks once `done` holds of it (up to `secs`).
 async fn webhooks_report(
     app: &TestApp,
     secs: u64,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let ready = app.get("/readyz", None).await.ok(200);
-        let webhooks = ready["integrations"]["webhooks"].clone();
-        if done(&webhooks) || Instant::now() > deadline {
-            return webhooks;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    integration_report(app, "webhooks", secs, done).await
 }
 
 /// `n` readiness reports, each 200: how long each took.
