@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub mod pg;
 pub mod s3;
@@ -47,9 +47,50 @@ static SLOTS: RwLock<()> = RwLock::new(());
 
 /// A test's slot, held by its thread until the test ends (each test runs on a thread
 /// of its own, whose thread-locals are dropped as it ends).
-enum Slot {
+struct Slot {
+    _guard: Guard,
+    alone: bool,
+    since: Instant,
+}
+
+enum Guard {
     Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
     Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+impl Slot {
+    fn new(guard: Guard) -> Slot {
+        let alone = matches!(guard, Guard::Alone(_));
+        Slot {
+            _guard: guard,
+            alone,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// With `AFYA_TEST_TIMES` naming a file, each test that held a slot appends a line to
+/// it as it ends: seconds held, `alone` or `shared`, the test's name (libtest names
+/// each test's thread after the test). `scripts/test` prints the slowest.
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(path) = std::env::var_os("AFYA_TEST_TIMES") else {
+            return;
+        };
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        let line = format!(
+            "{:.1} {} {name}\n",
+            self.since.elapsed().as_secs_f64(),
+            if self.alone { "alone" } else { "shared" },
+        );
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = std::io::Write::write_all(&mut file, line.as_bytes());
+        }
+    }
 }
 
 thread_local! {
@@ -63,13 +104,13 @@ pub fn alone() {
     SLOT.with(|slot| {
         let mut slot = slot.borrow_mut();
         assert!(
-            !matches!(*slot, Some(Slot::Shared(_))),
+            slot.as_ref().is_none_or(|slot| slot.alone),
             "support::alone() must be called before the test starts a server"
         );
         if slot.is_none() {
-            *slot = Some(Slot::Alone(
+            *slot = Some(Slot::new(Guard::Alone(
                 SLOTS.write().unwrap_or_else(PoisonError::into_inner),
-            ));
+            )));
         }
     });
 }
@@ -79,9 +120,9 @@ fn beside_others() {
     SLOT.with(|slot| {
         let mut slot = slot.borrow_mut();
         if slot.is_none() {
-            *slot = Some(Slot::Shared(
+            *slot = Some(Slot::new(Guard::Shared(
                 SLOTS.read().unwrap_or_else(PoisonError::into_inner),
-            ));
+            )));
         }
     });
 }
