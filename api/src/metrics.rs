@@ -95,7 +95,7 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP afyachain_consumer_position Last log position a projection has applied in this process.\n# TYPE afyachain_consumer_position gauge\n");
+        out.push_str("# HELP afyachain_consumer_position Last log position a log consumer (a projection or a reactor) has applied in this process.\n# TYPE afyachain_consumer_position gauge\n");
         for (name, handle) in consumers {
             let _ = writeln!(
                 out,
@@ -121,7 +121,7 @@ pub fn webhooks(report: &WebhooksReport) -> String {
             u8::from(report.status == status)
         );
     }
-    out.push_str("# HELP afyachain_webhooks Webhooks registered, delivered by this instance (active) and whose last attempts failed (failing).\n# TYPE afyachain_webhooks gauge\n");
+    out.push_str("# HELP afyachain_webhooks Webhooks registered, delivered by this instance or not answering (active) and whose last attempts failed or that do not answer (failing).\n# TYPE afyachain_webhooks gauge\n");
     for (state, n) in [
         ("registered", report.webhooks),
         ("active", report.active),

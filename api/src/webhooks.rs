@@ -60,7 +60,8 @@ pub struct WebhooksReport {
     /// Webhooks this instance runs a deliverer for (every registered one whose URL
     /// and secret open; every instance runs one for each).
     pub webhooks: usize,
-    /// Those this instance delivers (holding their locks; the others stand by).
+    /// Those this instance delivers (holding their locks; the others stand by). A
+    /// deliverer that does not answer counts here, and as failing.
     pub active: usize,
     /// Those whose last delivery attempts failed here (or whose deliverer does not
     /// answer): their receivers are down or failing.

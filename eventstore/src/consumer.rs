@@ -179,7 +179,9 @@ impl Runner {
         }
     }
 
-    /// Applies one batch; returns how many events it applied.
+    /// Applies one batch; returns how many events it applied. 0: nothing to apply, or
+    /// another instance had moved the checkpoint, which is then reloaded (the cursor
+    /// moved: there may be more to read from it at once).
     pub async fn step(&mut self) -> anyhow::Result<usize> {
         let events = self.store.read_log(self.cursor, self.batch_size).await?;
         let Some(last) = events.last().map(StoredEvent::cursor) else {
@@ -222,9 +224,10 @@ impl Runner {
     pub async fn catch_up(&mut self) -> anyhow::Result<CatchUp> {
         let mut applied = 0u64;
         loop {
+            let before = self.cursor;
             let n = self.step().await?;
             applied += n as u64;
-            if n == 0 {
+            if n == 0 && self.cursor == before {
                 break;
             }
         }
@@ -522,8 +525,9 @@ impl Worker for Consumer {
                 // The driver takes the lock again, or stands by, at once.
                 break Outcome::More;
             }
+            let before = runner.cursor;
             let n = runner.step().await?;
-            if n == 0 {
+            if n == 0 && runner.cursor == before {
                 break runner.store.end_of_log(runner.cursor).await?;
             }
             applied += n as u64;

@@ -234,8 +234,8 @@ pub struct Outcome<'a> {
     pub error: &'a str,
 }
 
-/// Records `outcome` for `job`, if it is still in the state it was read in. `true`:
-/// recorded (another run had not moved it meanwhile).
+/// Records `outcome` for `job`, if it is still as it was read. `true`: recorded
+/// (another run had not moved it meanwhile).
 pub async fn record(pool: &AnyPool, job: &Job, outcome: &Outcome<'_>) -> anyhow::Result<bool> {
     set(
         pool,
@@ -255,8 +255,10 @@ pub async fn mark(pool: &AnyPool, job: &Job, state: &str) -> anyhow::Result<bool
     set(pool, job, state, job.attempts, job.next_attempt_at, error).await
 }
 
-/// Writes a job's state, attempts, next attempt and last error if it is still in the
-/// state it was read in (optimistic: another run may have moved it).
+/// Writes a job's state, attempts, next attempt and last error if it is still as it
+/// was read: the same state, attempts and next attempt (optimistic: another run may
+/// have moved it; many writes leave the state as it was, so the state alone would let
+/// an out-of-date copy set the attempts and the due time back).
 async fn set(
     pool: &AnyPool,
     job: &Job,
@@ -267,7 +269,8 @@ async fn set(
 ) -> anyhow::Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET state = $1, attempts = $2, next_attempt_at = $3, last_error = $4, \
-         updated_at = $5 WHERE worker = $6 AND kind = $7 AND subject = $8 AND state = $9",
+         updated_at = $5 WHERE worker = $6 AND kind = $7 AND subject = $8 AND state = $9 \
+         AND attempts = $10 AND next_attempt_at = $11",
     )
     .bind(state.to_owned())
     .bind(attempts)
@@ -278,6 +281,8 @@ async fn set(
     .bind(job.kind.clone())
     .bind(job.subject.clone())
     .bind(job.state.clone())
+    .bind(job.attempts)
+    .bind(job.next_attempt_at)
     .execute(pool)
     .await
     .with_context(|| format!("moving a {} job to {state}", job.worker))?;

@@ -253,7 +253,7 @@ impl<W: Worker> WorkerActor<W> {
 }
 
 /// The pause after the `failures`-th failed round in a row: doubling from 200 ms, at
-/// most 30 s.
+/// most 25.6 s (from the eighth on).
 fn failure_backoff(failures: u32) -> Duration {
     Duration::from_millis((100u64 << failures.min(8)).min(30_000))
 }
@@ -480,7 +480,8 @@ impl<W: Worker> Handler<Stop> for WorkerActor<W> {
         Box::pin(
             async move {
                 // The round in flight sees `stop` and returns; if it does not in time,
-                // the lock goes with the process.
+                // the lock is left held, and goes when the actor is dropped (with the
+                // process at the latest).
                 if let Ok(_idle) = tokio::time::timeout(grace, busy.lock()).await {
                     if let Some(held) = lock.lock().await.take() {
                         held.release().await;

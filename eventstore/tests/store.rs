@@ -1065,6 +1065,19 @@ async fn the_job_queue_keeps_one_row_per_job_and_its_dead_letters() {
         let mut stale = first.clone();
         stale.state = "sending".into();
         assert!(!jobs::record(pool, &stale, &later).await.unwrap());
+        // Nor from a copy in the same state read before the attempt was counted: the
+        // attempts and the due time are not set back.
+        let again = Outcome {
+            next_attempt_at: 0,
+            ..later.clone()
+        };
+        assert!(
+            !jobs::record(pool, first, &again).await.unwrap(),
+            "{backend:?}"
+        );
+        let due_now = jobs::due(pool, "chain", Some("grant"), 10).await.unwrap();
+        let subjects: Vec<&str> = due_now.iter().map(|j| j.subject.as_str()).collect();
+        assert_eq!(subjects, ["b"], "{backend:?}");
         // Marked out, then dead.
         assert!(jobs::mark(pool, &due[0], "sending").await.unwrap());
         assert_eq!(

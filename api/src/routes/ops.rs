@@ -56,28 +56,13 @@ pub async fn readyz(state: Data<AppState>) -> Result<HttpResponse, Problem> {
 /// outage may hold its batch for a while, a deliverer its attempt.
 async fn integrations_report(state: &AppState) -> serde_json::Value {
     let mut report = serde_json::Map::new();
-    let publishers = [("nats", nats_publisher::CONSUMER_NAME)];
-    for (shown, name) in publishers {
-        let Some((_, handle)) = state.consumers.iter().find(|(n, _)| n == name) else {
-            continue;
-        };
-        let failures = handle.failures();
-        // The stored checkpoint, which the active instance moves (this one may be on
-        // standby), against the log's end: positions still to publish.
-        let pool = state.store.any_pool();
-        let lag = match (
-            eventstore::consumer::load_checkpoint(pool, name).await,
-            state.store.log_end().await,
-        ) {
-            (Ok(done), Ok(end)) => Some((end.position - done.position).max(0)),
-            _ => None,
-        };
+    for publisher in publisher_reports(state).await {
         report.insert(
-            shown.to_owned(),
+            publisher.name.to_owned(),
             serde_json::json!({
-                "status": if failures == 0 { "ok" } else { "down" },
-                "lag": lag,
-                "failures": failures,
+                "status": publisher.status(),
+                "lag": publisher.lag,
+                "failures": publisher.failures,
             }),
         );
     }
@@ -176,6 +161,85 @@ async fn storage_report(state: &AppState) -> serde_json::Value {
     })
 }
 
+/// A publisher of the log (NATS) as `/readyz` and `/metrics` report it.
+struct PublisherReport {
+    /// As shown: `nats`.
+    name: &'static str,
+    /// Batches failed in a row (0 once one is published).
+    failures: u32,
+    /// Positions still to publish: the stored checkpoint, which the active instance
+    /// moves (this one may be on standby), against the log's end. `None`: unknown.
+    lag: Option<i64>,
+}
+
+impl PublisherReport {
+    fn status(&self) -> &'static str {
+        if self.failures == 0 {
+            "ok"
+        } else {
+            "down"
+        }
+    }
+}
+
+/// The configured publishers among the log consumers, read without waiting on them.
+async fn publisher_reports(state: &AppState) -> Vec<PublisherReport> {
+    let publishers = [("nats", nats_publisher::CONSUMER_NAME)];
+    let mut reports = Vec::new();
+    for (shown, name) in publishers {
+        let Some((_, handle)) = state.consumers.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let pool = state.store.any_pool();
+        let lag = match (
+            eventstore::consumer::load_checkpoint(pool, name).await,
+            state.store.log_end().await,
+        ) {
+            (Ok(done), Ok(end)) => Some((end.position - done.position).max(0)),
+            _ => None,
+        };
+        reports.push(PublisherReport {
+            name: shown,
+            failures: handle.failures(),
+            lag,
+        });
+    }
+    reports
+}
+
+/// The publishers' gauges: up (1) or down (0) as `/readyz` says, lag and failures.
+fn publisher_gauges(reports: &[PublisherReport]) -> String {
+    let mut out = String::new();
+    if reports.is_empty() {
+        return out;
+    }
+    out.push_str("# HELP afyachain_publisher_up Whether a publisher of the log (nats) publishes (1) or is down (0), as /readyz reports it.\n# TYPE afyachain_publisher_up gauge\n");
+    for report in reports {
+        let up = u8::from(report.status() == "ok");
+        out.push_str(&format!(
+            "afyachain_publisher_up{{publisher=\"{}\"}} {up}\n",
+            report.name
+        ));
+    }
+    out.push_str("# HELP afyachain_publisher_lag Log positions a publisher has still to publish.\n# TYPE afyachain_publisher_lag gauge\n");
+    for report in reports {
+        if let Some(lag) = report.lag {
+            out.push_str(&format!(
+                "afyachain_publisher_lag{{publisher=\"{}\"}} {lag}\n",
+                report.name
+            ));
+        }
+    }
+    out.push_str("# HELP afyachain_publisher_failures A publisher's batches failed in a row.\n# TYPE afyachain_publisher_failures gauge\n");
+    for report in reports {
+        out.push_str(&format!(
+            "afyachain_publisher_failures{{publisher=\"{}\"}} {}\n",
+            report.name, report.failures
+        ));
+    }
+    out
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: Data<AppState>) -> HttpResponse {
@@ -217,6 +281,7 @@ pub async fn metrics(state: Data<AppState>) -> HttpResponse {
             ));
         }
     }
+    body.push_str(&publisher_gauges(&publisher_reports(&state).await));
     body.push_str(&crate::metrics::webhooks(&state.webhooks.report().await));
     if state.storage.backend().is_some() {
         match chain_adapter::storage::queue::counts(state.store.any_pool()).await {

@@ -124,6 +124,30 @@ async fn integration_report(
     }
 }
 
+/// The NATS publisher's gauges in `/metrics`.
+#[derive(Debug)]
+struct PublisherGauges {
+    up: Option<i64>,
+    lag: Option<i64>,
+    failures: Option<i64>,
+}
+
+async fn publisher_gauges(app: &TestApp) -> PublisherGauges {
+    let metrics = app.get("/metrics", None).await.text();
+    let gauge = |name: &str| {
+        let prefix = format!("{name}{{publisher=\"nats\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.parse::<i64>().unwrap())
+    };
+    PublisherGauges {
+        up: gauge("afyachain_publisher_up"),
+        lag: gauge("afyachain_publisher_lag"),
+        failures: gauge("afyachain_publisher_failures"),
+    }
+}
+
 /// `/readyz`'s report of NATS once `done` holds of it (up to `secs`).
 async fn nats_report(
     app: &TestApp,
@@ -209,6 +233,11 @@ async fn nats_outage(backend: Backend) {
     let down = nats_report(&app, 30, |n| n["status"] == "down").await;
     assert_eq!(down["status"], "down", "{down}");
     assert!(down["lag"].as_i64().unwrap() > 0, "{down}");
+    // `/metrics` says the same as gauges.
+    let gauges = publisher_gauges(&app).await;
+    assert_eq!(gauges.up, Some(0), "{backend:?}: {gauges:?}");
+    assert!(gauges.lag.is_some_and(|lag| lag > 0), "{gauges:?}");
+    assert!(gauges.failures.is_some_and(|f| f > 0), "{gauges:?}");
 
     // Back: the publisher catches up by itself, each event once.
     nats.up();
@@ -217,6 +246,12 @@ async fn nats_outage(backend: Backend) {
         (&back["status"], &back["lag"]),
         (&"ok".into(), &0.into()),
         "{back}"
+    );
+    let gauges = publisher_gauges(&app).await;
+    assert_eq!(
+        (gauges.up, gauges.lag, gauges.failures),
+        (Some(1), Some(0), Some(0)),
+        "{backend:?}"
     );
     let total = app.event_count().await as u64;
     let client = async_nats::connect(url.as_str()).await.unwrap();

@@ -51,6 +51,8 @@ struct Slot {
     _guard: Guard,
     alone: bool,
     since: Instant,
+    /// The test's name (libtest names each test's thread after the test).
+    test: String,
 }
 
 enum Guard {
@@ -65,23 +67,24 @@ impl Slot {
             _guard: guard,
             alone,
             since: Instant::now(),
+            test: std::thread::current().name().unwrap_or("?").to_owned(),
         }
     }
 }
 
 /// With `AFYA_TEST_TIMES` naming a file, each test that held a slot appends a line to
-/// it as it ends: seconds held, `alone` or `shared`, the test's name (libtest names
-/// each test's thread after the test). `scripts/test` prints the slowest.
+/// it as it ends: seconds held, `alone` or `shared`, the test's name. `scripts/test`
+/// prints the slowest.
 impl Drop for Slot {
     fn drop(&mut self) {
         let Some(path) = std::env::var_os("AFYA_TEST_TIMES") else {
             return;
         };
-        let name = std::thread::current().name().unwrap_or("?").to_owned();
         let line = format!(
-            "{:.1} {} {name}\n",
+            "{:.1} {} {}\n",
             self.since.elapsed().as_secs_f64(),
             if self.alone { "alone" } else { "shared" },
+            self.test,
         );
         if let Ok(mut file) = std::fs::OpenOptions::new()
             .create(true)
