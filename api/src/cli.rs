@@ -87,14 +87,17 @@ enum ChainCommand {
 #[derive(Subcommand)]
 enum ConsumersCommand {
     /// Show every consumer's checkpoint and lag, the jobs every worker has waiting
-    /// (blobs to copy, chain transactions, M-Pesa pushes), and the dead-letter list.
+    /// (blobs to copy, chain transactions, M-Pesa pushes), the dead-letter list and
+    /// the webhooks' parked deliveries.
     Status,
-    /// Requeue dead letters. Takes effect in a running server at its next round.
+    /// Requeue dead letters (for `webhooks`: mark parked deliveries for replay). Takes
+    /// effect in a running server at its next round.
     Retry {
-        /// Which worker's dead letters: `storage`, `chain` or `mpesa`.
+        /// Which worker's dead letters: `storage`, `chain`, `mpesa` or `webhooks`.
         consumer: String,
-        /// Only these subjects (a record id for `storage`; repeatable); all of the
-        /// worker's dead letters if none is given.
+        /// Only these subjects (a record id for `storage`, a payment id for `mpesa`, a
+        /// webhook id for `webhooks`; repeatable); all of the worker's dead letters if
+        /// none is given.
         #[arg(long = "record")]
         records: Vec<String>,
     },
@@ -392,6 +395,17 @@ async fn consumers_command(
                     );
                 }
             }
+            let parked = integrations::webhook::parked_counts(pool).await?;
+            if parked.is_empty() {
+                println!("webhook deliveries parked: none");
+            } else {
+                println!("webhook deliveries parked (webhook, how many):");
+                let mut parked: Vec<_> = parked.into_iter().collect();
+                parked.sort();
+                for (webhook, n) in parked {
+                    println!("  webhook:{webhook} {n}");
+                }
+            }
             let troubled = jobs::troubled(pool, 100).await?;
             if troubled.is_empty() {
                 println!("dead letters: none");
@@ -412,6 +426,31 @@ async fn consumers_command(
             }
             Ok(())
         }
+        ConsumersCommand::Retry { consumer, records } if consumer == "webhooks" => {
+            let mut webhooks = Vec::with_capacity(records.len());
+            for raw in &records {
+                let raw = raw.trim();
+                webhooks.push(
+                    uuid::Uuid::parse_str(raw)
+                        .map_err(|_| anyhow::anyhow!("{raw} is not a webhook id"))?,
+                );
+            }
+            if webhooks.is_empty() {
+                webhooks = integrations::webhook::parked_counts(pool)
+                    .await?
+                    .into_keys()
+                    .collect();
+            }
+            let mut marked = 0;
+            for webhook in &webhooks {
+                marked += integrations::webhook::request_replay(pool, *webhook).await?;
+            }
+            println!(
+                "marked {marked} parked deliveries of {} webhook(s) for replay",
+                webhooks.len()
+            );
+            Ok(())
+        }
         ConsumersCommand::Retry { consumer, records } => {
             const WORKERS: [&str; 3] = [
                 chain_adapter::storage::queue::WORKER,
@@ -420,7 +459,7 @@ async fn consumers_command(
             ];
             let Some(worker) = WORKERS.into_iter().find(|w| *w == consumer) else {
                 anyhow::bail!(
-                    "no worker with dead letters named {consumer}; known: {}",
+                    "no worker with dead letters named {consumer}; known: {}, webhooks",
                     WORKERS.join(", ")
                 );
             };

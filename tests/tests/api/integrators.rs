@@ -649,6 +649,40 @@ async fn webhooks(backend: Backend) {
         .ok(200);
     assert_eq!(page["items"].as_array().unwrap().len(), 3);
     assert!(page["next_cursor"].is_i64());
+    // The operator sees both webhooks' parked deliveries from the command line, and
+    // replays one webhook's from there: the running server tries each once more
+    // (its port still closed: parked again, one attempt more).
+    let closed_id = closed_hook["webhook_id"].as_str().unwrap();
+    let (ok, out, err) = app.env.run(&["consumers", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("webhook:{parked_id} 4")), "{out}");
+    assert!(out.contains(&format!("webhook:{closed_id} 4")), "{out}");
+    let (ok, _, err) = app
+        .env
+        .run(&["consumers", "retry", "webhooks", "--record", "x"]);
+    assert!(!ok && err.contains("not a webhook id"), "{err}");
+    let (ok, out, err) = app
+        .env
+        .run(&["consumers", "retry", "webhooks", "--record", closed_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("marked 4 parked deliveries of 1 webhook"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let retried = loop {
+        let page = app.get(&closed_path, Some(&key)).await.ok(200);
+        let items = page["items"].as_array().unwrap();
+        if items.iter().all(|f| f["attempts"] == 6) || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let items = retried["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4, "{retried}");
+    assert!(
+        items
+            .iter()
+            .all(|f| f["attempts"] == 6 && f["replay_requested"] == false),
+        "{retried}"
+    );
     // Fixed, then replayed: all four arrive, and nothing stays parked.
     *down.failing.lock().unwrap() = false;
     let replay = app
