@@ -665,7 +665,10 @@ async fn webhooks(backend: Backend) {
         .env
         .run(&["consumers", "retry", "webhooks", "--record", closed_id]);
     assert!(ok, "{err}");
-    assert!(out.contains("marked 4 parked deliveries of 1 webhook"), "{out}");
+    assert!(
+        out.contains("marked 4 parked deliveries of 1 webhook"),
+        "{out}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let retried = loop {
         let page = app.get(&closed_path, Some(&key)).await.ok(200);

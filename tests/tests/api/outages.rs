@@ -403,7 +403,170 @@ fn median(took: &[Duration]) -> Duration {
     sorted[sorted.len() / 2]
 }
 
-/// Uploads made by the webhook outage test: how long each took, and the record ids.
+/// Asserts that commands answered as fast with `outage` as with the integration up:
+/// the median of `during` within the bound of the baseline, the slower of the medians
+/// before and after (the machine's load drifts meanwhile), and prints the figures.
+fn as_fast(
+    backend: Backend,
+    outage: &str,
+    before: &[Duration],
+    during: &[Duration],
+    after: &[Duration],
+) {
+    let baseline = median(before).max(median(after));
+    let bound = (baseline * 3).max(baseline + Duration::from_millis(200));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{backend:?}: median command with {outage}: {:.1} ms; up: {:.1} ms (before), \
+         {:.1} ms (after); slowest {:.1} ms; bound {:.1} ms",
+        ms(median(during)),
+        ms(median(before)),
+        ms(median(after)),
+        ms(*during.iter().max().unwrap()),
+        ms(bound),
+    );
+    assert!(
+        median(during) <= bound,
+        "{backend:?}: with {outage}, commands took {during:?} (baseline {baseline:?})"
+    );
+}
+
+#[actix_rt::test]
+async fn with_s3_down_uploads_answer_as_fast_and_are_stored_when_it_returns() {
+    crate::support::alone();
+    for backend in eventstore::testing::BACKENDS {
+        s3_outage(backend).await;
+    }
+}
+
+async fn s3_outage(backend: Backend) {
+    use crate::storage::{all_stored, refs, with, FAST};
+    const UPLOADS: usize = 8;
+    let mut s3 = crate::support::s3::S3Server::start();
+    // Were read-your-writes to wait for the replicator, an upload would take these 20 s.
+    let vars = with(
+        with(s3.vars(), FAST),
+        &[("AFYA_CONSISTENCY_TIMEOUT_MS", "20000")],
+    );
+    let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+        return;
+    };
+    let w = app.world().await;
+    let mut uploaded = BTreeSet::new();
+    let before = timed_uploads(&app, &w, "up", UPLOADS, &mut uploaded).await;
+    all_stored(&app, &w.patient, Duration::from_secs(30)).await;
+
+    s3.stop();
+    let during = timed_uploads(&app, &w, "down", UPLOADS, &mut uploaded).await;
+    // Ready all the same, with the replicator reported down and the copies waiting.
+    let down = integration_report(&app, "storage", 30, |s| s["status"] == "down").await;
+    assert_eq!(down["status"], "down", "{down}");
+    assert!(down["lag"].as_i64().unwrap() > 0, "{down}");
+
+    s3.resume();
+    let after = timed_uploads(&app, &w, "back", UPLOADS, &mut uploaded).await;
+    as_fast(backend, "S3 down", &before, &during, &after);
+    // Every upload copied once.
+    all_stored(&app, &w.patient, Duration::from_secs(60)).await;
+    let back = integration_report(&app, "storage", 30, |s| {
+        s["status"] == "ok" && s["lag"] == 0
+    })
+    .await;
+    assert_eq!(
+        (&back["status"], &back["lag"]),
+        (&"ok".into(), &0.into()),
+        "{back}"
+    );
+    assert_eq!(s3.objects().len(), uploaded.len(), "{backend:?}");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn with_daraja_down_payments_are_taken_as_fast_and_pushed_when_it_returns() {
+    crate::support::alone();
+    for backend in eventstore::testing::BACKENDS {
+        daraja_outage(backend).await;
+    }
+}
+
+async fn daraja_outage(backend: Backend) {
+    use crate::payments::{free_port, pay, sandbox, settled, vars};
+    use mpesa_adapter::sandbox::{Sandbox, SandboxConfig};
+    const PAYMENTS: usize = 8;
+    let sb = sandbox(0).await;
+    let port = free_port();
+    let mut vars = vars(&sb, port, 1);
+    for (k, v) in [
+        // Were read-your-writes to wait for the M-Pesa worker, a request would take
+        // these 20 s.
+        ("AFYA_CONSISTENCY_TIMEOUT_MS", "20000"),
+        ("AFYA_PROMPTS_PER_PATIENT", "100"),
+    ] {
+        vars.push((k.to_owned(), v.to_owned()));
+    }
+    let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let Some(app) = TestApp::start_with(backend, &refs).await else {
+        return;
+    };
+    let w = app.world().await;
+    let mut payments = Vec::new();
+    let timed = |phase: &'static str| {
+        let app = &app;
+        let w = &w;
+        async move {
+            let mut took = Vec::with_capacity(PAYMENTS);
+            let mut ids = Vec::with_capacity(PAYMENTS);
+            for i in 0..PAYMENTS {
+                let started = Instant::now();
+                ids.push(pay(app, &w.patient, 100 + i as u64, &format!("{phase}-{i}")).await);
+                took.push(started.elapsed());
+            }
+            (took, ids)
+        }
+    };
+    let (before, ids) = timed("up").await;
+    // Settled before Daraja goes (a sandbox started again knows nothing of the
+    // checkouts of the one stopped).
+    for id in &ids {
+        assert_eq!(settled(&app, &w.patient, id).await["status"], "confirmed");
+    }
+    payments.extend(ids);
+
+    let address: std::net::SocketAddr = sb.url.trim_start_matches("http://").parse().unwrap();
+    sb.stop().await;
+    let (during, ids) = timed("down").await;
+    payments.extend(ids);
+    // Ready all the same, with M-Pesa reported down and the pushes waiting.
+    let down = integration_report(&app, "mpesa", 30, |m| m["status"] == "down").await;
+    assert_eq!(down["status"], "down", "{down}");
+    assert!(down["lag"].as_i64().unwrap() > 0, "{down}");
+
+    let sb = Sandbox::start_on(SandboxConfig::public_sandbox(), address)
+        .await
+        .unwrap();
+    let (after, ids) = timed("back").await;
+    payments.extend(ids);
+    as_fast(backend, "Daraja down", &before, &during, &after);
+    // Every payment pushed once and settled.
+    for id in &payments {
+        assert_eq!(
+            settled(&app, &w.patient, id).await["status"],
+            "confirmed",
+            "{backend:?}"
+        );
+    }
+    let back =
+        integration_report(&app, "mpesa", 30, |m| m["status"] == "ok" && m["lag"] == 0).await;
+    assert_eq!(
+        (&back["status"], &back["lag"]),
+        (&"ok".into(), &0.into()),
+        "{back}"
+    );
+    app.stop().await;
+    sb.stop().await;
+}
+
+/// Uploads made by the outage tests: how long each took, and the record ids.
 async fn timed_uploads(
     app: &TestApp,
     w: &crate::app::World,

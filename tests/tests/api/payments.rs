@@ -62,7 +62,7 @@ pub(crate) async fn sandbox(delay_ms: u64) -> Sandbox {
 }
 
 /// A patient pays for their own account: the prompt goes to their registered phone.
-async fn pay(app: &TestApp, who: &Party, amount: u64, key: &str) -> String {
+pub(crate) async fn pay(app: &TestApp, who: &Party, amount: u64, key: &str) -> String {
     let created = app
         .post_keyed(
             "/v1/payments",
@@ -185,7 +185,7 @@ async fn wait_log(app: &TestApp, text: &str) {
     }
 }
 
-async fn settled(app: &TestApp, who: &Party, payment_id: &str) -> Value {
+pub(crate) async fn settled(app: &TestApp, who: &Party, payment_id: &str) -> Value {
     // Generous: some payments wait for the reconciler (up to 15 s after the push).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -15,17 +15,20 @@ use crate::support::s3::S3Server;
 const LAB: &[u8] = b"%PDF-1.4\nHbA1c 9.1% Achieng Otieno, Nairobi\n%%EOF\n";
 const MARKER: &[u8] = b"Achieng";
 
-fn refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(crate) fn refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
     vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-fn with(mut vars: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(crate) fn with(
+    mut vars: Vec<(String, String)>,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     vars
 }
 
 /// Quick retries so outages and dead letters play out in seconds.
-const FAST: &[(&str, &str)] = &[
+pub(crate) const FAST: &[(&str, &str)] = &[
     ("AFYA_STORAGE_RETRY_BASE_MS", "100"),
     ("AFYA_STORAGE_RETRY_MAX_MS", "500"),
     ("AFYA_STORAGE_POLL_MS", "100"),
@@ -72,7 +75,7 @@ async fn statuses(app: &TestApp, p: &Party) -> Vec<(String, String)> {
 }
 
 /// Waits until every record of `p` is `stored`; panics with the last statuses.
-async fn all_stored(app: &TestApp, p: &Party, within: Duration) {
+pub(crate) async fn all_stored(app: &TestApp, p: &Party, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let now = statuses(app, p).await;
