@@ -201,6 +201,7 @@ async fn reads_back(app: &TestApp, p: &Party, stored: &[(&str, &Vec<u8>)]) {
 }
 
 #[actix_rt::test]
+#[ignore = "alone: run by scripts/test in its second pass, one test at a time"]
 async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than_100_mb() {
     crate::support::alone();
     for backend in BACKENDS {
@@ -295,6 +296,7 @@ async fn eight_parallel_max_size_uploads_by_one_patient_grow_memory_by_less_than
 }
 
 #[actix_rt::test]
+#[ignore = "alone: run by scripts/test in its second pass, one test at a time"]
 async fn a_json_body_and_an_upload_sent_at_one_byte_a_second_are_cut_with_408() {
     crate::support::alone();
     for backend in BACKENDS {
@@ -422,6 +424,7 @@ fn raw_upload(
 }
 
 #[actix_rt::test]
+#[ignore = "alone: run by scripts/test in its second pass, one test at a time"]
 async fn slow_uploads_hold_no_memory_so_other_uploads_are_stored_without_waiting_for_them() {
     crate::support::alone();
     for backend in BACKENDS {

@@ -42,7 +42,9 @@ pub fn installed(program: &str, why: &str) -> bool {
 
 /// The end-to-end tests run two at a time (`scripts/test`): every test that starts a
 /// server takes a shared slot; a test whose assertions are timings or that loads the
-/// whole machine calls [`alone`] first, and runs with no other beside it.
+/// whole machine is marked `#[ignore = "alone: …"]`, which `scripts/test` runs in a
+/// second pass, one at a time, and calls [`alone`] first, so that it runs with no
+/// other beside it however it is run (`cargo test -- --include-ignored` too).
 static SLOTS: RwLock<()> = RwLock::new(());
 
 /// A test's slot, held by its thread until the test ends (each test runs on a thread
