@@ -427,28 +427,44 @@ async fn consumers_command(
             Ok(())
         }
         ConsumersCommand::Retry { consumer, records } if consumer == "webhooks" => {
-            let mut webhooks = Vec::with_capacity(records.len());
+            // Only webhooks that deliver (their integrator's key not withdrawn): nothing
+            // would replay the others' deliveries.
+            let delivering: std::collections::BTreeSet<uuid::Uuid> =
+                projections::read_models::webhooks::webhooks(pool)
+                    .await?
+                    .iter()
+                    .filter_map(|w| uuid::Uuid::parse_str(&w.webhook_id).ok())
+                    .collect();
+            let mut webhooks = std::collections::BTreeSet::new();
             for raw in &records {
                 let raw = raw.trim();
-                webhooks.push(
-                    uuid::Uuid::parse_str(raw)
-                        .map_err(|_| anyhow::anyhow!("{raw} is not a webhook id"))?,
-                );
+                let id = uuid::Uuid::parse_str(raw)
+                    .map_err(|_| anyhow::anyhow!("{raw} is not a webhook id"))?;
+                if !delivering.contains(&id) {
+                    anyhow::bail!("no webhook {id} delivers here (unknown, or its key withdrawn)");
+                }
+                webhooks.insert(id);
             }
             if webhooks.is_empty() {
                 webhooks = integrations::webhook::parked_counts(pool)
                     .await?
                     .into_keys()
+                    .filter(|id| delivering.contains(id))
                     .collect();
             }
             let mut marked = 0;
             for webhook in &webhooks {
                 marked += integrations::webhook::request_replay(pool, *webhook).await?;
             }
-            println!(
-                "marked {marked} parked deliveries of {} webhook(s) for replay",
-                webhooks.len()
-            );
+            if marked == 0 {
+                println!("no parked webhook deliveries to replay");
+            } else {
+                // A running server's deliverers take them at their next poll.
+                println!(
+                    "marked {marked} parked deliveries of {} webhook(s) for replay",
+                    webhooks.len()
+                );
+            }
             Ok(())
         }
         ConsumersCommand::Retry { consumer, records } => {

@@ -61,6 +61,9 @@ async fn run() {
         .arg("serve")
         .env("AFYA_DATA_DIR", &dir)
         .env("AFYA_LISTEN", format!("127.0.0.1:{port}"))
+        // Every client streams with the one integrator key: the bench measures the
+        // broadcast, not the per-key limit (8 streams by default).
+        .env("AFYA_SSE_MAX_STREAMS_PER_KEY", "10000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

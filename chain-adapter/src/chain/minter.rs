@@ -273,8 +273,7 @@ impl Writer {
                     {
                         let error = one_line(&format!("{error:#}"));
                         tracing::warn!(%error, pause = ?state.pause, "chain node unavailable; chain work waits");
-                        self.put_off(&job, jobs::after(state.pause), &error, false)
-                            .await?;
+                        self.put_off(&job, jobs::after(state.pause), &error).await?;
                     }
                     Err(Failure::Node(error)) => {
                         self.count(&job, &one_line(&format!("{error:#}"))).await?;
@@ -282,8 +281,7 @@ impl Writer {
                     Err(Failure::Job(reason)) => self.count(&job, &reason).await?,
                     Err(Failure::Wait(reason)) => {
                         let reason = format!("{reason:#}");
-                        self.put_off(&job, jobs::after(MIN_PAUSE), &reason, false)
-                            .await?;
+                        self.put_off(&job, jobs::after(MIN_PAUSE), &reason).await?;
                     }
                 }
             }
@@ -357,20 +355,35 @@ impl Writer {
         } else {
             tracing::warn!(kind = %job.kind, subject = %job.subject, attempts, error = %reason, "chain job failed; will retry");
         }
-        let mut counted = job.clone();
-        counted.attempts = attempts;
-        self.put_off(&counted, jobs::after(delay), reason, dead)
+        self.record(job, attempts, jobs::after(delay), reason, dead)
             .await
     }
 
-    async fn put_off(&self, job: &Job, next: i64, error: &str, dead: bool) -> anyhow::Result<()> {
+    /// Puts `job` off until `next` without counting an attempt.
+    async fn put_off(&self, job: &Job, next: i64, error: &str) -> anyhow::Result<()> {
+        self.record(job, job.attempts, next, error, false).await
+    }
+
+    /// Records `attempts` and the next attempt (or a dead letter) for `job` as it was
+    /// read: the update is guarded by what was read, so a job another run has moved
+    /// meanwhile is left as that run left it.
+    async fn record(
+        &self,
+        job: &Job,
+        attempts: i64,
+        next: i64,
+        error: &str,
+        dead: bool,
+    ) -> anyhow::Result<()> {
         let outcome = jobs::Outcome {
             state: if dead { "dead" } else { "pending" },
-            attempts: job.attempts,
+            attempts,
             next_attempt_at: next,
             error,
         };
-        jobs::record(self.store.any_pool(), job, &outcome).await?;
+        if !jobs::record(self.store.any_pool(), job, &outcome).await? {
+            tracing::debug!(kind = %job.kind, subject = %job.subject, "chain job moved by another run meanwhile; left as it is");
+        }
         Ok(())
     }
 

@@ -1462,3 +1462,52 @@ async fn a_registered_wallet_holds_the_patients_tokens() {
     .problem(409, "custodial_address_in_use");
     app.stop().await;
 }
+
+/// A chain job that fails is counted and put off, each failure once, until it is a
+/// dead letter: its attempts grow and it is not due again at once.
+#[actix_rt::test]
+async fn a_failing_chain_job_is_counted_and_put_off() {
+    let node = anvil();
+    let deployed = deploy(&node).await;
+    for backend in eventstore::testing::BACKENDS {
+        let mut vars = chain_vars(&node);
+        vars.extend(deployed.clone());
+        let Some(app) = TestApp::start_with(backend, &refs(&vars)).await else {
+            continue;
+        };
+        // A job no run can do: its subject is not a record id.
+        app.tamper(
+            "INSERT INTO jobs (worker, kind, subject, event_id, payload, position, state, \
+             attempts, next_attempt_at, last_error, updated_at) VALUES ('chain', 'mint', \
+             'not-a-record', NULL, NULL, 0, 'pending', 0, 0, NULL, '2026-12-07T00:00:00Z')",
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let attempts = loop {
+            let attempts = app
+                .scalar(
+                    "SELECT attempts FROM jobs WHERE worker = 'chain' AND subject = 'not-a-record'",
+                )
+                .await;
+            if attempts >= 2 || Instant::now() > deadline {
+                break attempts;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            attempts >= 2,
+            "{backend:?}: attempts {attempts}\n{}",
+            app.server.logs()
+        );
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let put_off = app
+            .scalar(&format!(
+                "SELECT count(*) FROM jobs WHERE worker = 'chain' AND subject = 'not-a-record' \
+                 AND state = 'pending' AND next_attempt_at > {now_ms} \
+                 AND last_error = 'the job''s record id is not valid'"
+            ))
+            .await;
+        assert_eq!(put_off, 1, "{backend:?}");
+        app.stop().await;
+    }
+}

@@ -655,12 +655,17 @@ async fn webhooks(backend: Backend) {
     let closed_id = closed_hook["webhook_id"].as_str().unwrap();
     let (ok, out, err) = app.env.run(&["consumers", "status"]);
     assert!(ok, "{err}");
-    assert!(out.contains(&format!("webhook:{parked_id} 4")), "{out}");
-    assert!(out.contains(&format!("webhook:{closed_id} 4")), "{out}");
+    assert!(out.contains(&format!("webhook:{parked_id} 4\n")), "{out}");
+    assert!(out.contains(&format!("webhook:{closed_id} 4\n")), "{out}");
     let (ok, _, err) = app
         .env
         .run(&["consumers", "retry", "webhooks", "--record", "x"]);
     assert!(!ok && err.contains("not a webhook id"), "{err}");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (ok, _, err) = app
+        .env
+        .run(&["consumers", "retry", "webhooks", "--record", &unknown]);
+    assert!(!ok && err.contains("no webhook"), "{err}");
     let (ok, out, err) = app
         .env
         .run(&["consumers", "retry", "webhooks", "--record", closed_id]);

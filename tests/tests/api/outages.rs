@@ -442,7 +442,7 @@ async fn with_s3_down_uploads_answer_as_fast_and_are_stored_when_it_returns() {
 }
 
 async fn s3_outage(backend: Backend) {
-    use crate::storage::{all_stored, refs, with, FAST};
+    use crate::storage::{all_stored, refs, stored_events_of, with, FAST};
     const UPLOADS: usize = 8;
     let mut s3 = crate::support::s3::S3Server::start();
     // Were read-your-writes to wait for the replicator, an upload would take these 20 s.
@@ -466,11 +466,8 @@ async fn s3_outage(backend: Backend) {
     assert!(down["lag"].as_i64().unwrap() > 0, "{down}");
 
     s3.resume();
-    let after = timed_uploads(&app, &w, "back", UPLOADS, &mut uploaded).await;
-    as_fast(backend, "S3 down", &before, &during, &after);
-    // Every upload copied once.
-    all_stored(&app, &w.patient, Duration::from_secs(60)).await;
-    let back = integration_report(&app, "storage", 30, |s| {
+    // The backlog copied, then the baseline again, at rest.
+    let back = integration_report(&app, "storage", 60, |s| {
         s["status"] == "ok" && s["lag"] == 0
     })
     .await;
@@ -479,7 +476,14 @@ async fn s3_outage(backend: Backend) {
         (&"ok".into(), &0.into()),
         "{back}"
     );
+    let after = timed_uploads(&app, &w, "back", UPLOADS, &mut uploaded).await;
+    as_fast(backend, "S3 down", &before, &during, &after);
+    // Every upload copied, each recorded stored once.
+    all_stored(&app, &w.patient, Duration::from_secs(60)).await;
     assert_eq!(s3.objects().len(), uploaded.len(), "{backend:?}");
+    for id in &uploaded {
+        assert_eq!(stored_events_of(&app, id).await, 1, "{backend:?}: {id}");
+    }
     app.stop().await;
 }
 
@@ -547,10 +551,19 @@ async fn daraja_outage(backend: Backend) {
     let sb = Sandbox::start_on(SandboxConfig::public_sandbox(), address)
         .await
         .unwrap();
+    // The waiting pushes go, then the baseline again, at rest.
+    let back =
+        integration_report(&app, "mpesa", 60, |m| m["status"] == "ok" && m["lag"] == 0).await;
+    assert_eq!(
+        (&back["status"], &back["lag"]),
+        (&"ok".into(), &0.into()),
+        "{back}"
+    );
     let (after, ids) = timed("back").await;
     payments.extend(ids);
     as_fast(backend, "Daraja down", &before, &during, &after);
-    // Every payment pushed once and settled.
+    // Every payment settled, each pushed once to the sandbox started again (those
+    // taken while Daraja was down, and those after).
     for id in &payments {
         assert_eq!(
             settled(&app, &w.patient, id).await["status"],
@@ -558,13 +571,7 @@ async fn daraja_outage(backend: Backend) {
             "{backend:?}"
         );
     }
-    let back =
-        integration_report(&app, "mpesa", 30, |m| m["status"] == "ok" && m["lag"] == 0).await;
-    assert_eq!(
-        (&back["status"], &back["lag"]),
-        (&"ok".into(), &0.into()),
-        "{back}"
-    );
+    assert_eq!(sb.pushes().len(), 2 * PAYMENTS, "{backend:?}");
     app.stop().await;
     sb.stop().await;
 }

@@ -91,7 +91,7 @@ pub(crate) async fn all_stored(app: &TestApp, p: &Party, within: Duration) {
     }
 }
 
-async fn stored_events_of(app: &TestApp, record_id: &str) -> i64 {
+pub(crate) async fn stored_events_of(app: &TestApp, record_id: &str) -> i64 {
     app.scalar(&format!(
         "SELECT count(*) FROM events WHERE event_type = 'RecordStored' \
          AND aggregate_id = '{record_id}'"
