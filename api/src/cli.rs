@@ -400,10 +400,20 @@ async fn consumers_command(
                 println!("webhook deliveries parked: none");
             } else {
                 println!("webhook deliveries parked (webhook, how many):");
+                let delivering: std::collections::BTreeSet<String> =
+                    projections::read_models::webhooks::webhooks(pool)
+                        .await?
+                        .into_iter()
+                        .map(|w| w.webhook_id)
+                        .collect();
                 let mut parked: Vec<_> = parked.into_iter().collect();
                 parked.sort();
                 for (webhook, n) in parked {
-                    println!("  webhook:{webhook} {n}");
+                    if delivering.contains(&webhook.to_string()) {
+                        println!("  webhook:{webhook} {n}");
+                    } else {
+                        println!("  webhook:{webhook} {n} (its key withdrawn: never replayed)");
+                    }
                 }
             }
             let troubled = jobs::troubled(pool, 100).await?;

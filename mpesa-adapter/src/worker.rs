@@ -295,7 +295,11 @@ impl Worker {
             next_attempt_at: jobs::after(pause),
             error,
         };
-        jobs::record(self.store.any_pool(), &held, &outcome).await?;
+        if !jobs::record(self.store.any_pool(), &held, &outcome).await? {
+            // Out of the door already (`sending`): whether Daraja took it is settled
+            // by the query, never by a second push.
+            tracing::debug!(payment_id = %job.subject, from, "the job is no longer {from}; left as it is");
+        }
         Ok(pause)
     }
 

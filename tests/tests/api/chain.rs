@@ -1463,8 +1463,8 @@ async fn a_registered_wallet_holds_the_patients_tokens() {
     app.stop().await;
 }
 
-/// A chain job that fails is counted and put off, each failure once, until it is a
-/// dead letter: its attempts grow and it is not due again at once.
+/// A chain job that fails is counted and put off: its attempts grow with each failure
+/// and it is not due again at once (after ten it would be a dead letter).
 #[actix_rt::test]
 async fn a_failing_chain_job_is_counted_and_put_off() {
     let node = anvil();

@@ -542,6 +542,7 @@ async fn daraja_outage(backend: Backend) {
     let address: std::net::SocketAddr = sb.url.trim_start_matches("http://").parse().unwrap();
     sb.stop().await;
     let (during, ids) = timed("down").await;
+    let taken_down = ids.clone();
     payments.extend(ids);
     // Ready all the same, with M-Pesa reported down and the pushes waiting.
     let down = integration_report(&app, "mpesa", 30, |m| m["status"] == "down").await;
@@ -551,7 +552,7 @@ async fn daraja_outage(backend: Backend) {
     let sb = Sandbox::start_on(SandboxConfig::public_sandbox(), address)
         .await
         .unwrap();
-    // The waiting pushes go, then the baseline again, at rest.
+    // The waiting pushes go and settle, then the baseline again, at rest.
     let back =
         integration_report(&app, "mpesa", 60, |m| m["status"] == "ok" && m["lag"] == 0).await;
     assert_eq!(
@@ -559,6 +560,13 @@ async fn daraja_outage(backend: Backend) {
         (&"ok".into(), &0.into()),
         "{back}"
     );
+    for id in &taken_down {
+        assert_eq!(
+            settled(&app, &w.patient, id).await["status"],
+            "confirmed",
+            "{backend:?}"
+        );
+    }
     let (after, ids) = timed("back").await;
     payments.extend(ids);
     as_fast(backend, "Daraja down", &before, &during, &after);
