@@ -400,16 +400,11 @@ async fn consumers_command(
                 println!("webhook deliveries parked: none");
             } else {
                 println!("webhook deliveries parked (webhook, how many):");
-                let delivering: std::collections::BTreeSet<String> =
-                    projections::read_models::webhooks::webhooks(pool)
-                        .await?
-                        .into_iter()
-                        .map(|w| w.webhook_id)
-                        .collect();
+                let delivering = delivering_webhooks(pool).await?;
                 let mut parked: Vec<_> = parked.into_iter().collect();
                 parked.sort();
                 for (webhook, n) in parked {
-                    if delivering.contains(&webhook.to_string()) {
+                    if delivering.contains(&webhook) {
                         println!("  webhook:{webhook} {n}");
                     } else {
                         println!("  webhook:{webhook} {n} (its key withdrawn: never replayed)");
@@ -437,14 +432,8 @@ async fn consumers_command(
             Ok(())
         }
         ConsumersCommand::Retry { consumer, records } if consumer == "webhooks" => {
-            // Only webhooks that deliver (their integrator's key not withdrawn): nothing
-            // would replay the others' deliveries.
-            let delivering: std::collections::BTreeSet<uuid::Uuid> =
-                projections::read_models::webhooks::webhooks(pool)
-                    .await?
-                    .iter()
-                    .filter_map(|w| uuid::Uuid::parse_str(&w.webhook_id).ok())
-                    .collect();
+            // Only webhooks that deliver: nothing would replay the others' deliveries.
+            let delivering = delivering_webhooks(pool).await?;
             let mut webhooks = std::collections::BTreeSet::new();
             for raw in &records {
                 let raw = raw.trim();
@@ -509,6 +498,17 @@ async fn consumers_command(
             Ok(())
         }
     }
+}
+
+/// The webhooks that deliver (their integrator's key not withdrawn).
+async fn delivering_webhooks(
+    pool: &sqlx::AnyPool,
+) -> anyhow::Result<std::collections::BTreeSet<uuid::Uuid>> {
+    Ok(projections::read_models::webhooks::webhooks(pool)
+        .await?
+        .iter()
+        .filter_map(|w| uuid::Uuid::parse_str(&w.webhook_id).ok())
+        .collect())
 }
 
 async fn add_staff(

@@ -50,8 +50,7 @@ static SLOTS: RwLock<()> = RwLock::new(());
 /// A test's slot, held by its thread until the test ends (each test runs on a thread
 /// of its own, whose thread-locals are dropped as it ends).
 struct Slot {
-    _guard: Guard,
-    alone: bool,
+    guard: Guard,
     since: Instant,
     /// The test's name (libtest names each test's thread after the test).
     test: String,
@@ -64,13 +63,15 @@ enum Guard {
 
 impl Slot {
     fn new(guard: Guard) -> Slot {
-        let alone = matches!(guard, Guard::Alone(_));
         Slot {
-            _guard: guard,
-            alone,
+            guard,
             since: Instant::now(),
             test: std::thread::current().name().unwrap_or("?").to_owned(),
         }
+    }
+
+    fn alone(&self) -> bool {
+        matches!(self.guard, Guard::Alone(_))
     }
 }
 
@@ -85,7 +86,7 @@ impl Drop for Slot {
         let line = format!(
             "{:.1} {} {}\n",
             self.since.elapsed().as_secs_f64(),
-            if self.alone { "alone" } else { "shared" },
+            if self.alone() { "alone" } else { "shared" },
             self.test,
         );
         if let Ok(mut file) = std::fs::OpenOptions::new()
@@ -109,7 +110,7 @@ pub fn alone() {
     SLOT.with(|slot| {
         let mut slot = slot.borrow_mut();
         assert!(
-            slot.as_ref().is_none_or(|slot| slot.alone),
+            slot.as_ref().is_none_or(Slot::alone),
             "support::alone() must be called before the test starts a server"
         );
         if slot.is_none() {
